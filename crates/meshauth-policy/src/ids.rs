@@ -1,0 +1,75 @@
+//! Numeric identifiers shared by the control plane and the datapath.
+//!
+//! Both are plain `u32` on the wire and in BPF maps; in Rust they are distinct types so that an
+//! identity can never be passed where a node is meant.
+
+use std::fmt;
+
+/// A numeric security identity: one per distinct label set, plus a few reserved values.
+///
+/// Its SPIFFE ID is `spiffe://<trust-domain>/identity/<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct IdentityId(u32);
+
+impl IdentityId {
+    /// Reserved: no identity known (never allowed by policy, never authenticated).
+    pub const UNKNOWN: IdentityId = IdentityId(0);
+    /// Reserved: the node itself (the `host` entity).
+    pub const HOST: IdentityId = IdentityId(1);
+    /// Reserved: anything outside the cluster (the `world` entity).
+    pub const WORLD: IdentityId = IdentityId(2);
+    /// Reserved: a pod the agent does not manage (the `unmanaged` entity).
+    pub const UNMANAGED: IdentityId = IdentityId(3);
+    /// The first identity handed out for label sets; everything below is reserved.
+    pub const FIRST_ALLOCATED: u32 = 256;
+
+    /// Wraps a raw value (from a map, the wire or the store).
+    pub const fn new(raw: u32) -> Self {
+        IdentityId(raw)
+    }
+
+    /// The raw value, for maps and the wire.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// True for the reserved identities (below [`IdentityId::FIRST_ALLOCATED`]).
+    pub const fn is_reserved(self) -> bool {
+        self.0 < Self::FIRST_ALLOCATED
+    }
+}
+
+impl fmt::Display for IdentityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A numeric node identifier, allocated by the server when a node first attests.
+///
+/// `0` means "this node" (local) in the datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(u32);
+
+impl NodeId {
+    /// The local node, as the datapath sees it.
+    pub const LOCAL: NodeId = NodeId(0);
+
+    /// Wraps a raw value (from a map, the wire or the store).
+    pub const fn new(raw: u32) -> Self {
+        NodeId(raw)
+    }
+
+    /// The raw value, for maps and the wire.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
