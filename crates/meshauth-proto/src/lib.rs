@@ -1,0 +1,19 @@
+//! Wire definitions of meshauth's gRPC APIs, generated from `proto/` at build time.
+//!
+//! - [`node`]: what agents call on the server over mutual TLS (attestation, SVID signing, the
+//!   sync stream of bundle and authorized entries).
+//! - [`admin`]: what the `meshauth` CLI calls on the server's local admin socket.
+//!
+//! These types stay at the edge: handlers convert them to domain types once.
+
+/// The agent-facing API (`meshauth.v1.Node`).
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+pub mod node {
+    tonic::include_proto!("meshauth.v1.node");
+}
+
+/// The operator-facing API on the admin socket (`meshauth.v1.Admin`).
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+pub mod admin {
+    tonic::include_proto!("meshauth.v1.admin");
+}
