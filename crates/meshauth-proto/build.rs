@@ -1,7 +1,11 @@
 //! Generates the gRPC code from `proto/` with `protoc` (Debian package `protobuf-compiler`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/meshauth/v1/node.proto", "proto/meshauth/v1/admin.proto"];
+    let protos = [
+        "proto/meshauth/v1/node.proto",
+        "proto/meshauth/v1/admin.proto",
+        "proto/spiffe/workload.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -11,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .is_err()
     {
         return Err("protoc not found: install the Debian package `protobuf-compiler` \
-                    (scripts/setup.sh does) or set PROTOC"
+                    (and `libprotobuf-dev` for the well-known types; scripts/setup.sh installs both) or set PROTOC"
             .into());
     }
     tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;
