@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/meshauth/v1/node.proto",
         "proto/meshauth/v1/admin.proto",
+        "proto/meshauth/v1/agent.proto",
         "proto/spiffe/workload.proto",
     ];
     for p in &protos {

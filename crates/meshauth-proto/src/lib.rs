@@ -3,6 +3,7 @@
 //! - [`node`]: what agents call on the server over mutual TLS (attestation, SVID signing, the
 //!   sync stream of bundle and authorized entries).
 //! - [`admin`]: what the `meshauth` CLI calls on the server's local admin socket.
+//! - [`agent`]: what the `meshauth` CLI calls on an agent's local admin socket.
 //! - [`workload`]: the standard SPIFFE Workload API that agents serve to local workloads.
 //!
 //! These types stay at the edge: handlers convert them to domain types once.
@@ -17,6 +18,12 @@ pub mod node {
 #[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
 pub mod admin {
     tonic::include_proto!("meshauth.v1.admin");
+}
+
+/// The agent's operator API (`meshauth.v1.agent.AgentAdmin`).
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+pub mod agent {
+    tonic::include_proto!("meshauth.v1.agent");
 }
 
 /// The SPIFFE Workload API (`SpiffeWorkloadAPI`, no package, as the specification defines it).
