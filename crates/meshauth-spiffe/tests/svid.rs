@@ -188,7 +188,7 @@ fn trust_domain_and_authority() {
     let leaf = sign(&leaf_params(&["spiffe://other.test/web"]), &other);
     // Validated against our bundle: the trust domain is checked first.
     assert_eq!(
-        reject(&[leaf.clone()], &bundle("td.test", &[&ca])),
+        reject(std::slice::from_ref(&leaf), &bundle("td.test", &[&ca])),
         SvidRejectReason::WrongTrustDomain
     );
     // Right trust domain, unknown root.
