@@ -1,0 +1,198 @@
+//! One signing authority: a self-signed ECDSA P-256 root and its key.
+
+use std::time::{Duration, SystemTime};
+
+use meshauth_spiffe::SpiffeId;
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+
+use crate::{AuthorityState, CaConfig, CaError, IssuedSvid};
+
+pub(crate) struct Authority {
+    pub(crate) state: AuthorityState,
+    pub(crate) cert: CertificateDer<'static>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) serial: String,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+}
+
+/// A random positive serial of 128 bits (RFC 5280 allows up to 20 octets).
+fn random_serial() -> (SerialNumber, String) {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01; // never a leading zero octet, so the hex form is stable
+    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    (SerialNumber::from_slice(&bytes), hex)
+}
+
+fn gen_err(e: rcgen::Error) -> CaError {
+    CaError::Generate(e.to_string())
+}
+
+fn uri(id: &str) -> Result<SanType, CaError> {
+    Ok(SanType::URI(id.try_into().map_err(gen_err)?))
+}
+
+pub(crate) fn to_time(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(t)
+}
+
+impl Authority {
+    pub(crate) fn generate(
+        config: &CaConfig,
+        state: AuthorityState,
+        now: SystemTime,
+    ) -> Result<Authority, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let (serial_number, serial) = random_serial();
+        let not_before = now.checked_sub(config.backdate).unwrap_or(now);
+        let not_after = now + config.ca_ttl;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "meshauth");
+        // A subject per authority keeps path building unambiguous during rotation.
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("meshauth CA {}", &serial[..16]));
+        params.serial_number = Some(serial_number);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![uri(&config.trust_domain.id_string())?];
+        params.not_before = to_time(not_before);
+        params.not_after = to_time(not_after);
+        let cert = params.self_signed(&key).map_err(gen_err)?.der().clone();
+        Self::from_parts(state, cert, key)
+    }
+
+    pub(crate) fn from_parts(
+        state: AuthorityState,
+        cert: CertificateDer<'static>,
+        key: KeyPair,
+    ) -> Result<Authority, CaError> {
+        use x509_parser::prelude::FromDer;
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&cert)
+            .map_err(|e| CaError::Journal(format!("authority certificate: {e}")))?;
+        let secs = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+        let not_before = secs(parsed.validity().not_before.timestamp());
+        let not_after = secs(parsed.validity().not_after.timestamp());
+        let serial = parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(gen_err)?;
+        Ok(Authority {
+            state,
+            cert,
+            issuer,
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+
+    pub(crate) fn sign_svid(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &SpiffeId,
+        ttl: Duration,
+        dns_names: &[String],
+        now: SystemTime,
+        backdate: Duration,
+    ) -> Result<IssuedSvid, CaError> {
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| CaError::InvalidCsr(e.to_string()))?;
+        let (serial_number, serial) = random_serial();
+        let not_after = (now + ttl).min(self.not_after);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "meshauth");
+        params.serial_number = Some(serial_number);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names = vec![uri(&spiffe_id.to_string())?];
+        for name in dns_names {
+            if !is_dns_name(name) {
+                return Err(CaError::InvalidDnsName(name.clone()));
+            }
+            let dns = name
+                .as_str()
+                .try_into()
+                .map_err(|_| CaError::InvalidDnsName(name.clone()))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = to_time(
+            now.checked_sub(backdate)
+                .unwrap_or(now)
+                .max(self.not_before),
+        );
+        params.not_after = to_time(not_after);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(gen_err)?;
+        Ok(IssuedSvid {
+            chain: vec![cert.der().clone()],
+            spiffe_id: spiffe_id.clone(),
+            serial,
+            // X.509 times have whole seconds.
+            not_after: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(
+                    not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs(),
+                ),
+        })
+    }
+}
+
+/// A host name of letters, digits and hyphens in dot-separated labels of 1 to 63 characters,
+/// at most 253 in all; a leading `*.` wildcard is allowed.
+fn is_dns_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && name.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dns_names() {
+        for ok in ["web", "web.td.test", "*.td.test", "a-b.c1"] {
+            assert!(super::is_dns_name(ok), "{ok}");
+        }
+        for bad in [
+            "", "bad name", "a..b", "-a.b", "a-.b", "a.b.", "*", "a_b", "é.test",
+        ] {
+            assert!(!super::is_dns_name(bad), "{bad:?}");
+        }
+    }
+}
