@@ -9,25 +9,49 @@
 //! These types stay at the edge: handlers convert them to domain types once.
 
 /// The agent-facing API (`meshauth.v1.Node`).
-#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::restriction,
+    reason = "generated code"
+)]
 pub mod node {
     tonic::include_proto!("meshauth.v1.node");
 }
 
 /// The operator-facing API on the admin socket (`meshauth.v1.Admin`).
-#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::restriction,
+    reason = "generated code"
+)]
 pub mod admin {
     tonic::include_proto!("meshauth.v1.admin");
 }
 
 /// The agent's operator API (`meshauth.v1.agent.AgentAdmin`).
-#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::restriction,
+    reason = "generated code"
+)]
 pub mod agent {
     tonic::include_proto!("meshauth.v1.agent");
 }
 
 /// The SPIFFE Workload API (`SpiffeWorkloadAPI`, no package, as the specification defines it).
-#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::restriction,
+    reason = "generated code"
+)]
 pub mod workload {
     tonic::include_proto!("_");
 }

@@ -1,0 +1,772 @@
+//! The SQLite implementation of the registry store.
+//!
+//! One file (`meshauth.db` in the server's data dir), created with mode 0600 because it holds the
+//! CA private keys; WAL journal; schema versioned with `PRAGMA user_version`. Calls are short and
+//! synchronous behind a mutex: the server's write rate is operator- and node-driven (tokens,
+//! attestations, entries), not per-request.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use meshauth_policy::NodeId;
+use meshauth_spiffe::SpiffeId;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::model::{
+    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry,
+    Selector, from_unix_secs, random_hex, unix_secs,
+};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be created or opened.
+    #[error(
+        "cannot open the datastore at {path}: {source} (check that the data dir exists and is writable by this user)"
+    )]
+    Open {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// SQLite reported an error.
+    #[error("datastore error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer meshauth.
+    #[error(
+        "the datastore has schema version {found}, newer than this binary's {supported}: upgrade meshauth"
+    )]
+    SchemaTooNew {
+        /// In the file.
+        found: i64,
+        /// This binary's.
+        supported: i64,
+    },
+    /// A stored row no longer parses (hand-edited or corrupted file).
+    #[error("corrupt row in table {table}: {detail}")]
+    Corrupt {
+        /// Where.
+        table: &'static str,
+        /// What.
+        detail: String,
+    },
+    /// The join token is unknown or already used.
+    #[error(
+        "join token is unknown or was already used: generate a new one with `meshauth token generate`"
+    )]
+    TokenUnknown,
+    /// The join token expired.
+    #[error("join token expired: generate a new one with `meshauth token generate`")]
+    TokenExpired,
+    /// The join token was issued for another node name.
+    #[error("join token was issued for node {expected}, not {presented}")]
+    TokenWrongNode {
+        /// Whom it was for.
+        expected: NodeName,
+        /// Who presented it.
+        presented: NodeName,
+    },
+    /// No such node.
+    #[error("no agent named {0} (see `meshauth agent list`)")]
+    NodeNotFound(NodeName),
+    /// The node is banned.
+    #[error("agent {0} is banned; evict it with `meshauth agent evict` before it may attest again")]
+    NodeBanned(NodeName),
+    /// No such entry.
+    #[error("no entry with id {0} (see `meshauth entry show`)")]
+    EntryNotFound(EntryId),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Schema migrations, applied in order; `user_version` counts the applied ones.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE ca_journal (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    journal TEXT NOT NULL
+);
+CREATE TABLE join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    node_name TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE nodes (
+    node_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    serial TEXT NOT NULL,
+    previous_serial TEXT,
+    svid_not_after INTEGER NOT NULL,
+    banned INTEGER NOT NULL DEFAULT 0,
+    attested_at INTEGER NOT NULL
+);
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    selectors TEXT NOT NULL,
+    x509_svid_ttl INTEGER,
+    dns_names TEXT NOT NULL,
+    revision INTEGER NOT NULL
+);
+CREATE INDEX entries_by_parent ON entries (parent_id);
+"#];
+
+/// The registry store on one SQLite file.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (creating if needed, mode 0600) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Self::migrate(conn)
+    }
+
+    /// A store in memory, for tests of other components.
+    pub fn in_memory() -> Result<Store> {
+        Self::migrate(Connection::open_in_memory()?)
+    }
+
+    fn migrate(mut conn: Connection) -> Result<Store> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // --- CA journal ---
+
+    /// The CA journal (JSON written by the CA crate), if one was saved.
+    pub fn load_ca_journal(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT journal FROM ca_journal WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Replaces the CA journal.
+    pub fn save_ca_journal(&self, journal: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO ca_journal (id, journal) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET journal = excluded.journal",
+            params![journal],
+        )?;
+        Ok(())
+    }
+
+    // --- join tokens ---
+
+    /// Creates a single-use join token for `node`, valid for `ttl` from `now`. Only a hash of
+    /// the token is stored, so a copy of the database cannot be used to attest.
+    pub fn create_join_token(
+        &self,
+        node: &NodeName,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedJoinToken> {
+        let token = random_hex(16);
+        let expires_at = now + ttl;
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM join_tokens WHERE expires_at < ?1",
+            params![unix_secs(now)],
+        )?;
+        conn.execute(
+            "INSERT INTO join_tokens (token_hash, node_name, expires_at) VALUES (?1, ?2, ?3)",
+            params![token_hash(&token), node.as_str(), unix_secs(expires_at)],
+        )?;
+        Ok(IssuedJoinToken {
+            token,
+            node: node.clone(),
+            expires_at,
+        })
+    }
+
+    /// Consumes a join token presented by `node`: it is deleted whatever the outcome, so it
+    /// works at most once.
+    pub fn consume_join_token(&self, token: &str, node: &NodeName, now: SystemTime) -> Result<()> {
+        let row: Option<(String, i64)> = self
+            .conn()
+            .query_row(
+                "DELETE FROM join_tokens WHERE token_hash = ?1 RETURNING node_name, expires_at",
+                params![token_hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((name, expires_at)) = row else {
+            return Err(StoreError::TokenUnknown);
+        };
+        if from_unix_secs(expires_at) < now {
+            return Err(StoreError::TokenExpired);
+        }
+        let expected: NodeName = name.parse().map_err(|e| corrupt("join_tokens", e))?;
+        if expected != *node {
+            return Err(StoreError::TokenWrongNode {
+                expected,
+                presented: node.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    // --- nodes ---
+
+    /// Records a successful attestation (new node, or re-attestation of an evicted or known
+    /// one) with its new SVID. Refuses banned nodes. Keeps the node id of a known node.
+    pub fn record_attestation(
+        &self,
+        node: &NodeName,
+        serial: &str,
+        not_after: SystemTime,
+        now: SystemTime,
+    ) -> Result<NodeRecord> {
+        let conn = self.conn();
+        let banned: Option<bool> = conn
+            .query_row(
+                "SELECT banned FROM nodes WHERE name = ?1",
+                params![node.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if banned == Some(true) {
+            return Err(StoreError::NodeBanned(node.clone()));
+        }
+        conn.execute(
+            "INSERT INTO nodes (name, serial, svid_not_after, attested_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET serial = excluded.serial, previous_serial = NULL,
+                 svid_not_after = excluded.svid_not_after",
+            params![node.as_str(), serial, unix_secs(not_after), unix_secs(now)],
+        )?;
+        drop(conn);
+        self.node(node)?
+            .ok_or_else(|| StoreError::NodeNotFound(node.clone()))
+    }
+
+    /// Records a renewed node SVID. The node must exist and not be banned. The replaced serial
+    /// stays acceptable (see [`NodeRecord::accepts_serial`]) so that a renewal whose answer was
+    /// lost does not lock the node out.
+    pub fn record_renewal(
+        &self,
+        node: &NodeName,
+        serial: &str,
+        not_after: SystemTime,
+    ) -> Result<NodeRecord> {
+        let record = self.usable_node(node)?;
+        self.conn().execute(
+            "UPDATE nodes SET previous_serial = serial, serial = ?2, svid_not_after = ?3 WHERE name = ?1",
+            params![node.as_str(), serial, unix_secs(not_after)],
+        )?;
+        Ok(NodeRecord {
+            previous_serial: Some(record.serial.clone()),
+            serial: serial.to_owned(),
+            svid_not_after: not_after,
+            ..record
+        })
+    }
+
+    /// The node, if it exists and is not banned; otherwise the error to give it.
+    pub fn usable_node(&self, node: &NodeName) -> Result<NodeRecord> {
+        match self.node(node)? {
+            None => Err(StoreError::NodeNotFound(node.clone())),
+            Some(r) if r.banned => Err(StoreError::NodeBanned(node.clone())),
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// One node.
+    pub fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
+        self.conn()
+            .query_row(
+                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at
+                 FROM nodes WHERE name = ?1",
+                params![node.as_str()],
+                node_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at
+             FROM nodes ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], node_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Bans a node: it keeps its record but is refused from now on.
+    pub fn ban_node(&self, node: &NodeName) -> Result<NodeRecord> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET banned = 1 WHERE name = ?1",
+            params![node.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NodeNotFound(node.clone()));
+        }
+        self.node(node)?
+            .ok_or_else(|| StoreError::NodeNotFound(node.clone()))
+    }
+
+    /// Deletes a node: its SVID no longer renews; it may attest again with a new token.
+    pub fn evict_node(&self, node: &NodeName) -> Result<()> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM nodes WHERE name = ?1", params![node.as_str()])?;
+        if n == 0 {
+            return Err(StoreError::NodeNotFound(node.clone()));
+        }
+        Ok(())
+    }
+
+    // --- registration entries ---
+
+    /// Creates an entry with a fresh id and revision 1.
+    pub fn create_entry(&self, new: NewEntry) -> Result<RegistrationEntry> {
+        let entry = RegistrationEntry {
+            id: EntryId::random(),
+            spiffe_id: new.spiffe_id,
+            parent_id: new.parent_id,
+            selectors: normalized(new.selectors),
+            x509_svid_ttl: new.x509_svid_ttl,
+            dns_names: new.dns_names,
+            revision: 1,
+        };
+        self.conn().execute(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, x509_svid_ttl, dns_names, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                entry.id.as_str(),
+                entry.spiffe_id.to_string(),
+                entry.parent_id.to_string(),
+                selectors_json(&entry.selectors),
+                entry.x509_svid_ttl.map(|d| d.as_secs() as i64),
+                dns_json(&entry.dns_names),
+                entry.revision as i64,
+            ],
+        )?;
+        Ok(entry)
+    }
+
+    /// Replaces the fields of entry `id`, bumping its revision.
+    pub fn update_entry(&self, id: &EntryId, new: NewEntry) -> Result<RegistrationEntry> {
+        let selectors = normalized(new.selectors);
+        let revision: Option<i64> = self
+            .conn()
+            .query_row(
+                "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors = ?4,
+                     x509_svid_ttl = ?5, dns_names = ?6, revision = revision + 1
+                 WHERE id = ?1 RETURNING revision",
+                params![
+                    id.as_str(),
+                    new.spiffe_id.to_string(),
+                    new.parent_id.to_string(),
+                    selectors_json(&selectors),
+                    new.x509_svid_ttl.map(|d| d.as_secs() as i64),
+                    dns_json(&new.dns_names),
+                ],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let revision = revision.ok_or_else(|| StoreError::EntryNotFound(id.clone()))?;
+        Ok(RegistrationEntry {
+            id: id.clone(),
+            spiffe_id: new.spiffe_id,
+            parent_id: new.parent_id,
+            selectors,
+            x509_svid_ttl: new.x509_svid_ttl,
+            dns_names: new.dns_names,
+            revision: revision as u64,
+        })
+    }
+
+    /// Deletes entry `id`.
+    pub fn delete_entry(&self, id: &EntryId) -> Result<()> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM entries WHERE id = ?1", params![id.as_str()])?;
+        if n == 0 {
+            return Err(StoreError::EntryNotFound(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// One entry.
+    pub fn entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        self.conn()
+            .query_row(
+                &format!("{ENTRY_SELECT} WHERE id = ?1"),
+                params![id.as_str()],
+                entry_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::EntryNotFound(id.clone()))?
+    }
+
+    /// The entries passing `filter`, sorted by SPIFFE ID then id.
+    pub fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
+        let conn = self.conn();
+        let mut stmt = match &filter.parent_id {
+            Some(_) => conn.prepare(&format!(
+                "{ENTRY_SELECT} WHERE parent_id = ?1 ORDER BY spiffe_id, id"
+            ))?,
+            None => conn.prepare(&format!("{ENTRY_SELECT} ORDER BY spiffe_id, id"))?,
+        };
+        let rows = match &filter.parent_id {
+            Some(p) => stmt.query_map(params![p.to_string()], entry_row)?,
+            None => stmt.query_map([], entry_row)?,
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let entry = row??;
+            if filter.matches(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many entries exist.
+    pub fn count_entries(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+}
+
+const ENTRY_SELECT: &str =
+    "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl, dns_names, revision FROM entries";
+
+fn token_hash(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    }
+}
+
+fn normalized(mut selectors: Vec<Selector>) -> Vec<Selector> {
+    selectors.sort();
+    selectors.dedup();
+    selectors
+}
+
+fn selectors_json(selectors: &[Selector]) -> String {
+    let texts: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+    serde_json::Value::from(texts).to_string()
+}
+
+fn dns_json(names: &[String]) -> String {
+    serde_json::Value::from(names.to_vec()).to_string()
+}
+
+fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
+    let name: String = r.get(0)?;
+    let node_id: i64 = r.get(1)?;
+    let serial: String = r.get(2)?;
+    let previous_serial: Option<String> = r.get(3)?;
+    let not_after: i64 = r.get(4)?;
+    let banned: bool = r.get(5)?;
+    let attested_at: i64 = r.get(6)?;
+    Ok((|| {
+        Ok(NodeRecord {
+            name: name.parse().map_err(|e| corrupt("nodes", e))?,
+            node_id: NodeId::new(u32::try_from(node_id).map_err(|e| corrupt("nodes", e))?),
+            serial,
+            previous_serial,
+            svid_not_after: from_unix_secs(not_after),
+            banned,
+            attested_at: from_unix_secs(attested_at),
+        })
+    })())
+}
+
+fn entry_row(r: &Row<'_>) -> rusqlite::Result<Result<RegistrationEntry>> {
+    let id: String = r.get(0)?;
+    let spiffe_id: String = r.get(1)?;
+    let parent_id: String = r.get(2)?;
+    let selectors: String = r.get(3)?;
+    let ttl: Option<i64> = r.get(4)?;
+    let dns: String = r.get(5)?;
+    let revision: i64 = r.get(6)?;
+    Ok((|| {
+        let c = |e: &dyn std::fmt::Display| corrupt("entries", e);
+        let selector_texts: Vec<String> = serde_json::from_str(&selectors).map_err(|e| c(&e))?;
+        Ok(RegistrationEntry {
+            id: id.parse().map_err(|e| c(&e))?,
+            spiffe_id: spiffe_id.parse::<SpiffeId>().map_err(|e| c(&e))?,
+            parent_id: parent_id.parse::<SpiffeId>().map_err(|e| c(&e))?,
+            selectors: selector_texts
+                .iter()
+                .map(|s| s.parse::<Selector>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| c(&e))?,
+            x509_svid_ttl: ttl.map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0))),
+            dns_names: serde_json::from_str(&dns).map_err(|e| c(&e))?,
+            revision: u64::try_from(revision).map_err(|e| c(&e))?,
+        })
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    fn node(s: &str) -> NodeName {
+        s.parse().unwrap()
+    }
+
+    fn new_entry(spiffe: &str, parent: &str) -> NewEntry {
+        NewEntry {
+            spiffe_id: id(spiffe),
+            parent_id: id(parent),
+            selectors: vec![
+                "unix:uid:1000".parse().unwrap(),
+                "unix:gid:0".parse().unwrap(),
+            ],
+            x509_svid_ttl: Some(Duration::from_secs(300)),
+            dns_names: vec!["web.local".into()],
+        }
+    }
+
+    #[test]
+    fn join_token_works_once_and_for_its_node_only() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        let t = store
+            .create_join_token(&node("n1"), Duration::from_secs(600), now)
+            .unwrap();
+        assert!(matches!(
+            store.consume_join_token(&t.token, &node("n2"), now),
+            Err(StoreError::TokenWrongNode { .. })
+        ));
+        // A refused attempt still burns the token.
+        assert!(matches!(
+            store.consume_join_token(&t.token, &node("n1"), now),
+            Err(StoreError::TokenUnknown)
+        ));
+        let t = store
+            .create_join_token(&node("n1"), Duration::from_secs(600), now)
+            .unwrap();
+        store
+            .consume_join_token(&t.token, &node("n1"), now)
+            .unwrap();
+        assert!(matches!(
+            store.consume_join_token(&t.token, &node("n1"), now),
+            Err(StoreError::TokenUnknown)
+        ));
+    }
+
+    #[test]
+    fn join_token_expires() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        let t = store
+            .create_join_token(&node("n1"), Duration::from_secs(10), now)
+            .unwrap();
+        assert!(matches!(
+            store.consume_join_token(&t.token, &node("n1"), now + Duration::from_secs(11)),
+            Err(StoreError::TokenExpired)
+        ));
+    }
+
+    #[test]
+    fn nodes_ban_evict_and_keep_ids() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        let a = store
+            .record_attestation(&node("a"), "01", now, now)
+            .unwrap();
+        let b = store
+            .record_attestation(&node("b"), "02", now, now)
+            .unwrap();
+        assert_ne!(a.node_id, b.node_id);
+        let a2 = store
+            .record_attestation(&node("a"), "03", now, now)
+            .unwrap();
+        assert_eq!(a2.node_id, a.node_id);
+        assert_eq!(a2.serial, "03");
+        store.record_renewal(&node("a"), "04", now).unwrap();
+        let a4 = store.node(&node("a")).unwrap().unwrap();
+        assert_eq!(a4.serial, "04");
+        assert!(a4.accepts_serial("04") && a4.accepts_serial("03") && !a4.accepts_serial("01"));
+
+        store.ban_node(&node("a")).unwrap();
+        assert!(matches!(
+            store.record_renewal(&node("a"), "05", now),
+            Err(StoreError::NodeBanned(_))
+        ));
+        assert!(matches!(
+            store.record_attestation(&node("a"), "05", now, now),
+            Err(StoreError::NodeBanned(_))
+        ));
+        store.evict_node(&node("a")).unwrap();
+        assert!(matches!(
+            store.usable_node(&node("a")),
+            Err(StoreError::NodeNotFound(_))
+        ));
+        // Re-attesting after eviction gets a new id: ids are never reused.
+        let a3 = store
+            .record_attestation(&node("a"), "06", now, now)
+            .unwrap();
+        assert!(a3.node_id > b.node_id);
+        assert_eq!(store.nodes().unwrap().len(), 2);
+        assert!(matches!(
+            store.evict_node(&node("zz")),
+            Err(StoreError::NodeNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn entries_crud_and_filters() {
+        let store = Store::in_memory().unwrap();
+        let e1 = store
+            .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
+            .unwrap();
+        let e2 = store
+            .create_entry(new_entry("spiffe://td/db", "spiffe://td/node/n2"))
+            .unwrap();
+        assert_eq!(store.entry(&e1.id).unwrap(), e1);
+        assert_eq!(
+            e1.selectors[0].to_string(),
+            "unix:gid:0",
+            "selectors are sorted"
+        );
+
+        let by_parent = store
+            .list_entries(&EntryFilter {
+                parent_id: Some(id("spiffe://td/node/n2")),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(by_parent, vec![e2.clone()]);
+        let by_selector = store
+            .list_entries(&EntryFilter {
+                selectors: vec!["unix:uid:1000".parse().unwrap()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(by_selector.len(), 2);
+        let none = store
+            .list_entries(&EntryFilter {
+                selectors: vec!["unix:uid:1".parse().unwrap()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(none.is_empty());
+
+        let mut changed = new_entry("spiffe://td/web2", "spiffe://td/node/n1");
+        changed.x509_svid_ttl = None;
+        let e1b = store.update_entry(&e1.id, changed).unwrap();
+        assert_eq!(e1b.revision, 2);
+        assert_eq!(store.entry(&e1.id).unwrap(), e1b);
+
+        store.delete_entry(&e1.id).unwrap();
+        assert!(matches!(
+            store.entry(&e1.id),
+            Err(StoreError::EntryNotFound(_))
+        ));
+        assert!(matches!(
+            store.delete_entry(&e1.id),
+            Err(StoreError::EntryNotFound(_))
+        ));
+        assert_eq!(store.count_entries().unwrap(), 1);
+    }
+
+    #[test]
+    fn file_survives_reopen_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshauth.db");
+        let now = SystemTime::now();
+        {
+            let store = Store::open(&path).unwrap();
+            store.save_ca_journal("{\"v\":1}").unwrap();
+            store
+                .record_attestation(&node("n1"), "aa", now, now)
+                .unwrap();
+            store
+                .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
+                .unwrap();
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.load_ca_journal().unwrap().as_deref(),
+            Some("{\"v\":1}")
+        );
+        assert_eq!(store.nodes().unwrap().len(), 1);
+        assert_eq!(store.count_entries().unwrap(), 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshauth.db");
+        Store::open(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,239 @@
+//! The operator gRPC service (`meshauth.v1.admin.Admin`) on the local admin socket.
+//!
+//! Access control is the socket's file mode (0600, owner only), as for SPIRE's admin socket.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshauth_datastore::{EntryFilter, EntryId, NewEntry, NodeName, NodeRecord, Selector};
+use meshauth_proto::admin::admin_server::Admin;
+use meshauth_proto::admin::{
+    Agent, AgentRequest, Authority, CreateJoinTokenRequest, DeleteEntryResponse, EntryRequest,
+    EvictAgentResponse, GetBundleRequest, HealthRequest, HealthResponse, JoinToken,
+    ListAgentsRequest, ListAgentsResponse, ListEntriesRequest, ListEntriesResponse,
+};
+use meshauth_proto::node::{Bundle, Entry};
+use meshauth_spiffe::SpiffeId;
+use tonic::{Request, Response, Status};
+
+use crate::node_api::{bundle_msg, entry_msg, status_of, unix};
+use crate::registry::{Registry, RegistryError};
+
+/// The admin API over a shared registry.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    registry: Arc<Registry>,
+}
+
+impl AdminApi {
+    /// Serves `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        AdminApi { registry }
+    }
+
+    fn agent_msg(&self, n: &NodeRecord) -> Agent {
+        Agent {
+            node_name: n.name.to_string(),
+            node_id: n.node_id.get(),
+            spiffe_id: meshauth_spiffe::node_spiffe_id(
+                &self.registry.config().trust_domain,
+                n.name.as_str(),
+            )
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+            serial: n.serial.clone(),
+            expires_at_unix: unix(n.svid_not_after),
+            banned: n.banned,
+            attested_at_unix: unix(n.attested_at),
+        }
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn node_name(s: &str) -> Result<NodeName, Status> {
+    s.parse().map_err(invalid)
+}
+
+fn entry_id(s: &str) -> Result<EntryId, Status> {
+    s.parse().map_err(invalid)
+}
+
+fn spiffe_id(what: &str, s: &str) -> Result<SpiffeId, Status> {
+    s.parse::<SpiffeId>()
+        .map_err(|e| Status::invalid_argument(format!("{what} {s:?} is not a SPIFFE ID: {e}")))
+}
+
+fn selectors(list: &[meshauth_proto::node::Selector]) -> Result<Vec<Selector>, Status> {
+    list.iter()
+        .map(|s| Selector::new(&s.r#type, &s.value).map_err(invalid))
+        .collect()
+}
+
+fn new_entry(e: &Entry) -> Result<NewEntry, Status> {
+    let ttl = match e.x509_svid_ttl_seconds {
+        0 => None,
+        s if s < 0 => {
+            return Err(Status::invalid_argument(
+                "x509 SVID TTL must not be negative",
+            ));
+        }
+        s => Some(Duration::from_secs(s as u64)),
+    };
+    Ok(NewEntry {
+        spiffe_id: spiffe_id("spiffe ID", &e.spiffe_id)?,
+        parent_id: spiffe_id("parent ID", &e.parent_id)?,
+        selectors: selectors(&e.selectors)?,
+        x509_svid_ttl: ttl,
+        dns_names: e.dns_names.clone(),
+    })
+}
+
+fn status(e: RegistryError) -> Status {
+    status_of(e)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn health(&self, _r: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let now = SystemTime::now();
+        let bundle = self.registry.bundle(now);
+        Ok(Response::new(HealthResponse {
+            trust_domain: self.registry.config().trust_domain.to_string(),
+            bundle_sequence: bundle.sequence,
+            authorities: self
+                .registry
+                .authorities()
+                .into_iter()
+                .map(|a| Authority {
+                    state: a.state.to_string(),
+                    serial: a.serial,
+                    not_after_unix: unix(a.not_after),
+                })
+                .collect(),
+            agents: self.registry.nodes().map_err(status)?.len() as u32,
+            entries: self.registry.count_entries().map_err(status)? as u32,
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        r: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<JoinToken>, Status> {
+        let r = r.into_inner();
+        let node = node_name(&r.node_name)?;
+        let ttl = match r.ttl_seconds {
+            0 => None,
+            s if s < 0 => return Err(Status::invalid_argument("token TTL must be positive")),
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        let t = self
+            .registry
+            .create_join_token(&node, ttl, SystemTime::now())
+            .map_err(status)?;
+        Ok(Response::new(JoinToken {
+            token: t.token,
+            node_name: t.node.to_string(),
+            expires_at_unix: unix(t.expires_at),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _r: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let nodes = self.registry.nodes().map_err(status)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: nodes.iter().map(|n| self.agent_msg(n)).collect(),
+        }))
+    }
+
+    async fn get_agent(&self, r: Request<AgentRequest>) -> Result<Response<Agent>, Status> {
+        let n = self
+            .registry
+            .node(&node_name(&r.get_ref().node_name)?)
+            .map_err(status)?;
+        Ok(Response::new(self.agent_msg(&n)))
+    }
+
+    async fn ban_agent(&self, r: Request<AgentRequest>) -> Result<Response<Agent>, Status> {
+        let n = self
+            .registry
+            .ban_node(&node_name(&r.get_ref().node_name)?)
+            .map_err(status)?;
+        Ok(Response::new(self.agent_msg(&n)))
+    }
+
+    async fn evict_agent(
+        &self,
+        r: Request<AgentRequest>,
+    ) -> Result<Response<EvictAgentResponse>, Status> {
+        self.registry
+            .evict_node(&node_name(&r.get_ref().node_name)?)
+            .map_err(status)?;
+        Ok(Response::new(EvictAgentResponse {}))
+    }
+
+    async fn create_entry(&self, r: Request<Entry>) -> Result<Response<Entry>, Status> {
+        let e = self
+            .registry
+            .create_entry(new_entry(r.get_ref())?)
+            .map_err(status)?;
+        Ok(Response::new(entry_msg(&e)))
+    }
+
+    async fn update_entry(&self, r: Request<Entry>) -> Result<Response<Entry>, Status> {
+        let id = entry_id(&r.get_ref().id)?;
+        let e = self
+            .registry
+            .update_entry(&id, new_entry(r.get_ref())?)
+            .map_err(status)?;
+        Ok(Response::new(entry_msg(&e)))
+    }
+
+    async fn delete_entry(
+        &self,
+        r: Request<EntryRequest>,
+    ) -> Result<Response<DeleteEntryResponse>, Status> {
+        self.registry
+            .delete_entry(&entry_id(&r.get_ref().id)?)
+            .map_err(status)?;
+        Ok(Response::new(DeleteEntryResponse {}))
+    }
+
+    async fn get_entry(&self, r: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
+        let e = self
+            .registry
+            .entry(&entry_id(&r.get_ref().id)?)
+            .map_err(status)?;
+        Ok(Response::new(entry_msg(&e)))
+    }
+
+    async fn list_entries(
+        &self,
+        r: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        let r = r.into_inner();
+        let filter = EntryFilter {
+            spiffe_id: (!r.spiffe_id.is_empty())
+                .then(|| spiffe_id("spiffe ID", &r.spiffe_id))
+                .transpose()?,
+            parent_id: (!r.parent_id.is_empty())
+                .then(|| spiffe_id("parent ID", &r.parent_id))
+                .transpose()?,
+            selectors: selectors(&r.selectors)?,
+        };
+        let entries = self.registry.entries(&filter).map_err(status)?;
+        Ok(Response::new(ListEntriesResponse {
+            entries: entries.iter().map(entry_msg).collect(),
+        }))
+    }
+
+    async fn get_bundle(&self, _r: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+        Ok(Response::new(bundle_msg(
+            &self.registry.bundle(SystemTime::now()),
+        )))
+    }
+}

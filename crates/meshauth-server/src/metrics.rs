@@ -1,0 +1,172 @@
+//! The server's Prometheus metrics (prefix `meshauth_server_`). Labels are enums: no SPIFFE IDs,
+//! node names or addresses, which are unbounded; those go to logs.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use meshauth_spiffe::X509Bundle;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which kind of SVID was issued.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum SvidKind {
+    /// A node (agent) SVID.
+    Node,
+    /// A workload SVID for a registration entry.
+    Workload,
+    /// The server's own serving SVID.
+    Server,
+}
+
+/// Why a request was refused (low cardinality).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum DenyReason {
+    /// Unknown or reused join token.
+    TokenUnknown,
+    /// Expired join token.
+    TokenExpired,
+    /// Join token of another node.
+    TokenWrongNode,
+    /// Banned node.
+    NodeBanned,
+    /// Unknown (evicted) node.
+    NodeUnknown,
+    /// No client certificate.
+    Unauthenticated,
+    /// Client certificate is not a node SVID.
+    NotANode,
+    /// Node SVID from before an eviction or re-attestation.
+    StaleNodeSvid,
+    /// Entry not parented to the caller.
+    EntryNotForNode,
+    /// Unknown entry.
+    EntryUnknown,
+    /// CSR rejected.
+    BadCsr,
+    /// Malformed request.
+    InvalidRequest,
+    /// Server-side failure.
+    Internal,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: SvidKind,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: DenyReason,
+}
+
+/// Handles to the server's metrics; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    svids_issued: Family<KindLabels, Counter>,
+    attestations_ok: Counter,
+    denied: Family<ReasonLabels, Counter>,
+    bundle_authorities: Gauge,
+    bundle_sequence: Gauge<u64, AtomicU64>,
+    sync_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshauth_server");
+        let svids_issued = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "svids_issued",
+            "X.509-SVIDs issued, by kind",
+            svids_issued.clone(),
+        );
+        let attestations_ok = Counter::default();
+        registry.register(
+            "node_attestations",
+            "Successful node attestations with a join token",
+            attestations_ok.clone(),
+        );
+        let denied = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "requests_denied",
+            "Node API requests refused, by reason",
+            denied.clone(),
+        );
+        let bundle_authorities = Gauge::default();
+        registry.register(
+            "bundle_authorities",
+            "CA certificates in the published trust bundle",
+            bundle_authorities.clone(),
+        );
+        let bundle_sequence = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "bundle_sequence",
+            "Sequence number of the published trust bundle",
+            bundle_sequence.clone(),
+        );
+        let sync_streams = Gauge::default();
+        registry.register(
+            "sync_streams",
+            "Open agent sync streams",
+            sync_streams.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            svids_issued,
+            attestations_ok,
+            denied,
+            bundle_authorities,
+            bundle_sequence,
+            sync_streams,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub(crate) fn svid_issued(&self, kind: SvidKind) {
+        self.svids_issued.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub(crate) fn attestation(&self, denied: Option<DenyReason>) {
+        match denied {
+            None => {
+                self.attestations_ok.inc();
+            }
+            Some(reason) => self.denied(reason),
+        }
+    }
+
+    pub(crate) fn denied(&self, reason: DenyReason) {
+        self.denied.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn observe_bundle(&self, bundle: &X509Bundle) {
+        self.bundle_authorities.set(bundle.authorities.len() as i64);
+        self.bundle_sequence.set(bundle.sequence);
+    }
+
+    pub(crate) fn sync_stream_opened(&self) {
+        self.sync_streams.inc();
+    }
+
+    pub(crate) fn sync_stream_closed(&self) {
+        self.sync_streams.dec();
+    }
+}

@@ -1,0 +1,489 @@
+//! The server's core: the CA and the store behind one API that node and admin handlers call.
+//!
+//! Every method takes `now`: the handlers read the clock, this module does not. Every change that
+//! an agent may need to see (entries, nodes, the bundle) bumps the change counter that the sync
+//! streams watch, so agents learn of it at once instead of by polling.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
+use meshauth_datastore::{
+    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry,
+    Store, StoreError,
+};
+use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
+use tokio::sync::watch;
+
+use crate::metrics::{DenyReason, Metrics, SvidKind};
+
+/// Settings of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// The trust domain served.
+    pub trust_domain: TrustDomain,
+    /// CA lifetime (rotation happens at 1/2 and 5/6 of it).
+    pub ca_ttl: Duration,
+    /// Default X.509-SVID lifetime (node and workload).
+    pub svid_ttl: Duration,
+    /// Default join token lifetime.
+    pub join_token_ttl: Duration,
+}
+
+/// Why a request was refused. [`RegistryError::reason`] is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA refused (bad CSR, ID outside the trust domain).
+    #[error("cannot issue SVID: {0}")]
+    Ca(#[from] meshauth_ca::CaError),
+    /// The caller presented no node SVID.
+    #[error("this call needs a node SVID as TLS client certificate")]
+    Unauthenticated,
+    /// The caller's SVID is not a node SVID of this trust domain.
+    #[error(
+        "{0} is not a node SPIFFE ID of this trust domain (expected spiffe://<td>/node/<name>)"
+    )]
+    NotANode(Box<SpiffeId>),
+    /// The caller's SVID is not its current one (evicted and re-attested since).
+    #[error(
+        "node SVID serial {serial} of {node} is no longer current: the node was evicted or re-attested"
+    )]
+    StaleNodeSvid {
+        /// The node.
+        node: NodeName,
+        /// The serial presented.
+        serial: String,
+    },
+    /// A node asked for an entry that is not parented to it.
+    #[error(
+        "entry {entry} is parented to {parent}, not to {node}: a node only obtains its own workloads' SVIDs"
+    )]
+    EntryNotForNode {
+        /// The entry.
+        entry: EntryId,
+        /// Its parent.
+        parent: Box<SpiffeId>,
+        /// The caller.
+        node: Box<SpiffeId>,
+    },
+    /// Bad input in a request.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl RegistryError {
+    /// The low-cardinality reason, for metrics and logs.
+    pub fn reason(&self) -> DenyReason {
+        match self {
+            RegistryError::Store(StoreError::TokenUnknown) => DenyReason::TokenUnknown,
+            RegistryError::Store(StoreError::TokenExpired) => DenyReason::TokenExpired,
+            RegistryError::Store(StoreError::TokenWrongNode { .. }) => DenyReason::TokenWrongNode,
+            RegistryError::Store(StoreError::NodeBanned(_)) => DenyReason::NodeBanned,
+            RegistryError::Store(StoreError::NodeNotFound(_)) => DenyReason::NodeUnknown,
+            RegistryError::Store(StoreError::EntryNotFound(_)) => DenyReason::EntryUnknown,
+            RegistryError::Store(_) => DenyReason::Internal,
+            RegistryError::Ca(_) => DenyReason::BadCsr,
+            RegistryError::Unauthenticated => DenyReason::Unauthenticated,
+            RegistryError::NotANode(_) => DenyReason::NotANode,
+            RegistryError::StaleNodeSvid { .. } => DenyReason::StaleNodeSvid,
+            RegistryError::EntryNotForNode { .. } => DenyReason::EntryNotForNode,
+            RegistryError::Invalid(_) => DenyReason::InvalidRequest,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// An authenticated node caller: who it is and which SVID it presented.
+#[derive(Debug, Clone)]
+pub struct NodeCaller {
+    /// The SPIFFE ID of the client certificate.
+    pub spiffe_id: SpiffeId,
+    /// Its serial (hex).
+    pub serial: String,
+}
+
+/// A node SVID just issued.
+#[derive(Debug, Clone)]
+pub struct NodeSvid {
+    /// The node's record after the issue.
+    pub node: NodeRecord,
+    /// The SVID.
+    pub svid: IssuedSvid,
+    /// The bundle to trust.
+    pub bundle: X509Bundle,
+}
+
+/// What one node may see: the bundle and the entries parented to it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// The trust bundle.
+    pub bundle: X509Bundle,
+    /// Entries whose parent is the node.
+    pub entries: Vec<RegistrationEntry>,
+}
+
+/// The CA and the store, with the change feed.
+#[derive(Debug)]
+pub struct Registry {
+    config: RegistryConfig,
+    store: Store,
+    ca: Mutex<Ca>,
+    changes: watch::Sender<u64>,
+    metrics: Metrics,
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// Loads the CA from the store's journal, or creates one and saves it.
+    pub fn open(
+        config: RegistryConfig,
+        store: Store,
+        metrics: Metrics,
+        now: SystemTime,
+    ) -> anyhow::Result<Self> {
+        let ca_config = CaConfig::new(config.trust_domain.clone())
+            .with_ca_ttl(config.ca_ttl)
+            .with_svid_ttl(config.svid_ttl);
+        let ca = match store.load_ca_journal()? {
+            Some(json) => {
+                let journal: CaJournal = serde_json::from_str(&json).map_err(|e| {
+                    anyhow::anyhow!("the CA journal in the datastore does not parse: {e}")
+                })?;
+                let ca = Ca::from_journal(ca_config, journal)?;
+                tracing::info!(trust_domain = %config.trust_domain, "CA loaded from the datastore");
+                ca
+            }
+            None => {
+                let ca = Ca::new(ca_config, now)?;
+                tracing::info!(trust_domain = %config.trust_domain, "new CA created");
+                ca
+            }
+        };
+        let registry = Registry {
+            config,
+            store,
+            ca: Mutex::new(ca),
+            changes: watch::Sender::new(0),
+            metrics,
+        };
+        registry.save_ca()?;
+        registry.tick(now)?;
+        Ok(registry)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn ca(&self) -> MutexGuard<'_, Ca> {
+        self.ca.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save_ca(&self) -> anyhow::Result<()> {
+        let journal = self.ca().to_journal();
+        let json = serde_json::to_string(&journal)?;
+        self.store.save_ca_journal(&json)?;
+        Ok(())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that is notified on every change visible to agents.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Advances CA rotation; persists and announces any change. Returns whether one happened.
+    pub fn tick(&self, now: SystemTime) -> anyhow::Result<bool> {
+        let events = self.ca().tick(now)?;
+        if events.is_empty() {
+            let b = self.bundle(now);
+            self.metrics.observe_bundle(&b);
+            return Ok(false);
+        }
+        for event in &events {
+            tracing::info!(event = ?event, "CA rotation");
+        }
+        self.save_ca()?;
+        self.metrics.observe_bundle(&self.bundle(now));
+        self.changed();
+        Ok(true)
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self, now: SystemTime) -> X509Bundle {
+        self.ca().bundle(now)
+    }
+
+    /// The CA's authorities, for health output.
+    pub fn authorities(&self) -> Vec<meshauth_ca::AuthorityInfo> {
+        self.ca().authorities()
+    }
+
+    /// Issues an SVID for the server itself from a CSR of a key the server generated.
+    pub fn issue_own_svid(&self, id: &SpiffeId, csr: &[u8], now: SystemTime) -> Result<IssuedSvid> {
+        let svid = self.ca().sign_csr(csr, id, None, &[], now)?;
+        self.metrics.svid_issued(SvidKind::Server);
+        Ok(svid)
+    }
+
+    // --- node API ---
+
+    /// First attestation with a join token.
+    pub fn attest_join_token(
+        &self,
+        token: &str,
+        node: &NodeName,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<NodeSvid> {
+        let result = self.attest_inner(token, node, csr, now);
+        self.metrics
+            .attestation(result.as_ref().err().map(RegistryError::reason));
+        result
+    }
+
+    fn attest_inner(
+        &self,
+        token: &str,
+        node: &NodeName,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<NodeSvid> {
+        // Refuse banned nodes before burning their token.
+        if self.store.node(node)?.is_some_and(|r| r.banned) {
+            return Err(StoreError::NodeBanned(node.clone()).into());
+        }
+        self.store.consume_join_token(token, node, now)?;
+        let id = self.node_spiffe_id(node)?;
+        let svid = self.ca().sign_csr(csr, &id, None, &[], now)?;
+        let record = self
+            .store
+            .record_attestation(node, &svid.serial, svid.not_after, now)?;
+        self.metrics.svid_issued(SvidKind::Node);
+        tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, "node attested with join token");
+        self.changed();
+        Ok(NodeSvid {
+            node: record,
+            svid,
+            bundle: self.bundle(now),
+        })
+    }
+
+    /// Checks that a TLS client is a current, non-banned node of this trust domain.
+    pub fn authenticate_node(&self, caller: Option<&NodeCaller>) -> Result<NodeRecord> {
+        let caller = caller.ok_or(RegistryError::Unauthenticated)?;
+        let node = self.node_name_of(&caller.spiffe_id)?;
+        let record = self.store.usable_node(&node)?;
+        if !record.accepts_serial(&caller.serial) {
+            return Err(RegistryError::StaleNodeSvid {
+                node,
+                serial: caller.serial.clone(),
+            });
+        }
+        Ok(record)
+    }
+
+    /// Renews the caller's node SVID.
+    pub fn renew_node(
+        &self,
+        caller: Option<&NodeCaller>,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<NodeSvid> {
+        let record = self.authenticate_node(caller)?;
+        let id = self.node_spiffe_id(&record.name)?;
+        let svid = self.ca().sign_csr(csr, &id, None, &[], now)?;
+        let record = self
+            .store
+            .record_renewal(&record.name, &svid.serial, svid.not_after)?;
+        self.metrics.svid_issued(SvidKind::Node);
+        tracing::info!(node = %record.name, serial = %svid.serial, "node SVID renewed");
+        Ok(NodeSvid {
+            node: record,
+            svid,
+            bundle: self.bundle(now),
+        })
+    }
+
+    /// Signs workload SVIDs for the caller, only for entries parented to it.
+    pub fn sign_workload_svids(
+        &self,
+        caller: Option<&NodeCaller>,
+        csrs: &[(EntryId, Vec<u8>)],
+        now: SystemTime,
+    ) -> Result<Vec<(RegistrationEntry, IssuedSvid)>> {
+        let record = self.authenticate_node(caller)?;
+        let node_id = self.node_spiffe_id(&record.name)?;
+        let mut out = Vec::with_capacity(csrs.len());
+        for (entry_id, csr) in csrs {
+            let entry = self.store.entry(entry_id)?;
+            if entry.parent_id != node_id {
+                return Err(RegistryError::EntryNotForNode {
+                    entry: entry.id,
+                    parent: Box::new(entry.parent_id),
+                    node: Box::new(node_id),
+                });
+            }
+            let ttl = entry.x509_svid_ttl.or(Some(self.config.svid_ttl));
+            let svid = self
+                .ca()
+                .sign_csr(csr, &entry.spiffe_id, ttl, &entry.dns_names, now)?;
+            self.metrics.svid_issued(SvidKind::Workload);
+            tracing::debug!(node = %record.name, spiffe_id = %entry.spiffe_id, serial = %svid.serial, "workload SVID issued");
+            out.push((entry, svid));
+        }
+        Ok(out)
+    }
+
+    /// What `node` may see now.
+    pub fn node_view(&self, node: &NodeName, now: SystemTime) -> Result<NodeView> {
+        self.store.usable_node(node)?;
+        let parent = self.node_spiffe_id(node)?;
+        let entries = self.store.list_entries(&EntryFilter {
+            parent_id: Some(parent),
+            ..Default::default()
+        })?;
+        Ok(NodeView {
+            bundle: self.bundle(now),
+            entries,
+        })
+    }
+
+    // --- admin API ---
+
+    /// Creates a join token for `node`.
+    pub fn create_join_token(
+        &self,
+        node: &NodeName,
+        ttl: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedJoinToken> {
+        let ttl = ttl.unwrap_or(self.config.join_token_ttl);
+        let token = self.store.create_join_token(node, ttl, now)?;
+        tracing::info!(node = %node, expires_in_s = ttl.as_secs(), "join token created");
+        Ok(token)
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        Ok(self.store.nodes()?)
+    }
+
+    /// One node.
+    pub fn node(&self, node: &NodeName) -> Result<NodeRecord> {
+        self.store
+            .node(node)?
+            .ok_or_else(|| StoreError::NodeNotFound(node.clone()).into())
+    }
+
+    /// Bans a node; its streams end and its calls are refused.
+    pub fn ban_node(&self, node: &NodeName) -> Result<NodeRecord> {
+        let record = self.store.ban_node(node)?;
+        tracing::warn!(node = %node, "node banned");
+        self.changed();
+        Ok(record)
+    }
+
+    /// Evicts a node; it must attest again with a new token.
+    pub fn evict_node(&self, node: &NodeName) -> Result<()> {
+        self.store.evict_node(node)?;
+        tracing::warn!(node = %node, "node evicted");
+        self.changed();
+        Ok(())
+    }
+
+    fn check_entry(&self, new: &NewEntry) -> Result<()> {
+        let td = &self.config.trust_domain;
+        for (what, id) in [("spiffe ID", &new.spiffe_id), ("parent ID", &new.parent_id)] {
+            if id.trust_domain() != td {
+                return Err(RegistryError::Invalid(format!(
+                    "{what} {id} is not in trust domain {td}"
+                )));
+            }
+        }
+        if new.spiffe_id.path().is_empty() {
+            return Err(RegistryError::Invalid(format!(
+                "spiffe ID {} has no path: SVIDs need one",
+                new.spiffe_id
+            )));
+        }
+        if new.selectors.is_empty() {
+            return Err(RegistryError::Invalid(
+                "an entry needs at least one selector (e.g. --selector unix:uid:1000)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates an entry.
+    pub fn create_entry(&self, new: NewEntry) -> Result<RegistrationEntry> {
+        self.check_entry(&new)?;
+        let entry = self.store.create_entry(new)?;
+        tracing::info!(entry.id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, "entry created");
+        self.changed();
+        Ok(entry)
+    }
+
+    /// Replaces an entry's fields.
+    pub fn update_entry(&self, id: &EntryId, new: NewEntry) -> Result<RegistrationEntry> {
+        self.check_entry(&new)?;
+        let entry = self.store.update_entry(id, new)?;
+        tracing::info!(entry.id = %entry.id, revision = entry.revision, "entry updated");
+        self.changed();
+        Ok(entry)
+    }
+
+    /// Deletes an entry.
+    pub fn delete_entry(&self, id: &EntryId) -> Result<()> {
+        self.store.delete_entry(id)?;
+        tracing::info!(entry.id = %id, "entry deleted");
+        self.changed();
+        Ok(())
+    }
+
+    /// One entry.
+    pub fn entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        Ok(self.store.entry(id)?)
+    }
+
+    /// Entries passing `filter`.
+    pub fn entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
+        Ok(self.store.list_entries(filter)?)
+    }
+
+    /// How many entries exist.
+    pub fn count_entries(&self) -> Result<u64> {
+        Ok(self.store.count_entries()?)
+    }
+
+    // --- helpers ---
+
+    fn node_spiffe_id(&self, node: &NodeName) -> Result<SpiffeId> {
+        meshauth_spiffe::node_spiffe_id(&self.config.trust_domain, node.as_str())
+            .map_err(|e| RegistryError::Invalid(e.to_string()))
+    }
+
+    /// The node name of a node SPIFFE ID of this trust domain.
+    pub fn node_name_of(&self, id: &SpiffeId) -> Result<NodeName> {
+        let name = (id.trust_domain() == &self.config.trust_domain)
+            .then(|| id.path().strip_prefix("/node/"))
+            .flatten()
+            .ok_or_else(|| RegistryError::NotANode(Box::new(id.clone())))?;
+        name.parse()
+            .map_err(|_| RegistryError::NotANode(Box::new(id.clone())))
+    }
+}

@@ -1,0 +1,388 @@
+//! The node API over real TCP and mutual TLS: attestation, renewal, node-scoped issuance, the
+//! sync stream, bans and evictions, and restarts on the same SQLite file.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use meshauth_datastore::NewEntry;
+use meshauth_proto::node::{
+    AttestJoinTokenRequest, CsrForEntry, RenewNodeSvidRequest, SignWorkloadSvidsRequest,
+    SyncRequest,
+};
+use support::*;
+use tonic::Code;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn entry(spiffe: &str, parent: &str) -> NewEntry {
+    NewEntry {
+        spiffe_id: spiffe.parse().unwrap(),
+        parent_id: parent.parse().unwrap(),
+        selectors: vec!["unix:uid:1000".parse().unwrap()],
+        x509_svid_ttl: Some(Duration::from_secs(600)),
+        dns_names: vec![],
+    }
+}
+
+/// Attests `node` with a fresh token; returns its SVID chain and key.
+async fn attest(
+    server: &TestServer,
+    node: &str,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    let mut client = node_client(server.addr, server.bundle(), None).await;
+    let (key, csr) = key_and_csr();
+    let resp = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: server.token(node),
+            node_name: node.into(),
+            csr,
+        })
+        .await
+        .expect("attestation succeeds")
+        .into_inner();
+    (chain(&resp.svid_chain), pkcs8(&key))
+}
+
+#[tokio::test]
+async fn join_token_attestation_issues_a_node_svid_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let mut client = node_client(server.addr, server.bundle(), None).await;
+    let token = server.token("n1");
+    let (key, csr) = key_and_csr();
+    let resp = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: token.clone(),
+            node_name: "n1".into(),
+            csr: csr.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.spiffe_id, format!("spiffe://{TD}/node/n1"));
+    assert!(resp.node_id > 0);
+    let verified = meshauth_spiffe::validate_x509_svid(
+        &chain(&resp.svid_chain),
+        &server.bundle(),
+        SystemTime::now(),
+    )
+    .expect("node SVID validates against the bundle");
+    assert_eq!(verified.spiffe_id.to_string(), resp.spiffe_id);
+    // The SVID carries the node's own key, which the server never saw.
+    let leaf = x509_public_key(&resp.svid_chain[0]);
+    assert_eq!(leaf, key.public_key_raw());
+
+    let err = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token,
+            node_name: "n1".into(),
+            csr,
+        })
+        .await
+        .expect_err("a join token works once");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("already used"), "{}", err.message());
+    server.stop().await;
+}
+
+fn x509_public_key(der: &[u8]) -> Vec<u8> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    cert.public_key().subject_public_key.data.to_vec()
+}
+
+#[tokio::test]
+async fn expired_or_foreign_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let mut client = node_client(server.addr, server.bundle(), None).await;
+    let past = SystemTime::now() - Duration::from_secs(3600);
+    let expired = server
+        .registry
+        .create_join_token(&"n1".parse().unwrap(), Some(Duration::from_secs(600)), past)
+        .unwrap();
+    let (_, csr) = key_and_csr();
+    let err = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: expired.token,
+            node_name: "n1".into(),
+            csr: csr.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    let err = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: server.token("n1"),
+            node_name: "n2".into(),
+            csr,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let metrics = server.registry.metrics().encode();
+    assert!(metrics.contains("reason=\"TokenExpired\""), "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn workload_svids_are_node_scoped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let own = attest(&server, "n1").await;
+    attest(&server, "n2").await;
+    let mine = server
+        .registry
+        .create_entry(entry(
+            &format!("spiffe://{TD}/web"),
+            &format!("spiffe://{TD}/node/n1"),
+        ))
+        .unwrap();
+    let theirs = server
+        .registry
+        .create_entry(entry(
+            &format!("spiffe://{TD}/db"),
+            &format!("spiffe://{TD}/node/n2"),
+        ))
+        .unwrap();
+    let mut client = node_client(server.addr, server.bundle(), Some(own)).await;
+
+    let (_, csr) = key_and_csr();
+    let signed = client
+        .sign_workload_svids(SignWorkloadSvidsRequest {
+            csrs: vec![CsrForEntry {
+                entry_id: mine.id.to_string(),
+                csr: csr.clone(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.svids.len(), 1);
+    let v = meshauth_spiffe::validate_x509_svid(
+        &chain(&signed.svids[0].svid_chain),
+        &server.bundle(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(v.spiffe_id.to_string(), format!("spiffe://{TD}/web"));
+
+    let err = client
+        .sign_workload_svids(SignWorkloadSvidsRequest {
+            csrs: vec![CsrForEntry {
+                entry_id: theirs.id.to_string(),
+                csr,
+            }],
+        })
+        .await
+        .expect_err("n1 must not obtain n2's workload SVIDs");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not to spiffe://test.local/node/n1"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        server
+            .registry
+            .metrics()
+            .encode()
+            .contains("reason=\"EntryNotForNode\"")
+    );
+
+    // Without a client certificate nothing but attestation is served.
+    let mut anonymous = node_client(server.addr, server.bundle(), None).await;
+    let err = anonymous
+        .sign_workload_svids(SignWorkloadSvidsRequest { csrs: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn renewal_ban_and_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let first = attest(&server, "n1").await;
+    let mut client = node_client(
+        server.addr,
+        server.bundle(),
+        Some((first.0.clone(), first.1.clone_key())),
+    )
+    .await;
+    let (key, csr) = key_and_csr();
+    let renewed = client
+        .renew_node_svid(RenewNodeSvidRequest { csr })
+        .await
+        .expect("renewal with the current node SVID")
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, format!("spiffe://{TD}/node/n1"));
+    let second = (chain(&renewed.svid_chain), pkcs8(&key));
+
+    // Evicted, then re-attested: SVIDs from before the eviction no longer work.
+    server.registry.evict_node(&"n1".parse().unwrap()).unwrap();
+    attest(&server, "n1").await;
+    let mut stale = node_client(server.addr, server.bundle(), Some(second)).await;
+    let (_, csr) = key_and_csr();
+    let err = stale
+        .renew_node_svid(RenewNodeSvidRequest { csr })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("no longer current"),
+        "{}",
+        err.message()
+    );
+
+    // Banned: refused, and a new token does not help.
+    let third = attest(&server, "n1").await;
+    server.registry.ban_node(&"n1".parse().unwrap()).unwrap();
+    let mut banned = node_client(server.addr, server.bundle(), Some(third)).await;
+    let (_, csr) = key_and_csr();
+    let err = banned
+        .renew_node_svid(RenewNodeSvidRequest { csr: csr.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("banned"), "{}", err.message());
+    let mut anonymous = node_client(server.addr, server.bundle(), None).await;
+    let err = anonymous
+        .attest_join_token(AttestJoinTokenRequest {
+            token: server.token("n1"),
+            node_name: "n1".into(),
+            csr,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sync_stream_pushes_entry_changes_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let own = attest(&server, "n1").await;
+    let mut client = node_client(server.addr, server.bundle(), Some(own)).await;
+    let mut stream = client.sync(SyncRequest {}).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.entries.is_empty());
+    assert!(!first.bundle.unwrap().authorities.is_empty());
+
+    let created = server
+        .registry
+        .create_entry(entry(
+            &format!("spiffe://{TD}/web"),
+            &format!("spiffe://{TD}/node/n1"),
+        ))
+        .unwrap();
+    // Another node's entry is not shown to n1.
+    server
+        .registry
+        .create_entry(entry(
+            &format!("spiffe://{TD}/db"),
+            &format!("spiffe://{TD}/node/n2"),
+        ))
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("the change arrives within a second")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.entries.len(), 1);
+    assert_eq!(next.entries[0].id, created.id.to_string());
+
+    server.registry.delete_entry(&created.id).unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("the deletion arrives within a second")
+        .unwrap()
+        .unwrap();
+    assert!(next.entries.is_empty());
+
+    server.registry.ban_node(&"n1".parse().unwrap()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("a ban ends the stream at once");
+    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_ca_nodes_and_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 24 * HOUR, HOUR);
+    let server = TestServer::start(cfg.clone()).await;
+    let own = attest(&server, "n1").await;
+    server
+        .registry
+        .create_entry(entry(
+            &format!("spiffe://{TD}/web"),
+            &format!("spiffe://{TD}/node/n1"),
+        ))
+        .unwrap();
+    let bundle_before = server.bundle();
+    server.stop().await;
+
+    let server = TestServer::start(cfg).await;
+    let bundle_after = server.bundle();
+    assert_eq!(bundle_before.authorities, bundle_after.authorities);
+    meshauth_spiffe::validate_x509_svid(&own.0, &bundle_after, SystemTime::now())
+        .expect("an SVID issued before the restart validates after it");
+    // The node is still known: its SVID authenticates without a new token.
+    let mut client = node_client(server.addr, bundle_after, Some(own)).await;
+    let mut stream = client.sync(SyncRequest {}).await.unwrap().into_inner();
+    let state = stream.message().await.unwrap().unwrap();
+    assert_eq!(state.entries.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    attest(&server, "n1").await;
+    let body = http_get(server.metrics_addr, "/metrics").await;
+    assert!(
+        body.contains("meshauth_server_svids_issued_total{kind=\"Node\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("meshauth_server_bundle_authorities 1"),
+        "{body}"
+    );
+    assert!(
+        http_get(server.metrics_addr, "/readyz")
+            .await
+            .contains("ready")
+    );
+    server.stop().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
