@@ -5,8 +5,14 @@
 
 use clap::{Parser, Subcommand};
 
+mod agent;
+mod bundle;
+mod common;
+mod entry;
 mod lab;
 mod policy;
+mod server;
+mod token;
 
 /// meshauth: SPIFFE identities for workloads, mutual authentication enforced in the kernel.
 #[derive(Debug, Parser)]
@@ -22,6 +28,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the identity server, or check its health.
+    Server(server::Cmd),
+    /// Run a node agent, ask it what it holds; list, ban and evict agents on the server.
+    Agent(agent::Cmd),
+    /// Create single-use join tokens for node attestation.
+    Token(token::Cmd),
+    /// Register workload identities (registration entries).
+    Entry(entry::Cmd),
+    /// Show the trust bundle.
+    Bundle(bundle::Cmd),
     /// Validate policies and trace a verdict between two label sets.
     Policy(policy::Cmd),
     /// Build a cluster of network namespaces on this machine (needs root).
@@ -29,9 +45,17 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     init_logging(&cli.log);
     let result = match cli.command {
+        Command::Server(cmd) => server::run(cmd),
+        Command::Agent(cmd) => agent::run(cmd),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Entry(cmd) => entry::run(cmd),
+        Command::Bundle(cmd) => bundle::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Lab(cmd) => lab::run(cmd),
     };
@@ -43,6 +67,27 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version go out as clap renders them; usage errors as one line that says what is
+/// wrong, with exit code 2.
+fn usage_error(err: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        err.exit();
+    }
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("error: invalid arguments");
+    eprintln!("{first} (see --help)");
+    std::process::ExitCode::from(2)
 }
 
 /// Logs go to stderr so that stdout stays machine-readable (`-o json`, tokens).

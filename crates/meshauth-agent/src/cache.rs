@@ -1,0 +1,151 @@
+//! What the agent holds in memory: the bundle, the entries the server authorized for this node,
+//! and one workload SVID (with its locally generated key) per entry.
+//!
+//! The cache is published as an immutable snapshot through a `watch` channel; the Workload API
+//! streams wake on every new snapshot and send a caller the subset it is entitled to.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshauth_spiffe::{SpiffeId, X509Bundle};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+
+/// A registration entry as the agent needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The server's entry id.
+    pub id: String,
+    /// The identity it grants.
+    pub spiffe_id: SpiffeId,
+    /// `type:value` selectors; a caller must have all of them.
+    pub selectors: BTreeSet<String>,
+    /// Changes on every update of the entry.
+    pub revision: u64,
+}
+
+/// A workload SVID held for an entry.
+pub struct WorkloadSvid {
+    /// The entry it was issued for (revision included: a new revision needs a new SVID).
+    pub entry: Entry,
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER; never logged, only served over the Workload API to entitled callers.
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Serial (hex).
+    pub serial: String,
+    /// When it was obtained.
+    pub issued_at: SystemTime,
+    /// Expiry.
+    pub not_after: SystemTime,
+    /// When to renew it (about half-life, with jitter).
+    pub refresh_at: SystemTime,
+}
+
+impl std::fmt::Debug for WorkloadSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadSvid")
+            .field("spiffe_id", &self.entry.spiffe_id.to_string())
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One consistent view of the agent's material.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// The trust bundle (from the server, or the bootstrap file until the first sync).
+    pub bundle: Option<Arc<X509Bundle>>,
+    /// Entries by id.
+    pub entries: BTreeMap<String, Entry>,
+    /// SVIDs by entry id.
+    pub svids: BTreeMap<String, Arc<WorkloadSvid>>,
+    /// Whether a sync with the server has completed since start (before that, callers are told
+    /// to retry rather than that they have no identity).
+    pub synced: bool,
+    /// Whether the sync stream is up right now.
+    pub connected: bool,
+}
+
+impl Snapshot {
+    /// The SVIDs a caller with `selectors` may have: entries whose selectors are all among the
+    /// caller's, in SPIFFE ID order (the first is the default identity).
+    pub fn svids_for(&self, selectors: &BTreeSet<String>) -> Vec<Arc<WorkloadSvid>> {
+        let mut out: Vec<_> = self
+            .svids
+            .values()
+            .filter(|s| s.entry.selectors.is_subset(selectors))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            (a.entry.spiffe_id.to_string(), &a.entry.id)
+                .cmp(&(b.entry.spiffe_id.to_string(), &b.entry.id))
+        });
+        out
+    }
+
+    /// Whether any entry (with or without an SVID yet) matches the caller.
+    pub fn has_entry_for(&self, selectors: &BTreeSet<String>) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.selectors.is_subset(selectors))
+    }
+
+    /// The earliest expiry among held SVIDs.
+    pub fn soonest_expiry(&self) -> Option<SystemTime> {
+        self.svids.values().map(|s| s.not_after).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn svid(id: &str, spiffe: &str, selectors: &[&str]) -> Arc<WorkloadSvid> {
+        let now = SystemTime::now();
+        Arc::new(WorkloadSvid {
+            entry: Entry {
+                id: id.into(),
+                spiffe_id: spiffe.parse().unwrap(),
+                selectors: selectors.iter().map(|s| s.to_string()).collect(),
+                revision: 1,
+            },
+            chain: vec![],
+            key: PrivatePkcs8KeyDer::from(vec![1, 2, 3]),
+            serial: "01".into(),
+            issued_at: now,
+            not_after: now + Duration::from_secs(60),
+            refresh_at: now + Duration::from_secs(30),
+        })
+    }
+
+    #[test]
+    fn callers_get_entries_whose_selectors_they_all_have() {
+        let mut snap = Snapshot::default();
+        for s in [
+            svid("a", "spiffe://td/web", &["unix:uid:1000"]),
+            svid("b", "spiffe://td/admin", &["unix:uid:1000", "unix:gid:0"]),
+            svid("c", "spiffe://td/db", &["unix:uid:2000"]),
+        ] {
+            snap.entries.insert(s.entry.id.clone(), s.entry.clone());
+            snap.svids.insert(s.entry.id.clone(), s);
+        }
+        let caller =
+            |sels: &[&str]| -> BTreeSet<String> { sels.iter().map(|s| s.to_string()).collect() };
+        let ids =
+            |v: Vec<Arc<WorkloadSvid>>| v.iter().map(|s| s.entry.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(snap.svids_for(&caller(&["unix:uid:1000", "unix:gid:5"]))),
+            vec!["a"]
+        );
+        // Sorted by SPIFFE ID: admin before web.
+        assert_eq!(
+            ids(snap.svids_for(&caller(&["unix:uid:1000", "unix:gid:0"]))),
+            vec!["b", "a"]
+        );
+        assert!(snap.svids_for(&caller(&["unix:uid:3000"])).is_empty());
+        assert!(!snap.has_entry_for(&caller(&["unix:gid:0"])));
+    }
+}

@@ -1,0 +1,29 @@
+//! The meshauth node agent: the per-node half of identity.
+//!
+//! It attests to the server once with a join token (then renews with its node SVID), keeps a
+//! workload SVID for every entry the server authorizes for this node (keys generated here),
+//! rotates them at about half-life, and serves them to local workloads over the standard SPIFFE
+//! Workload API, attesting callers by their peer credentials.
+//!
+//! # Layout
+//! - [`identity`]: the node key, SVID and bundle on disk.
+//! - [`server_client`]: dialing the server over mutual TLS; keys and CSRs.
+//! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
+//! - [`cache`]: the in-memory snapshot published to the APIs.
+//! - [`attestor`]: selectors from the kernel's view of a caller.
+//! - [`workload_api`]: the SPIFFE Workload API; [`admin`]: the operator API.
+//! - [`metrics`]; [`run`]: wiring.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod attestor;
+pub mod cache;
+pub mod identity;
+pub mod manager;
+pub mod metrics;
+pub mod run;
+pub mod server_client;
+pub mod workload_api;
+
+pub use run::{Agent, AgentConfig, defaults};

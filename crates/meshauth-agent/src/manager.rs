@@ -1,0 +1,531 @@
+//! Keeps the node's material fresh: node attestation at start, the sync stream with the server,
+//! workload SVIDs for the entries it streams, and rotation of every SVID at about half-life.
+//!
+//! When the server is unreachable, the manager keeps what it has (the Workload API goes on
+//! serving it until expiry) and reconnects with exponential backoff; nothing needs a restart or
+//! a new token once the node has attested.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use meshauth_proto::node::node_client::NodeClient;
+use meshauth_proto::node::{
+    AttestJoinTokenRequest, Bundle, CsrForEntry, RenewNodeSvidRequest, SignWorkloadSvidsRequest,
+    SyncRequest, SyncResponse,
+};
+use meshauth_spiffe::{TrustDomain, X509Bundle};
+use meshauth_tls::{SharedBundle, SharedCertifiedKey};
+use rand::Rng;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::cache::{Entry, Snapshot, WorkloadSvid};
+use crate::identity::{DataDir, NodeSvid, private_key, read_bundle};
+use crate::metrics::{Metrics, SvidKind};
+use crate::server_client::{connect, key_and_csr};
+
+/// First retry delay after losing the server.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What the manager needs to know.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The node's name.
+    pub node_name: String,
+    /// The server, `host:port`.
+    pub server: String,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+}
+
+/// The running manager's shared parts.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    config: ManagerConfig,
+    data: DataDir,
+    bundle: SharedBundle,
+    node_key: SharedCertifiedKey,
+    node: Arc<Mutex<NodeSvid>>,
+    state: watch::Sender<Arc<Snapshot>>,
+    metrics: Metrics,
+}
+
+/// A renewal time at about half of the lifetime, ±5 % jitter so that nodes spread out.
+pub(crate) fn refresh_time(issued_at: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(issued_at).unwrap_or_default();
+    let fraction = rand::rng().random_range(0.45..0.55);
+    issued_at + life.mul_f64(fraction)
+}
+
+fn chain_of(raw: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
+    raw.iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect()
+}
+
+fn bundle_of(msg: &Bundle, td: &TrustDomain) -> anyhow::Result<X509Bundle> {
+    if msg.trust_domain != td.to_string() {
+        bail!(
+            "the server sent a bundle for trust domain {:?}, expected {td}",
+            msg.trust_domain
+        );
+    }
+    if msg.authorities.is_empty() {
+        bail!("the server sent an empty bundle");
+    }
+    Ok(X509Bundle {
+        trust_domain: td.clone(),
+        authorities: chain_of(&msg.authorities),
+        sequence: msg.sequence,
+        refresh_hint: (msg.refresh_hint_seconds > 0)
+            .then(|| Duration::from_secs(msg.refresh_hint_seconds as u64)),
+    })
+}
+
+/// Loads the node identity from the data dir, or attests with the join token.
+pub async fn bootstrap(
+    config: &ManagerConfig,
+    data: &DataDir,
+    trust_bundle: &std::path::Path,
+    join_token: Option<&str>,
+) -> anyhow::Result<(NodeSvid, X509Bundle)> {
+    let td = &config.trust_domain;
+    let now = SystemTime::now();
+    let bundle = match data.load_bundle(td)? {
+        Some(b) => b,
+        None => read_bundle(trust_bundle, td)?,
+    };
+    match data.load_node_svid(&bundle, now) {
+        Ok(Some(svid)) => {
+            tracing::info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, "re-using the node SVID from the data dir");
+            return Ok((svid, bundle));
+        }
+        Ok(None) => {}
+        Err(e) if join_token.is_some() => {
+            tracing::warn!(error = %e, "saved node SVID unusable; attesting with the join token");
+        }
+        Err(e) => return Err(e),
+    }
+    let Some(token) = join_token else {
+        bail!(
+            "this node has not attested yet: pass --join-token (from `meshauth token generate --node {}`)",
+            config.node_name
+        );
+    };
+    let mut client = connect(&config.server, td, SharedBundle::new(bundle), None).await?;
+    let (key, csr) = key_and_csr()?;
+    let resp = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: token.to_owned(),
+            node_name: config.node_name.clone(),
+            csr,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("attestation refused: {}", s.message()))?
+        .into_inner();
+    let bundle = bundle_of(
+        resp.bundle.as_ref().context("the server sent no bundle")?,
+        td,
+    )?;
+    let chain = chain_of(&resp.svid_chain);
+    let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
+        .context("the server issued a node SVID that does not validate")?;
+    let svid = NodeSvid {
+        chain,
+        key,
+        spiffe_id: verified.spiffe_id,
+        serial: verified.serial,
+        issued_at: now,
+        not_after: verified.not_after,
+        node_id: resp.node_id,
+    };
+    data.save_node_svid(&svid)?;
+    data.save_bundle(&bundle)?;
+    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, "attested with the join token");
+    Ok((svid, bundle))
+}
+
+impl Manager {
+    /// Builds the manager around a bootstrapped identity.
+    pub fn new(
+        config: ManagerConfig,
+        data: DataDir,
+        node: NodeSvid,
+        bundle: X509Bundle,
+        metrics: Metrics,
+    ) -> anyhow::Result<Manager> {
+        let node_key = SharedCertifiedKey::new(node.chain.clone(), private_key(&node.key))?;
+        let state = watch::Sender::new(Arc::new(Snapshot {
+            bundle: Some(Arc::new(bundle.clone())),
+            ..Snapshot::default()
+        }));
+        Ok(Manager {
+            config,
+            data,
+            bundle: SharedBundle::new(bundle),
+            node_key,
+            node: Arc::new(Mutex::new(node)),
+            state,
+            metrics,
+        })
+    }
+
+    /// Snapshots of the cache, for the Workload API and the admin API.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.state.subscribe()
+    }
+
+    /// The current node SVID (without its key).
+    pub fn node_svid(&self) -> NodeSvid {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Soonest expiry of anything held (node SVID included).
+    pub fn soonest_expiry(&self) -> Option<SystemTime> {
+        let node = self.node_svid().not_after;
+        Some(
+            self.state
+                .borrow()
+                .soonest_expiry()
+                .map_or(node, |w| w.min(node)),
+        )
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.state.send_modify(|s| {
+            let mut next = (**s).clone();
+            f(&mut next);
+            *s = Arc::new(next);
+        });
+        self.metrics.set_svids_held(self.state.borrow().svids.len());
+    }
+
+    /// Runs until `shutdown` completes: sync sessions with reconnection and backoff.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let outcome = tokio::select! {
+                r = self.session() => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            self.metrics.set_connected(false);
+            self.publish(|s| s.connected = false);
+            let delay = match outcome {
+                Ok(()) => {
+                    backoff = BACKOFF_MIN;
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "lost the server; serving cached SVIDs");
+                    let d = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    d
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One connection: sync, sign, rotate. `Ok` means "reconnect now" (node SVID renewed).
+    async fn session(&self) -> anyhow::Result<()> {
+        let td = &self.config.trust_domain;
+        let mut client = connect(
+            &self.config.server,
+            td,
+            self.bundle.clone(),
+            Some(self.node_key.clone()),
+        )
+        .await?;
+        // Rotations that fell due while disconnected happen first.
+        if self.rotate_node_if_due(&mut client).await? {
+            return Ok(());
+        }
+        let mut stream = client
+            .sync(SyncRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("sync refused: {}", s.message()))?
+            .into_inner();
+        self.metrics.set_connected(true);
+        self.publish(|s| s.connected = true);
+        tracing::info!(server = %self.config.server, "sync stream up");
+        loop {
+            let wake = self.next_refresh();
+            let sleep = wake.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::select! {
+                msg = stream.message() => {
+                    let msg = msg.map_err(|s| anyhow::anyhow!("sync stream: {}", s.message()))?
+                        .context("the server closed the sync stream")?;
+                    self.apply(&mut client, msg).await?;
+                }
+                () = tokio::time::sleep(sleep) => {
+                    if self.rotate_node_if_due(&mut client).await? {
+                        return Ok(());
+                    }
+                    self.rotate_workloads_if_due(&mut client).await?;
+                }
+            }
+        }
+    }
+
+    fn next_refresh(&self) -> SystemTime {
+        let node = {
+            let n = self.node.lock().unwrap_or_else(|p| p.into_inner());
+            refresh_deadline(&n)
+        };
+        let workloads = self
+            .state
+            .borrow()
+            .svids
+            .values()
+            .map(|s| s.refresh_at)
+            .min();
+        workloads.map_or(node, |w| w.min(node))
+    }
+
+    async fn apply(
+        &self,
+        client: &mut NodeClient<Channel>,
+        msg: SyncResponse,
+    ) -> anyhow::Result<()> {
+        let td = &self.config.trust_domain;
+        let bundle = bundle_of(
+            msg.bundle.as_ref().context("sync message without bundle")?,
+            td,
+        )?;
+        if bundle.sequence != self.bundle.get().sequence
+            || bundle.authorities != self.bundle.get().authorities
+        {
+            tracing::info!(
+                sequence = bundle.sequence,
+                authorities = bundle.authorities.len(),
+                "trust bundle updated"
+            );
+            self.data.save_bundle(&bundle)?;
+            self.bundle.set(bundle.clone());
+        }
+        let mut entries = BTreeMap::new();
+        for e in msg.entries {
+            let spiffe_id = match e.spiffe_id.parse() {
+                Ok(id) => id,
+                Err(err) => {
+                    tracing::warn!(entry.id = %e.id, error = %err, "ignoring an entry with an invalid SPIFFE ID from the server");
+                    continue;
+                }
+            };
+            let selectors: BTreeSet<String> = e
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect();
+            entries.insert(
+                e.id.clone(),
+                Entry {
+                    id: e.id,
+                    spiffe_id,
+                    selectors,
+                    revision: e.revision,
+                },
+            );
+        }
+        let current = self.state.borrow().clone();
+        let needed: Vec<Entry> = entries
+            .values()
+            .filter(|e| current.svids.get(&e.id).is_none_or(|s| s.entry != **e))
+            .cloned()
+            .collect();
+        let fresh = self.sign(client, &needed, &bundle).await?;
+        self.publish(|s| {
+            s.bundle = Some(Arc::new(bundle));
+            s.svids.retain(|id, _| entries.contains_key(id));
+            for svid in fresh {
+                s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+            }
+            s.entries = entries;
+            s.synced = true;
+        });
+        Ok(())
+    }
+
+    /// Obtains SVIDs for `entries` with keys generated here.
+    async fn sign(
+        &self,
+        client: &mut NodeClient<Channel>,
+        entries: &[Entry],
+        bundle: &X509Bundle,
+    ) -> anyhow::Result<Vec<WorkloadSvid>> {
+        if entries.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut keys = BTreeMap::new();
+        let mut csrs = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (key, csr) = key_and_csr()?;
+            keys.insert(e.id.clone(), key);
+            csrs.push(CsrForEntry {
+                entry_id: e.id.clone(),
+                csr,
+            });
+        }
+        let resp = client
+            .sign_workload_svids(SignWorkloadSvidsRequest { csrs })
+            .await
+            .map_err(|s| anyhow::anyhow!("workload SVID signing refused: {}", s.message()))?
+            .into_inner();
+        let now = SystemTime::now();
+        let mut out = Vec::with_capacity(resp.svids.len());
+        for signed in resp.svids {
+            let (Some(entry), Some(key)) = (
+                entries.iter().find(|e| e.id == signed.entry_id),
+                keys.remove(&signed.entry_id),
+            ) else {
+                bail!(
+                    "the server signed an SVID for entry {} that was not asked for",
+                    signed.entry_id
+                );
+            };
+            let chain = chain_of(&signed.svid_chain);
+            let verified = meshauth_spiffe::validate_x509_svid(&chain, bundle, now)
+                .with_context(|| format!("the SVID for entry {} does not validate", entry.id))?;
+            if verified.spiffe_id != entry.spiffe_id {
+                bail!(
+                    "the SVID for entry {} names {}, not {}",
+                    entry.id,
+                    verified.spiffe_id,
+                    entry.spiffe_id
+                );
+            }
+            tracing::info!(spiffe_id = %entry.spiffe_id, serial = %verified.serial, "workload SVID obtained");
+            out.push(WorkloadSvid {
+                entry: entry.clone(),
+                chain,
+                key,
+                serial: verified.serial,
+                issued_at: now,
+                not_after: verified.not_after,
+                refresh_at: refresh_time(now, verified.not_after),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn rotate_workloads_if_due(
+        &self,
+        client: &mut NodeClient<Channel>,
+    ) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        let due: Vec<Entry> = self
+            .state
+            .borrow()
+            .svids
+            .values()
+            .filter(|s| s.refresh_at <= now)
+            .map(|s| s.entry.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let bundle = self.bundle.get();
+        match self.sign(client, &due, &bundle).await {
+            Ok(fresh) => {
+                for _ in &fresh {
+                    self.metrics.rotated(SvidKind::Workload);
+                }
+                self.publish(|s| {
+                    for svid in fresh {
+                        // The entry may have gone meanwhile.
+                        if s.entries.contains_key(&svid.entry.id) {
+                            s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+                        }
+                    }
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.rotation_failed(SvidKind::Workload);
+                Err(e.context("workload SVID rotation failed; keeping the current SVIDs"))
+            }
+        }
+    }
+
+    /// Renews the node SVID when due. Returns whether it did (the caller then reconnects so
+    /// that the server sees the new SVID).
+    async fn rotate_node_if_due(&self, client: &mut NodeClient<Channel>) -> anyhow::Result<bool> {
+        let deadline = refresh_deadline(&self.node_svid());
+        if SystemTime::now() < deadline {
+            return Ok(false);
+        }
+        match self.renew_node(client).await {
+            Ok(()) => {
+                self.metrics.rotated(SvidKind::Node);
+                Ok(true)
+            }
+            Err(e) => {
+                self.metrics.rotation_failed(SvidKind::Node);
+                Err(e.context("node SVID renewal failed; keeping the current one"))
+            }
+        }
+    }
+
+    async fn renew_node(&self, client: &mut NodeClient<Channel>) -> anyhow::Result<()> {
+        let (key, csr) = key_and_csr()?;
+        let resp = client
+            .renew_node_svid(RenewNodeSvidRequest { csr })
+            .await
+            .map_err(|s| anyhow::anyhow!("renewal refused: {}", s.message()))?
+            .into_inner();
+        let now = SystemTime::now();
+        let bundle = match &resp.bundle {
+            Some(b) => bundle_of(b, &self.config.trust_domain)?,
+            None => (*self.bundle.get()).clone(),
+        };
+        let chain = chain_of(&resp.svid_chain);
+        let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
+            .context("the renewed node SVID does not validate")?;
+        let svid = NodeSvid {
+            chain: chain.clone(),
+            key: key.clone_key(),
+            spiffe_id: verified.spiffe_id,
+            serial: verified.serial,
+            issued_at: now,
+            not_after: verified.not_after,
+            node_id: resp.node_id,
+        };
+        self.data.save_node_svid(&svid)?;
+        self.node_key.set(chain, private_key(&key))?;
+        tracing::info!(serial = %svid.serial, "node SVID renewed");
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
+        Ok(())
+    }
+}
+
+/// When the node SVID should be renewed: half-life from when it was obtained.
+fn refresh_deadline(node: &NodeSvid) -> SystemTime {
+    let life = node
+        .not_after
+        .duration_since(node.issued_at)
+        .unwrap_or_default();
+    node.issued_at + life / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_is_near_half_life() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = t0 + Duration::from_secs(3600);
+        for _ in 0..100 {
+            let r = refresh_time(t0, end).duration_since(t0).unwrap().as_secs();
+            assert!((1620..=1980).contains(&r), "{r}");
+        }
+    }
+}

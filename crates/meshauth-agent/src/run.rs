@@ -1,0 +1,214 @@
+//! Wiring of the agent: bootstrap the identity, bind the sockets, run the manager and servers.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use meshauth_proto::agent::agent_admin_server::AgentAdminServer;
+use meshauth_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use meshauth_spiffe::TrustDomain;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::admin::AdminApi;
+use crate::identity::DataDir;
+use crate::manager::{Manager, ManagerConfig, bootstrap};
+use crate::metrics::Metrics;
+use crate::workload_api::WorkloadApi;
+
+/// The agent's defaults, in one place (also shown by `--help`).
+pub mod defaults {
+    /// The server.
+    pub const SERVER: &str = "127.0.0.1:8081";
+    /// Trust domain.
+    pub const TRUST_DOMAIN: &str = "meshauth.local";
+    /// Data directory.
+    pub const DATA_DIR: &str = "/var/lib/meshauth/agent";
+    /// Workload API socket.
+    pub const WORKLOAD_SOCKET: &str = "/run/meshauth/workload.sock";
+    /// Admin socket.
+    pub const ADMIN_SOCKET: &str = "/run/meshauth/agent-admin.sock";
+    /// Metrics and health.
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9091";
+}
+
+/// Everything `meshauth agent run` configures.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The server, `host:port`.
+    pub server: String,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Single-use token for the first attestation.
+    pub join_token: Option<String>,
+    /// PEM bundle to trust the server with on first contact.
+    pub trust_bundle: PathBuf,
+    /// Node key, SVID and latest bundle.
+    pub data_dir: PathBuf,
+    /// SPIFFE Workload API socket (mode 0777: any local process may ask; attestation decides).
+    pub workload_socket: PathBuf,
+    /// Admin socket (mode 0600).
+    pub admin_socket: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: SocketAddr,
+}
+
+/// An agent with its identity loaded and its sockets bound.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    manager: Manager,
+    metrics: Metrics,
+    workload: UnixListener,
+    admin: UnixListener,
+    metrics_listener: TcpListener,
+}
+
+impl Agent {
+    /// Loads or obtains the node identity and binds every socket.
+    pub async fn bind(config: AgentConfig) -> anyhow::Result<Agent> {
+        let data = DataDir::open(&config.data_dir)?;
+        let mconfig = ManagerConfig {
+            node_name: config.node_name.clone(),
+            server: config.server.clone(),
+            trust_domain: config.trust_domain.clone(),
+        };
+        let (node, bundle) = bootstrap(
+            &mconfig,
+            &data,
+            &config.trust_bundle,
+            config.join_token.as_deref(),
+        )
+        .await?;
+        let metrics = Metrics::new();
+        let manager = Manager::new(mconfig, data, node, bundle, metrics.clone())?;
+        let workload = bind_socket(&config.workload_socket, 0o777, "--workload-socket").await?;
+        let admin = bind_socket(&config.admin_socket, 0o600, "--admin-socket").await?;
+        let metrics_listener = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (use --metrics-listen)",
+                    config.metrics_listen
+                )
+            })?;
+        tracing::info!(
+            node = %config.node_name,
+            server = %config.server,
+            workload_socket = %config.workload_socket.display(),
+            admin_socket = %config.admin_socket.display(),
+            metrics = %metrics_listener.local_addr()?,
+            "agent ready"
+        );
+        Ok(Agent {
+            config,
+            manager,
+            metrics,
+            workload,
+            admin,
+            metrics_listener,
+        })
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Agent {
+            config,
+            manager,
+            metrics,
+            workload,
+            admin,
+            metrics_listener,
+        } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let workload_api = tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
+                manager.subscribe(),
+                metrics.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(workload),
+                stopped(stop_rx.clone()),
+            );
+        let admin_api = tonic::transport::Server::builder()
+            .add_service(AgentAdminServer::new(AdminApi::new(
+                manager.clone(),
+                config.node_name.clone(),
+            )))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
+        // Ready once the first sync with the server completed.
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        let mut snapshots = manager.subscribe();
+        let readiness = async move {
+            let _ = snapshots.wait_for(|s| s.synced).await;
+            let _ = ready_tx.send(true);
+            // Keep the sender alive so /readyz stays answered.
+            std::future::pending::<()>().await;
+        };
+        let encoder: meshauth_telemetry::Encoder = {
+            let (m, mgr) = (metrics.clone(), manager.clone());
+            Arc::new(move || m.encode(mgr.soonest_expiry()))
+        };
+        let http = meshauth_telemetry::serve_http(
+            metrics_listener,
+            encoder,
+            ready_rx,
+            stopped(stop_rx.clone()),
+        );
+        let run = manager.run(stop_rx.clone());
+        let stop = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        };
+        let mut stop_readiness = stop_rx.clone();
+        let readiness = async move {
+            tokio::select! {
+                () = readiness => {}
+                _ = stop_readiness.wait_for(|s| *s) => {}
+            }
+        };
+        let (w, a, h, (), (), ()) =
+            tokio::join!(workload_api, admin_api, http, run, stop, readiness);
+        w.context("workload API")?;
+        a.context("admin API")?;
+        h.context("metrics")?;
+        for path in [&config.workload_socket, &config.admin_socket] {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+}
+
+async fn bind_socket(path: &Path, mode: u32, flag: &str) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {} (use {flag})", parent.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "{} is in use: another agent is running (stop it or use {flag})",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind {} (use {flag})", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+    Ok(listener)
+}

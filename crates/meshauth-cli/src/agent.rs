@@ -1,0 +1,348 @@
+//! `meshauth agent ...`: run a node agent, ask it what it holds, and manage agents on the server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use meshauth_agent::{AgentConfig, defaults};
+use meshauth_datastore::NodeName;
+use meshauth_proto::admin::{Agent, AgentRequest, ListAgentsRequest};
+use meshauth_proto::agent::agent_admin_client::AgentAdminClient;
+use meshauth_proto::agent::{HealthRequest, ListSvidsRequest};
+use meshauth_spiffe::TrustDomain;
+
+use crate::common::{AdminSocket, Output, block_on, rpc, seconds_left, time};
+
+/// Agent commands.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Cmd {
+    #[command(subcommand)]
+    command: Sub,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Run the node agent: attest (join token on first start), keep SVIDs fresh, serve the
+    /// SPIFFE Workload API.
+    ///
+    /// First start: meshauth agent run --node n1 --join-token TOKEN --trust-bundle bundle.pem
+    /// Later starts re-use the node SVID kept in --data-dir; no token is needed.
+    Run(RunArgs),
+    /// Ask a running agent whether it is healthy and connected to the server.
+    Healthcheck {
+        #[command(flatten)]
+        socket: AgentSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List the SVIDs a running agent holds (SPIFFE ID, serial, expiry; never keys).
+    Svids {
+        #[command(flatten)]
+        socket: AgentSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List attested agents (on the server).
+    List {
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one agent.
+    Show {
+        /// Node name.
+        #[arg(long)]
+        node: NodeName,
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Ban an agent: its renewals, syncs and SVID requests are refused, and it cannot re-attest
+    /// until evicted.
+    Ban {
+        /// Node name.
+        #[arg(long)]
+        node: NodeName,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+    /// Evict an agent: its record is deleted; it must attest again with a new join token.
+    Evict {
+        /// Node name.
+        #[arg(long)]
+        node: NodeName,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+}
+
+/// Where an agent's admin socket is.
+#[derive(Debug, Clone, clap::Args)]
+struct AgentSocket {
+    /// Path of the agent's admin socket.
+    #[arg(long = "agent-socket", env = "MESHAUTH_AGENT_SOCKET", default_value = defaults::ADMIN_SOCKET)]
+    path: PathBuf,
+}
+
+impl AgentSocket {
+    async fn connect(&self) -> anyhow::Result<AgentAdminClient<tonic::transport::Channel>> {
+        let path = self.path.clone();
+        let shown = path.display().to_string();
+        let channel = tonic::transport::Endpoint::try_from("http://agent.socket")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .with_context(|| format!("cannot reach the agent's admin socket {shown} (is `meshauth agent run` running? pass --agent-socket)"))?;
+        Ok(AgentAdminClient::new(channel))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// This node's name (becomes spiffe://<td>/node/<name>).
+    #[arg(long)]
+    node: NodeName,
+    /// The server's node API, HOST:PORT.
+    #[arg(long, default_value = defaults::SERVER)]
+    server: String,
+    /// Trust domain.
+    #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+    trust_domain: TrustDomain,
+    /// Single-use join token for the first start (`meshauth token generate --node NAME`).
+    #[arg(long, env = "MESHAUTH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// PEM bundle used to verify the server on first contact (`meshauth bundle show`).
+    #[arg(long, default_value = "/etc/meshauth/bundle.pem")]
+    trust_bundle: PathBuf,
+    /// Where the node key (0600), node SVID and latest bundle are kept.
+    #[arg(long, default_value = defaults::DATA_DIR)]
+    data_dir: PathBuf,
+    /// SPIFFE Workload API socket for local workloads.
+    #[arg(long, default_value = defaults::WORKLOAD_SOCKET)]
+    workload_socket: PathBuf,
+    /// The agent's admin socket.
+    #[arg(long = "agent-socket", default_value = defaults::ADMIN_SOCKET)]
+    agent_socket: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = defaults::METRICS_LISTEN)]
+    metrics_listen: SocketAddr,
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let config = AgentConfig {
+        node_name: args.node.to_string(),
+        server: args.server,
+        trust_domain: args.trust_domain,
+        join_token: args.join_token,
+        trust_bundle: args.trust_bundle,
+        data_dir: args.data_dir,
+        workload_socket: args.workload_socket,
+        admin_socket: args.agent_socket,
+        metrics_listen: args.metrics_listen,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meshauth-agent")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let agent = meshauth_agent::Agent::bind(config).await?;
+        agent.serve(crate::server::shutdown_signal()).await
+    })
+}
+
+pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd.command {
+        Sub::Run(args) => run_agent(args),
+        other => block_on(operate(other)),
+    }
+}
+
+async fn operate(sub: Sub) -> anyhow::Result<()> {
+    {
+        match sub {
+            Sub::Run(args) => {
+                return Err(anyhow::anyhow!(
+                    "internal: agent run for {} reached the operator path",
+                    args.node
+                ));
+            }
+            Sub::Healthcheck { socket, output } => {
+                let mut c = socket.connect().await?;
+                let h = c.health(HealthRequest {}).await.map_err(rpc)?.into_inner();
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({
+                            "node": h.node_name,
+                            "node_id": h.node_id,
+                            "spiffe_id": h.spiffe_id,
+                            "node_svid_serial": h.node_svid_serial,
+                            "node_svid_expires_at": time(h.node_svid_expires_at_unix),
+                            "server_connected": h.server_connected,
+                            "bundle_sequence": h.bundle_sequence,
+                            "entries": h.entries,
+                            "svids": h.svids,
+                        })
+                    ),
+                    Output::Text => {
+                        println!("agent {} ({}) is running", h.node_name, h.spiffe_id);
+                        println!(
+                            "node SVID serial {} expires {} (in {}s)",
+                            h.node_svid_serial,
+                            time(h.node_svid_expires_at_unix),
+                            seconds_left(h.node_svid_expires_at_unix)
+                        );
+                        println!(
+                            "server: {}  entries: {}  SVIDs: {}  bundle sequence: {}",
+                            if h.server_connected {
+                                "connected"
+                            } else {
+                                "disconnected (serving cached SVIDs)"
+                            },
+                            h.entries,
+                            h.svids,
+                            h.bundle_sequence
+                        );
+                    }
+                }
+            }
+            Sub::Svids { socket, output } => {
+                let mut c = socket.connect().await?;
+                let list = c
+                    .list_svids(ListSvidsRequest {})
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match output {
+                    Output::Json => {
+                        let v: Vec<_> = list
+                            .svids
+                            .iter()
+                            .map(|s| {
+                                serde_json::json!({
+                                    "spiffe_id": s.spiffe_id,
+                                    "entry_id": s.entry_id,
+                                    "serial": s.serial,
+                                    "expires_at": time(s.expires_at_unix),
+                                    "selectors": s.selectors,
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::Value::from(v));
+                    }
+                    Output::Text => {
+                        if list.svids.is_empty() {
+                            println!("no SVIDs");
+                        }
+                        for s in &list.svids {
+                            println!(
+                                "{}  serial {}  expires {} (in {}s)",
+                                s.spiffe_id,
+                                s.serial,
+                                time(s.expires_at_unix),
+                                seconds_left(s.expires_at_unix)
+                            );
+                        }
+                    }
+                }
+            }
+            Sub::List { socket, output } => {
+                let mut c = socket.connect().await?;
+                let list = c
+                    .list_agents(ListAgentsRequest {})
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_agents(&list.agents, output);
+            }
+            Sub::Show {
+                node,
+                socket,
+                output,
+            } => {
+                let mut c = socket.connect().await?;
+                let a = c
+                    .get_agent(AgentRequest {
+                        node_name: node.to_string(),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_agents(&[a], output);
+            }
+            Sub::Ban { node, socket } => {
+                let mut c = socket.connect().await?;
+                c.ban_agent(AgentRequest {
+                    node_name: node.to_string(),
+                })
+                .await
+                .map_err(rpc)?;
+                println!("banned agent {node}");
+            }
+            Sub::Evict { node, socket } => {
+                let mut c = socket.connect().await?;
+                c.evict_agent(AgentRequest {
+                    node_name: node.to_string(),
+                })
+                .await
+                .map_err(rpc)?;
+                println!("evicted agent {node}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn print_agents(agents: &[Agent], output: Output) {
+    match output {
+        Output::Json => {
+            let list: Vec<_> = agents
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "node": a.node_name,
+                        "node_id": a.node_id,
+                        "spiffe_id": a.spiffe_id,
+                        "serial": a.serial,
+                        "expires_at": time(a.expires_at_unix),
+                        "banned": a.banned,
+                        "attested_at": time(a.attested_at_unix),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::from(list));
+        }
+        Output::Text => {
+            if agents.is_empty() {
+                println!("no agents");
+                return;
+            }
+            println!(
+                "{:<16} {:>4}  {:<8} {:<22} SPIFFE ID",
+                "NODE", "ID", "STATE", "SVID EXPIRES"
+            );
+            for a in agents {
+                println!(
+                    "{:<16} {:>4}  {:<8} {:<22} {}",
+                    a.node_name,
+                    a.node_id,
+                    if a.banned { "banned" } else { "active" },
+                    time(a.expires_at_unix),
+                    a.spiffe_id
+                );
+            }
+        }
+    }
+}

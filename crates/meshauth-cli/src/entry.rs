@@ -1,0 +1,241 @@
+//! `meshauth entry create|show|update|delete`: registration entries (flags as in SPIRE).
+
+use std::time::Duration;
+
+use meshauth_datastore::{EntryId, Selector};
+use meshauth_proto::admin::{EntryRequest, ListEntriesRequest};
+use meshauth_proto::node::Entry;
+use meshauth_spiffe::SpiffeId;
+
+use crate::common::{AdminSocket, Output, block_on, parse_duration, rpc};
+
+/// Entry commands.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Cmd {
+    #[command(subcommand)]
+    command: Sub,
+}
+
+#[derive(Debug, clap::Args)]
+struct EntryFields {
+    /// The SPIFFE ID issued, e.g. spiffe://meshauth.local/web.
+    #[arg(long)]
+    spiffe_id: SpiffeId,
+    /// The node allowed to obtain it, e.g. spiffe://meshauth.local/node/n1.
+    #[arg(long)]
+    parent_id: SpiffeId,
+    /// A selector `type:value` the workload must match; repeat for several (all must match).
+    #[arg(long = "selector", required = true)]
+    selectors: Vec<Selector>,
+    /// SVID lifetime (default: the server's --svid-ttl).
+    #[arg(long, value_parser = parse_duration)]
+    x509_svid_ttl: Option<Duration>,
+    /// A DNS name to add to the SVID; repeatable.
+    #[arg(long = "dns")]
+    dns_names: Vec<String>,
+}
+
+impl EntryFields {
+    fn into_msg(self, id: Option<EntryId>) -> Entry {
+        Entry {
+            id: id.map(|i| i.to_string()).unwrap_or_default(),
+            spiffe_id: self.spiffe_id.to_string(),
+            parent_id: self.parent_id.to_string(),
+            selectors: self.selectors.iter().map(selector_msg).collect(),
+            x509_svid_ttl_seconds: self
+                .x509_svid_ttl
+                .map(|d| d.as_secs().max(1) as i64)
+                .unwrap_or(0),
+            dns_names: self.dns_names,
+            revision: 0,
+        }
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Register a workload identity.
+    ///
+    /// Example: meshauth entry create --spiffe-id spiffe://meshauth.local/web
+    ///   --parent-id spiffe://meshauth.local/node/n1 --selector unix:uid:1000
+    Create {
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List entries, or show one with --entry-id; filters combine.
+    Show {
+        /// Only this entry.
+        #[arg(long)]
+        entry_id: Option<EntryId>,
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<SpiffeId>,
+        /// Only entries with this parent.
+        #[arg(long)]
+        parent_id: Option<SpiffeId>,
+        /// Only entries with this selector; repeatable.
+        #[arg(long = "selector")]
+        selectors: Vec<Selector>,
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Replace every field of an entry.
+    Update {
+        /// The entry to change.
+        #[arg(long)]
+        entry_id: EntryId,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete an entry; agents stop serving its SVID at once.
+    Delete {
+        /// The entry to delete.
+        #[arg(long)]
+        entry_id: EntryId,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+}
+
+fn selector_msg(s: &Selector) -> meshauth_proto::node::Selector {
+    meshauth_proto::node::Selector {
+        r#type: s.kind.clone(),
+        value: s.value.clone(),
+    }
+}
+
+pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
+    block_on(async move {
+        match cmd.command {
+            Sub::Create {
+                fields,
+                socket,
+                output,
+            } => {
+                let mut c = socket.connect().await?;
+                let e = c
+                    .create_entry(fields.into_msg(None))
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_entries(&[e], output);
+            }
+            Sub::Show {
+                entry_id: Some(id),
+                socket,
+                output,
+                ..
+            } => {
+                let mut c = socket.connect().await?;
+                let e = c
+                    .get_entry(EntryRequest { id: id.to_string() })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_entries(&[e], output);
+            }
+            Sub::Show {
+                entry_id: None,
+                spiffe_id,
+                parent_id,
+                selectors,
+                socket,
+                output,
+            } => {
+                let mut c = socket.connect().await?;
+                let list = c
+                    .list_entries(ListEntriesRequest {
+                        spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
+                        parent_id: parent_id.map(|s| s.to_string()).unwrap_or_default(),
+                        selectors: selectors.iter().map(selector_msg).collect(),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_entries(&list.entries, output);
+            }
+            Sub::Update {
+                entry_id,
+                fields,
+                socket,
+                output,
+            } => {
+                let mut c = socket.connect().await?;
+                let e = c
+                    .update_entry(fields.into_msg(Some(entry_id)))
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_entries(&[e], output);
+            }
+            Sub::Delete { entry_id, socket } => {
+                let mut c = socket.connect().await?;
+                c.delete_entry(EntryRequest {
+                    id: entry_id.to_string(),
+                })
+                .await
+                .map_err(rpc)?;
+                println!("deleted entry {entry_id}");
+            }
+        }
+        Ok(())
+    })
+}
+
+fn entry_json(e: &Entry) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "x509_svid_ttl_seconds": e.x509_svid_ttl_seconds,
+        "dns_names": e.dns_names,
+        "revision": e.revision,
+    })
+}
+
+fn print_entries(entries: &[Entry], output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::Value::from(entries.iter().map(entry_json).collect::<Vec<_>>())
+        ),
+        Output::Text => {
+            if entries.is_empty() {
+                println!("no entries");
+            }
+            for (i, e) in entries.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                println!("Entry ID      : {}", e.id);
+                println!("SPIFFE ID     : {}", e.spiffe_id);
+                println!("Parent ID     : {}", e.parent_id);
+                for s in &e.selectors {
+                    println!("Selector      : {}:{}", s.r#type, s.value);
+                }
+                match e.x509_svid_ttl_seconds {
+                    0 => println!("X509-SVID TTL : default"),
+                    s => println!("X509-SVID TTL : {s}s"),
+                }
+                for d in &e.dns_names {
+                    println!("DNS name      : {d}");
+                }
+                println!("Revision      : {}", e.revision);
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `meshauth server ...`: run the server, check its health.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshauth_proto::admin::HealthRequest;
+use meshauth_server::{ServerConfig, defaults};
+use meshauth_spiffe::TrustDomain;
+
+use crate::common::{AdminSocket, Output, block_on, parse_duration, rpc, seconds_left, time};
+
+/// Server commands.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Cmd {
+    #[command(subcommand)]
+    command: Sub,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Run the server: CA, registry (SQLite in --data-dir), node API, admin socket, metrics.
+    ///
+    /// The CA and every record survive restarts: SVIDs issued before a restart keep validating.
+    Run(RunArgs),
+    /// Ask a running server whether it is healthy (exit 0) and print its CA state.
+    Healthcheck {
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Trust domain served (lowercase letters, digits, `.`, `-`, `_`).
+    #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+    trust_domain: TrustDomain,
+    /// Directory of the SQLite datastore (holds the CA keys; created with mode 0700).
+    #[arg(long, default_value = defaults::DATA_DIR)]
+    data_dir: PathBuf,
+    /// Address of the node API (gRPC over mutual TLS 1.3) that agents dial.
+    #[arg(long, default_value = defaults::LISTEN)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    socket: AdminSocket,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = defaults::METRICS_LISTEN)]
+    metrics_listen: SocketAddr,
+    /// CA lifetime; a new CA is prepared at 1/2 and activated at 5/6 of it.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    ca_ttl: Duration,
+    /// Default X.509-SVID lifetime for nodes and workloads (capped by the CA's expiry).
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    svid_ttl: Duration,
+    /// Default lifetime of join tokens.
+    #[arg(long, value_parser = parse_duration, default_value = "600s")]
+    join_token_ttl: Duration,
+}
+
+pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd.command {
+        Sub::Run(args) => run_server(args),
+        Sub::Healthcheck { socket, output } => block_on(healthcheck(socket, output)),
+    }
+}
+
+fn run_server(args: RunArgs) -> anyhow::Result<()> {
+    if args.svid_ttl >= args.ca_ttl {
+        anyhow::bail!(
+            "--svid-ttl ({}) must be shorter than --ca-ttl ({})",
+            humantime::format_duration(args.svid_ttl),
+            humantime::format_duration(args.ca_ttl)
+        );
+    }
+    let config = ServerConfig {
+        trust_domain: args.trust_domain,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        admin_socket: args.socket.admin_socket,
+        metrics_listen: args.metrics_listen,
+        ca_ttl: args.ca_ttl,
+        svid_ttl: args.svid_ttl,
+        join_token_ttl: args.join_token_ttl,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meshauth-server")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = meshauth_server::Server::bind(config).await?;
+        server.serve(shutdown_signal()).await
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn healthcheck(socket: AdminSocket, output: Output) -> anyhow::Result<()> {
+    let mut client = socket.connect().await?;
+    let h = client
+        .health(HealthRequest {})
+        .await
+        .map_err(rpc)
+        .context("health request failed")?
+        .into_inner();
+    match output {
+        Output::Json => {
+            let authorities: Vec<_> = h
+                .authorities
+                .iter()
+                .map(|a| serde_json::json!({"state": a.state, "serial": a.serial, "not_after": time(a.not_after_unix)}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "healthy": true,
+                    "trust_domain": h.trust_domain,
+                    "bundle_sequence": h.bundle_sequence,
+                    "authorities": authorities,
+                    "agents": h.agents,
+                    "entries": h.entries,
+                })
+            );
+        }
+        Output::Text => {
+            println!("server is healthy");
+            println!("trust domain:    {}", h.trust_domain);
+            println!("bundle sequence: {}", h.bundle_sequence);
+            println!("agents: {}  entries: {}", h.agents, h.entries);
+            for a in &h.authorities {
+                println!(
+                    "CA {:<8} serial {}  expires {} (in {}s)",
+                    a.state,
+                    a.serial,
+                    time(a.not_after_unix),
+                    seconds_left(a.not_after_unix)
+                );
+            }
+        }
+    }
+    Ok(())
+}
