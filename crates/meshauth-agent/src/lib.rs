@@ -11,13 +11,15 @@
 //! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
-//! - [`workload_api`]: the SPIFFE Workload API; [`admin`]: the operator API.
+//! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
+//!   clients work too; [`admin`]: the operator API.
 //! - [`metrics`]; [`run`]: wiring.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod attestor;
+pub mod authority_fix;
 pub mod cache;
 pub mod identity;
 pub mod manager;

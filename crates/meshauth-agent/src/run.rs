@@ -138,7 +138,7 @@ impl Agent {
                 metrics.clone(),
             )))
             .serve_with_incoming_shutdown(
-                UnixListenerStream::new(workload),
+                crate::authority_fix::accept_relayed(workload),
                 stopped(stop_rx.clone()),
             );
         let admin_api = tonic::transport::Server::builder()

@@ -19,10 +19,10 @@ use meshauth_proto::workload::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use crate::attestor::{self, PeerCred};
+use crate::attestor;
+use crate::authority_fix::WorkloadPeer;
 use crate::cache::Snapshot;
 use crate::metrics::{ApiResult, Metrics};
 
@@ -54,15 +54,7 @@ impl WorkloadApi {
                 "security header missing from request: set metadata workload.spiffe.io: true",
             ));
         }
-        let cred = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map(|c| PeerCred {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid(),
-            });
+        let cred = request.extensions().get::<WorkloadPeer>().and_then(|p| p.0);
         attestor::selectors(cred).map_err(|e| {
             self.metrics.workload_api(ApiResult::AttestationFailed);
             tracing::warn!(error = %e, "workload attestation failed");

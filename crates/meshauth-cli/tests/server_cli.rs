@@ -6,106 +6,11 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshauth");
+use std::process::Command;
 
-struct ServerProcess {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl ServerProcess {
-    fn start(dir: &Path) -> ServerProcess {
-        let socket = dir.join("admin.sock");
-        let child = Command::new(BIN)
-            .args([
-                "server",
-                "run",
-                "--trust-domain",
-                "cli.test",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--admin-socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server starts");
-        let server = ServerProcess { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.cli(&["server", "healthcheck"]).status.success() {
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&self.socket)
-            .output()
-            .expect("cli runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail with one line on stderr; returns that line.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(!out.status.success(), "{args:?} should fail");
-        one_line_error(&out)
-    }
-
-    fn stop(mut self) {
-        // SIGTERM, then wait for a clean exit.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "server exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn one_line_error(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "expected one error line, got: {stderr}"
-    );
-    stderr
-}
+use support::{BIN, ServerProcess, one_line_error};
 
 #[test]
 fn tokens_entries_agents_and_bundle() {
@@ -328,7 +233,7 @@ fn restart_keeps_bundle_and_entries() {
     server.stop();
 
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(dir.path().join("data/meshauth.db"))
+        &std::fs::metadata(dir.path().join("server-data/meshauth.db"))
             .unwrap()
             .permissions(),
     ) & 0o777;
