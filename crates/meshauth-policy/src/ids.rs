@@ -8,7 +8,9 @@ use std::fmt;
 /// A numeric security identity: one per distinct label set, plus a few reserved values.
 ///
 /// Its SPIFFE ID is `spiffe://<trust-domain>/identity/<id>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct IdentityId(u32);
 
@@ -49,7 +51,9 @@ impl fmt::Display for IdentityId {
 /// A numeric node identifier, allocated by the server when a node first attests.
 ///
 /// `0` means "this node" (local) in the datapath.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct NodeId(u32);
 
