@@ -13,6 +13,7 @@ mod lab;
 mod policy;
 mod server;
 mod token;
+mod workload;
 
 /// meshauth: SPIFFE identities for workloads, mutual authentication enforced in the kernel.
 #[derive(Debug, Parser)]
@@ -38,6 +39,8 @@ enum Command {
     Entry(entry::Cmd),
     /// Show the trust bundle.
     Bundle(bundle::Cmd),
+    /// Fetch SVIDs from the local agent's Workload API, as a workload would.
+    Workload(workload::Cmd),
     /// Validate policies and trace a verdict between two label sets.
     Policy(policy::Cmd),
     /// Build a cluster of network namespaces on this machine (needs root).
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Token(cmd) => token::run(cmd),
         Command::Entry(cmd) => entry::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Workload(cmd) => workload::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Lab(cmd) => lab::run(cmd),
     };

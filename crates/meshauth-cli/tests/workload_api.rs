@@ -133,6 +133,39 @@ async fn spiffe_crate_client_receives_svid_and_rotations() {
     );
     source.shutdown().await;
 
+    // The operator's client gets the same identity and writes usable files.
+    let out_dir = dir.path().join("svid-out");
+    let out = std::process::Command::new(support::BIN)
+        .args(["workload", "fetch", "-o", "json", "--socket"])
+        .arg(&agent.workload_socket)
+        .arg("--write")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched[0]["spiffe_id"], format!("spiffe://{TD}/workload"));
+    let pem = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
+    let bundle_pem = std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap();
+    let written: Vec<CertificateDer<'static>> = {
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let written_bundle = X509Bundle::from_pem(TD.parse().unwrap(), &bundle_pem).unwrap();
+    meshauth_spiffe::validate_x509_svid(&written, &written_bundle, SystemTime::now()).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(out_dir.join("svid.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
     // The agent lists what it holds, without keys.
     let held = agent.svids();
     assert_eq!(held[0]["spiffe_id"], format!("spiffe://{TD}/workload"));
