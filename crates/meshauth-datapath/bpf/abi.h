@@ -1,0 +1,139 @@
+/* Layouts shared by the eBPF programs and the Rust loader (src/abi.rs mirrors them; a test
+ * checks sizes and offsets against this header compiled for the host).
+ *
+ * Include after something that defines __u8, __u16, __u32 and __u64 (vmlinux.h in the BPF
+ * program, <linux/types.h> on the host). Changing a layout changes the pinned maps' ABI: bump
+ * MA_ABI_VERSION, which is part of the pin path. */
+#ifndef MESHAUTH_ABI_H
+#define MESHAUTH_ABI_H
+
+#define MA_ABI_VERSION 1
+
+/* Direction, from the pod's point of view. */
+#define MA_DIR_EGRESS 0
+#define MA_DIR_INGRESS 1
+
+/* Policy verdicts. A missing entry denies. */
+#define MA_VERDICT_ALLOW 1
+#define MA_VERDICT_DENY 2
+
+/* Authentication types (as Cilium's auth_type). */
+#define MA_AUTH_NONE 0
+#define MA_AUTH_REQUIRED 1
+#define MA_AUTH_ALWAYS_FAIL 2
+
+/* Event verdicts and drop reasons. */
+#define MA_EV_FORWARDED 0
+#define MA_EV_DROPPED 1
+#define MA_REASON_NONE 0
+#define MA_REASON_POLICY_DENIED 1
+#define MA_REASON_AUTH_REQUIRED 2
+#define MA_REASON_NO_IDENTITY 3
+#define MA_REASON_SPOOFED 4
+#define MA_REASON_UNSUPPORTED 5
+#define MA_REASON_COUNT 6
+
+/* What to do with a packet whose pair is not authenticated yet. */
+#define MA_AUTH_MISS_DROP 0
+#define MA_AUTH_MISS_MARK 1 /* set skb->mark = hold_mark and pass, for a node-side hold queue */
+
+/* endpoints: key __u32 ifindex (host side of the pod's veth). */
+struct ma_endpoint {
+	__u32 endpoint_id;
+	__u32 identity;
+	__u32 ipv4; /* network byte order */
+	__u32 flags;
+};
+
+/* ipcache: LPM trie; IPv4 is stored as ::ffff:a.b.c.d with prefixlen 96 + n. */
+struct ma_ipcache_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct ma_ipcache_value {
+	__u32 identity;
+	__u32 node_id; /* 0: this node */
+};
+
+/* policy: LPM trie over 96 data bits; the first 80 must match exactly, the port is a prefix. */
+struct ma_policy_key {
+	__u32 prefixlen;
+	__u32 endpoint_id;
+	__u32 remote_identity; /* 0: any */
+	__u8 direction;
+	__u8 protocol;         /* 0: any */
+	__u16 dport;           /* network byte order */
+};
+
+struct ma_policy_value {
+	__u8 verdict;
+	__u8 auth_type;
+	__u16 pad;
+};
+
+/* auth: which pairs have authenticated, until when (CLOCK_BOOTTIME, ns). */
+struct ma_auth_key {
+	__u32 local_identity;
+	__u32 remote_identity;
+	__u32 remote_node;
+	__u8 auth_type;
+	__u8 pad[3];
+};
+
+struct ma_auth_value {
+	__u64 expires_ns;
+};
+
+/* conntrack: one entry per accepted flow and direction. */
+struct ma_ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 direction;
+	__u16 pad;
+};
+
+struct ma_ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+};
+
+/* config: array of one. */
+struct ma_config {
+	__u32 auth_miss_action;
+	__u32 hold_mark;
+	__u64 event_interval_ns; /* per-flow rate limit of events */
+};
+
+/* events: ring buffer records. */
+struct ma_event {
+	__u64 ts_ns;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 verdict;
+	__u8 reason;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 ifindex;
+	__u8 direction;
+	__u8 pad[3];
+	struct ma_auth_key auth_key; /* set when reason is MA_REASON_AUTH_REQUIRED */
+};
+
+/* event rate limiter key */
+struct ma_rl_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 dport;
+	__u8 protocol;
+	__u8 reason;
+};
+
+#endif

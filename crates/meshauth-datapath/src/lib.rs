@@ -1,0 +1,34 @@
+//! The meshauth datapath: eBPF programs at tc on each pod's veth, and the typed API over their
+//! maps. The only crate that talks to the kernel's BPF interfaces.
+//!
+//! # Layout
+//! - `bpf/datapath.bpf.c`, `bpf/abi.h`: the programs and their shared layouts (built by clang
+//!   from `build.rs`).
+//! - `abi`: the `#[repr(C)]` mirrors, checked against the C compiler's layout by a test.
+//! - [`types`]: domain types (`PolicyEntry`, `AuthKey`, `FlowEvent`, ...).
+//! - [`Datapath`]: load, pin, attach (atomic replacement on restart), program the maps, read
+//!   events.
+//! - [`netns`]: running the loader inside a node's network namespace.
+//!
+//! # Holding instead of dropping
+//! A packet whose pair is not authenticated is dropped by default. With
+//! [`AuthMissAction::Mark`] the program instead marks it and lets it pass, so that a node-side
+//! queue (an nftables rule sending the mark to NFQUEUE) can hold it until the agent has written
+//! the auth entry; the program keeps no conntrack state for it, so later packets check again.
+//!
+//! # Clock
+//! Auth entry expiries are CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns`); the API takes
+//! `SystemTime` and converts.
+
+mod abi;
+mod loader;
+pub mod netns;
+pub mod types;
+
+pub use loader::{
+    AuthMissAction, Datapath, DatapathError, EventReader, PIN_ROOT, Stats, boot_time_ns,
+};
+pub use types::{
+    AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,
+    PortRange, Protocol, Verdict,
+};

@@ -1,0 +1,606 @@
+//! Loading, attaching and programming the datapath of one node.
+//!
+//! Maps are pinned under `<pin dir>/` (by name) and TCX links under `<pin dir>/links/`, so a
+//! restarted loader finds both: the maps keep their entries (auth, conntrack, policy) and the
+//! links are updated in place with `bpf_link_update`, which swaps the program atomically: there
+//! is no moment when a pod's traffic is unfiltered or all dropped.
+#![allow(unsafe_code, reason = "clock_gettime, poll and mount through libc")]
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use meshauth_policy::{IdentityId, NodeId};
+
+use crate::abi;
+use crate::types::{
+    AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,
+    Verdict,
+};
+
+/// The compiled programs, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
+
+/// Where every node's pins live: `/sys/fs/bpf/meshauth/<node>/`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/meshauth";
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// Loading or verifying the programs failed.
+    #[error("cannot load the eBPF programs: {0} (needs root, a kernel with BTF, and bpffs)")]
+    Load(#[from] aya::EbpfError),
+    /// A program operation failed.
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// A map operation failed.
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    /// A link operation failed.
+    #[error("eBPF link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    /// Pinning failed.
+    #[error("eBPF pin: {0}")]
+    PinObject(#[from] aya::pin::PinError),
+    /// A pin file could not be handled.
+    #[error("pin path {path}: {source}")]
+    Pin {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A map or program the object should contain is missing.
+    #[error("the eBPF object has no {0}: rebuild meshauth")]
+    Missing(&'static str),
+    /// The interface does not exist in this network namespace.
+    #[error("no interface {0} in this network namespace")]
+    NoInterface(String),
+}
+
+type Result<T> = std::result::Result<T, DatapathError>;
+
+fn pin_err(path: &Path, source: std::io::Error) -> DatapathError {
+    DatapathError::Pin {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as Cilium's agent does).
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: valid NUL-terminated strings, no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(pin_err(
+            Path::new("/sys/fs/bpf"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Nanoseconds of CLOCK_BOOTTIME, the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Converts a wall-clock instant to CLOCK_BOOTTIME nanoseconds (0 when already past).
+fn to_boot_ns(t: SystemTime) -> u64 {
+    let now_boot = boot_time_ns();
+    match t.duration_since(SystemTime::now()) {
+        Ok(ahead) => now_boot.saturating_add(ahead.as_nanos() as u64),
+        Err(behind) => now_boot.saturating_sub(behind.duration().as_nanos() as u64),
+    }
+}
+
+fn from_boot_ns(ns: u64) -> SystemTime {
+    let now_boot = boot_time_ns();
+    let now = SystemTime::now();
+    if ns >= now_boot {
+        now + Duration::from_nanos(ns - now_boot)
+    } else {
+        now - Duration::from_nanos(now_boot - ns)
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32> {
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| DatapathError::NoInterface(iface.into()))?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if idx == 0 {
+        return Err(DatapathError::NoInterface(iface.into()));
+    }
+    Ok(idx)
+}
+
+/// Counters kept by the programs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets passed.
+    pub forwarded: u64,
+    /// Packets dropped, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
+}
+
+/// What to do with a packet whose identity pair has not authenticated yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMissAction {
+    /// Drop it (the sender retransmits).
+    Drop,
+    /// Mark it with this value and let it pass to a node-side hold queue (e.g. an nftables rule
+    /// sending marked packets to NFQUEUE) that releases it once the pair is authenticated.
+    Mark(u32),
+}
+
+/// The datapath of one node: programs loaded, maps pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the programs; maps are pinned in `pin_dir` and re-used if already there.
+    pub fn load(pin_dir: &Path) -> Result<Datapath> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| pin_err(pin_dir, e))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)?;
+        for name in ["from_pod", "to_pod"] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing("program"))?
+                .try_into()?;
+            prog.load()?;
+        }
+        let mut dp = Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        };
+        // Keep an existing configuration (restart); set defaults on first load.
+        let cfg = dp.config()?;
+        if cfg.event_interval_ns == 0 {
+            dp.write_config(abi::Config {
+                event_interval_ns: 100_000_000,
+                ..cfg
+            })?;
+        }
+        Ok(dp)
+    }
+
+    /// The pin directory of node `node`: `/sys/fs/bpf/meshauth/<node>`.
+    pub fn pin_dir_for(node: &str) -> PathBuf {
+        Path::new(PIN_ROOT).join(node)
+    }
+
+    fn link_pin(&self, iface: &str, idx: u32, dir: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{iface}-{idx}-{dir}"))
+    }
+
+    /// Attaches to `iface` (in the calling thread's network namespace): `from_pod` on tc
+    /// ingress, `to_pod` on tc egress. If a previous loader pinned links for it, they are
+    /// updated in place (atomic program replacement).
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        let idx = ifindex(iface)?;
+        for (prog_name, attach_type, dir) in [
+            ("from_pod", TcAttachType::Ingress, "ingress"),
+            ("to_pod", TcAttachType::Egress, "egress"),
+        ] {
+            let pin = self.link_pin(iface, idx, dir);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog_name)
+                .ok_or(DatapathError::Missing("program"))?
+                .try_into()?;
+            let existing = match PinnedLink::from_pin(&pin) {
+                Ok(old) => Some(old),
+                Err(aya::programs::links::LinkError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let replaced = existing.is_some();
+            let link_id = match existing {
+                Some(old) => {
+                    let link: SchedClassifierLink = FdLink::from(old).try_into()?;
+                    prog.attach_to_link(link)?
+                }
+                None => prog.attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?,
+            };
+            let link = prog.take_link(link_id)?;
+            let fd_link: FdLink = link.try_into()?;
+            if !replaced {
+                fd_link.pin(&pin)?;
+            }
+            tracing::debug!(iface, prog = prog_name, replaced, "attached");
+        }
+        Ok(())
+    }
+
+    /// Detaches from `iface` by removing its pinned links (the kernel then releases them).
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        let idx = ifindex(iface)?;
+        for dir in ["ingress", "egress"] {
+            let pin = self.link_pin(iface, idx, dir);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(|e| pin_err(&pin, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a node's pins (maps and links): its datapath ends when the last user goes.
+    pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(pin_dir)?;
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))
+    }
+
+    fn config(&mut self) -> Result<abi::Config> {
+        let arr: Array<&mut MapData, abi::Config> = Array::try_from(self.map("ma_config")?)?;
+        Ok(arr.get(&0, 0)?)
+    }
+
+    fn write_config(&mut self, cfg: abi::Config) -> Result<()> {
+        let mut arr: Array<&mut MapData, abi::Config> = Array::try_from(self.map("ma_config")?)?;
+        arr.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Sets what happens to packets of pairs not authenticated yet (default: drop).
+    pub fn set_auth_miss_action(&mut self, action: AuthMissAction) -> Result<()> {
+        let mut cfg = self.config()?;
+        (cfg.auth_miss_action, cfg.hold_mark) = match action {
+            AuthMissAction::Drop => (0, 0),
+            AuthMissAction::Mark(mark) => (1, mark),
+        };
+        self.write_config(cfg)
+    }
+
+    /// Sets the per-flow minimum interval between events (0 reports every packet).
+    pub fn set_event_interval(&mut self, interval: Duration) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.event_interval_ns = (interval.as_nanos() as u64).max(1);
+        self.write_config(cfg)
+    }
+
+    /// Registers the pod behind host-side veth `ifindex`.
+    pub fn set_endpoint(&mut self, ifindex: u32, ep: &EndpointInfo) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, abi::Endpoint> =
+            HashMap::try_from(self.map("ma_endpoints")?)?;
+        m.insert(
+            ifindex,
+            abi::Endpoint {
+                endpoint_id: ep.id.0,
+                identity: ep.identity.get(),
+                ipv4: ep.ipv4.octets(),
+                flags: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the pod behind `ifindex`.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, abi::Endpoint> =
+            HashMap::try_from(self.map("ma_endpoints")?)?;
+        ignore_missing(m.remove(&ifindex))
+    }
+
+    fn ipcache_key(ip: Ipv4Addr, prefix: u8) -> Key<abi::IpcacheAddr> {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&ip.octets());
+        Key::new(96 + u32::from(prefix.min(32)), addr)
+    }
+
+    /// Maps an IPv4 prefix to an identity on a node.
+    pub fn set_ipcache(
+        &mut self,
+        ip: Ipv4Addr,
+        prefix: u8,
+        identity: IdentityId,
+        node: NodeId,
+    ) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, abi::IpcacheAddr, abi::IpcacheValue> =
+            LpmTrie::try_from(self.map("ma_ipcache")?)?;
+        m.insert(
+            &Self::ipcache_key(ip, prefix),
+            abi::IpcacheValue {
+                identity: identity.get(),
+                node_id: node.get(),
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Removes an ipcache prefix.
+    pub fn remove_ipcache(&mut self, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, abi::IpcacheAddr, abi::IpcacheValue> =
+            LpmTrie::try_from(self.map("ma_ipcache")?)?;
+        ignore_missing(m.remove(&Self::ipcache_key(ip, prefix)))
+    }
+
+    /// Replaces every policy entry of `endpoint` with `entries`. Overlapping entries merge:
+    /// deny wins, and among allows the strongest authentication applies. New entries are
+    /// written before stale ones are removed, so no packet sees an empty policy meanwhile.
+    pub fn set_policy(&mut self, endpoint: EndpointId, entries: &[PolicyEntry]) -> Result<()> {
+        let mut wanted: std::collections::HashMap<(abi::PolicyKey, u8), abi::PolicyValue> =
+            std::collections::HashMap::new();
+        for e in entries {
+            let protocol = e.protocol.map(|p| p.number()).unwrap_or(0);
+            let ranges = if e.protocol == Some(crate::types::Protocol::Icmp) {
+                vec![(0, 0)]
+            } else {
+                e.ports.prefixes()
+            };
+            for (port, bits) in ranges {
+                let key = abi::PolicyKey {
+                    endpoint_id: endpoint.0,
+                    remote_identity: e.remote.map(|r| r.get()).unwrap_or(0),
+                    direction: e.direction.raw(),
+                    protocol,
+                    dport: port.to_be_bytes(),
+                };
+                let value = abi::PolicyValue {
+                    verdict: match e.verdict {
+                        Verdict::Allow => 1,
+                        Verdict::Deny => 2,
+                    },
+                    auth_type: e.auth.raw(),
+                    pad: 0,
+                };
+                wanted
+                    .entry((key, bits))
+                    .and_modify(|v| {
+                        if v.verdict == 2 || value.verdict == 2 {
+                            *v = abi::PolicyValue {
+                                verdict: 2,
+                                auth_type: 0,
+                                pad: 0,
+                            };
+                        } else {
+                            v.auth_type = v.auth_type.max(value.auth_type);
+                        }
+                    })
+                    .or_insert(value);
+            }
+        }
+        let mut m: LpmTrie<&mut MapData, abi::PolicyKey, abi::PolicyValue> =
+            LpmTrie::try_from(self.map("ma_policy")?)?;
+        for ((key, bits), value) in &wanted {
+            m.insert(&Key::new(80 + u32::from(*bits), *key), *value, 0)?;
+        }
+        let existing: Vec<Key<abi::PolicyKey>> = m.keys().filter_map(|k| k.ok()).collect();
+        for k in existing {
+            let data = k.data();
+            let bits = (k.prefix_len().saturating_sub(80)) as u8;
+            if data.endpoint_id == endpoint.0 && !wanted.contains_key(&(data, bits)) {
+                ignore_missing(m.remove(&k))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that a pair authenticated, valid until `expires`.
+    pub fn insert_auth(&mut self, key: AuthKey, expires: SystemTime) -> Result<()> {
+        let mut m: HashMap<&mut MapData, abi::AuthKey, abi::AuthValue> =
+            HashMap::try_from(self.map("ma_auth")?)?;
+        m.insert(
+            auth_key(key),
+            abi::AuthValue {
+                expires_ns: to_boot_ns(expires),
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Removes an auth entry (revocation).
+    pub fn remove_auth(&mut self, key: AuthKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, abi::AuthKey, abi::AuthValue> =
+            HashMap::try_from(self.map("ma_auth")?)?;
+        ignore_missing(m.remove(&auth_key(key)))
+    }
+
+    /// Every auth entry with its expiry.
+    pub fn auth_entries(&mut self) -> Result<Vec<(AuthKey, SystemTime)>> {
+        let m: HashMap<&mut MapData, abi::AuthKey, abi::AuthValue> =
+            HashMap::try_from(self.map("ma_auth")?)?;
+        Ok(m.iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| Some((from_abi_auth_key(&k)?, from_boot_ns(v.expires_ns))))
+            .collect())
+    }
+
+    /// Number of conntrack entries (for tests and metrics).
+    pub fn conntrack_len(&mut self) -> Result<usize> {
+        let m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
+            HashMap::try_from(self.map("ma_conntrack")?)?;
+        Ok(m.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn stats(&mut self) -> Result<Stats> {
+        let m: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map("ma_stats")?)?;
+        let sum = |i: u32| -> u64 { m.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let mut dropped = BTreeMap::new();
+        for i in 1..6u32 {
+            if let Some(r) = DropReason::from_raw(i as u8) {
+                dropped.insert(r.to_string(), sum(i));
+            }
+        }
+        Ok(Stats {
+            forwarded: sum(6),
+            dropped,
+            events_lost: sum(7),
+        })
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<EventReader> {
+        let map = self
+            .ebpf
+            .take_map("ma_events")
+            .ok_or(DatapathError::Missing("ma_events"))?;
+        Ok(EventReader {
+            ring: RingBuf::try_from(map)?,
+        })
+    }
+}
+
+fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn auth_key(k: AuthKey) -> abi::AuthKey {
+    abi::AuthKey {
+        local_identity: k.local.get(),
+        remote_identity: k.remote.get(),
+        remote_node: k.remote_node.get(),
+        auth_type: k.auth_type.raw(),
+        pad: [0; 3],
+    }
+}
+
+fn from_abi_auth_key(k: &abi::AuthKey) -> Option<AuthKey> {
+    Some(AuthKey {
+        local: IdentityId::new(k.local_identity),
+        remote: IdentityId::new(k.remote_identity),
+        remote_node: NodeId::new(k.remote_node),
+        auth_type: AuthType::from_raw(k.auth_type)?,
+    })
+}
+
+/// Reads flow events from the ring buffer.
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for EventReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventReader").finish_non_exhaustive()
+    }
+}
+
+impl EventReader {
+    /// The next event, waiting up to `timeout`. Malformed records are skipped.
+    pub fn next_event(&mut self, timeout: Duration) -> Option<FlowEvent> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            while let Some(item) = self.ring.next() {
+                if let Some(ev) = abi::Event::from_bytes(&item).and_then(|e| decode(&e)) {
+                    return Some(ev);
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the ring buffer's fd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        }
+    }
+
+    /// The raw fd, for async readiness (e.g. tokio's `AsyncFd`).
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+fn decode(e: &abi::Event) -> Option<FlowEvent> {
+    Some(FlowEvent {
+        boot_ns: e.ts_ns,
+        src: Ipv4Addr::from(e.saddr),
+        dst: Ipv4Addr::from(e.daddr),
+        sport: e.sport,
+        dport: e.dport,
+        protocol: e.protocol,
+        tcp_flags: e.tcp_flags,
+        drop: if e.verdict == 0 {
+            None
+        } else {
+            Some(DropReason::from_raw(e.reason)?)
+        },
+        src_identity: IdentityId::new(e.src_identity),
+        dst_identity: IdentityId::new(e.dst_identity),
+        ifindex: e.ifindex,
+        direction: Direction::from_raw(e.direction)?,
+        auth_key: if e.reason == 2 {
+            from_abi_auth_key(&e.auth_key)
+        } else {
+            None
+        },
+    })
+}
