@@ -1,0 +1,533 @@
+//! The datapath in the kernel, in a two-node lab: authentication required, then granted, then
+//! expired; deny entries; replies through conntrack; spoofed sources; loader restarts.
+//! These tests need root; they skip with a message otherwise.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use meshauth_datapath::netns;
+use meshauth_datapath::{
+    AuthKey, AuthType, Datapath, Direction, DropReason, EndpointId, EndpointInfo, EventReader,
+    FlowEvent, PolicyEntry, PortRange, Protocol, Verdict,
+};
+use meshauth_lab::{Lab, Pod};
+use meshauth_policy::{IdentityId, NodeId};
+
+const A_ID: IdentityId = IdentityId::new(1000);
+const B_ID: IdentityId = IdentityId::new(2000);
+
+const SERVER: &str = r#"
+import socket, sys, threading
+def tcp(port):
+    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", port)); t.listen(64)
+    while True:
+        c, _ = t.accept()
+        def echo(c=c):
+            for d in iter(lambda: c.recv(4096), b""):
+                c.sendall(d)
+        threading.Thread(target=echo, daemon=True).start()
+def udp(port):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+    while True:
+        d, a = u.recvfrom(4096); u.sendto(d, a)
+for p in sys.argv[1:]:
+    threading.Thread(target=tcp, args=(int(p),), daemon=True).start()
+    threading.Thread(target=udp, args=(int(p),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+const TCP_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)
+s.sendall(b"x"); assert s.recv(1) == b"x"
+"#;
+
+const UDP_CLIENT: &str = r#"
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1)
+u.sendto(b"x", (sys.argv[1], int(sys.argv[2]))); assert u.recvfrom(16)[0] == b"x"
+"#;
+
+const STREAM_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+for line in sys.stdin:
+    s.sendall(line.encode()); print(s.recv(4096).decode().strip(), flush=True)
+"#;
+
+/// A two-node lab with pod a (identity 1000) on n1 and pod b (identity 2000) on n2, a
+/// datapath loaded on each node, and an echo server in b. Torn down on drop.
+struct Cluster {
+    lab: Lab,
+    a: Pod,
+    b: Pod,
+    n1: Option<Datapath>,
+    n2: Option<Datapath>,
+    server: Child,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        self.n1.take();
+        self.n2.take();
+        let _ = self.lab.down();
+    }
+}
+
+fn root() -> bool {
+    if !meshauth_lab::can_run() {
+        eprintln!("skipping: the datapath tests need root (eBPF, network namespaces)");
+        return false;
+    }
+    true
+}
+
+fn load(lab: &Lab, node: &str, pods: &[&Pod]) -> Datapath {
+    let ns = format!("{}-{node}", lab.name());
+    let pin = Datapath::pin_dir_for(&ns);
+    let veths: Vec<String> = pods.iter().map(|p| p.host_veth.clone()).collect();
+    netns::run_in(&netns::named(&ns), move || {
+        let mut dp = Datapath::load(&pin).unwrap();
+        for v in &veths {
+            dp.attach(v).unwrap();
+        }
+        dp
+    })
+    .unwrap()
+}
+
+fn program(dp: &mut Datapath, a: &Pod, b: &Pod) {
+    dp.set_ipcache(a.ip, 32, A_ID, NodeId::new(1)).unwrap();
+    dp.set_ipcache(b.ip, 32, B_ID, NodeId::new(2)).unwrap();
+}
+
+impl Cluster {
+    fn new(name: &str, ports: &[u16]) -> Cluster {
+        let lab = Lab::new(name).unwrap();
+        let _ = lab.down();
+        lab.up(2).unwrap();
+        let a = lab.add_pod("a", "n1", BTreeMap::new()).unwrap();
+        let b = lab.add_pod("b", "n2", BTreeMap::new()).unwrap();
+        let mut args = vec!["python3".to_string(), "-c".into(), SERVER.into()];
+        args.extend(ports.iter().map(|p| p.to_string()));
+        let mut server = lab
+            .exec("b", &args)
+            .unwrap()
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let mut n1 = load(&lab, "n1", &[&a]);
+        let mut n2 = load(&lab, "n2", &[&b]);
+        n1.set_endpoint(
+            a.host_ifindex,
+            &EndpointInfo {
+                id: EndpointId(1),
+                identity: A_ID,
+                ipv4: a.ip,
+            },
+        )
+        .unwrap();
+        n2.set_endpoint(
+            b.host_ifindex,
+            &EndpointInfo {
+                id: EndpointId(1),
+                identity: B_ID,
+                ipv4: b.ip,
+            },
+        )
+        .unwrap();
+        program(&mut n1, &a, &b);
+        program(&mut n2, &a, &b);
+        Cluster {
+            lab,
+            a,
+            b,
+            n1: Some(n1),
+            n2: Some(n2),
+            server,
+        }
+    }
+
+    fn n1(&mut self) -> &mut Datapath {
+        self.n1.as_mut().unwrap()
+    }
+
+    fn n2(&mut self) -> &mut Datapath {
+        self.n2.as_mut().unwrap()
+    }
+
+    fn ok(&self, from: &str, argv: &[&str]) -> bool {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let out = self
+            .lab
+            .exec(from, &argv)
+            .unwrap()
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        out.status.success()
+    }
+
+    fn tcp(&self, from: &str, to: &Pod, port: u16) -> bool {
+        self.ok(
+            from,
+            &[
+                "python3",
+                "-c",
+                TCP_CLIENT,
+                &to.ip.to_string(),
+                &port.to_string(),
+            ],
+        )
+    }
+
+    fn udp(&self, from: &str, to: &Pod, port: u16) -> bool {
+        self.ok(
+            from,
+            &[
+                "python3",
+                "-c",
+                UDP_CLIENT,
+                &to.ip.to_string(),
+                &port.to_string(),
+            ],
+        )
+    }
+
+    fn ping(&self, from: &str, to: &Pod) -> bool {
+        self.ok(from, &["ping", "-c1", "-W1", &to.ip.to_string()])
+    }
+}
+
+fn allow(
+    direction: Direction,
+    remote: IdentityId,
+    protocol: Option<Protocol>,
+    ports: PortRange,
+    auth: AuthType,
+) -> PolicyEntry {
+    PolicyEntry {
+        direction,
+        remote: Some(remote),
+        protocol,
+        ports,
+        verdict: Verdict::Allow,
+        auth,
+    }
+}
+
+/// The first event matching `want` within 3 s.
+fn wait_event(events: &mut EventReader, want: impl Fn(&FlowEvent) -> bool) -> FlowEvent {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Some(e) = events.next_event(Duration::from_millis(200))
+            && want(&e)
+        {
+            return e;
+        }
+    }
+    panic!("no matching event within 3 s");
+}
+
+#[test]
+fn authentication_required_granted_and_expired_for_tcp_udp_icmp() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("dpauth", &[8080]);
+    let (a, b) = (c.a.clone(), c.b.clone());
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[
+                allow(
+                    Direction::Egress,
+                    B_ID,
+                    Some(Protocol::Tcp),
+                    PortRange::single(8080),
+                    AuthType::Required,
+                ),
+                allow(
+                    Direction::Egress,
+                    B_ID,
+                    Some(Protocol::Udp),
+                    PortRange::single(8080),
+                    AuthType::Required,
+                ),
+                allow(
+                    Direction::Egress,
+                    B_ID,
+                    Some(Protocol::Icmp),
+                    PortRange::ANY,
+                    AuthType::Required,
+                ),
+            ],
+        )
+        .unwrap();
+    c.n2()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Ingress,
+                A_ID,
+                None,
+                PortRange::ANY,
+                AuthType::None,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n1().take_events().unwrap();
+    let key = AuthKey {
+        local: A_ID,
+        remote: B_ID,
+        remote_node: NodeId::new(2),
+        auth_type: AuthType::Required,
+    };
+
+    // No auth entry: all three fail, and the agent is told which pair to authenticate.
+    assert!(
+        !c.tcp("a", &b, 8080),
+        "TCP must not pass before authentication"
+    );
+    assert!(
+        !c.udp("a", &b, 8080),
+        "UDP must not pass before authentication"
+    );
+    assert!(!c.ping("a", &b), "ICMP must not pass before authentication");
+    for proto in [6u8, 17, 1] {
+        let e = wait_event(&mut events, |e| e.protocol == proto && e.drop.is_some());
+        assert_eq!(
+            e.drop,
+            Some(DropReason::AuthenticationRequired),
+            "protocol {proto}"
+        );
+        assert_eq!(e.auth_key, Some(key), "protocol {proto}");
+        assert_eq!((e.src, e.dst), (a.ip, b.ip));
+        assert_eq!((e.src_identity, e.dst_identity), (A_ID, B_ID));
+        assert_eq!(e.direction, Direction::Egress);
+    }
+
+    // Authenticated: all three pass.
+    let expires = SystemTime::now() + Duration::from_secs(4);
+    c.n1().insert_auth(key, expires).unwrap();
+    assert_eq!(c.n1().auth_entries().unwrap().len(), 1);
+    assert!(c.tcp("a", &b, 8080), "TCP passes once authenticated");
+    assert!(c.udp("a", &b, 8080), "UDP passes once authenticated");
+    assert!(c.ping("a", &b), "ICMP passes once authenticated");
+
+    // Expired: new flows drop again.
+    while SystemTime::now() < expires + Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!c.tcp("a", &b, 8080), "TCP drops after expiry");
+    assert!(!c.udp("a", &b, 8080), "UDP drops after expiry");
+    assert!(!c.ping("a", &b), "ICMP drops after expiry");
+    let stats = c.n1().stats().unwrap();
+    assert!(stats.dropped["authentication required"] >= 6, "{stats:?}");
+    assert!(stats.forwarded > 0);
+}
+
+#[test]
+fn deny_wins_replies_pass_and_spoofing_drops() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("dpdeny", &[8080, 9000]);
+    let (a, b) = (c.a.clone(), c.b.clone());
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[
+                PolicyEntry {
+                    direction: Direction::Egress,
+                    remote: None,
+                    protocol: None,
+                    ports: PortRange::ANY,
+                    verdict: Verdict::Allow,
+                    auth: AuthType::None,
+                },
+                PolicyEntry {
+                    direction: Direction::Egress,
+                    remote: Some(B_ID),
+                    protocol: Some(Protocol::Tcp),
+                    ports: PortRange::single(8080),
+                    verdict: Verdict::Deny,
+                    auth: AuthType::None,
+                },
+            ],
+        )
+        .unwrap();
+    // b allows TCP in from a, and has no egress entry at all: its replies pass through
+    // conntrack only.
+    c.n2()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Ingress,
+                A_ID,
+                Some(Protocol::Tcp),
+                PortRange {
+                    start: 1,
+                    end: 65535,
+                },
+                AuthType::None,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n1().take_events().unwrap();
+
+    assert!(
+        !c.tcp("a", &b, 8080),
+        "the deny entry wins over the allow-all"
+    );
+    let e = wait_event(&mut events, |e| e.drop.is_some() && e.dport == 8080);
+    assert_eq!(e.drop, Some(DropReason::PolicyDenied));
+    assert!(
+        c.tcp("a", &b, 9000),
+        "allowed, and b's replies pass without an egress entry"
+    );
+    assert!(!c.ping("b", &a), "b itself may not send anything new");
+    assert!(!c.udp("a", &b, 9000), "b's ingress allows TCP only");
+
+    // a sends from an address that is not its own.
+    assert!(c.ok("a", &["ip", "addr", "add", "10.200.1.99/32", "dev", "eth0"]));
+    assert!(!c.ok(
+        "a",
+        &["ping", "-c1", "-W1", "-I", "10.200.1.99", &b.ip.to_string()]
+    ));
+    let e = wait_event(&mut events, |e| e.drop == Some(DropReason::SpoofedSource));
+    assert_eq!(e.src, "10.200.1.99".parse::<std::net::Ipv4Addr>().unwrap());
+}
+
+#[test]
+fn loader_restart_keeps_connections_and_state() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("dprst", &[8080]);
+    let (a, b) = (c.a.clone(), c.b.clone());
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Egress,
+                B_ID,
+                Some(Protocol::Tcp),
+                PortRange::single(8080),
+                AuthType::Required,
+            )],
+        )
+        .unwrap();
+    c.n2()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Ingress,
+                A_ID,
+                None,
+                PortRange::ANY,
+                AuthType::Required,
+            )],
+        )
+        .unwrap();
+    let expires = SystemTime::now() + Duration::from_secs(600);
+    c.n1()
+        .insert_auth(
+            AuthKey {
+                local: A_ID,
+                remote: B_ID,
+                remote_node: NodeId::new(2),
+                auth_type: AuthType::Required,
+            },
+            expires,
+        )
+        .unwrap();
+    c.n2()
+        .insert_auth(
+            AuthKey {
+                local: B_ID,
+                remote: A_ID,
+                remote_node: NodeId::new(1),
+                auth_type: AuthType::Required,
+            },
+            expires,
+        )
+        .unwrap();
+
+    let args: Vec<String> = ["python3", "-c", STREAM_CLIENT, &b.ip.to_string(), "8080"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut client = c
+        .lab
+        .exec("a", &args)
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let mut output = BufReader::new(client.stdout.take().unwrap());
+    let mut exchange = |word: &str| {
+        writeln!(input, "{word}").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            word,
+            "the established connection still carries data"
+        );
+    };
+    exchange("one");
+
+    // The loaders exit: programs stay attached through their pinned links.
+    c.n1.take();
+    c.n2.take();
+    exchange("two");
+
+    // New loaders: same pinned maps (auth and conntrack kept), programs replaced in place.
+    let mut n1 = load(&c.lab, "n1", &[&a]);
+    c.n2 = Some(load(&c.lab, "n2", &[&b]));
+    assert_eq!(
+        n1.auth_entries().unwrap().len(),
+        1,
+        "auth entries survive the restart"
+    );
+    assert!(
+        n1.conntrack_len().unwrap() > 0,
+        "conntrack survives the restart"
+    );
+    c.n1 = Some(n1);
+    exchange("three");
+    assert!(
+        c.tcp("a", &b, 8080),
+        "new connections still find the auth entry"
+    );
+    drop(input);
+    let _ = client.wait();
+
+    let lab = c.lab.clone();
+    drop(c);
+    let (state, live) = lab.status().unwrap();
+    assert!(state.is_none() && live.is_empty(), "{live:?}");
+    assert!(
+        !Datapath::pin_dir_for("dprst-n1").exists(),
+        "pinned maps and links are removed"
+    );
+}
