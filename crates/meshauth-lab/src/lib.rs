@@ -561,12 +561,18 @@ impl Lab {
         Ok((self.state()?, live))
     }
 
-    /// Removes everything carrying the prefix: namespaces (and with them every veth and the
-    /// bridge), hosts files, pinned BPF objects of its nodes, the state file. Idempotent.
+    /// Removes everything carrying the prefix: processes left in its namespaces, the namespaces
+    /// (and with them every veth and the bridge), hosts files, pinned BPF objects of its nodes, the state file. Idempotent.
     pub fn down(&self) -> Result<()> {
         let prefix = self.prefix();
         let mut first_error = None;
         for ns in netns_list()?.into_iter().filter(|n| n.starts_with(&prefix)) {
+            // Processes left in the namespace (servers, agents) would keep it alive unseen.
+            if let Ok(out) = ip(&["netns", "pids", &ns]) {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").arg(pid).status();
+                }
+            }
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 first_error.get_or_insert(e);
             }
