@@ -22,8 +22,7 @@ use meshauth_policy::{IdentityId, NodeId};
 
 use crate::abi;
 use crate::types::{
-    AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,
-    Verdict,
+    AuthKey, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry, Verdict,
 };
 
 /// The compiled programs, built by `build.rs`.
@@ -390,13 +389,13 @@ impl Datapath {
             let ranges = if e.protocol == Some(crate::types::Protocol::Icmp) {
                 vec![(0, 0)]
             } else {
-                e.ports.prefixes()
+                crate::types::port_prefixes(e.ports)
             };
             for (port, bits) in ranges {
                 let key = abi::PolicyKey {
                     endpoint_id: endpoint.0,
                     remote_identity: e.remote.map(|r| r.get()).unwrap_or(0),
-                    direction: e.direction.raw(),
+                    direction: crate::types::direction_raw(e.direction),
                     protocol,
                     dport: port.to_be_bytes(),
                 };
@@ -405,7 +404,7 @@ impl Datapath {
                         Verdict::Allow => 1,
                         Verdict::Deny => 2,
                     },
-                    auth_type: e.auth.raw(),
+                    auth_type: crate::types::auth_raw(e.auth),
                     pad: 0,
                 };
                 wanted
@@ -524,7 +523,7 @@ fn auth_key(k: AuthKey) -> abi::AuthKey {
         local_identity: k.local.get(),
         remote_identity: k.remote.get(),
         remote_node: k.remote_node.get(),
-        auth_type: k.auth_type.raw(),
+        auth_type: crate::types::auth_raw(k.auth_type),
         pad: [0; 3],
     }
 }
@@ -534,7 +533,7 @@ fn from_abi_auth_key(k: &abi::AuthKey) -> Option<AuthKey> {
         local: IdentityId::new(k.local_identity),
         remote: IdentityId::new(k.remote_identity),
         remote_node: NodeId::new(k.remote_node),
-        auth_type: AuthType::from_raw(k.auth_type)?,
+        auth_type: crate::types::auth_from_raw(k.auth_type)?,
     })
 }
 
@@ -596,7 +595,7 @@ fn decode(e: &abi::Event) -> Option<FlowEvent> {
         src_identity: IdentityId::new(e.src_identity),
         dst_identity: IdentityId::new(e.dst_identity),
         ifindex: e.ifindex,
-        direction: Direction::from_raw(e.direction)?,
+        direction: crate::types::direction_from_raw(e.direction)?,
         auth_key: if e.reason == 2 {
             from_abi_auth_key(&e.auth_key)
         } else {

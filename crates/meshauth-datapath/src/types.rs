@@ -5,153 +5,61 @@ use std::net::Ipv4Addr;
 
 use meshauth_policy::{IdentityId, NodeId};
 
-/// Direction, from the pod's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    /// What the pod sends.
-    Egress,
-    /// What the pod receives.
-    Ingress,
-}
+pub use meshauth_policy::{AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
 
-impl Direction {
-    pub(crate) fn raw(self) -> u8 {
-        match self {
-            Direction::Egress => 0,
-            Direction::Ingress => 1,
-        }
-    }
-
-    pub(crate) fn from_raw(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Direction::Egress),
-            1 => Some(Direction::Ingress),
-            _ => None,
-        }
+pub(crate) fn direction_raw(d: Direction) -> u8 {
+    match d {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
     }
 }
 
-/// What policy requires of a flow before it passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AuthType {
-    /// Nothing.
-    None,
-    /// Mutual authentication of the two identities (`authentication.mode: required`).
-    Required,
-    /// Always fails (`authentication.mode: test-always-fail`).
-    TestAlwaysFail,
-}
-
-impl AuthType {
-    pub(crate) fn raw(self) -> u8 {
-        match self {
-            AuthType::None => 0,
-            AuthType::Required => 1,
-            AuthType::TestAlwaysFail => 2,
-        }
-    }
-
-    pub(crate) fn from_raw(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(AuthType::None),
-            1 => Some(AuthType::Required),
-            2 => Some(AuthType::TestAlwaysFail),
-            _ => None,
-        }
+pub(crate) fn direction_from_raw(v: u8) -> Option<Direction> {
+    match v {
+        0 => Some(Direction::Egress),
+        1 => Some(Direction::Ingress),
+        _ => None,
     }
 }
 
-/// A policy verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    /// Let it through (subject to `AuthType`).
-    Allow,
-    /// Drop it; wins over any allow.
-    Deny,
-}
-
-/// An IP protocol the datapath tells apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// TCP (6).
-    Tcp,
-    /// UDP (17).
-    Udp,
-    /// ICMP (1).
-    Icmp,
-    /// SCTP (132).
-    Sctp,
-}
-
-impl Protocol {
-    /// The IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Icmp => 1,
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-        }
-    }
-
-    /// From an IP protocol number.
-    pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            1 => Some(Protocol::Icmp),
-            6 => Some(Protocol::Tcp),
-            17 => Some(Protocol::Udp),
-            132 => Some(Protocol::Sctp),
-            _ => None,
-        }
+pub(crate) fn auth_raw(a: AuthType) -> u8 {
+    match a {
+        AuthType::None => 0,
+        AuthType::Required => 1,
+        AuthType::TestAlwaysFail => 2,
     }
 }
 
-/// An inclusive destination port range; `PortRange::ANY` matches every port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortRange {
-    /// First port.
-    pub start: u16,
-    /// Last port.
-    pub end: u16,
+pub(crate) fn auth_from_raw(v: u8) -> Option<AuthType> {
+    match v {
+        0 => Some(AuthType::None),
+        1 => Some(AuthType::Required),
+        2 => Some(AuthType::TestAlwaysFail),
+        _ => None,
+    }
 }
 
-impl PortRange {
-    /// Every port.
-    pub const ANY: PortRange = PortRange {
-        start: 0,
-        end: u16::MAX,
-    };
-
-    /// One port.
-    pub fn single(port: u16) -> Self {
-        PortRange {
-            start: port,
-            end: port,
-        }
+/// The prefixes (port, bits) that cover exactly `range`, for the policy LPM trie.
+pub(crate) fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
+    let (mut start, end) = (u32::from(range.start), u32::from(range.end));
+    let mut out = Vec::new();
+    if start > end {
+        return out;
     }
-
-    /// The prefixes (port, bits) that cover exactly this range, for the policy LPM trie.
-    pub(crate) fn prefixes(self) -> Vec<(u16, u8)> {
-        let (mut start, end) = (u32::from(self.start), u32::from(self.end));
-        let mut out = Vec::new();
-        if start > end {
-            return out;
+    while start <= end {
+        // Largest aligned block starting at `start` that stays within `end`.
+        let mut size = if start == 0 {
+            1u32 << 16
+        } else {
+            1u32 << start.trailing_zeros().min(16)
+        };
+        while start + size - 1 > end {
+            size >>= 1;
         }
-        while start <= end {
-            // Largest aligned block starting at `start` that stays within `end`.
-            let mut size = if start == 0 {
-                1u32 << 16
-            } else {
-                1u32 << start.trailing_zeros().min(16)
-            };
-            while start + size - 1 > end {
-                size >>= 1;
-            }
-            out.push((start as u16, 16 - size.trailing_zeros() as u8));
-            start += size;
-        }
-        out
+        out.push((start as u16, 16 - size.trailing_zeros() as u8));
+        start += size;
     }
+    out
 }
 
 /// A numeric endpoint id, unique on a node.
@@ -167,23 +75,6 @@ pub struct EndpointInfo {
     pub identity: IdentityId,
     /// The only source address it may send from.
     pub ipv4: Ipv4Addr,
-}
-
-/// One compiled policy rule for an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PolicyEntry {
-    /// Which way.
-    pub direction: Direction,
-    /// The peer's identity; `None` is any.
-    pub remote: Option<IdentityId>,
-    /// The protocol; `None` is any.
-    pub protocol: Option<Protocol>,
-    /// Destination ports (ignored for ICMP).
-    pub ports: PortRange,
-    /// Allow or deny.
-    pub verdict: Verdict,
-    /// What an allow requires.
-    pub auth: AuthType,
 }
 
 /// The key of an auth entry: a pair of identities on a pair of nodes.
@@ -275,8 +166,7 @@ mod tests {
     use super::*;
 
     fn covers(r: PortRange) -> Vec<u16> {
-        let mut ports: Vec<u16> = r
-            .prefixes()
+        let mut ports: Vec<u16> = port_prefixes(r)
             .into_iter()
             .flat_map(|(p, bits)| {
                 let size = 1u32 << (16 - bits);
@@ -289,8 +179,8 @@ mod tests {
 
     #[test]
     fn port_ranges_become_exact_prefix_sets() {
-        assert_eq!(PortRange::ANY.prefixes(), vec![(0, 0)]);
-        assert_eq!(PortRange::single(80).prefixes(), vec![(80, 16)]);
+        assert_eq!(port_prefixes(PortRange::ANY), vec![(0, 0)]);
+        assert_eq!(port_prefixes(PortRange::single(80)), vec![(80, 16)]);
         for (s, e) in [
             (80, 80),
             (8000, 8080),

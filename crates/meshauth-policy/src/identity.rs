@@ -1,0 +1,122 @@
+//! Numeric identities for label sets.
+//!
+//! Reserved (below [`IdentityId::FIRST_ALLOCATED`] = 256): 0 unknown, 1 host, 2 world,
+//! 3 unmanaged. Every distinct label set gets the next free number from 256 on and keeps it:
+//! the allocator is restored from the pairs the server stored, so numbers are stable across
+//! restarts and deterministic for a given history.
+
+use std::collections::BTreeMap;
+
+use crate::IdentityId;
+use crate::labels::Labels;
+
+/// Hands out identities.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityAllocator {
+    by_labels: BTreeMap<Labels, IdentityId>,
+    next: u32,
+}
+
+/// Why a restore failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocatorError {
+    /// A stored number is in the reserved range.
+    #[error("identity {0} is reserved; allocated identities start at 256")]
+    Reserved(IdentityId),
+    /// Two label sets share a number.
+    #[error("identity {0} is stored twice")]
+    Duplicate(IdentityId),
+    /// No numbers left.
+    #[error("no identity numbers left")]
+    Exhausted,
+}
+
+impl IdentityAllocator {
+    /// An empty allocator.
+    pub fn new() -> Self {
+        IdentityAllocator {
+            by_labels: BTreeMap::new(),
+            next: IdentityId::FIRST_ALLOCATED,
+        }
+    }
+
+    /// Restores from stored pairs.
+    pub fn restore(
+        pairs: impl IntoIterator<Item = (Labels, IdentityId)>,
+    ) -> Result<Self, AllocatorError> {
+        let mut a = Self::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (labels, id) in pairs {
+            if id.is_reserved() {
+                return Err(AllocatorError::Reserved(id));
+            }
+            if !seen.insert(id) {
+                return Err(AllocatorError::Duplicate(id));
+            }
+            a.next = a.next.max(id.get().saturating_add(1));
+            a.by_labels.insert(labels, id);
+        }
+        Ok(a)
+    }
+
+    /// The identity of `labels`, allocating one if new. Returns it and whether it is new.
+    pub fn allocate(&mut self, labels: &Labels) -> Result<(IdentityId, bool), AllocatorError> {
+        if let Some(id) = self.by_labels.get(labels) {
+            return Ok((*id, false));
+        }
+        if self.next == u32::MAX {
+            return Err(AllocatorError::Exhausted);
+        }
+        let id = IdentityId::new(self.next);
+        self.next += 1;
+        self.by_labels.insert(labels.clone(), id);
+        Ok((id, true))
+    }
+
+    /// The identity of `labels`, if allocated.
+    pub fn get(&self, labels: &Labels) -> Option<IdentityId> {
+        self.by_labels.get(labels).copied()
+    }
+
+    /// Every allocation.
+    pub fn iter(&self) -> impl Iterator<Item = (&Labels, IdentityId)> {
+        self.by_labels.iter().map(|(l, id)| (l, *id))
+    }
+}
+
+/// The SPIFFE ID path of an identity: `/identity/<id>`.
+pub fn spiffe_path(id: IdentityId) -> String {
+    format!("/identity/{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_and_restorable() {
+        let mut a = IdentityAllocator::new();
+        let web: Labels = "app=web".parse().unwrap();
+        let db: Labels = "app=db".parse().unwrap();
+        let (w, new) = a.allocate(&web).unwrap();
+        assert!(new && w == IdentityId::new(256));
+        assert_eq!(a.allocate(&web).unwrap(), (w, false));
+        let (d, _) = a.allocate(&db).unwrap();
+        assert_eq!(d, IdentityId::new(257));
+        // Same labels written with a source prefix are the same set.
+        assert_eq!(a.get(&"k8s:app=web".parse().unwrap()), Some(w));
+
+        let mut b = IdentityAllocator::restore(a.iter().map(|(l, id)| (l.clone(), id))).unwrap();
+        assert_eq!(b.get(&db), Some(d));
+        assert_eq!(
+            b.allocate(&"app=x".parse().unwrap()).unwrap().0,
+            IdentityId::new(258)
+        );
+        assert!(IdentityAllocator::restore([(web.clone(), IdentityId::new(2))]).is_err());
+        assert!(
+            IdentityAllocator::restore([(web, IdentityId::new(300)), (db, IdentityId::new(300))])
+                .is_err()
+        );
+        assert_eq!(spiffe_path(w), "/identity/256");
+    }
+}

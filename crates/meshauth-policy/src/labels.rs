@@ -1,0 +1,261 @@
+//! Label sets and the selectors that match them.
+//!
+//! Labels are `key=value`. Keys may carry a Cilium source prefix (`k8s:app`, `any:app`); it is
+//! dropped, so `k8s:app=x` and `app=x` are the same label and selectors written either way
+//! match both.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Why labels or selectors are invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// Not `key=value`.
+    #[error("invalid label {0:?}: expected key=value, e.g. app=client1")]
+    Malformed(String),
+    /// A key with characters Kubernetes does not allow.
+    #[error("invalid label key {0:?}: use letters, digits, '-', '_', '.', '/'")]
+    BadKey(String),
+    /// An unknown matchExpressions operator.
+    #[error("unknown matchExpressions operator {0:?}: use In, NotIn, Exists or DoesNotExist")]
+    BadOperator(String),
+    /// In/NotIn without values, or Exists/DoesNotExist with values.
+    #[error("matchExpressions on {key:?}: {why}")]
+    BadExpression {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+fn strip_source(key: &str) -> &str {
+    for p in ["k8s:", "any:", "container:", "unspec:"] {
+        if let Some(rest) = key.strip_prefix(p) {
+            return rest;
+        }
+    }
+    key
+}
+
+pub(crate) fn check_key(key: &str) -> Result<String, LabelError> {
+    let k = strip_source(key);
+    if k.is_empty()
+        || k.len() > 253
+        || !k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        return Err(LabelError::BadKey(key.to_owned()));
+    }
+    Ok(k.to_owned())
+}
+
+/// A set of labels (one value per key), sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Labels(BTreeMap<String, String>);
+
+impl Labels {
+    /// Builds from pairs, normalizing keys.
+    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, LabelError> {
+        let mut m = BTreeMap::new();
+        for (k, v) in pairs {
+            m.insert(check_key(k.as_ref())?, v.into());
+        }
+        Ok(Labels(m))
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(strip_source(key)).map(String::as_str)
+    }
+
+    /// Iterates `(key, value)` in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for Labels {
+    type Err = LabelError;
+
+    /// Parses `k=v,k2=v2`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut pairs = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| LabelError::Malformed(part.to_owned()))?;
+            pairs.push((k.to_owned(), v.to_owned()));
+        }
+        Labels::from_pairs(pairs)
+    }
+}
+
+impl fmt::Display for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// A matchExpressions operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operator {
+    /// The label's value is one of the values.
+    In,
+    /// The label is absent or its value is none of the values.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+impl FromStr for Operator {
+    type Err = LabelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "In" => Ok(Operator::In),
+            "NotIn" => Ok(Operator::NotIn),
+            "Exists" => Ok(Operator::Exists),
+            "DoesNotExist" => Ok(Operator::DoesNotExist),
+            other => Err(LabelError::BadOperator(other.to_owned())),
+        }
+    }
+}
+
+/// One matchExpressions requirement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Requirement {
+    /// The label key.
+    pub key: String,
+    /// The operator.
+    pub operator: Operator,
+    /// The values (In/NotIn only).
+    pub values: Vec<String>,
+}
+
+impl Requirement {
+    /// Checks the operator against the values.
+    pub fn new(key: &str, operator: Operator, values: Vec<String>) -> Result<Self, LabelError> {
+        let key = check_key(key)?;
+        match operator {
+            Operator::In | Operator::NotIn if values.is_empty() => Err(LabelError::BadExpression {
+                key,
+                why: "In and NotIn need at least one value",
+            }),
+            Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
+                Err(LabelError::BadExpression {
+                    key,
+                    why: "Exists and DoesNotExist take no values",
+                })
+            }
+            _ => Ok(Requirement {
+                key,
+                operator,
+                values,
+            }),
+        }
+    }
+
+    fn matches(&self, labels: &Labels) -> bool {
+        let v = labels.get(&self.key);
+        match self.operator {
+            Operator::In => v.is_some_and(|v| self.values.iter().any(|x| x == v)),
+            Operator::NotIn => v.is_none_or(|v| !self.values.iter().any(|x| x == v)),
+            Operator::Exists => v.is_some(),
+            Operator::DoesNotExist => v.is_none(),
+        }
+    }
+}
+
+/// A label selector: every matchLabels pair and every requirement must hold. The empty selector
+/// matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Selector {
+    /// `matchLabels`.
+    pub match_labels: BTreeMap<String, String>,
+    /// `matchExpressions`.
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl Selector {
+    /// Whether `labels` satisfy the selector.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v.as_str()))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// A selector of `key=value` pairs.
+    pub fn from_labels(labels: &Labels) -> Self {
+        Selector {
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            match_expressions: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(s: &str) -> Labels {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn labels_parse_and_normalize_sources() {
+        let a = l("k8s:app=client1,tier=front");
+        assert_eq!(a.get("app"), Some("client1"));
+        assert_eq!(a.get("k8s:app"), Some("client1"));
+        assert_eq!(a.to_string(), "app=client1,tier=front");
+        assert!("app".parse::<Labels>().is_err());
+        assert!("a b=c".parse::<Labels>().is_err());
+    }
+
+    #[test]
+    fn expressions() {
+        let req = |k: &str, op: Operator, vals: &[&str]| {
+            Requirement::new(k, op, vals.iter().map(|v| v.to_string()).collect()).unwrap()
+        };
+        let sel = Selector {
+            match_labels: BTreeMap::from([("app".into(), "web".into())]),
+            match_expressions: vec![
+                req("env", Operator::In, &["prod", "staging"]),
+                req("canary", Operator::DoesNotExist, &[]),
+            ],
+        };
+        assert!(sel.matches(&l("app=web,env=prod")));
+        assert!(!sel.matches(&l("app=web,env=dev")));
+        assert!(!sel.matches(&l("app=web,env=prod,canary=yes")));
+        let not_in = Selector {
+            match_expressions: vec![req("env", Operator::NotIn, &["prod"])],
+            ..Default::default()
+        };
+        assert!(not_in.matches(&l("app=x")));
+        assert!(!not_in.matches(&l("env=prod")));
+        let exists = Selector {
+            match_expressions: vec![req("env", Operator::Exists, &[])],
+            ..Default::default()
+        };
+        assert!(exists.matches(&l("env=dev")) && !exists.matches(&l("app=x")));
+        assert!(Selector::default().matches(&l("anything=1")));
+        assert!(Requirement::new("env", Operator::In, vec![]).is_err());
+        assert!(Requirement::new("env", Operator::Exists, vec!["x".into()]).is_err());
+    }
+}
