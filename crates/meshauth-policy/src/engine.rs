@@ -274,22 +274,22 @@ fn peer_identities(
     }
 }
 
+/// An entry without its auth: what merging groups by.
+type EntryKey = (
+    Direction,
+    Option<IdentityId>,
+    Option<Protocol>,
+    PortRange,
+    Verdict,
+);
+
 /// Compiles the entries of one endpoint, sorted and merged (same key: strongest auth).
 pub fn compile_endpoint(
     policies: &[Policy],
     identities: &BTreeMap<IdentityId, Labels>,
     endpoint: &Labels,
 ) -> Vec<PolicyEntry> {
-    let mut merged: BTreeMap<
-        (
-            Direction,
-            Option<IdentityId>,
-            Option<Protocol>,
-            PortRange,
-            Verdict,
-        ),
-        AuthType,
-    > = BTreeMap::new();
+    let mut merged: BTreeMap<EntryKey, AuthType> = BTreeMap::new();
     for direction in [Direction::Egress, Direction::Ingress] {
         let rules: Vec<&Rule> = policies
             .iter()
