@@ -194,12 +194,24 @@ pub fn server_config(
     client_auth: ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_with_resolver(Arc::new(Resolver(own)), bundle, peers, client_auth, alpn)
+}
+
+/// Like [`server_config`], with the certificate chosen per handshake by `resolver` (e.g. by
+/// SNI, when one server answers for several identities).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    bundle: SharedBundle,
+    peers: PeerPolicy,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
     let verifier = SpiffeClientVerifier::new(bundle, peers, client_auth);
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(Resolver(own)));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

@@ -1,0 +1,468 @@
+//! The agent-to-agent handshake that authenticates one pair of identities.
+//!
+//! The initiator (the agent whose datapath saw the flow) dials the peer node's agent on TCP
+//! 4250 and runs TLS 1.3:
+//!
+//! - it presents the SVID of its local identity and names the remote identity in SNI
+//!   (`<id>.identity.meshauth`, since SNI must be a DNS name);
+//! - the responder answers only if that identity has an endpoint on its node (else it has no
+//!   certificate to present and the handshake fails), presents that identity's SVID, verifies
+//!   the client chain against the bundle, and checks that the registry places the client's
+//!   identity on the node at the connection's source address;
+//! - the initiator verifies that the server presented exactly the SVID of the remote identity;
+//! - the responder then sends one status byte; on [`STATUS_OK`] both sides record the pair as
+//!   authenticated until the earlier of the two certificates' expiry.
+//!
+//! Both sides verify both identities, and a node can only answer for identities it hosts:
+//! the trust-model holes of Cilium's design (one-sided checks, every node holding every key)
+//! are closed here.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use meshauth_policy::{IdentityId, NodeId};
+use meshauth_spiffe::{SpiffeId, TrustDomain};
+use meshauth_tls::{ClientAuth, PeerPolicy, SharedBundle, SharedCertifiedKey};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+/// The handshake port.
+pub const HANDSHAKE_PORT: u16 = 4250;
+/// ALPN of the handshake protocol.
+pub const ALPN: &[u8] = b"meshauth-auth/1";
+/// The responder accepted.
+pub const STATUS_OK: u8 = 1;
+/// The responder refused: the initiator's identity is not hosted on the initiator's node.
+pub const STATUS_NOT_HOSTED: u8 = 2;
+
+/// Why a handshake failed (low cardinality: metric label and log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The peer agent could not be reached.
+    Unreachable,
+    /// A step took longer than its timeout.
+    Timeout,
+    /// This agent holds no SVID for the local identity.
+    NoLocalSvid,
+    /// The peer's certificate was rejected (wrong identity, trust domain, expired, bad chain).
+    PeerCertificateRejected,
+    /// The responder refused the handshake (e.g. it does not host the requested identity).
+    Refused,
+    /// The initiator's identity is not hosted on the node it connected from.
+    InitiatorNotHosted,
+    /// The connection broke.
+    Io,
+}
+
+/// A failed handshake.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason:?}: {detail}")]
+pub struct AuthError {
+    /// Why.
+    pub reason: Reason,
+    /// Details for the log.
+    pub detail: String,
+}
+
+fn fail(reason: Reason, detail: impl std::fmt::Display) -> AuthError {
+    AuthError {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Where identities run, as the registry says.
+pub trait Placement: Send + Sync + 'static {
+    /// Whether `identity` has an endpoint on this node.
+    fn hosted_here(&self, identity: IdentityId) -> bool;
+    /// The node with address `addr`.
+    fn node_at(&self, addr: IpAddr) -> Option<NodeId>;
+    /// Whether `identity` has an endpoint on `node`.
+    fn hosted_on(&self, identity: IdentityId, node: NodeId) -> bool;
+}
+
+/// An SVID this agent holds for one of its identities.
+#[derive(Clone, Debug)]
+pub struct LocalSvid {
+    /// Certificate and key, swappable on rotation.
+    pub key: SharedCertifiedKey,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
+/// The SVIDs of the identities hosted on this node.
+#[derive(Clone, Debug, Default)]
+pub struct LocalSvids(Arc<RwLock<std::collections::HashMap<IdentityId, LocalSvid>>>);
+
+impl LocalSvids {
+    /// Sets (or replaces on rotation) the SVID of `identity`.
+    pub fn set(&self, identity: IdentityId, svid: LocalSvid) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(identity, svid);
+    }
+
+    /// Forgets `identity` (its last endpoint left).
+    pub fn remove(&self, identity: IdentityId) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&identity);
+    }
+
+    /// The SVID of `identity`.
+    pub fn get(&self, identity: IdentityId) -> Option<LocalSvid> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&identity)
+            .cloned()
+    }
+}
+
+/// A pair that authenticated, from this node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The identity on this node.
+    pub local: IdentityId,
+    /// The peer identity.
+    pub remote: IdentityId,
+    /// The peer's node.
+    pub remote_node: NodeId,
+    /// The earlier of the two certificates' expiry.
+    pub expires: SystemTime,
+}
+
+/// Timeouts of one handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// TLS handshake plus the status byte.
+    pub handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            handshake: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The SNI naming `identity`.
+pub fn sni_for(identity: IdentityId) -> String {
+    format!("{identity}.identity.meshauth")
+}
+
+fn identity_from_sni(sni: &str) -> Option<IdentityId> {
+    sni.strip_suffix(".identity.meshauth")?
+        .parse()
+        .ok()
+        .map(IdentityId::new)
+}
+
+/// The identity of an `spiffe://<td>/identity/<n>` ID of trust domain `td`.
+pub fn identity_of(id: &SpiffeId, td: &TrustDomain) -> Option<IdentityId> {
+    if id.trust_domain() != td {
+        return None;
+    }
+    id.path()
+        .strip_prefix("/identity/")?
+        .parse()
+        .ok()
+        .map(IdentityId::new)
+}
+
+fn peer_expiry(
+    certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    bundle: &SharedBundle,
+) -> Option<SystemTime> {
+    let chain = certs?;
+    meshauth_spiffe::validate_x509_svid(chain, &bundle.get(), SystemTime::now())
+        .ok()
+        .map(|v| v.not_after)
+}
+
+/// Runs handshakes for the agent of one node, in both roles.
+#[derive(Clone)]
+pub struct Handshaker {
+    trust_domain: TrustDomain,
+    bundle: SharedBundle,
+    svids: LocalSvids,
+    placement: Arc<dyn Placement>,
+    timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Handshaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshaker")
+            .field("trust_domain", &self.trust_domain.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct SniResolver {
+    svids: LocalSvids,
+    placement: Arc<dyn Placement>,
+}
+
+impl std::fmt::Debug for dyn Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Placement")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let identity = identity_from_sni(hello.server_name()?)?;
+        if !self.placement.hosted_here(identity) {
+            tracing::warn!(identity = %identity, reason = ?Reason::Refused, "handshake for an identity not hosted here");
+            return None;
+        }
+        Some(self.svids.get(identity)?.key.get())
+    }
+}
+
+impl Handshaker {
+    /// A handshaker for this node.
+    pub fn new(
+        trust_domain: TrustDomain,
+        bundle: SharedBundle,
+        svids: LocalSvids,
+        placement: Arc<dyn Placement>,
+        timeouts: Timeouts,
+    ) -> Self {
+        Handshaker {
+            trust_domain,
+            bundle,
+            svids,
+            placement,
+            timeouts,
+        }
+    }
+
+    /// Authenticates `local` (hosted here) with `remote` (hosted on the node at `peer`),
+    /// connecting from `source` when given (the node address the responder will check).
+    pub async fn initiate(
+        &self,
+        local: IdentityId,
+        remote: IdentityId,
+        remote_node: NodeId,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Result<Authenticated, AuthError> {
+        let own = self
+            .svids
+            .get(local)
+            .ok_or_else(|| fail(Reason::NoLocalSvid, format!("no SVID for identity {local}")))?;
+        let expected = meshauth_spiffe::identity_spiffe_id(&self.trust_domain, remote.get());
+        let config = meshauth_tls::client_config(
+            Some(own.key.clone()),
+            self.bundle.clone(),
+            PeerPolicy::Exact(expected),
+            &[ALPN],
+        )
+        .map_err(|e| fail(Reason::Io, e))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let socket = if peer.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| fail(Reason::Io, e))?;
+        if let Some(src) = source {
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .map_err(|e| fail(Reason::Io, e))?;
+        }
+        let tcp = tokio::time::timeout(self.timeouts.connect, socket.connect(peer))
+            .await
+            .map_err(|_| fail(Reason::Timeout, "connect"))?
+            .map_err(|e| fail(Reason::Unreachable, e))?;
+        let _ = tcp.set_nodelay(true);
+        let sni = ServerName::try_from(sni_for(remote)).map_err(|e| fail(Reason::Io, e))?;
+        let exchange = async {
+            let mut tls = connector
+                .connect(sni, tcp)
+                .await
+                .map_err(|e| classify(&e))?;
+            let mut status = [0u8; 1];
+            tls.read_exact(&mut status)
+                .await
+                .map_err(|e| classify(&e))?;
+            let peer_expiry = peer_expiry(tls.get_ref().1.peer_certificates(), &self.bundle)
+                .ok_or_else(|| {
+                    fail(Reason::PeerCertificateRejected, "no valid peer certificate")
+                })?;
+            let _ = tls.shutdown().await;
+            match status[0] {
+                STATUS_OK => Ok(peer_expiry),
+                STATUS_NOT_HOSTED => Err(fail(
+                    Reason::InitiatorNotHosted,
+                    "the responder does not place our identity on our node",
+                )),
+                other => Err(fail(Reason::Refused, format!("status {other}"))),
+            }
+        };
+        let peer_expiry = tokio::time::timeout(self.timeouts.handshake, exchange)
+            .await
+            .map_err(|_| fail(Reason::Timeout, "handshake"))??;
+        Ok(Authenticated {
+            local,
+            remote,
+            remote_node,
+            expires: own.not_after.min(peer_expiry),
+        })
+    }
+
+    /// Answers handshakes on `listener` until `shutdown`; each success is sent on `accepted`,
+    /// each failure is logged with its reason and sent on `failed`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        accepted: mpsc::Sender<Authenticated>,
+        failed: mpsc::Sender<Reason>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let predicate_td = self.trust_domain.clone();
+        let peers = PeerPolicy::Predicate(Arc::new(move |id: &SpiffeId| {
+            identity_of(id, &predicate_td).is_some()
+        }));
+        let resolver = Arc::new(SniResolver {
+            svids: self.svids.clone(),
+            placement: Arc::clone(&self.placement),
+        });
+        let config = match meshauth_tls::server_config_with_resolver(
+            resolver,
+            self.bundle.clone(),
+            peers,
+            ClientAuth::Required,
+            &[ALPN],
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the handshake server config");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        loop {
+            let (tcp, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handshake accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let (me, acceptor, accepted, failed) = (
+                self.clone(),
+                acceptor.clone(),
+                accepted.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                let timeout = me.timeouts.handshake;
+                let result =
+                    match tokio::time::timeout(timeout, me.respond(acceptor, tcp, from)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(fail(Reason::Timeout, "handshake")),
+                    };
+                match result {
+                    Ok(a) => {
+                        tracing::info!(local = %a.local, remote = %a.remote, remote.node = %a.remote_node, "pair authenticated (responder)");
+                        let _ = accepted.send(a).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer.addr = %from, reason = ?e.reason, error = %e.detail, "handshake refused");
+                        let _ = failed.send(e.reason).await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn respond(
+        &self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        tcp: TcpStream,
+        from: SocketAddr,
+    ) -> Result<Authenticated, AuthError> {
+        let mut tls = acceptor.accept(tcp).await.map_err(|e| classify(&e))?;
+        let (_, conn) = tls.get_ref();
+        let local = conn
+            .server_name()
+            .and_then(identity_from_sni)
+            .ok_or_else(|| fail(Reason::Refused, "no SNI"))?;
+        let certs = conn.peer_certificates();
+        let peer_id = meshauth_tls::peer_spiffe_id(certs)
+            .and_then(|id| identity_of(&id, &self.trust_domain))
+            .ok_or_else(|| {
+                fail(
+                    Reason::PeerCertificateRejected,
+                    "client presented no identity SVID",
+                )
+            })?;
+        let peer_expiry = peer_expiry(certs, &self.bundle).ok_or_else(|| {
+            fail(
+                Reason::PeerCertificateRejected,
+                "client SVID does not validate",
+            )
+        })?;
+        let node = self.placement.node_at(from.ip());
+        let Some(node) = node.filter(|n| self.placement.hosted_on(peer_id, *n)) else {
+            let _ = tls.write_all(&[STATUS_NOT_HOSTED]).await;
+            let _ = tls.shutdown().await;
+            return Err(fail(
+                Reason::InitiatorNotHosted,
+                format!(
+                    "identity {peer_id} is not hosted on the node at {}",
+                    from.ip()
+                ),
+            ));
+        };
+        let own = self
+            .svids
+            .get(local)
+            .ok_or_else(|| fail(Reason::NoLocalSvid, format!("no SVID for identity {local}")))?;
+        tls.write_all(&[STATUS_OK])
+            .await
+            .map_err(|e| fail(Reason::Io, e))?;
+        let _ = tls.flush().await;
+        let _ = tls.shutdown().await;
+        Ok(Authenticated {
+            local,
+            remote: peer_id,
+            remote_node: node,
+            expires: own.not_after.min(peer_expiry),
+        })
+    }
+}
+
+fn classify(e: &std::io::Error) -> AuthError {
+    let text = e.to_string();
+    let reason = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => Reason::PeerCertificateRejected,
+        Some(rustls::Error::AlertReceived(_)) => Reason::Refused,
+        Some(rustls::Error::NoCertificatesPresented) => Reason::PeerCertificateRejected,
+        Some(_) => Reason::Refused,
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => Reason::Refused,
+        None => Reason::Io,
+    };
+    fail(reason, text)
+}
