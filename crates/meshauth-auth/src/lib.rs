@@ -4,13 +4,16 @@
 //! - [`handshake`]: the TLS 1.3 handshake on port 4250, both roles, with the checks both sides
 //!   make and the low-cardinality [`handshake::Reason`] of every failure.
 //!
-//! The auth manager (events from the datapath → de-duplicated, bounded handshake queue → auth
-//! map entries, re-authentication on rotation, revocation) builds on this.
+//! - [`manager`]: the auth manager: de-duplicated requests, a bounded queue and worker pool,
+//!   entries written with their expiry, retries with backoff, re-authentication before expiry,
+//!   immediate revocation and a sweep of expired entries.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod handshake;
+pub mod manager;
 
 pub use handshake::{
     AuthError, Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason, Timeouts,
 };
+pub use manager::{AuthManager, AuthTable, Authenticator, ManagerConfig, ManagerStats};

@@ -3,9 +3,11 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use meshauth_policy::{IdentityId, NodeId};
+use meshauth_policy::IdentityId;
 
-pub use meshauth_policy::{AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
+pub use meshauth_policy::{
+    AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict,
+};
 
 pub(crate) fn direction_raw(d: Direction) -> u8 {
     match d {
@@ -75,19 +77,6 @@ pub struct EndpointInfo {
     pub identity: IdentityId,
     /// The only source address it may send from.
     pub ipv4: Ipv4Addr,
-}
-
-/// The key of an auth entry: a pair of identities on a pair of nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AuthKey {
-    /// The identity on this node.
-    pub local: IdentityId,
-    /// The peer's identity.
-    pub remote: IdentityId,
-    /// The peer's node.
-    pub remote_node: NodeId,
-    /// What kind of authentication it records.
-    pub auth_type: AuthType,
 }
 
 /// Why a packet was dropped.

@@ -1,6 +1,6 @@
 //! What the compiler produces per endpoint, and what the datapath enforces.
 
-use crate::IdentityId;
+use crate::{IdentityId, NodeId};
 
 /// Direction, from the endpoint's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -132,4 +132,17 @@ pub struct PolicyEntry {
     pub verdict: Verdict,
     /// What an allow requires.
     pub auth: AuthType,
+}
+
+/// The key of an auth entry: a pair of identities, the peer's node, the kind of authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct AuthKey {
+    /// The identity on this node.
+    pub local: IdentityId,
+    /// The peer's identity.
+    pub remote: IdentityId,
+    /// The peer's node.
+    pub remote_node: NodeId,
+    /// What kind of authentication it records.
+    pub auth_type: AuthType,
 }

@@ -25,7 +25,7 @@ pub mod policy;
 pub use engine::{
     Compiler, DirectionVerdict, Peer, RuleRef, Trace, compile_endpoint, evaluate, trace,
 };
-pub use entry::{AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
+pub use entry::{AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
 pub use identity::IdentityAllocator;
 pub use ids::{IdentityId, NodeId};
 pub use labels::{Labels, Selector};
