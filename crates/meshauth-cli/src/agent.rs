@@ -92,16 +92,8 @@ struct AgentSocket {
 
 impl AgentSocket {
     async fn connect(&self) -> anyhow::Result<AgentAdminClient<tonic::transport::Channel>> {
-        let path = self.path.clone();
-        let shown = path.display().to_string();
-        let channel = tonic::transport::Endpoint::try_from("http://agent.socket")?
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
+        let shown = self.path.display().to_string();
+        let channel = meshauth_proto::uds::connect(&self.path)
             .await
             .with_context(|| format!("cannot reach the agent's admin socket {shown} (is `meshauth agent run` running? pass --agent-socket)"))?;
         Ok(AgentAdminClient::new(channel))

@@ -92,14 +92,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     } = cmd.command;
     block_on(async move {
         let shown = socket.display().to_string();
-        let channel = tonic::transport::Endpoint::try_from("http://workload.socket")?
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = socket.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
+        let channel = meshauth_proto::uds::connect(&socket)
             .await
             .with_context(|| {
                 format!(

@@ -173,16 +173,7 @@ async fn spiffe_crate_client_receives_svid_and_rotations() {
 }
 
 async fn raw_client(agent: &AgentProcess) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = agent.workload_socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://workload.socket")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
+    let channel = meshauth_proto::uds::connect(&agent.workload_socket)
         .await
         .unwrap();
     SpiffeWorkloadApiClient::new(channel)

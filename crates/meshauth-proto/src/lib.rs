@@ -6,7 +6,11 @@
 //! - [`agent`]: what the `meshauth` CLI calls on an agent's local admin socket.
 //! - [`workload`]: the standard SPIFFE Workload API that agents serve to local workloads.
 //!
+//! - [`uds`]: channels to these services over Unix sockets.
+//!
 //! These types stay at the edge: handlers convert them to domain types once.
+
+pub mod uds;
 
 /// The agent-facing API (`meshauth.v1.Node`).
 #[allow(
