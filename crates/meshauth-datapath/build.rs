@@ -83,7 +83,10 @@ fn layout_check(out: &Path) {
             "ma_ct_key",
             &["saddr", "daddr", "sport", "dport", "protocol", "direction"],
         ),
-        ("ma_ct_value", &["created_ns", "last_seen_ns"]),
+        (
+            "ma_ct_value",
+            &["created_ns", "last_seen_ns", "auth_key", "flags"],
+        ),
         (
             "ma_config",
             &["auth_miss_action", "hold_mark", "event_interval_ns"],
@@ -122,7 +125,10 @@ fn layout_check(out: &Path) {
             ));
         }
     }
-    c.push_str("printf(\"];\\n\");\nreturn 0;\n}\n");
+    c.push_str("printf(\"];\\n\");\n");
+    c.push_str(
+        "printf(\"pub(crate) const C_ABI_VERSION: u32 = %d;\\n\", MA_ABI_VERSION);\nreturn 0;\n}\n",
+    );
     let src = out.join("abi_layout.c");
     std::fs::write(&src, c).expect("write abi_layout.c");
     let exe = out.join("abi_layout");

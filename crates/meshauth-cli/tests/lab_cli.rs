@@ -52,7 +52,7 @@ fn lab_lifecycle_through_the_cli() {
     ok(&["exec", "client", "--", "ping", "-c1", "-W1", "web"]);
     ok(&["datapath", "attach", "--auth-all"]);
     ok(&["exec", "client", "--", "ping", "-c1", "-W1", "web"]);
-    assert!(std::path::Path::new("/sys/fs/bpf/meshauth/tcli-n1/ma_auth").exists());
+    assert!(std::path::Path::new("/sys/fs/bpf/meshauth/tcli-n1/abi-v2/ma_auth").exists());
     ok(&["datapath", "detach"]);
 
     let err = lab(&["pod", "add", "x", "--node", "n7"]);

@@ -7,7 +7,7 @@
 #ifndef MESHAUTH_ABI_H
 #define MESHAUTH_ABI_H
 
-#define MA_ABI_VERSION 1
+#define MA_ABI_VERSION 2
 
 /* Direction, from the pod's point of view. */
 #define MA_DIR_EGRESS 0
@@ -96,9 +96,14 @@ struct ma_ct_key {
 	__u16 pad;
 };
 
+#define MA_CT_HELD 1 /* waiting for authentication (hold mode): re-checked on every packet */
+
 struct ma_ct_value {
 	__u64 created_ns;
 	__u64 last_seen_ns;
+	struct ma_auth_key auth_key; /* for held flows */
+	__u32 flags;
+	__u32 pad;
 };
 
 /* config: array of one. */

@@ -275,7 +275,7 @@ static __always_inline int drop(struct __sk_buff *skb, const struct flow *f, __u
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int ct_lookup(const struct flow *f, __u8 direction)
+static __always_inline struct ma_ct_value *ct_lookup(const struct flow *f, __u8 direction)
 {
 	struct ma_ct_key k = {
 		.saddr = f->saddr,
@@ -286,14 +286,13 @@ static __always_inline int ct_lookup(const struct flow *f, __u8 direction)
 		.direction = direction,
 	};
 	struct ma_ct_value *v = bpf_map_lookup_elem(&ma_conntrack, &k);
-	if (!v)
-		return 0;
-	v->last_seen_ns = bpf_ktime_get_boot_ns();
-	return 1;
+	if (v)
+		v->last_seen_ns = bpf_ktime_get_boot_ns();
+	return v;
 }
 
 /* A reply: the reverse tuple was accepted in `direction`. */
-static __always_inline int ct_reply(const struct flow *f, __u8 direction)
+static __always_inline struct ma_ct_value *ct_reply(const struct flow *f, __u8 direction)
 {
 	struct flow r = {
 		.saddr = f->daddr,
@@ -305,7 +304,7 @@ static __always_inline int ct_reply(const struct flow *f, __u8 direction)
 	return ct_lookup(&r, direction);
 }
 
-static __always_inline void ct_create(const struct flow *f, __u8 direction)
+static __always_inline void ct_create(const struct flow *f, __u8 direction, const struct ma_auth_key *held)
 {
 	struct ma_ct_key k = {
 		.saddr = f->saddr,
@@ -317,7 +316,26 @@ static __always_inline void ct_create(const struct flow *f, __u8 direction)
 	};
 	__u64 now = bpf_ktime_get_boot_ns();
 	struct ma_ct_value v = { .created_ns = now, .last_seen_ns = now };
+	if (held) {
+		v.auth_key = *held;
+		v.flags = MA_CT_HELD;
+	}
 	bpf_map_update_elem(&ma_conntrack, &k, &v, BPF_ANY);
+}
+
+static __always_inline int authenticated(const struct ma_auth_key *k)
+{
+	struct ma_auth_value *av = bpf_map_lookup_elem(&ma_auth, k);
+	return av && av->expires_ns > bpf_ktime_get_boot_ns();
+}
+
+static __always_inline int hold(struct __sk_buff *skb, const struct flow *f, __u32 src_id, __u32 dst_id,
+				__u8 direction, const struct ma_auth_key *ak, __u32 mark)
+{
+	skb->mark = mark;
+	count(MA_REASON_AUTH_REQUIRED);
+	emit(skb, f, MA_EV_DROPPED, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, ak);
+	return TC_ACT_OK;
 }
 
 /* The common path after parsing: conntrack, identity, policy, auth. */
@@ -326,9 +344,28 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 {
 	/* Replies of flows this endpoint accepted in the other direction, and established flows. */
 	__u8 other = direction == MA_DIR_EGRESS ? MA_DIR_INGRESS : MA_DIR_EGRESS;
-	if (ct_reply(f, other) || (!f->icmp_reply && ct_lookup(f, direction))) {
-		count(MA_STAT_FORWARDED);
-		return TC_ACT_OK;
+	struct ma_ct_value *reply = ct_reply(f, other);
+	struct ma_ct_value *est = 0;
+	if (!reply && !f->icmp_reply)
+		est = ct_lookup(f, direction);
+	struct ma_ct_value *ct = reply ? reply : est;
+	if (ct) {
+		if (!(ct->flags & MA_CT_HELD)) {
+			count(MA_STAT_FORWARDED);
+			return TC_ACT_OK;
+		}
+		/* A held flow passes once its pair has authenticated. */
+		struct ma_auth_key held = ct->auth_key;
+		if (authenticated(&held)) {
+			ct->flags = 0;
+			count(MA_STAT_FORWARDED);
+			return TC_ACT_OK;
+		}
+		__u32 zero = 0;
+		struct ma_config *cfg = bpf_map_lookup_elem(&ma_config, &zero);
+		if (est && cfg && cfg->auth_miss_action == MA_AUTH_MISS_MARK)
+			return hold(skb, f, 0, 0, direction, &held, cfg->hold_mark);
+		return drop(skb, f, MA_REASON_AUTH_REQUIRED, 0, 0, direction, &held);
 	}
 	__u32 remote_addr = direction == MA_DIR_EGRESS ? f->daddr : f->saddr;
 	struct ma_ipcache_value *remote = ipcache_lookup(remote_addr);
@@ -355,23 +392,21 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 			.remote_node = remote_node,
 			.auth_type = auth,
 		};
-		struct ma_auth_value *av = bpf_map_lookup_elem(&ma_auth, &ak);
-		if (!av || av->expires_ns <= bpf_ktime_get_boot_ns()) {
+		if (!authenticated(&ak)) {
 			__u32 zero = 0;
 			struct ma_config *cfg = bpf_map_lookup_elem(&ma_config, &zero);
 			if (cfg && cfg->auth_miss_action == MA_AUTH_MISS_MARK) {
 				/* Hold path: a node-side rule queues marked packets until the pair is
-				 * authenticated; no conntrack entry, so the next packet checks again. */
-				skb->mark = cfg->hold_mark;
-				count(MA_REASON_AUTH_REQUIRED);
-				emit(skb, f, MA_EV_DROPPED, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, &ak);
-				return TC_ACT_OK;
+				 * authenticated. The flow is tracked as held: its packets and replies
+				 * pass only once the auth entry exists. */
+				ct_create(f, direction, &ak);
+				return hold(skb, f, src_id, dst_id, direction, &ak, cfg->hold_mark);
 			}
 			return drop(skb, f, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, &ak);
 		}
 	}
 
-	ct_create(f, direction);
+	ct_create(f, direction, 0);
 	count(MA_STAT_FORWARDED);
 	emit(skb, f, MA_EV_FORWARDED, MA_REASON_NONE, src_id, dst_id, direction, 0);
 	return TC_ACT_OK;

@@ -5,6 +5,9 @@
     reason = "aya::Pod is an unsafe marker trait for plain-old-data map types"
 )]
 
+/// `MA_ABI_VERSION`: part of the pin path, so maps of another layout are never reused.
+pub(crate) const ABI_VERSION: u32 = 2;
+
 /// `struct ma_endpoint`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +87,9 @@ pub(crate) struct CtKey {
 pub(crate) struct CtValue {
     pub(crate) created_ns: u64,
     pub(crate) last_seen_ns: u64,
+    pub(crate) auth_key: AuthKey,
+    pub(crate) flags: u32,
+    pub(crate) pad: u32,
 }
 
 /// `struct ma_config`.
@@ -188,6 +194,8 @@ mod tests {
             ("ma_ct_value", "(size)") => size_of::<CtValue>(),
             ("ma_ct_value", "created_ns") => offset_of!(CtValue, created_ns),
             ("ma_ct_value", "last_seen_ns") => offset_of!(CtValue, last_seen_ns),
+            ("ma_ct_value", "auth_key") => offset_of!(CtValue, auth_key),
+            ("ma_ct_value", "flags") => offset_of!(CtValue, flags),
             ("ma_config", "(size)") => size_of::<Config>(),
             ("ma_config", "auth_miss_action") => offset_of!(Config, auth_miss_action),
             ("ma_config", "hold_mark") => offset_of!(Config, hold_mark),
@@ -209,6 +217,11 @@ mod tests {
             ("ma_event", "auth_key") => offset_of!(Event, auth_key),
             _ => panic!("no Rust mirror for {s}.{f}"),
         }
+    }
+
+    #[test]
+    fn abi_versions_match() {
+        assert_eq!(super::ABI_VERSION, C_ABI_VERSION);
     }
 
     #[test]

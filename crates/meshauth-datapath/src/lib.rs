@@ -14,7 +14,12 @@
 //! A packet whose pair is not authenticated is dropped by default. With
 //! [`AuthMissAction::Mark`] the program instead marks it and lets it pass, so that a node-side
 //! queue (an nftables rule sending the mark to NFQUEUE) can hold it until the agent has written
-//! the auth entry; the program keeps no conntrack state for it, so later packets check again.
+//! the auth entry. The flow is tracked as *held*: its later packets are marked again and its
+//! replies dropped until the auth entry exists; from then on it is an ordinary established flow.
+//!
+//! # Pins
+//! `/sys/fs/bpf/meshauth/<node>/abi-v<N>/`: maps by name and `links/`. The ABI version in the
+//! path means maps of an older layout are never reused by a newer program.
 //!
 //! # Clock
 //! Auth entry expiries are CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns`); the API takes

@@ -180,9 +180,13 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs; maps are pinned in `pin_dir` and re-used if already there.
-    pub fn load(pin_dir: &Path) -> Result<Datapath> {
+    /// Loads the programs; maps are pinned under `node_dir` (see [`Datapath::pin_dir_for`]) and
+    /// re-used if already there.
+    pub fn load(node_dir: &Path) -> Result<Datapath> {
         ensure_bpffs()?;
+        // Maps of another layout version are never reused: they live in another directory.
+        let pin_dir = node_dir.join(format!("abi-v{}", abi::ABI_VERSION));
+        let pin_dir = pin_dir.as_path();
         std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| pin_err(pin_dir, e))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)

@@ -341,6 +341,31 @@ fn authentication_required_granted_and_expired_for_tcp_udp_icmp() {
     let stats = c.n1().stats().unwrap();
     assert!(stats.dropped["authentication required"] >= 6, "{stats:?}");
     assert!(stats.forwarded > 0);
+
+    // The hold hook: in mark mode an unauthenticated packet is marked and passed on to where a
+    // node-side queue would hold it (the lab has none) and the agent is told; the flow is tracked
+    // as held, so its replies do not pass until the pair has authenticated.
+    c.n1()
+        .set_auth_miss_action(meshauth_datapath::AuthMissAction::Mark(0x4d41))
+        .unwrap();
+    assert!(
+        !c.tcp("a", &b, 8080),
+        "the SYN leaves marked, the SYN-ACK waits for authentication"
+    );
+    let e = wait_event(&mut events, |e| {
+        e.protocol == 6 && e.drop == Some(DropReason::AuthenticationRequired)
+    });
+    assert_eq!(e.auth_key, Some(key));
+    c.n1()
+        .insert_auth(key, SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        c.tcp("a", &b, 8080),
+        "authenticated: held and new flows pass"
+    );
+    c.n1()
+        .set_auth_miss_action(meshauth_datapath::AuthMissAction::Drop)
+        .unwrap();
 }
 
 #[test]
