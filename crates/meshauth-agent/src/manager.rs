@@ -249,7 +249,7 @@ impl Manager {
             return Ok(());
         }
         let mut stream = client
-            .sync(SyncRequest {})
+            .sync(SyncRequest::default())
             .await
             .map_err(|s| anyhow::anyhow!("sync refused: {}", s.message()))?
             .into_inner();

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bundle;
+mod cluster;
 mod common;
 mod entry;
 mod lab;
@@ -39,9 +40,13 @@ enum Command {
     Entry(entry::Cmd),
     /// Show the trust bundle.
     Bundle(bundle::Cmd),
+    /// List the identities the server allocated for label sets.
+    Identity(cluster::IdentityCmd),
+    /// List the workload endpoints agents registered.
+    Endpoint(cluster::EndpointCmd),
     /// Fetch SVIDs from the local agent's Workload API, as a workload would.
     Workload(workload::Cmd),
-    /// Validate policies and trace a verdict between two label sets.
+    /// Validate, trace, apply, list and delete network policies.
     Policy(policy::Cmd),
     /// Build a cluster of network namespaces on this machine (needs root).
     Lab(lab::Cmd),
@@ -59,6 +64,8 @@ fn main() -> std::process::ExitCode {
         Command::Token(cmd) => token::run(cmd),
         Command::Entry(cmd) => entry::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Identity(cmd) => cluster::run_identity(cmd),
+        Command::Endpoint(cmd) => cluster::run_endpoint(cmd),
         Command::Workload(cmd) => workload::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Lab(cmd) => lab::run(cmd),

@@ -7,7 +7,7 @@ use meshauth_policy::{
     AuthType, DirectionVerdict, Labels, Policy, Protocol, Verdict, parse_policies, trace,
 };
 
-use crate::common::Output;
+use crate::common::{AdminSocket, Output, block_on, rpc};
 
 /// Policy commands.
 #[derive(Debug, clap::Args)]
@@ -18,6 +18,30 @@ pub(crate) struct Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum Sub {
+    /// Validate and store policies on the server; agents enforce them at once. All documents
+    /// of all files are applied together, or none if any is invalid.
+    Apply {
+        /// Policy files; repeat for several.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+    /// Delete a policy from the server.
+    Delete {
+        /// The policy's metadata.name.
+        name: String,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+    /// List the server's policies.
+    List {
+        #[command(flatten)]
+        socket: AdminSocket,
+        /// Output format (json includes each document's YAML).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Check CiliumNetworkPolicy files; exits non-zero with what is wrong and where.
     Validate {
         /// Policy files (multi-document YAML); repeat for several.
@@ -111,6 +135,67 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd.command {
+        Sub::Apply { files, socket } => {
+            // Validate locally first: the error names the file.
+            load(&files)?;
+            let mut yaml = String::new();
+            for f in &files {
+                yaml.push_str(
+                    &std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                );
+                yaml.push_str("\n---\n");
+            }
+            block_on(async move {
+                let mut c = socket.connect().await?;
+                let names = c
+                    .apply_policies(meshauth_proto::admin::ApplyPoliciesRequest { yaml })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner()
+                    .names;
+                for n in names {
+                    println!("applied policy {n}");
+                }
+                Ok(())
+            })?;
+        }
+        Sub::Delete { name, socket } => block_on(async move {
+            let mut c = socket.connect().await?;
+            c.delete_policy(meshauth_proto::admin::DeletePolicyRequest { name: name.clone() })
+                .await
+                .map_err(rpc)?;
+            println!("deleted policy {name}");
+            Ok(())
+        })?,
+        Sub::List { socket, output } => block_on(async move {
+            let mut c = socket.connect().await?;
+            let list = c
+                .list_policies(meshauth_proto::admin::ListPoliciesRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .policies;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::from(
+                        list.iter()
+                            .map(|p| serde_json::json!({"name": p.name, "yaml": p.yaml}))
+                            .collect::<Vec<_>>()
+                    )
+                ),
+                Output::Text => {
+                    if list.is_empty() {
+                        println!("no policies");
+                    }
+                    for p in &list {
+                        println!("{}", p.name);
+                    }
+                }
+            }
+            Ok(())
+        })?,
         Sub::Validate { files } => {
             let policies = load(&files)?;
             println!("{} policies valid", policies.len());

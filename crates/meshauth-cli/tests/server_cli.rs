@@ -246,3 +246,48 @@ fn restart_keeps_bundle_and_entries() {
     assert_eq!(entries.as_array().unwrap().len(), 1);
     server.stop();
 }
+
+#[test]
+fn policies_identities_and_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let walkthrough = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../meshauth-policy/tests/fixtures/walkthrough.yaml"
+    );
+    let out = server.ok(&["policy", "apply", "-f", walkthrough]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&server.ok(&["policy", "list", "-o", "json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "demo1-allow-client1",
+            "demo1-allow-client2-auth",
+            "demo1-default-deny"
+        ]
+    );
+    server.ok(&["policy", "delete", "demo1-allow-client1"]);
+    let err = server.fails(&["policy", "delete", "demo1-allow-client1"]);
+    assert!(err.contains("no policy named demo1-allow-client1"), "{err}");
+
+    // An invalid file is refused whole, with the file and field named.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [1.2.3.4/32]}]\n").unwrap();
+    let err = server.fails(&["policy", "apply", "-f", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.yaml") && err.contains("toCIDR"), "{err}");
+
+    let ids: serde_json::Value =
+        serde_json::from_str(&server.ok(&["identity", "list", "-o", "json"])).unwrap();
+    assert_eq!(ids, serde_json::json!([]));
+    let eps: serde_json::Value =
+        serde_json::from_str(&server.ok(&["endpoint", "list", "-o", "json"])).unwrap();
+    assert_eq!(eps, serde_json::json!([]));
+    server.stop();
+}

@@ -12,7 +12,7 @@ pub mod model;
 mod sqlite;
 
 pub use model::{
-    EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector, IssuedJoinToken,
-    NewEntry, NodeName, NodeRecord, RegistrationEntry, Selector,
+    EndpointRecord, EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector,
+    IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry, Selector,
 };
 pub use sqlite::{Store, StoreError};

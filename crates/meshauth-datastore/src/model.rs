@@ -232,6 +232,8 @@ pub struct NodeRecord {
     pub svid_not_after: SystemTime,
     /// Refused from now on (attestation and renewal).
     pub banned: bool,
+    /// Where other agents reach it (handshake port), once it has synced.
+    pub address: Option<std::net::IpAddr>,
     /// When it first attested.
     pub attested_at: SystemTime,
 }
@@ -242,6 +244,21 @@ impl NodeRecord {
     pub fn accepts_serial(&self, serial: &str) -> bool {
         self.serial == serial || self.previous_serial.as_deref() == Some(serial)
     }
+}
+
+/// A workload endpoint an agent registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRecord {
+    /// The node it runs on.
+    pub node: NodeName,
+    /// Its name, unique on the node.
+    pub name: String,
+    /// Its labels.
+    pub labels: meshauth_policy::Labels,
+    /// Its address.
+    pub ipv4: std::net::Ipv4Addr,
+    /// The identity of its labels.
+    pub identity: meshauth_policy::IdentityId,
 }
 
 /// A join token as returned to the operator: the secret itself is only ever shown once.

@@ -11,13 +11,13 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use meshauth_policy::NodeId;
+use meshauth_policy::{IdentityId, Labels, NodeId};
 use meshauth_spiffe::SpiffeId;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::model::{
-    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry,
-    Selector, from_unix_secs, random_hex, unix_secs,
+    EndpointRecord, EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord,
+    RegistrationEntry, Selector, from_unix_secs, random_hex, unix_secs,
 };
 
 /// Errors of the store.
@@ -79,12 +79,16 @@ pub enum StoreError {
     /// No such entry.
     #[error("no entry with id {0} (see `meshauth entry show`)")]
     EntryNotFound(EntryId),
+    /// No such policy.
+    #[error("no policy named {0} (see `meshauth policy list`)")]
+    PolicyNotFound(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Schema migrations, applied in order; `user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE ca_journal (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     journal TEXT NOT NULL
@@ -113,7 +117,27 @@ CREATE TABLE entries (
     revision INTEGER NOT NULL
 );
 CREATE INDEX entries_by_parent ON entries (parent_id);
-"#];
+"#,
+    r#"
+CREATE TABLE identities (
+    id INTEGER PRIMARY KEY,
+    labels TEXT NOT NULL UNIQUE
+);
+CREATE TABLE endpoints (
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    ipv4 TEXT NOT NULL,
+    identity INTEGER NOT NULL,
+    PRIMARY KEY (node, name)
+);
+CREATE TABLE policies (
+    name TEXT PRIMARY KEY,
+    yaml TEXT NOT NULL
+);
+ALTER TABLE nodes ADD COLUMN address TEXT;
+"#,
+];
 
 /// The registry store on one SQLite file.
 #[derive(Debug)]
@@ -319,7 +343,7 @@ impl Store {
     pub fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
         self.conn()
             .query_row(
-                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at
+                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address
                  FROM nodes WHERE name = ?1",
                 params![node.as_str()],
                 node_row,
@@ -332,7 +356,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at
+            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address
              FROM nodes ORDER BY name",
         )?;
         let rows = stmt.query_map([], node_row)?;
@@ -352,15 +376,148 @@ impl Store {
             .ok_or_else(|| StoreError::NodeNotFound(node.clone()))
     }
 
-    /// Deletes a node: its SVID no longer renews; it may attest again with a new token.
+    /// Deletes a node and its endpoints: its SVID no longer renews; it may attest again with
+    /// a new token.
     pub fn evict_node(&self, node: &NodeName) -> Result<()> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM nodes WHERE name = ?1", params![node.as_str()])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![node.as_str()])?;
         if n == 0 {
             return Err(StoreError::NodeNotFound(node.clone()));
         }
+        tx.execute(
+            "DELETE FROM endpoints WHERE node = ?1",
+            params![node.as_str()],
+        )?;
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Records the address other agents reach `node` on.
+    pub fn set_node_address(&self, node: &NodeName, address: std::net::IpAddr) -> Result<()> {
+        self.conn().execute(
+            "UPDATE nodes SET address = ?2 WHERE name = ?1",
+            params![node.as_str(), address.to_string()],
+        )?;
+        Ok(())
+    }
+
+    // --- identities, endpoints, policies ---
+
+    /// Every allocated identity.
+    pub fn identities(&self) -> Result<Vec<(IdentityId, Labels)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, labels FROM identities ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, labels) = row?;
+            out.push((
+                IdentityId::new(u32::try_from(id).map_err(|e| corrupt("identities", e))?),
+                labels_from_json(&labels)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Records an allocated identity.
+    pub fn insert_identity(&self, id: IdentityId, labels: &Labels) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO identities (id, labels) VALUES (?1, ?2)",
+            params![i64::from(id.get()), labels_json(labels)],
+        )?;
+        Ok(())
+    }
+
+    /// Adds or replaces an endpoint.
+    pub fn put_endpoint(&self, ep: &EndpointRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO endpoints (node, name, labels, ipv4, identity) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (node, name) DO UPDATE SET labels = excluded.labels,
+                 ipv4 = excluded.ipv4, identity = excluded.identity",
+            params![
+                ep.node.as_str(),
+                ep.name,
+                labels_json(&ep.labels),
+                ep.ipv4.to_string(),
+                i64::from(ep.identity.get())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes an endpoint; false when there was none.
+    pub fn delete_endpoint(&self, node: &NodeName, name: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM endpoints WHERE node = ?1 AND name = ?2",
+            params![node.as_str(), name],
+        )? > 0)
+    }
+
+    /// Every endpoint, by node then name.
+    pub fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT node, name, labels, ipv4, identity FROM endpoints ORDER BY node, name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, name, labels, ipv4, identity) = row?;
+            out.push(EndpointRecord {
+                node: node.parse().map_err(|e| corrupt("endpoints", e))?,
+                name,
+                labels: labels_from_json(&labels)?,
+                ipv4: ipv4.parse().map_err(|e| corrupt("endpoints", e))?,
+                identity: IdentityId::new(
+                    u32::try_from(identity).map_err(|e| corrupt("endpoints", e))?,
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores policies (name, YAML document) in one transaction, replacing same-named ones.
+    pub fn put_policies(&self, docs: &[(String, String)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (name, yaml) in docs {
+            tx.execute(
+                "INSERT INTO policies (name, yaml) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET yaml = excluded.yaml",
+                params![name, yaml],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a policy.
+    pub fn delete_policy(&self, name: &str) -> Result<()> {
+        if self
+            .conn()
+            .execute("DELETE FROM policies WHERE name = ?1", params![name])?
+            == 0
+        {
+            return Err(StoreError::PolicyNotFound(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Every policy (name, YAML), by name.
+    pub fn policies(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, yaml FROM policies ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     // --- registration entries ---
@@ -482,6 +639,20 @@ impl Store {
 const ENTRY_SELECT: &str =
     "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl, dns_names, revision FROM entries";
 
+fn labels_json(labels: &Labels) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn labels_from_json(text: &str) -> Result<Labels> {
+    let map: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(text).map_err(|e| corrupt("labels", e))?;
+    Labels::from_pairs(map).map_err(|e| corrupt("labels", e))
+}
+
 fn token_hash(token: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
         .as_ref()
@@ -520,6 +691,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
     let not_after: i64 = r.get(4)?;
     let banned: bool = r.get(5)?;
     let attested_at: i64 = r.get(6)?;
+    let address: Option<String> = r.get(7)?;
     Ok((|| {
         Ok(NodeRecord {
             name: name.parse().map_err(|e| corrupt("nodes", e))?,
@@ -529,6 +701,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
             svid_not_after: from_unix_secs(not_after),
             banned,
             attested_at: from_unix_secs(attested_at),
+            address: address.and_then(|a| a.parse().ok()),
         })
     })())
 }
@@ -754,6 +927,56 @@ mod tests {
         );
         assert_eq!(store.nodes().unwrap().len(), 1);
         assert_eq!(store.count_entries().unwrap(), 1);
+    }
+
+    #[test]
+    fn identities_endpoints_policies() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        store
+            .record_attestation(&node("n1"), "01", now, now)
+            .unwrap();
+        let web: Labels = "app=web,tier=a b".parse().unwrap();
+        store.insert_identity(IdentityId::new(256), &web).unwrap();
+        assert!(
+            store.insert_identity(IdentityId::new(257), &web).is_err(),
+            "labels are unique"
+        );
+        assert_eq!(
+            store.identities().unwrap(),
+            vec![(IdentityId::new(256), web.clone())]
+        );
+        let ep = EndpointRecord {
+            node: node("n1"),
+            name: "web-1".into(),
+            labels: web,
+            ipv4: "10.200.1.10".parse().unwrap(),
+            identity: IdentityId::new(256),
+        };
+        store.put_endpoint(&ep).unwrap();
+        assert_eq!(store.endpoints().unwrap(), vec![ep.clone()]);
+        assert!(store.delete_endpoint(&node("n1"), "web-1").unwrap());
+        assert!(!store.delete_endpoint(&node("n1"), "web-1").unwrap());
+        store.put_endpoint(&ep).unwrap();
+        store.evict_node(&node("n1")).unwrap();
+        assert!(
+            store.endpoints().unwrap().is_empty(),
+            "eviction removes the node's endpoints"
+        );
+
+        store
+            .put_policies(&[("a".into(), "x: 1".into()), ("b".into(), "y: 2".into())])
+            .unwrap();
+        store.put_policies(&[("a".into(), "x: 3".into())]).unwrap();
+        assert_eq!(
+            store.policies().unwrap(),
+            vec![("a".into(), "x: 3".into()), ("b".into(), "y: 2".into())]
+        );
+        store.delete_policy("a").unwrap();
+        assert!(matches!(
+            store.delete_policy("a"),
+            Err(StoreError::PolicyNotFound(_))
+        ));
     }
 
     #[test]

@@ -8,15 +8,18 @@ use std::time::{Duration, SystemTime};
 use meshauth_datastore::{EntryFilter, EntryId, NewEntry, NodeName, NodeRecord, Selector};
 use meshauth_proto::admin::admin_server::Admin;
 use meshauth_proto::admin::{
-    Agent, AgentRequest, Authority, CreateJoinTokenRequest, DeleteEntryResponse, EntryRequest,
-    EvictAgentResponse, GetBundleRequest, HealthRequest, HealthResponse, JoinToken,
-    ListAgentsRequest, ListAgentsResponse, ListEntriesRequest, ListEntriesResponse,
+    Agent, AgentRequest, ApplyPoliciesRequest, ApplyPoliciesResponse, Authority,
+    CreateJoinTokenRequest, DeleteEntryResponse, DeletePolicyRequest, DeletePolicyResponse,
+    EntryRequest, EvictAgentResponse, GetBundleRequest, HealthRequest, HealthResponse, JoinToken,
+    ListAgentsRequest, ListAgentsResponse, ListEndpointsRequest, ListEndpointsResponse,
+    ListEntriesRequest, ListEntriesResponse, ListIdentitiesRequest, ListIdentitiesResponse,
+    ListPoliciesRequest, ListPoliciesResponse,
 };
-use meshauth_proto::node::{Bundle, Entry};
+use meshauth_proto::node::{Bundle, Entry, PolicyDocument};
 use meshauth_spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
 
-use crate::node_api::{bundle_msg, entry_msg, status_of, unix};
+use crate::node_api::{bundle_msg, endpoint_msg, entry_msg, identity_msg, status_of, unix};
 use crate::registry::{Registry, RegistryError};
 
 /// The admin API over a shared registry.
@@ -228,6 +231,61 @@ impl Admin for AdminApi {
         let entries = self.registry.entries(&filter).map_err(status)?;
         Ok(Response::new(ListEntriesResponse {
             entries: entries.iter().map(entry_msg).collect(),
+        }))
+    }
+
+    async fn apply_policies(
+        &self,
+        r: Request<ApplyPoliciesRequest>,
+    ) -> Result<Response<ApplyPoliciesResponse>, Status> {
+        let names = self
+            .registry
+            .apply_policies(&r.get_ref().yaml)
+            .map_err(status)?;
+        Ok(Response::new(ApplyPoliciesResponse { names }))
+    }
+
+    async fn delete_policy(
+        &self,
+        r: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        self.registry
+            .delete_policy(&r.get_ref().name)
+            .map_err(status)?;
+        Ok(Response::new(DeletePolicyResponse {}))
+    }
+
+    async fn list_policies(
+        &self,
+        _r: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let policies = self.registry.policies().map_err(status)?;
+        Ok(Response::new(ListPoliciesResponse {
+            policies: policies
+                .into_iter()
+                .map(|(name, yaml)| PolicyDocument { name, yaml })
+                .collect(),
+        }))
+    }
+
+    async fn list_identities(
+        &self,
+        _r: Request<ListIdentitiesRequest>,
+    ) -> Result<Response<ListIdentitiesResponse>, Status> {
+        let ids = self.registry.identities().map_err(status)?;
+        Ok(Response::new(ListIdentitiesResponse {
+            identities: ids.iter().map(|(id, l)| identity_msg(*id, l)).collect(),
+        }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _r: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let eps = self.registry.endpoints().map_err(status)?;
+        let nodes = self.registry.nodes().map_err(status)?;
+        Ok(Response::new(ListEndpointsResponse {
+            endpoints: eps.iter().map(|e| endpoint_msg(e, &nodes)).collect(),
         }))
     }
 

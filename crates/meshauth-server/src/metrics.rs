@@ -43,6 +43,8 @@ pub enum DenyReason {
     StaleNodeSvid,
     /// Entry not parented to the caller.
     EntryNotForNode,
+    /// Identity without an endpoint on the caller's node.
+    IdentityNotHosted,
     /// Unknown entry.
     EntryUnknown,
     /// CSR rejected.

@@ -9,8 +9,12 @@ use meshauth_ca::IssuedSvid;
 use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
-    AttestJoinTokenRequest, Bundle, Entry, NodeSvidResponse, RenewNodeSvidRequest, Selector,
-    SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedSvid, SyncRequest, SyncResponse,
+    AttestJoinTokenRequest, Bundle, ClusterNode, DeregisterEndpointRequest,
+    DeregisterEndpointResponse, Endpoint as EndpointMsg, Entry, Identity as IdentityMsg,
+    NodeSvidResponse, PolicyDocument, RegisterEndpointRequest, RegisterEndpointResponse,
+    RenewNodeSvidRequest, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
+    SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
+    SyncRequest, SyncResponse,
 };
 use meshauth_spiffe::X509Bundle;
 use tokio::sync::mpsc;
@@ -63,8 +67,11 @@ pub(crate) fn status_of(err: RegistryError) -> Status {
         RegistryError::Store(StoreError::NodeBanned(_) | StoreError::NodeNotFound(_))
         | RegistryError::NotANode(_)
         | RegistryError::StaleNodeSvid { .. }
-        | RegistryError::EntryNotForNode { .. } => Status::permission_denied(msg),
-        RegistryError::Store(StoreError::EntryNotFound(_)) => Status::not_found(msg),
+        | RegistryError::EntryNotForNode { .. }
+        | RegistryError::IdentityNotHosted { .. } => Status::permission_denied(msg),
+        RegistryError::Store(StoreError::EntryNotFound(_) | StoreError::PolicyNotFound(_)) => {
+            Status::not_found(msg)
+        }
         RegistryError::Ca(_) | RegistryError::Invalid(_) => Status::invalid_argument(msg),
         RegistryError::Store(_) => Status::internal(msg),
     }
@@ -118,6 +125,71 @@ fn node_svid_msg(n: &NodeSvid) -> NodeSvidResponse {
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncResponse, Status>> + Send>>;
+
+pub(crate) fn identity_msg(
+    id: meshauth_policy::IdentityId,
+    labels: &meshauth_policy::Labels,
+) -> IdentityMsg {
+    IdentityMsg {
+        id: id.get(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    }
+}
+
+pub(crate) fn endpoint_msg(
+    e: &meshauth_datastore::EndpointRecord,
+    nodes: &[meshauth_datastore::NodeRecord],
+) -> EndpointMsg {
+    EndpointMsg {
+        node: e.node.to_string(),
+        node_id: nodes
+            .iter()
+            .find(|n| n.name == e.node)
+            .map(|n| n.node_id.get())
+            .unwrap_or(0),
+        name: e.name.clone(),
+        ipv4: e.ipv4.to_string(),
+        identity: e.identity.get(),
+    }
+}
+
+fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
+    SyncResponse {
+        bundle: Some(bundle_msg(&view.bundle)),
+        entries: view.entries.iter().map(entry_msg).collect(),
+        identities: view
+            .identities
+            .iter()
+            .map(|(id, l)| identity_msg(*id, l))
+            .collect(),
+        endpoints: view
+            .endpoints
+            .iter()
+            .map(|e| endpoint_msg(e, &view.nodes))
+            .collect(),
+        nodes: view
+            .nodes
+            .iter()
+            .filter(|n| !n.banned)
+            .map(|n| ClusterNode {
+                name: n.name.to_string(),
+                node_id: n.node_id.get(),
+                address: n.address.map(|a| a.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        policies: view
+            .policies
+            .iter()
+            .map(|(name, yaml)| PolicyDocument {
+                name: name.clone(),
+                yaml: yaml.clone(),
+            })
+            .collect(),
+    }
+}
 
 #[tonic::async_trait]
 impl Node for NodeApi {
@@ -190,6 +262,79 @@ impl Node for NodeApi {
         }))
     }
 
+    async fn register_endpoint(
+        &self,
+        request: Request<RegisterEndpointRequest>,
+    ) -> Result<Response<RegisterEndpointResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let req = request.get_ref();
+        let labels = meshauth_policy::Labels::from_pairs(
+            req.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
+        )
+        .map_err(|e| {
+            self.refuse(
+                "register",
+                peer.as_ref(),
+                RegistryError::Invalid(e.to_string()),
+            )
+        })?;
+        let ipv4 = req.ipv4.parse().map_err(|_| {
+            self.refuse(
+                "register",
+                peer.as_ref(),
+                RegistryError::Invalid(format!("{:?} is not an IPv4 address", req.ipv4)),
+            )
+        })?;
+        let identity = self
+            .registry
+            .register_endpoint(caller, &req.name, labels, ipv4)
+            .map_err(|e| self.refuse("register", peer.as_ref(), e))?;
+        Ok(Response::new(RegisterEndpointResponse {
+            identity: identity.get(),
+        }))
+    }
+
+    async fn deregister_endpoint(
+        &self,
+        request: Request<DeregisterEndpointRequest>,
+    ) -> Result<Response<DeregisterEndpointResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        self.registry
+            .deregister_endpoint(caller, &request.get_ref().name)
+            .map_err(|e| self.refuse("deregister", peer.as_ref(), e))?;
+        Ok(Response::new(DeregisterEndpointResponse {}))
+    }
+
+    async fn sign_identity_svids(
+        &self,
+        request: Request<SignIdentitySvidsRequest>,
+    ) -> Result<Response<SignIdentitySvidsResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let csrs: Vec<(meshauth_policy::IdentityId, Vec<u8>)> = request
+            .into_inner()
+            .csrs
+            .into_iter()
+            .map(|c| (meshauth_policy::IdentityId::new(c.identity), c.csr))
+            .collect();
+        let signed = self
+            .registry
+            .sign_identity_svids(caller, &csrs, SystemTime::now())
+            .map_err(|e| self.refuse("sign-identity", peer.as_ref(), e))?;
+        Ok(Response::new(SignIdentitySvidsResponse {
+            svids: signed
+                .iter()
+                .map(|(id, svid)| SignedIdentitySvid {
+                    identity: id.get(),
+                    svid_chain: svid_chain(svid),
+                    expires_at_unix: unix(svid.not_after),
+                })
+                .collect(),
+        }))
+    }
+
     type SyncStream = SyncStream;
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncStream>, Status> {
@@ -200,6 +345,21 @@ impl Node for NodeApi {
             .authenticate_node(caller)
             .map_err(|e| self.refuse("sync", peer.as_ref(), e))?
             .name;
+        let address = match request.get_ref().node_address.as_str() {
+            "" => peer.as_ref().map(|p| p.remote_addr.ip()),
+            a => Some(a.parse().map_err(|_| {
+                self.refuse(
+                    "sync",
+                    peer.as_ref(),
+                    RegistryError::Invalid(format!("node_address {a:?} is not an IP address")),
+                )
+            })?),
+        };
+        if let Some(address) = address {
+            self.registry
+                .set_node_address(&node, address)
+                .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
+        }
         let (tx, rx) = mpsc::channel(SYNC_BUFFER);
         let registry = Arc::clone(&self.registry);
         let mut changes = registry.subscribe();
@@ -210,13 +370,9 @@ impl Node for NodeApi {
             let mut last_sent: Option<SyncResponse> = None;
             loop {
                 changes.borrow_and_update();
-                let msg = match registry.node_view(&node, SystemTime::now()) {
-                    Ok(view) => Ok(SyncResponse {
-                        bundle: Some(bundle_msg(&view.bundle)),
-                        entries: view.entries.iter().map(entry_msg).collect(),
-                    }),
-                    Err(e) => Err(e),
-                };
+                let msg = registry
+                    .node_view(&node, SystemTime::now())
+                    .map(|view| sync_msg(&view));
                 let ended = msg.is_err();
                 // Changes of other nodes' entries wake every stream; send only what differs.
                 let unchanged = matches!((&msg, &last_sent), (Ok(m), Some(l)) if m == l);

@@ -5,13 +5,16 @@
 //! streams watch, so agents learn of it at once instead of by polling.
 
 use std::sync::{Mutex, MutexGuard};
+
+use serde::Deserialize;
 use std::time::{Duration, SystemTime};
 
 use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
 use meshauth_datastore::{
-    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry,
-    Store, StoreError,
+    EndpointRecord, EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord,
+    RegistrationEntry, Store, StoreError,
 };
+use meshauth_policy::{IdentityAllocator, IdentityId, Labels};
 use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
 use tokio::sync::watch;
 
@@ -69,6 +72,16 @@ pub enum RegistryError {
         /// The caller.
         node: Box<SpiffeId>,
     },
+    /// A node asked for the SVID of an identity none of its endpoints has.
+    #[error(
+        "identity {identity} has no endpoint on node {node}: a node only obtains the SVIDs of identities it hosts"
+    )]
+    IdentityNotHosted {
+        /// The identity.
+        identity: IdentityId,
+        /// The caller.
+        node: NodeName,
+    },
     /// Bad input in a request.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -84,12 +97,14 @@ impl RegistryError {
             RegistryError::Store(StoreError::NodeBanned(_)) => DenyReason::NodeBanned,
             RegistryError::Store(StoreError::NodeNotFound(_)) => DenyReason::NodeUnknown,
             RegistryError::Store(StoreError::EntryNotFound(_)) => DenyReason::EntryUnknown,
+            RegistryError::Store(StoreError::PolicyNotFound(_)) => DenyReason::InvalidRequest,
             RegistryError::Store(_) => DenyReason::Internal,
             RegistryError::Ca(_) => DenyReason::BadCsr,
             RegistryError::Unauthenticated => DenyReason::Unauthenticated,
             RegistryError::NotANode(_) => DenyReason::NotANode,
             RegistryError::StaleNodeSvid { .. } => DenyReason::StaleNodeSvid,
             RegistryError::EntryNotForNode { .. } => DenyReason::EntryNotForNode,
+            RegistryError::IdentityNotHosted { .. } => DenyReason::IdentityNotHosted,
             RegistryError::Invalid(_) => DenyReason::InvalidRequest,
         }
     }
@@ -117,13 +132,22 @@ pub struct NodeSvid {
     pub bundle: X509Bundle,
 }
 
-/// What one node may see: the bundle and the entries parented to it.
+/// What one node may see: the bundle and the entries parented to it, and the cluster state
+/// every agent needs to enforce policy (identities, endpoints, nodes, policies).
 #[derive(Debug, Clone)]
 pub struct NodeView {
     /// The trust bundle.
     pub bundle: X509Bundle,
     /// Entries whose parent is the node.
     pub entries: Vec<RegistrationEntry>,
+    /// Every identity.
+    pub identities: Vec<(IdentityId, Labels)>,
+    /// Every endpoint.
+    pub endpoints: Vec<EndpointRecord>,
+    /// Every node.
+    pub nodes: Vec<NodeRecord>,
+    /// Every policy document (name, YAML).
+    pub policies: Vec<(String, String)>,
 }
 
 /// The CA and the store, with the change feed.
@@ -132,6 +156,7 @@ pub struct Registry {
     config: RegistryConfig,
     store: Store,
     ca: Mutex<Ca>,
+    allocator: Mutex<IdentityAllocator>,
     changes: watch::Sender<u64>,
     metrics: Metrics,
 }
@@ -164,10 +189,16 @@ impl Registry {
                 ca
             }
         };
+        let allocator =
+            IdentityAllocator::restore(store.identities()?.into_iter().map(|(id, l)| (l, id)))
+                .map_err(|e| {
+                    anyhow::anyhow!("the identities in the datastore are inconsistent: {e}")
+                })?;
         let registry = Registry {
             config,
             store,
             ca: Mutex::new(ca),
+            allocator: Mutex::new(allocator),
             changes: watch::Sender::new(0),
             metrics,
         };
@@ -360,7 +391,163 @@ impl Registry {
         Ok(NodeView {
             bundle: self.bundle(now),
             entries,
+            identities: self.store.identities()?,
+            endpoints: self.store.endpoints()?,
+            nodes: self.store.nodes()?,
+            policies: self.store.policies()?,
         })
+    }
+
+    /// Records where other agents reach `node`.
+    pub fn set_node_address(&self, node: &NodeName, address: std::net::IpAddr) -> Result<()> {
+        if self.store.node(node)?.and_then(|n| n.address) != Some(address) {
+            self.store.set_node_address(node, address)?;
+            self.changed();
+        }
+        Ok(())
+    }
+
+    // --- endpoints and identities ---
+
+    /// Registers an endpoint of the calling node, allocating the identity of its labels.
+    pub fn register_endpoint(
+        &self,
+        caller: Option<&NodeCaller>,
+        name: &str,
+        labels: Labels,
+        ipv4: std::net::Ipv4Addr,
+    ) -> Result<IdentityId> {
+        let node = self.authenticate_node(caller)?;
+        if name.is_empty()
+            || name.len() > 253
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(RegistryError::Invalid(format!(
+                "invalid endpoint name {name:?}"
+            )));
+        }
+        let identity = {
+            let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
+            let (id, new) = alloc
+                .allocate(&labels)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            if new {
+                self.store.insert_identity(id, &labels)?;
+                tracing::info!(identity = %id, labels = %labels, "identity allocated");
+            }
+            id
+        };
+        self.store.put_endpoint(&EndpointRecord {
+            node: node.name.clone(),
+            name: name.to_owned(),
+            labels,
+            ipv4,
+            identity,
+        })?;
+        tracing::info!(node = %node.name, endpoint = name, identity = %identity, ip = %ipv4, "endpoint registered");
+        self.changed();
+        Ok(identity)
+    }
+
+    /// Removes an endpoint of the calling node.
+    pub fn deregister_endpoint(&self, caller: Option<&NodeCaller>, name: &str) -> Result<()> {
+        let node = self.authenticate_node(caller)?;
+        if !self.store.delete_endpoint(&node.name, name)? {
+            return Err(RegistryError::Invalid(format!(
+                "node {} has no endpoint {name:?}",
+                node.name
+            )));
+        }
+        tracing::info!(node = %node.name, endpoint = name, "endpoint deregistered");
+        self.changed();
+        Ok(())
+    }
+
+    /// Signs identity SVIDs for the caller, only for identities with an endpoint on its node.
+    pub fn sign_identity_svids(
+        &self,
+        caller: Option<&NodeCaller>,
+        csrs: &[(IdentityId, Vec<u8>)],
+        now: SystemTime,
+    ) -> Result<Vec<(IdentityId, IssuedSvid)>> {
+        let node = self.authenticate_node(caller)?;
+        let hosted: std::collections::BTreeSet<IdentityId> = self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|e| e.node == node.name)
+            .map(|e| e.identity)
+            .collect();
+        let mut out = Vec::with_capacity(csrs.len());
+        for (identity, csr) in csrs {
+            if !hosted.contains(identity) {
+                return Err(RegistryError::IdentityNotHosted {
+                    identity: *identity,
+                    node: node.name.clone(),
+                });
+            }
+            let id = meshauth_spiffe::identity_spiffe_id(&self.config.trust_domain, identity.get());
+            let svid = self
+                .ca()
+                .sign_csr(csr, &id, Some(self.config.svid_ttl), &[], now)?;
+            self.metrics.svid_issued(SvidKind::Workload);
+            out.push((*identity, svid));
+        }
+        Ok(out)
+    }
+
+    /// Every identity.
+    pub fn identities(&self) -> Result<Vec<(IdentityId, Labels)>> {
+        Ok(self.store.identities()?)
+    }
+
+    /// Every endpoint.
+    pub fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+        Ok(self.store.endpoints()?)
+    }
+
+    // --- policies ---
+
+    /// Validates every document of `yaml` and stores them all, or none.
+    pub fn apply_policies(&self, yaml: &str) -> Result<Vec<String>> {
+        let parsed = meshauth_policy::parse_policies(yaml)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let mut docs = Vec::new();
+        for de in serde_yaml::Deserializer::from_str(yaml) {
+            let value = serde_yaml::Value::deserialize(de)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            let name = value
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let text =
+                serde_yaml::to_string(&value).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            docs.push((name, text));
+        }
+        debug_assert_eq!(docs.len(), parsed.len());
+        self.store.put_policies(&docs)?;
+        let names: Vec<String> = docs.into_iter().map(|(n, _)| n).collect();
+        tracing::info!(policies = ?names, "policies applied");
+        self.changed();
+        Ok(names)
+    }
+
+    /// Deletes a policy.
+    pub fn delete_policy(&self, name: &str) -> Result<()> {
+        self.store.delete_policy(name)?;
+        tracing::info!(policy = name, "policy deleted");
+        self.changed();
+        Ok(())
+    }
+
+    /// Every policy (name, YAML).
+    pub fn policies(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.store.policies()?)
     }
 
     // --- admin API ---

@@ -277,7 +277,11 @@ async fn sync_stream_pushes_entry_changes_within_a_second() {
     let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
     let own = attest(&server, "n1").await;
     let mut client = node_client(server.addr, server.bundle(), Some(own)).await;
-    let mut stream = client.sync(SyncRequest {}).await.unwrap().into_inner();
+    let mut stream = client
+        .sync(SyncRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert!(first.entries.is_empty());
     assert!(!first.bundle.unwrap().authorities.is_empty());
@@ -344,7 +348,11 @@ async fn restart_keeps_ca_nodes_and_entries() {
         .expect("an SVID issued before the restart validates after it");
     // The node is still known: its SVID authenticates without a new token.
     let mut client = node_client(server.addr, bundle_after, Some(own)).await;
-    let mut stream = client.sync(SyncRequest {}).await.unwrap().into_inner();
+    let mut stream = client
+        .sync(SyncRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let state = stream.message().await.unwrap().unwrap();
     assert_eq!(state.entries.len(), 1);
     server.stop().await;
@@ -385,4 +393,166 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         "{out}"
     );
     out
+}
+
+#[tokio::test]
+async fn endpoints_identities_and_identity_svids_are_node_scoped() {
+    use meshauth_proto::node::{
+        DeregisterEndpointRequest, IdentityCsr, RegisterEndpointRequest, SignIdentitySvidsRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 24 * HOUR, HOUR);
+    let server = TestServer::start(cfg.clone()).await;
+    let n1 = attest(&server, "n1").await;
+    let n2 = attest(&server, "n2").await;
+    let mut c1 = node_client(
+        server.addr,
+        server.bundle(),
+        Some((n1.0.clone(), n1.1.clone_key())),
+    )
+    .await;
+    let mut c2 = node_client(server.addr, server.bundle(), Some(n2)).await;
+    let register = |name: &str, app: &str, ip: &str| RegisterEndpointRequest {
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ipv4: ip.into(),
+    };
+    let web = c1
+        .register_endpoint(register("web-1", "web", "10.200.1.10"))
+        .await
+        .unwrap()
+        .into_inner()
+        .identity;
+    let web2 = c1
+        .register_endpoint(register("web-2", "web", "10.200.1.11"))
+        .await
+        .unwrap()
+        .into_inner()
+        .identity;
+    let db = c2
+        .register_endpoint(register("db-1", "db", "10.200.2.10"))
+        .await
+        .unwrap()
+        .into_inner()
+        .identity;
+    assert_eq!(web, 256, "allocated identities start at 256");
+    assert_eq!(web2, web, "one identity per label set");
+    assert_eq!(db, 257);
+    let bad = c1
+        .register_endpoint(register("x", "web", "not-an-ip"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let sign = |identity: u32| SignIdentitySvidsRequest {
+        csrs: vec![IdentityCsr {
+            identity,
+            csr: key_and_csr().1,
+        }],
+    };
+    let signed = c1
+        .sign_identity_svids(sign(web))
+        .await
+        .unwrap()
+        .into_inner();
+    let v = meshauth_spiffe::validate_x509_svid(
+        &chain(&signed.svids[0].svid_chain),
+        &server.bundle(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(
+        v.spiffe_id.to_string(),
+        format!("spiffe://{TD}/identity/256")
+    );
+    let err = c1.sign_identity_svids(sign(db)).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "n1 hosts no db endpoint"
+    );
+    assert!(
+        server
+            .registry
+            .metrics()
+            .encode()
+            .contains("reason=\"IdentityNotHosted\"")
+    );
+
+    // The cluster state reaches every agent: identities, endpoints with their node, nodes with
+    // their address, policies.
+    server
+        .registry
+        .apply_policies(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../meshauth-policy/tests/fixtures/walkthrough.yaml"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+    let mut stream = c2.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let state = stream.message().await.unwrap().unwrap();
+    assert_eq!(state.identities.len(), 2);
+    let web_ep = state.endpoints.iter().find(|e| e.name == "web-1").unwrap();
+    assert_eq!(
+        (web_ep.node.as_str(), web_ep.identity, web_ep.ipv4.as_str()),
+        ("n1", 256, "10.200.1.10")
+    );
+    assert_ne!(web_ep.node_id, 0);
+    assert!(
+        state
+            .nodes
+            .iter()
+            .any(|n| n.name == "n2" && n.address == "127.0.0.1")
+    );
+    assert_eq!(state.policies.len(), 3);
+    assert!(
+        meshauth_policy::parse_policies(&state.policies[0].yaml).is_ok(),
+        "stored documents parse again"
+    );
+
+    // The last web endpoint leaving withdraws n1's right to identity 256.
+    c1.deregister_endpoint(DeregisterEndpointRequest {
+        name: "web-1".into(),
+    })
+    .await
+    .unwrap();
+    c1.sign_identity_svids(sign(web))
+        .await
+        .expect("web-2 still runs on n1");
+    c1.deregister_endpoint(DeregisterEndpointRequest {
+        name: "web-2".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        c1.sign_identity_svids(sign(web)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // The other node learns of it within a second.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let next = stream.message().await.unwrap().unwrap();
+            if next.endpoints.iter().all(|e| e.node != "n1") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the deregistration reaches n2's sync stream");
+    drop(stream);
+    server.stop().await;
+
+    // Identities are stable across restarts.
+    let server = TestServer::start(cfg).await;
+    let mut c1 = node_client(server.addr, server.bundle(), Some(n1)).await;
+    let again = c1
+        .register_endpoint(register("db-2", "db", "10.200.1.12"))
+        .await
+        .unwrap()
+        .into_inner()
+        .identity;
+    assert_eq!(again, db);
+    server.stop().await;
 }
