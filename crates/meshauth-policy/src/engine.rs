@@ -4,10 +4,15 @@
 //!   it and that has allow or deny rules in that direction) is default-deny there; an endpoint
 //!   no rule selects allows everything in that direction.
 //! - Allow rules add up; a matching deny rule wins over every allow.
-//! - Among the allow rules that match a flow, the strongest explicit authentication applies
-//!   (`test-always-fail` > `required` > `disabled`/unset), so a narrower rule without
-//!   `authentication` inherits the requirement of a broader one that matches the same flow,
-//!   and an explicit `disabled` never lowers another rule's requirement.
+//! - Authentication follows Cilium's `authPreferredInsert`: entries with the same key take the
+//!   strongest mode (`test-always-fail` > `required` > `disabled`). An entry whose rule did not
+//!   set `authentication` inherits the mode of the most specific broader allow entry that did
+//!   (same or wildcard identity, same or any protocol, a port range containing its own); an
+//!   entry whose rule set it explicitly, even to `disabled`, keeps its own (explicit beats
+//!   inherited).
+//! - Specificity, used both for inheritance and by [`lookup`] (what the datapath does): a
+//!   narrower port range first, then a named protocol, then a named identity; ties take the
+//!   strongest authentication.
 //!
 //! Entities map to identities as follows: `world` → [`IdentityId::WORLD`], `host` →
 //! [`IdentityId::HOST`], `cluster` → every known identity plus host, `all` → any identity
@@ -77,36 +82,80 @@ fn selects(rule: &Rule, endpoint: &Labels, direction: Direction) -> bool {
             .any(|(_, l, _)| !l.is_empty())
 }
 
-fn peer_matches(peers: &Peers, peer: Peer<'_>) -> bool {
+/// Whether a peer set matches `peer`: `None` if not, `Some(true)` if through a specific
+/// identity (a selector, `world`, `host`, `cluster`), `Some(false)` only through a wildcard.
+fn peer_match(peers: &Peers, peer: Peer<'_>) -> Option<bool> {
     match peers {
-        Peers::Any => true,
-        Peers::Nothing => false,
+        Peers::Any => Some(false),
+        Peers::Nothing => None,
         Peers::Listed {
             selectors,
             entities,
-        } => match peer {
-            Peer::Endpoint(labels) => {
-                selectors.iter().any(|s| s.matches(labels))
-                    || entities
-                        .iter()
-                        .any(|e| matches!(e, Entity::All | Entity::Cluster))
+        } => {
+            let specific = match peer {
+                Peer::Endpoint(labels) => {
+                    selectors.iter().any(|s| s.matches(labels))
+                        || entities.contains(&Entity::Cluster)
+                }
+                Peer::World => entities.contains(&Entity::World),
+                Peer::Host => entities
+                    .iter()
+                    .any(|e| matches!(e, Entity::Host | Entity::Cluster)),
+            };
+            if specific {
+                Some(true)
+            } else if entities.contains(&Entity::All) {
+                Some(false)
+            } else {
+                None
             }
-            Peer::World => entities
-                .iter()
-                .any(|e| matches!(e, Entity::All | Entity::World)),
-            Peer::Host => entities
-                .iter()
-                .any(|e| matches!(e, Entity::All | Entity::Host | Entity::Cluster)),
-        },
+        }
     }
 }
 
-fn port_matches(ports: &[PortProtocol], protocol: Protocol, port: u16) -> bool {
-    ports.is_empty()
-        || ports.iter().any(|p| {
-            p.protocol.is_none_or(|q| q == protocol)
-                && (protocol == Protocol::Icmp || p.ports.contains(port))
-        })
+fn peer_matches(peers: &Peers, peer: Peer<'_>) -> bool {
+    peer_match(peers, peer).is_some()
+}
+
+/// How specific an entry's key is (greater is more specific): a narrower port range first,
+/// then a named protocol, then a named identity.
+fn specificity(
+    remote_specific: bool,
+    protocol: Option<Protocol>,
+    ports: PortRange,
+) -> (u32, bool, bool) {
+    let width = u32::from(ports.end.saturating_sub(ports.start));
+    (
+        u32::from(u16::MAX) - width,
+        protocol.is_some(),
+        remote_specific,
+    )
+}
+
+fn entry_matches(
+    protocol: Option<Protocol>,
+    ports: PortRange,
+    flow_protocol: Protocol,
+    flow_port: u16,
+) -> bool {
+    protocol.is_none_or(|q| q == flow_protocol)
+        && (flow_protocol == Protocol::Icmp || ports.contains(flow_port))
+}
+
+/// The most specific (protocol, ports) of a rule's `toPorts` that matches the flow.
+fn best_port(
+    ports: &[PortProtocol],
+    protocol: Protocol,
+    port: u16,
+) -> Option<(Option<Protocol>, PortRange)> {
+    if ports.is_empty() {
+        return Some((None, PortRange::ANY));
+    }
+    ports
+        .iter()
+        .filter(|p| entry_matches(p.protocol, p.ports, protocol, port))
+        .map(|p| (p.protocol, p.ports))
+        .max_by_key(|(proto, range)| specificity(false, *proto, *range))
 }
 
 /// Evaluates one direction for an endpoint with labels `endpoint` and a flow to or from `peer`.
@@ -121,7 +170,8 @@ pub fn evaluate(
     let mut selected = false;
     let mut allows = Vec::new();
     let mut denies = Vec::new();
-    let mut auth = AuthType::None;
+    // The most specific explicit authentication among the matching allows, and its mode.
+    let mut explicit: Option<((u32, bool, bool), AuthType)> = None;
     for p in policies {
         for (ri, rule) in p.rules.iter().enumerate() {
             if !selects(rule, endpoint, direction) {
@@ -130,24 +180,37 @@ pub fn evaluate(
             selected = true;
             for (section, list, verdict) in sections(rule, direction) {
                 for (i, pr) in list.iter().enumerate() {
-                    if peer_matches(&pr.peers, peer) && port_matches(&pr.ports, protocol, port) {
-                        let r = RuleRef {
-                            policy: p.name.clone(),
-                            rule: ri,
-                            section,
-                            index: i,
+                    let Some(remote_specific) = peer_match(&pr.peers, peer) else {
+                        continue;
+                    };
+                    let Some((proto, range)) = best_port(&pr.ports, protocol, port) else {
+                        continue;
+                    };
+                    let r = RuleRef {
+                        policy: p.name.clone(),
+                        rule: ri,
+                        section,
+                        index: i,
+                    };
+                    if verdict == Verdict::Deny {
+                        denies.push(r);
+                        continue;
+                    }
+                    allows.push(r);
+                    if pr.auth.is_explicit() {
+                        let spec = specificity(remote_specific, proto, range);
+                        let a = pr.auth.auth_type();
+                        explicit = match explicit {
+                            Some((s, b)) if s > spec => Some((s, b)),
+                            Some((s, b)) if s == spec => Some((s, b.max(a))),
+                            _ => Some((spec, a)),
                         };
-                        if verdict == Verdict::Deny {
-                            denies.push(r);
-                        } else {
-                            auth = auth.max(pr.auth.auth_type());
-                            allows.push(r);
-                        }
                     }
                 }
             }
         }
     }
+    let auth = explicit.map_or(AuthType::None, |(_, a)| a);
     if !selected {
         return DirectionVerdict {
             selected,
@@ -283,13 +346,19 @@ type EntryKey = (
     Verdict,
 );
 
-/// Compiles the entries of one endpoint, sorted and merged (same key: strongest auth).
+/// An allow entry's protocol, ports and explicit authentication.
+type ExplicitAuth = (Option<Protocol>, PortRange, AuthType);
+
+/// Compiles the entries of one endpoint, sorted and merged: one entry per key, with the
+/// authentication resolved (same key: strongest explicit mode; no explicit mode: inherited from
+/// the most specific broader explicit allow, see the module docs).
 pub fn compile_endpoint(
     policies: &[Policy],
     identities: &BTreeMap<IdentityId, Labels>,
     endpoint: &Labels,
 ) -> Vec<PolicyEntry> {
-    let mut merged: BTreeMap<EntryKey, AuthType> = BTreeMap::new();
+    // Per key: the strongest explicit mode, if any rule producing the key set one.
+    let mut merged: BTreeMap<EntryKey, Option<AuthType>> = BTreeMap::new();
     for direction in [Direction::Egress, Direction::Ingress] {
         let rules: Vec<&Rule> = policies
             .iter()
@@ -299,18 +368,15 @@ pub fn compile_endpoint(
         if rules.is_empty() {
             merged.insert(
                 (direction, None, None, PortRange::ANY, Verdict::Allow),
-                AuthType::None,
+                None,
             );
             continue;
         }
         for rule in rules {
             for (_, list, verdict) in sections(rule, direction) {
                 for pr in list {
-                    let auth = if verdict == Verdict::Allow {
-                        pr.auth.auth_type()
-                    } else {
-                        AuthType::None
-                    };
+                    let explicit = (verdict == Verdict::Allow && pr.auth.is_explicit())
+                        .then(|| pr.auth.auth_type());
                     let ports: Vec<(Option<Protocol>, PortRange)> = if pr.ports.is_empty() {
                         vec![(None, PortRange::ANY)]
                     } else {
@@ -320,27 +386,107 @@ pub fn compile_endpoint(
                         for (protocol, range) in &ports {
                             let slot = merged
                                 .entry((direction, remote, *protocol, *range, verdict))
-                                .or_insert(auth);
-                            *slot = (*slot).max(auth);
+                                .or_insert(None);
+                            *slot = match (*slot, explicit) {
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                                (a, b) => a.or(b),
+                            };
                         }
                     }
                 }
             }
         }
     }
+    // Explicit allow entries by (direction, remote), for inheritance.
+    let mut explicit: BTreeMap<(Direction, Option<IdentityId>), Vec<ExplicitAuth>> =
+        BTreeMap::new();
+    for ((direction, remote, protocol, ports, verdict), auth) in &merged {
+        if let (Verdict::Allow, Some(a)) = (verdict, auth) {
+            explicit
+                .entry((*direction, *remote))
+                .or_default()
+                .push((*protocol, *ports, *a));
+        }
+    }
+    let inherited = |direction: Direction,
+                     remote: Option<IdentityId>,
+                     protocol: Option<Protocol>,
+                     ports: PortRange| {
+        let mut best: Option<((u32, bool, bool), AuthType)> = None;
+        let candidates = [(remote, remote.is_some()), (None, false)];
+        let candidates = if remote.is_some() {
+            &candidates[..]
+        } else {
+            &candidates[..1]
+        };
+        for (r, specific) in candidates {
+            for (p, range, a) in explicit.get(&(direction, *r)).into_iter().flatten() {
+                let covers = p.is_none_or(|p| Some(p) == protocol)
+                    && range.start <= ports.start
+                    && range.end >= ports.end;
+                if !covers {
+                    continue;
+                }
+                let spec = specificity(*specific, *p, *range);
+                best = match best {
+                    Some((s, b)) if s > spec => Some((s, b)),
+                    Some((s, b)) if s == spec => Some((s, b.max(*a))),
+                    _ => Some((spec, *a)),
+                };
+            }
+        }
+        best.map_or(AuthType::None, |(_, a)| a)
+    };
     merged
-        .into_iter()
+        .iter()
         .map(
-            |((direction, remote, protocol, ports, verdict), auth)| PolicyEntry {
+            |(&(direction, remote, protocol, ports, verdict), auth)| PolicyEntry {
                 direction,
                 remote,
                 protocol,
                 ports,
                 verdict,
-                auth,
+                auth: match (verdict, auth) {
+                    (Verdict::Deny, _) => AuthType::None,
+                    (Verdict::Allow, Some(a)) => *a,
+                    (Verdict::Allow, None) => inherited(direction, remote, protocol, ports),
+                },
             },
         )
         .collect()
+}
+
+/// What the datapath does with an endpoint's entries for one packet: a matching deny entry
+/// drops it; otherwise the most specific matching allow entry (see the module docs; ties take
+/// the strongest authentication) lets it through with that entry's authentication; no match
+/// drops it. `remote` is the peer's identity. Returns the verdict and the requirement.
+pub fn lookup(
+    entries: &[PolicyEntry],
+    direction: Direction,
+    remote: IdentityId,
+    protocol: Protocol,
+    port: u16,
+) -> (Verdict, AuthType) {
+    let matching = entries.iter().filter(|e| {
+        e.direction == direction
+            && e.remote.is_none_or(|r| r == remote)
+            && entry_matches(e.protocol, e.ports, protocol, port)
+    });
+    let mut best: Option<((u32, bool, bool), AuthType)> = None;
+    for e in matching {
+        if e.verdict == Verdict::Deny {
+            return (Verdict::Deny, AuthType::None);
+        }
+        let spec = specificity(e.remote.is_some(), e.protocol, e.ports);
+        best = match best {
+            Some((s, b)) if s > spec => Some((s, b)),
+            Some((s, b)) if s == spec => Some((s, b.max(e.auth))),
+            _ => Some((spec, e.auth)),
+        };
+    }
+    best.map_or((Verdict::Deny, AuthType::None), |(_, a)| {
+        (Verdict::Allow, a)
+    })
 }
 
 /// Keeps compiled entries per endpoint and recompiles only what a change can affect.
@@ -418,6 +564,11 @@ impl Compiler {
             .map(|(n, _)| n.clone())
             .collect();
         self.recompile(&affected)
+    }
+
+    /// The names of the policies it holds.
+    pub fn policy_names(&self) -> Vec<String> {
+        self.policies.keys().cloned().collect()
     }
 
     /// Removes a policy.

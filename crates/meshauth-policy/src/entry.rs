@@ -118,6 +118,12 @@ impl PortRange {
 }
 
 /// One compiled rule of an endpoint.
+///
+/// Wildcards: `remote: None` matches every identity (reserved ones included), `protocol: None`
+/// every protocol, [`PortRange::ANY`] every port; ports are ignored for ICMP. A matching
+/// `Deny` entry always wins; otherwise the most specific matching `Allow` entry decides and its
+/// `auth` is already resolved (inheritance done by the compiler). [`crate::lookup`] is the
+/// reference for this lookup; no matching entry means drop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct PolicyEntry {
     /// Which way.

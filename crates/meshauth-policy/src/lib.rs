@@ -9,7 +9,7 @@
 //! - [`labels`]: [`Labels`] and [`Selector`].
 //! - [`identity`]: [`IdentityAllocator`], a stable number per label set.
 //! - [`policy`]: [`Policy`] and [`parse_policies`] (YAML, with unsupported fields refused).
-//! - [`engine`]: Cilium's semantics: [`evaluate`], [`trace`], [`compile_endpoint`] and the
+//! - [`engine`]: Cilium's semantics: [`evaluate`], [`trace`], [`compile_endpoint`], [`lookup`] and the
 //!   incremental [`Compiler`].
 //! - [`entry`]: [`PolicyEntry`], what the datapath enforces.
 #![forbid(unsafe_code)]
@@ -23,7 +23,7 @@ pub mod labels;
 pub mod policy;
 
 pub use engine::{
-    Compiler, DirectionVerdict, Peer, RuleRef, Trace, compile_endpoint, evaluate, trace,
+    Compiler, DirectionVerdict, Peer, RuleRef, Trace, compile_endpoint, evaluate, lookup, trace,
 };
 pub use entry::{AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
 pub use identity::IdentityAllocator;

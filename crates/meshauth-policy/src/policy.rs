@@ -86,6 +86,12 @@ impl AuthMode {
             AuthMode::TestAlwaysFail => AuthType::TestAlwaysFail,
         }
     }
+
+    /// Whether the rule set `authentication` itself (even to `disabled`): an explicit mode is
+    /// never overridden by a broader rule's, an unset one inherits it.
+    pub fn is_explicit(self) -> bool {
+        self != AuthMode::Unset
+    }
 }
 
 /// Who a rule is about.
@@ -442,17 +448,26 @@ fn peer_rule(
         return Err(ctx.err(path, "deny rules cannot carry authentication"));
     }
     if matches!(auth, AuthMode::Required | AuthMode::TestAlwaysFail) {
-        if let Some(e) = ents
-            .iter()
-            .find(|e| matches!(e, Entity::World | Entity::Host | Entity::All))
-        {
+        if let Some(e) = ents.iter().find(|e| {
+            matches!(
+                e,
+                Entity::World | Entity::Host | Entity::All | Entity::Cluster
+            )
+        }) {
+            let why = match e {
+                Entity::World => "`world` has no SPIFFE identity",
+                Entity::Host => "`host` has no SPIFFE identity",
+                Entity::All => "`all` includes world and host, which have no SPIFFE identity",
+                Entity::Cluster => "`cluster` includes the host, which has no SPIFFE identity",
+            };
             return Err(ctx.err(
                 path,
                 format!(
-                    "authentication with the {e:?} entity can never succeed (it has no SPIFFE identity); \
-                     drop `authentication` or name endpoints instead"
-                )
-                .to_lowercase(),
+                    "authentication with the {} entity can never succeed ({why}): traffic would be \
+                     dropped forever; drop `authentication` or name endpoints \
+                     (fromEndpoints/toEndpoints) instead",
+                    format!("{e:?}").to_lowercase()
+                ),
             ));
         }
         if !has_peers {

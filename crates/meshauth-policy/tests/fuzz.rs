@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use meshauth_policy::{IdentityId, Labels, Protocol, compile_endpoint, parse_policies, trace};
+use meshauth_policy::{
+    Direction, IdentityId, Labels, Protocol, compile_endpoint, lookup, parse_policies, trace,
+};
 use proptest::prelude::*;
 
 fn yamlish() -> impl Strategy<Value = String> {
@@ -52,7 +54,8 @@ proptest! {
     fn structured_garbage_does_not_panic(s in yamlish(), port in any::<u16>()) {
         if let Ok(policies) = parse_policies(&s) {
             let ids = BTreeMap::from([(IdentityId::new(256), "app=a".parse::<Labels>().unwrap())]);
-            let _ = compile_endpoint(&policies, &ids, &"app=a".parse().unwrap());
+            let entries = compile_endpoint(&policies, &ids, &"app=a".parse().unwrap());
+            let _ = lookup(&entries, Direction::Ingress, IdentityId::new(256), Protocol::Tcp, port);
             let _ = trace(&policies, &"app=a".parse().unwrap(), &"app=b".parse().unwrap(), Protocol::Tcp, port);
         }
     }

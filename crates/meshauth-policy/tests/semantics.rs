@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use meshauth_policy::engine::Peer;
 use meshauth_policy::{
     AuthType, Compiler, Direction, IdentityId, Labels, PolicyEntry, PolicyError, PortRange,
-    Protocol, Verdict, compile_endpoint, evaluate, parse_policies, trace,
+    Protocol, Verdict, compile_endpoint, evaluate, lookup, parse_policies, trace,
 };
 
 fn fixture(name: &str) -> String {
@@ -419,6 +419,30 @@ fn constructs_and_errors() {
         "  endpointSelector: {}\n  ingress:\n  - fromEntities: [world]\n    authentication: {mode: required}\n",
     );
     assert!(e.contains("can never succeed"), "{e}");
+    assert!(
+        e.contains("spec.ingress[0]") && e.contains("`world`"),
+        "{e}"
+    );
+    for (entity, why) in [
+        ("host", "`host` has no SPIFFE identity"),
+        ("cluster", "`cluster` includes the host"),
+        ("all", "`all` includes world and host"),
+    ] {
+        let e = err(&format!(
+            "  endpointSelector: {{}}\n  egress:\n  - toEntities: [{entity}]\n    authentication: {{mode: test-always-fail}}\n"
+        ));
+        assert!(
+            e.contains("spec.egress[0]") && e.contains(why) && e.contains("never succeed"),
+            "{entity}: {e}"
+        );
+    }
+    // Without authentication, and with `disabled`, the same entities are fine.
+    assert!(
+        parse_policies(&doc(
+            "  endpointSelector: {}\n  egress:\n  - toEntities: [cluster, host, world, all]\n    authentication: {mode: disabled}\n"
+        ))
+        .is_ok()
+    );
     let e = err(
         "  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"80\"}]}]\n    authentication: {mode: required}\n",
     );
@@ -477,11 +501,9 @@ fn constructs_and_errors() {
     );
 }
 
-#[test]
-fn auth_inheritance_and_strongest_requirement() {
-    // A broad rule requires authentication; a narrower rule for the same peer does not say:
-    // the flow needs authentication (inherited). An explicit `disabled` does not lower it.
-    let yaml = r#"
+/// Auth inheritance as Cilium's `authPreferredInsert`: explicit beats inherited, the most
+/// specific explicit mode covering an entry applies, equal keys take the strongest.
+const INHERITANCE: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: broad}
@@ -490,6 +512,8 @@ spec:
   ingress:
   - fromEndpoints: [{matchLabels: {app: api}}]
     authentication: {mode: required}
+  - toPorts: [{ports: [{port: "9000", endPort: 9100}]}]
+    authentication: {mode: disabled}
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -504,19 +528,167 @@ spec:
     authentication: {mode: disabled}
   - fromEndpoints: [{matchLabels: {app: test}}]
     authentication: {mode: test-always-fail}
+  - fromEndpoints: [{matchLabels: {app: test}}]
+    authentication: {mode: required}
+  - fromEndpoints: [{matchLabels: {app: api}}]
+    toPorts: [{ports: [{port: "9050", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: api}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: api}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+    authentication: {mode: required}
 "#;
-    assert_eq!(
-        check(yaml, "app=api", "app=db", 5432, Protocol::Tcp),
-        (true, AuthType::Required)
-    );
-    assert_eq!(
-        check(yaml, "app=api", "app=db", 5433, Protocol::Tcp),
-        (true, AuthType::Required)
-    );
-    assert_eq!(
-        check(yaml, "app=test", "app=db", 1, Protocol::Udp),
-        (true, AuthType::TestAlwaysFail)
-    );
+
+#[test]
+fn auth_inheritance_and_strongest_requirement() {
+    // (src, dst, port, protocol, expected auth); every case is allowed.
+    let cases = [
+        // Narrower rule without `authentication` inherits the broader L3 rule's `required`.
+        ("app=api", "app=db", 5432, Protocol::Tcp, AuthType::Required),
+        // Narrower rule with explicit `disabled` keeps it: explicit beats inherited.
+        ("app=api", "app=db", 5433, Protocol::Tcp, AuthType::None),
+        // Only the broad rule matches.
+        ("app=api", "app=db", 7, Protocol::Udp, AuthType::Required),
+        // Same key from two rules: the strongest applies.
+        (
+            "app=test",
+            "app=db",
+            1,
+            Protocol::Udp,
+            AuthType::TestAlwaysFail,
+        ),
+        // Port 9050 from api: the most specific explicit cover is the port-range rule's
+        // `disabled` (narrower ports beat the L3-only `required`).
+        ("app=api", "app=db", 9050, Protocol::Tcp, AuthType::None),
+        // Port 9060 from api: the range rule (disabled) is more specific than L3-only.
+        ("app=api", "app=db", 9060, Protocol::Tcp, AuthType::None),
+        // Anyone else on the range: allowed, no authentication.
+        ("app=other", "app=db", 9000, Protocol::Tcp, AuthType::None),
+        // Same key, one rule unset and one required: required.
+        ("app=api", "app=web", 80, Protocol::Tcp, AuthType::Required),
+    ];
+    let policies = parse_policies(INHERITANCE).unwrap();
+    let identities = BTreeMap::from([
+        (IdentityId::new(256), l("app=api")),
+        (IdentityId::new(257), l("app=db")),
+        (IdentityId::new(258), l("app=test")),
+        (IdentityId::new(259), l("app=other")),
+        (IdentityId::new(260), l("app=web")),
+    ]);
+    for (src, dst, port, proto, auth) in cases {
+        assert_eq!(
+            check(INHERITANCE, src, dst, port, proto),
+            (true, auth),
+            "trace {src} -> {dst} {port}/{proto:?}"
+        );
+        // The compiled entries, looked up as the datapath does, agree with the trace.
+        let remote = identities
+            .iter()
+            .find(|(_, labels)| **labels == l(src))
+            .map(|(id, _)| *id)
+            .unwrap();
+        let entries = compile_endpoint(&policies, &identities, &l(dst));
+        assert_eq!(
+            lookup(&entries, Direction::Ingress, remote, proto, port),
+            (Verdict::Allow, auth),
+            "lookup {src} -> {dst} {port}/{proto:?}: {entries:#?}"
+        );
+    }
+}
+
+/// Compiled entries looked up as the datapath does give the same verdict and auth as the
+/// trace, for every pair of identities, over several ports and protocols.
+#[test]
+fn compiled_lookup_agrees_with_evaluation() {
+    let mut yaml = fixture("walkthrough.yaml");
+    for f in [
+        "cilium-docs/01-l3-label.yaml",
+        "cilium-docs/08-l4-port.yaml",
+        "cilium-docs/10-port-range.yaml",
+        "cilium-docs/11-match-expressions.yaml",
+        "cilium-docs/12-ingress-deny.yaml",
+        "cilium-docs/13-clusterwide-deny.yaml",
+        "cilium-docs/14-protocol-any.yaml",
+    ] {
+        yaml.push_str("\n---\n");
+        yaml.push_str(&fixture(f));
+    }
+    yaml.push_str("\n---\n");
+    yaml.push_str(INHERITANCE);
+    let policies = parse_policies(&yaml).unwrap();
+    let labels = [
+        "app=client1",
+        "app=client2",
+        "app=client3",
+        "app=demodeployment",
+        "role=frontend",
+        "role=backend",
+        "role=frontend,env=production",
+        "app=myService",
+        "app=api",
+        "app=db",
+        "app=test",
+        "app=web",
+        "k8s-app=kube-dns",
+        "app=y",
+    ];
+    let identities: BTreeMap<IdentityId, Labels> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (IdentityId::new(256 + i as u32), l(s)))
+        .collect();
+    let mut checked = 0;
+    for (dst_id, dst) in &identities {
+        let entries = compile_endpoint(&policies, &identities, dst);
+        for (src_id, src) in &identities {
+            for (proto, port) in [
+                (Protocol::Tcp, 80),
+                (Protocol::Tcp, 443),
+                (Protocol::Tcp, 5432),
+                (Protocol::Tcp, 9050),
+                (Protocol::Udp, 53),
+                (Protocol::Tcp, 22),
+                (Protocol::Icmp, 0),
+            ] {
+                let want = evaluate(
+                    &policies,
+                    dst,
+                    Direction::Ingress,
+                    Peer::Endpoint(src),
+                    proto,
+                    port,
+                );
+                assert_eq!(
+                    lookup(&entries, Direction::Ingress, *src_id, proto, port),
+                    (want.verdict, want.auth),
+                    "{src} -> {dst} {port}/{proto:?}"
+                );
+                let src_entries = compile_endpoint(&policies, &identities, src);
+                let want = evaluate(
+                    &policies,
+                    src,
+                    Direction::Egress,
+                    Peer::Endpoint(dst),
+                    proto,
+                    port,
+                );
+                assert_eq!(
+                    lookup(&src_entries, Direction::Egress, *dst_id, proto, port),
+                    (want.verdict, want.auth),
+                    "egress {src} -> {dst} {port}/{proto:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, labels.len() * labels.len() * 7);
 }
 
 fn entry(
