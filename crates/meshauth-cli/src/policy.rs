@@ -108,6 +108,7 @@ fn auth_word(a: AuthType) -> &'static str {
 fn direction_json(d: &DirectionVerdict) -> serde_json::Value {
     serde_json::json!({
         "selected": d.selected,
+        "selected_by": d.selected_by,
         "verdict": verdict_word(d.verdict),
         "auth": auth_word(d.auth),
         "decided_by": d.decided_by.iter().map(|r| format!("{}/{}[{}]", r.policy, r.section, r.index)).collect::<Vec<_>>(),
@@ -118,7 +119,10 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
     let why = if !d.selected {
         "no policy selects it: allowed".to_string()
     } else if d.decided_by.is_empty() {
-        "selected, no rule matches: default deny".to_string()
+        format!(
+            "no rule matches: default deny (selected by {})",
+            d.selected_by.join(", ")
+        )
     } else {
         d.decided_by
             .iter()

@@ -61,6 +61,16 @@ fn trace_the_walkthrough() {
         (Some("denied"), Some("none"))
     );
     assert_eq!(t["egress"]["selected"], false);
+    // Default deny names the policies that selected the destination.
+    assert_eq!(
+        t["ingress"]["selected_by"],
+        serde_json::json!([
+            "demo1-allow-client1",
+            "demo1-allow-client2-auth",
+            "demo1-default-deny"
+        ])
+    );
+    assert_eq!(t["ingress"]["decided_by"], serde_json::json!([]));
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub struct DirectionVerdict {
     pub verdict: Verdict,
     /// Required authentication (allow only).
     pub auth: AuthType,
+    /// The policies with a rule selecting the endpoint in this direction (sorted, unique): for a
+    /// default deny, these are what made it.
+    pub selected_by: Vec<String>,
     /// The rules that decided (empty for "not selected" and for default deny).
     pub decided_by: Vec<RuleRef>,
 }
@@ -168,6 +171,7 @@ pub fn evaluate(
     port: u16,
 ) -> DirectionVerdict {
     let mut selected = false;
+    let mut selected_by = std::collections::BTreeSet::new();
     let mut allows = Vec::new();
     let mut denies = Vec::new();
     // The most specific explicit authentication among the matching allows, and its mode.
@@ -178,6 +182,7 @@ pub fn evaluate(
                 continue;
             }
             selected = true;
+            selected_by.insert(p.name.clone());
             for (section, list, verdict) in sections(rule, direction) {
                 for (i, pr) in list.iter().enumerate() {
                     let Some(remote_specific) = peer_match(&pr.peers, peer) else {
@@ -211,9 +216,11 @@ pub fn evaluate(
         }
     }
     let auth = explicit.map_or(AuthType::None, |(_, a)| a);
+    let selected_by: Vec<String> = selected_by.into_iter().collect();
     if !selected {
         return DirectionVerdict {
             selected,
+            selected_by,
             verdict: Verdict::Allow,
             auth: AuthType::None,
             decided_by: vec![],
@@ -222,6 +229,7 @@ pub fn evaluate(
     if !denies.is_empty() {
         return DirectionVerdict {
             selected,
+            selected_by,
             verdict: Verdict::Deny,
             auth: AuthType::None,
             decided_by: denies,
@@ -230,6 +238,7 @@ pub fn evaluate(
     if allows.is_empty() {
         return DirectionVerdict {
             selected,
+            selected_by,
             verdict: Verdict::Deny,
             auth: AuthType::None,
             decided_by: vec![],
@@ -237,6 +246,7 @@ pub fn evaluate(
     }
     DirectionVerdict {
         selected,
+        selected_by,
         verdict: Verdict::Allow,
         auth,
         decided_by: allows,

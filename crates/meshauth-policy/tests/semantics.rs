@@ -81,6 +81,24 @@ fn walkthrough_client1_allowed_client2_needs_auth_client3_denied() {
         check(&yaml, "app=client1", "app=client2", 80, Protocol::Tcp),
         (true, AuthType::None)
     );
+    // Default deny: no rule decided; the selecting policies are named.
+    let t = trace(
+        &parse_policies(&yaml).unwrap(),
+        &l("app=client3"),
+        &l("app=demodeployment"),
+        Protocol::Tcp,
+        80,
+    );
+    assert!(t.ingress.selected && t.ingress.decided_by.is_empty());
+    assert_eq!(
+        t.ingress.selected_by,
+        [
+            "demo1-allow-client1",
+            "demo1-allow-client2-auth",
+            "demo1-default-deny"
+        ]
+    );
+    assert!(!t.egress.selected && t.egress.selected_by.is_empty());
     // The default-deny policy alone denies everyone.
     let deny_only: String = yaml.split("---").next().unwrap().to_string();
     assert!(
