@@ -66,6 +66,36 @@ pub struct Snapshot {
     pub synced: bool,
     /// Whether the sync stream is up right now.
     pub connected: bool,
+    /// The cluster state from the last sync (identities, endpoints, nodes, policies).
+    pub cluster: Option<Arc<ClusterState>>,
+}
+
+/// What every agent needs to enforce policy, as the server last sent it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ClusterState {
+    /// Every identity and its labels.
+    pub identities: BTreeMap<meshauth_policy::IdentityId, meshauth_policy::Labels>,
+    /// Every endpoint: (node name, node id, endpoint name, address, identity).
+    pub endpoints: Vec<ClusterEndpoint>,
+    /// Every node: name → (id, handshake address).
+    pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
+    /// Every policy, parsed.
+    pub policies: Vec<meshauth_policy::Policy>,
+}
+
+/// An endpoint somewhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEndpoint {
+    /// Its node.
+    pub node: String,
+    /// Its node's id.
+    pub node_id: meshauth_policy::NodeId,
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub ipv4: std::net::Ipv4Addr,
+    /// Its identity.
+    pub identity: meshauth_policy::IdentityId,
 }
 
 impl Snapshot {

@@ -11,6 +11,7 @@
 //! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
+//! - [`enforce`]: datapath, policy, identity SVIDs, auth manager and handshake server.
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
 //!   clients work too; [`admin`]: the operator API.
 //! - [`metrics`]; [`run`]: wiring.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod attestor;
 pub mod authority_fix;
 pub mod cache;
+pub mod enforce;
 pub mod identity;
 pub mod manager;
 pub mod metrics;
@@ -28,4 +30,4 @@ pub mod run;
 pub mod server_client;
 pub mod workload_api;
 
-pub use run::{Agent, AgentConfig, defaults};
+pub use run::{Agent, AgentConfig, EnforceSettings, defaults};

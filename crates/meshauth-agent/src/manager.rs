@@ -87,6 +87,57 @@ fn bundle_of(msg: &Bundle, td: &TrustDomain) -> anyhow::Result<X509Bundle> {
     })
 }
 
+/// Turns the cluster part of a sync message into domain types; what does not parse is logged
+/// and left out (the server validated it, so this means a version mismatch).
+fn cluster_of(
+    identities: &[meshauth_proto::node::Identity],
+    endpoints: &[meshauth_proto::node::Endpoint],
+    nodes: &[meshauth_proto::node::ClusterNode],
+    policies: &[meshauth_proto::node::PolicyDocument],
+) -> crate::cache::ClusterState {
+    use meshauth_policy::{IdentityId, Labels, NodeId};
+    let mut out = crate::cache::ClusterState::default();
+    for i in identities {
+        match Labels::from_pairs(i.labels.iter().map(|(k, v)| (k.as_str(), v.clone()))) {
+            Ok(l) => {
+                out.identities.insert(IdentityId::new(i.id), l);
+            }
+            Err(e) => {
+                tracing::warn!(identity = i.id, error = %e, "ignoring an identity with invalid labels")
+            }
+        }
+    }
+    for e in endpoints {
+        match e.ipv4.parse() {
+            Ok(ipv4) => out.endpoints.push(crate::cache::ClusterEndpoint {
+                node: e.node.clone(),
+                node_id: NodeId::new(e.node_id),
+                name: e.name.clone(),
+                ipv4,
+                identity: IdentityId::new(e.identity),
+            }),
+            Err(_) => {
+                tracing::warn!(endpoint = %e.name, "ignoring an endpoint with an invalid address")
+            }
+        }
+    }
+    for n in nodes {
+        out.nodes.insert(
+            n.name.clone(),
+            (NodeId::new(n.node_id), n.address.parse().ok()),
+        );
+    }
+    for p in policies {
+        match meshauth_policy::parse_policies(&p.yaml) {
+            Ok(mut ps) => out.policies.append(&mut ps),
+            Err(e) => {
+                tracing::warn!(policy = %p.name, error = %e, "ignoring a policy that does not parse")
+            }
+        }
+    }
+    out
+}
+
 /// Loads the node identity from the data dir, or attests with the join token.
 pub async fn bootstrap(
     config: &ManagerConfig,
@@ -173,6 +224,27 @@ impl Manager {
             state,
             metrics,
         })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> meshauth_spiffe::TrustDomain {
+        self.config.trust_domain.clone()
+    }
+
+    /// The live trust bundle (follows CA rotation).
+    pub fn shared_bundle(&self) -> SharedBundle {
+        self.bundle.clone()
+    }
+
+    /// A new connection to the server, authenticated by the node SVID.
+    pub async fn connect(&self) -> anyhow::Result<NodeClient<Channel>> {
+        connect(
+            &self.config.server,
+            &self.config.trust_domain,
+            self.bundle.clone(),
+            Some(self.node_key.clone()),
+        )
+        .await
     }
 
     /// Snapshots of the cache, for the Workload API and the admin API.
@@ -335,6 +407,7 @@ impl Manager {
                 },
             );
         }
+        let cluster = cluster_of(&msg.identities, &msg.endpoints, &msg.nodes, &msg.policies);
         let current = self.state.borrow().clone();
         let needed: Vec<Entry> = entries
             .values()
@@ -349,6 +422,9 @@ impl Manager {
                 s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
             }
             s.entries = entries;
+            if s.cluster.as_deref() != Some(&cluster) {
+                s.cluster = Some(Arc::new(cluster));
+            }
             s.synced = true;
         });
         Ok(())

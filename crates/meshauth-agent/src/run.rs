@@ -55,6 +55,17 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_listen: SocketAddr,
+    /// Enforce network policy on this node's pods (datapath, auth manager, handshakes).
+    pub enforce: Option<EnforceSettings>,
+}
+
+/// How the agent finds its pods and where it answers handshakes.
+#[derive(Debug, Clone)]
+pub struct EnforceSettings {
+    /// The lab whose pods on this node are the endpoints.
+    pub lab: String,
+    /// The handshake address; default: the address this node reaches the server from.
+    pub node_address: Option<std::net::IpAddr>,
 }
 
 /// An agent with its identity loaded and its sockets bound.
@@ -166,7 +177,7 @@ impl Agent {
             ready_rx,
             stopped(stop_rx.clone()),
         );
-        let run = manager.run(stop_rx.clone());
+        let run = manager.clone().run(stop_rx.clone());
         let stop = async move {
             shutdown.await;
             tracing::info!("shutting down");
@@ -179,8 +190,37 @@ impl Agent {
                 _ = stop_readiness.wait_for(|s| *s) => {}
             }
         };
-        let (w, a, h, (), (), ()) =
-            tokio::join!(workload_api, admin_api, http, run, stop, readiness);
+        let enforce = {
+            let stop = stop_rx.clone();
+            let manager = manager.clone();
+            let settings = config.enforce.clone();
+            let server = config.server.clone();
+            let node = config.node_name.clone();
+            async move {
+                let Some(settings) = settings else {
+                    return Ok(());
+                };
+                let node_address = match settings.node_address {
+                    Some(a) => a,
+                    None => local_address_towards(&server).await?,
+                };
+                let cfg = crate::enforce::EnforceConfig {
+                    node_name: node.clone(),
+                    pin_dir: meshauth_datapath::Datapath::pin_dir_for(&format!(
+                        "{}-{node}",
+                        settings.lab
+                    )),
+                    node_address,
+                    handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
+                    manager: meshauth_auth::ManagerConfig::default(),
+                };
+                let source = Box::new(crate::enforce::LabEndpoints::new(&settings.lab, &node)?);
+                crate::enforce::run(cfg, manager, source, stop).await
+            }
+        };
+        let (w, a, h, (), (), (), e) =
+            tokio::join!(workload_api, admin_api, http, run, stop, readiness, enforce);
+        e.context("enforcement")?;
         w.context("workload API")?;
         a.context("admin API")?;
         h.context("metrics")?;
@@ -211,4 +251,20 @@ async fn bind_socket(path: &Path, mode: u32, flag: &str) -> anyhow::Result<UnixL
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
     Ok(listener)
+}
+
+/// The local address this host uses to reach `server` (`host:port`).
+async fn local_address_towards(server: &str) -> anyhow::Result<std::net::IpAddr> {
+    let target = tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("cannot resolve {server}"))?
+        .next()
+        .with_context(|| format!("{server} resolves to nothing"))?;
+    let probe = std::net::UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    probe.connect(target)?;
+    Ok(probe.local_addr()?.ip())
 }

@@ -114,6 +114,16 @@ impl LocalSvids {
             .remove(&identity);
     }
 
+    /// The identities with an SVID.
+    pub fn identities(&self) -> Vec<IdentityId> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// The SVID of `identity`.
     pub fn get(&self, identity: IdentityId) -> Option<LocalSvid> {
         self.0

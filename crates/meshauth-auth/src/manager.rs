@@ -201,6 +201,16 @@ impl<T: AuthTable> AuthManager<T> {
         }
     }
 
+    /// Records a pair authenticated by a peer's handshake (the responder side).
+    pub fn record(&self, key: AuthKey, expires: SystemTime) {
+        let mut st = self.lock();
+        if let Err(e) = st.table.insert(key, expires) {
+            tracing::error!(error = %e, "cannot write the auth entry");
+        }
+        st.entries.insert(key, expires);
+        st.stats.succeeded += 1;
+    }
+
     /// Re-authenticates entries expiring within the margin and removes expired ones.
     pub fn tick(&self, now: SystemTime) {
         let (expired, renew): (Vec<AuthKey>, Vec<AuthKey>) = {

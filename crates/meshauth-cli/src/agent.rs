@@ -27,7 +27,7 @@ enum Sub {
     ///
     /// First start: meshauth agent run --node n1 --join-token TOKEN --trust-bundle bundle.pem
     /// Later starts re-use the node SVID kept in --data-dir; no token is needed.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask a running agent whether it is healthy and connected to the server.
     Healthcheck {
         #[command(flatten)]
@@ -129,6 +129,14 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = defaults::METRICS_LISTEN)]
     metrics_listen: SocketAddr,
+    /// Enforce policy on the pods of this lab's node (loads the eBPF datapath; run the agent
+    /// inside the node's namespace: `ip netns exec <lab>-<node> meshauth agent run ...`).
+    #[arg(long)]
+    lab: Option<String>,
+    /// Address peers reach this node's handshake port (4250) on; default: the address this
+    /// node reaches the server from.
+    #[arg(long)]
+    node_address: Option<std::net::IpAddr>,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -142,6 +150,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         workload_socket: args.workload_socket,
         admin_socket: args.agent_socket,
         metrics_listen: args.metrics_listen,
+        enforce: args.lab.map(|lab| meshauth_agent::EnforceSettings {
+            lab,
+            node_address: args.node_address,
+        }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -156,7 +168,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd.command {
-        Sub::Run(args) => run_agent(args),
+        Sub::Run(args) => run_agent(*args),
         other => block_on(operate(other)),
     }
 }

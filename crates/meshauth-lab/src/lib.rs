@@ -25,6 +25,9 @@ use std::process::{Command, Output};
 
 /// Where lab state files live.
 pub const STATE_DIR: &str = "/run/meshauth-lab";
+/// The underlay address reserved for a server (in the underlay namespace, on the bridge).
+pub const SERVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 254);
+
 /// Where the datapath pins maps, per node namespace (`<lab>-<node>`).
 pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/meshauth";
 
@@ -324,6 +327,16 @@ impl Lab {
         ip(&["-n", &ul, "link", "set", "lo", "up"])?;
         ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        // The address a lab server listens on, reachable from every node.
+        ip(&[
+            "-n",
+            &ul,
+            "addr",
+            "add",
+            &format!("{SERVER_ADDRESS}/24"),
+            "dev",
+            "br0",
+        ])?;
         let mut state = LabState::default();
         for i in 1..=nodes {
             let name = format!("n{i}");
@@ -533,6 +546,18 @@ impl Lab {
                 })?;
         }
         Ok(())
+    }
+
+    /// A command run inside network namespace `netns` (a node's or the underlay's) and
+    /// nothing else: unlike `ip netns exec`, `nsenter --net` keeps the host's mount namespace,
+    /// so an agent started this way pins its BPF objects in the host's bpffs, where they
+    /// outlive the agent and a restarted agent finds them.
+    pub fn exec_in(&self, netns: &str, argv: &[String]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .args(argv);
+        cmd
     }
 
     /// A command run inside `pod`'s network namespace (not started).
