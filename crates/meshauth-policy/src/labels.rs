@@ -123,12 +123,13 @@ pub enum Operator {
 impl FromStr for Operator {
     type Err = LabelError;
 
+    /// Case-insensitive, as Cilium lowercases operators (its own examples write `in`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "In" => Ok(Operator::In),
-            "NotIn" => Ok(Operator::NotIn),
-            "Exists" => Ok(Operator::Exists),
-            "DoesNotExist" => Ok(Operator::DoesNotExist),
+        match s.to_ascii_lowercase().as_str() {
+            "in" => Ok(Operator::In),
+            "notin" => Ok(Operator::NotIn),
+            "exists" => Ok(Operator::Exists),
+            "doesnotexist" => Ok(Operator::DoesNotExist),
             other => Err(LabelError::BadOperator(other.to_owned())),
         }
     }

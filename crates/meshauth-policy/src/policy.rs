@@ -3,6 +3,13 @@
 //! Wire types (serde, `deny_unknown_fields`) stay private to this module and become domain types
 //! once, in [`parse_policies`]. Fields meshauth does not implement are refused with the field's
 //! path and the document, never ignored.
+//!
+//! Namespaces: meshauth workloads carry plain label sets, with no implicit namespace label, so
+//! `metadata.namespace` (like `metadata.labels` and `annotations`) is accepted and does not
+//! scope the policy: a `CiliumNetworkPolicy` selects and allows exactly what its selectors say,
+//! as a `CiliumClusterwideNetworkPolicy` would. To scope by namespace, put the namespace label
+//! (e.g. `io.kubernetes.pod.namespace`) in the selectors and on the workloads. Policies are
+//! identified by `metadata.name` alone.
 
 use std::collections::BTreeMap;
 
