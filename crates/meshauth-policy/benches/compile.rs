@@ -1,13 +1,14 @@
-//! Compile 1,000 policies over 10,000 identities: the full compile of a node's endpoints, and
-//! the incremental cost of one new identity and one new policy.
+//! Compile 1,000 policies over 10,000 identities: parsing, the full compile of a node's
+//! endpoints, and the incremental cost of one new identity and one new policy.
 //!
-//! Run: `cargo bench -p meshauth-policy --bench compile` (a plain bench binary: it prints the
-//! median of repeated runs; compare numbers from the same machine and run).
+//! Run (short form, as recorded in docs/benchmarks.md):
+//! `cargo bench -p meshauth-policy --bench compile -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::hint::black_box;
 
-use meshauth_policy::{Compiler, IdentityId, Labels, compile_endpoint, parse_policies};
+use criterion::{Criterion, criterion_group, criterion_main};
+use meshauth_policy::{Compiler, IdentityId, Labels, Policy, compile_endpoint, parse_policies};
 
 const IDENTITIES: usize = 10_000;
 const POLICIES: usize = 1_000;
@@ -19,6 +20,8 @@ fn labels(i: usize) -> Labels {
         .expect("valid labels")
 }
 
+/// Each policy selects one of the node's 100 endpoints and allows one of 50 teams (200
+/// identities each) on its own port; a third require authentication.
 fn policies_yaml() -> String {
     (0..POLICIES)
         .map(|k| {
@@ -33,67 +36,61 @@ fn policies_yaml() -> String {
         .collect()
 }
 
-fn median(mut runs: Vec<Duration>) -> Duration {
-    runs.sort();
-    runs[runs.len() / 2]
+fn compile_node(policies: &[Policy], identities: &BTreeMap<IdentityId, Labels>) -> usize {
+    (0..ENDPOINTS_ON_NODE)
+        .map(|e| compile_endpoint(policies, identities, &labels(e)).len())
+        .sum()
 }
 
-fn time<T>(n: usize, mut f: impl FnMut() -> T) -> Duration {
-    median(
-        (0..n)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(f());
-                t.elapsed()
-            })
-            .collect(),
-    )
-}
-
-fn main() {
+fn bench(c: &mut Criterion) {
     let yaml = policies_yaml();
-    let parse = time(5, || parse_policies(&yaml).expect("valid policies"));
     let policies = parse_policies(&yaml).expect("valid policies");
     let identities: BTreeMap<IdentityId, Labels> = (0..IDENTITIES)
         .map(|i| (IdentityId::new(256 + i as u32), labels(i)))
         .collect();
-    let mut entries = 0;
-    let full = time(5, || {
-        entries = 0;
-        for e in 0..ENDPOINTS_ON_NODE {
-            entries += compile_endpoint(&policies, &identities, &labels(e)).len();
-        }
+    let entries = compile_node(&policies, &identities);
+    println!(
+        "policies: {POLICIES}, identities: {IDENTITIES}, endpoints on the node: {ENDPOINTS_ON_NODE}, entries: {entries}"
+    );
+
+    let mut g = c.benchmark_group("policy");
+    g.sample_size(10);
+    g.bench_function("parse 1000 policies", |b| {
+        b.iter(|| parse_policies(black_box(&yaml)))
+    });
+    g.bench_function("full compile of the node", |b| {
+        b.iter(|| compile_node(black_box(&policies), black_box(&identities)))
     });
 
-    let mut c = Compiler::new();
+    let mut compiler = Compiler::new();
     for (id, l) in &identities {
-        c.set_identity(*id, l.clone());
+        compiler.set_identity(*id, l.clone());
     }
     for e in 0..ENDPOINTS_ON_NODE {
-        c.set_endpoint(&format!("ep{e}"), labels(e));
+        compiler.set_endpoint(&format!("ep{e}"), labels(e));
     }
     for p in policies.iter().cloned() {
-        c.set_policy(p);
+        compiler.set_policy(p);
     }
     let mut next = 100_000u32;
-    let add_identity = time(21, || {
-        next += 1;
-        c.set_identity(
-            IdentityId::new(next),
-            format!("app=new-{next},team=t7").parse().expect("labels"),
-        )
+    g.bench_function("incremental: one new identity", |b| {
+        b.iter(|| {
+            next += 1;
+            compiler.set_identity(
+                IdentityId::new(next),
+                format!("app=new-{next},team=t7").parse().expect("labels"),
+            )
+        })
     });
     let extra = parse_policies(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: extra}\nspec:\n  endpointSelector: {matchLabels: {app: svc-3}}\n  egress:\n  - toEndpoints: [{matchLabels: {team: t9}}]\n",
     )
     .expect("valid policy");
-    let add_policy = time(21, || c.set_policy(extra[0].clone()));
-
-    println!(
-        "policies: {POLICIES}, identities: {IDENTITIES}, endpoints on the node: {ENDPOINTS_ON_NODE}"
-    );
-    println!("parse {POLICIES} policies:                 {parse:?}");
-    println!("full compile of the node ({entries} entries): {full:?}");
-    println!("incremental: one new identity:            {add_identity:?}");
-    println!("incremental: one new policy:              {add_policy:?}");
+    g.bench_function("incremental: one new policy", |b| {
+        b.iter(|| compiler.set_policy(extra[0].clone()))
+    });
+    g.finish();
 }
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
