@@ -1,10 +1,12 @@
-//! The agent's operator API on its admin socket (mode 0600): health and the SVIDs it holds.
+//! The agent's operator API on its admin socket (mode 0600): health, the SVIDs it holds, the
+//! pairs it has authenticated.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshauth_proto::agent::agent_admin_server::AgentAdmin;
 use meshauth_proto::agent::{
-    HealthRequest, HealthResponse, ListSvidsRequest, ListSvidsResponse, Svid,
+    AuthEntry, HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse, ListSvidsRequest,
+    ListSvidsResponse, Svid,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,12 +17,17 @@ use crate::manager::Manager;
 pub struct AdminApi {
     manager: Manager,
     node_name: String,
+    auth: crate::enforce::AuthEntries,
 }
 
 impl AdminApi {
-    /// Serves `manager`'s state.
-    pub fn new(manager: Manager, node_name: String) -> Self {
-        AdminApi { manager, node_name }
+    /// Serves `manager`'s state and the auth entries enforcement publishes.
+    pub fn new(manager: Manager, node_name: String, auth: crate::enforce::AuthEntries) -> Self {
+        AdminApi {
+            manager,
+            node_name,
+            auth,
+        }
     }
 }
 
@@ -45,6 +52,49 @@ impl AgentAdmin for AdminApi {
             bundle_sequence: snap.bundle.as_ref().map(|b| b.sequence).unwrap_or(0),
             entries: snap.entries.len() as u32,
             svids: snap.svids.len() as u32,
+        }))
+    }
+
+    async fn list_auth(
+        &self,
+        _r: Request<ListAuthRequest>,
+    ) -> Result<Response<ListAuthResponse>, Status> {
+        let snap = self.manager.subscribe().borrow().clone();
+        let cluster = snap.cluster.clone().unwrap_or_default();
+        let labels = |id: meshauth_policy::IdentityId| {
+            cluster
+                .identities
+                .get(&id)
+                .map(|l| {
+                    l.iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let node_name = |id: meshauth_policy::NodeId| {
+            cluster
+                .nodes
+                .iter()
+                .find(|(_, (n, _))| *n == id)
+                .map(|(name, _)| name.clone())
+                .unwrap_or_else(|| format!("node-{id}"))
+        };
+        Ok(Response::new(ListAuthResponse {
+            node: self.node_name.clone(),
+            entries: self
+                .auth
+                .get()
+                .into_iter()
+                .map(|(k, exp)| AuthEntry {
+                    local_identity: k.local.get(),
+                    local_labels: labels(k.local),
+                    remote_identity: k.remote.get(),
+                    remote_labels: labels(k.remote),
+                    remote_node: node_name(k.remote_node),
+                    expires_at_unix: unix(exp),
+                })
+                .collect(),
         }))
     }
 

@@ -95,6 +95,22 @@ impl EndpointSource for LabEndpoints {
     }
 }
 
+/// The auth entries this node holds, published by enforcement for the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct AuthEntries(Arc<RwLock<Vec<(AuthKey, SystemTime)>>>);
+
+impl AuthEntries {
+    /// The entries, sorted.
+    pub fn get(&self) -> Vec<(AuthKey, SystemTime)> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, mut entries: Vec<(AuthKey, SystemTime)>) {
+        entries.sort();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = entries;
+    }
+}
+
 /// Settings of enforcement.
 #[derive(Debug, Clone)]
 pub struct EnforceConfig {
@@ -108,6 +124,8 @@ pub struct EnforceConfig {
     pub handshake_port: u16,
     /// Auth manager sizes.
     pub manager: ManagerConfig,
+    /// Where the current auth entries are published.
+    pub published: AuthEntries,
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
@@ -318,6 +336,7 @@ pub async fn run(
             tracing::warn!(error = %format!("{e:#}"), "reconcile failed; retrying");
         }
         auth.tick(SystemTime::now());
+        config.published.set(auth.entries());
     }
 }
 

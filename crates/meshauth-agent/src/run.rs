@@ -138,6 +138,7 @@ impl Agent {
             admin,
             metrics_listener,
         } = self;
+        let auth_entries = crate::enforce::AuthEntries::default();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -156,6 +157,7 @@ impl Agent {
             .add_service(AgentAdminServer::new(AdminApi::new(
                 manager.clone(),
                 config.node_name.clone(),
+                auth_entries.clone(),
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         // Ready once the first sync with the server completed.
@@ -191,6 +193,7 @@ impl Agent {
             }
         };
         let enforce = {
+            let published = auth_entries.clone();
             let stop = stop_rx.clone();
             let manager = manager.clone();
             let settings = config.enforce.clone();
@@ -213,6 +216,7 @@ impl Agent {
                     node_address,
                     handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
                     manager: meshauth_auth::ManagerConfig::default(),
+                    published,
                 };
                 let source = Box::new(crate::enforce::LabEndpoints::new(&settings.lab, &node)?);
                 crate::enforce::run(cfg, manager, source, stop).await

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use meshauth_agent::{AgentConfig, defaults};
 use meshauth_datastore::NodeName;
 use meshauth_proto::admin::{Agent, AgentRequest, ListAgentsRequest};
@@ -92,11 +91,7 @@ struct AgentSocket {
 
 impl AgentSocket {
     async fn connect(&self) -> anyhow::Result<AgentAdminClient<tonic::transport::Channel>> {
-        let shown = self.path.display().to_string();
-        let channel = meshauth_proto::uds::connect(&self.path)
-            .await
-            .with_context(|| format!("cannot reach the agent's admin socket {shown} (is `meshauth agent run` running? pass --agent-socket)"))?;
-        Ok(AgentAdminClient::new(channel))
+        crate::common::agent_client(&self.path).await
     }
 }
 

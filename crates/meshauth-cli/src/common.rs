@@ -73,3 +73,19 @@ pub(crate) fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
         .build()?
         .block_on(f)
 }
+
+/// Connects to an agent's admin socket.
+pub(crate) async fn agent_client(
+    path: &std::path::Path,
+) -> anyhow::Result<
+    meshauth_proto::agent::agent_admin_client::AgentAdminClient<tonic::transport::Channel>,
+> {
+    use anyhow::Context;
+    let channel = meshauth_proto::uds::connect(path).await.with_context(|| {
+        format!(
+            "cannot reach the agent's admin socket {} (is `meshauth agent run` running? pass --agent-socket)",
+            path.display()
+        )
+    })?;
+    Ok(meshauth_proto::agent::agent_admin_client::AgentAdminClient::new(channel))
+}

@@ -6,9 +6,11 @@
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod auth;
 mod bundle;
 mod cluster;
 mod common;
+mod demo;
 mod entry;
 mod lab;
 mod policy;
@@ -30,10 +32,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the walkthrough on a lab: policies, agents, authentication, requests (needs root).
+    Demo(demo::Cmd),
     /// Run the identity server, or check its health.
     Server(server::Cmd),
     /// Run a node agent, ask it what it holds; list, ban and evict agents on the server.
     Agent(agent::Cmd),
+    /// List the identity pairs agents have authenticated.
+    Auth(auth::Cmd),
     /// Create single-use join tokens for node attestation.
     Token(token::Cmd),
     /// Register workload identities (registration entries).
@@ -59,9 +65,11 @@ fn main() -> std::process::ExitCode {
     };
     init_logging(&cli.log);
     let result = match cli.command {
+        Command::Demo(cmd) => demo::run(cmd),
         Command::Server(cmd) => server::run(cmd),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Auth(cmd) => auth::run(cmd),
         Command::Entry(cmd) => entry::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Identity(cmd) => cluster::run_identity(cmd),
