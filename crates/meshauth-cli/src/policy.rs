@@ -21,8 +21,8 @@ enum Sub {
     /// Validate and store policies on the server; agents enforce them at once. All documents
     /// of all files are applied together, or none if any is invalid.
     Apply {
-        /// Policy files; repeat for several.
-        #[arg(short = 'f', long = "file", required = true)]
+        /// Policy files: `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         #[command(flatten)]
         socket: AdminSocket,
@@ -44,8 +44,8 @@ enum Sub {
     },
     /// Check CiliumNetworkPolicy files; exits non-zero with what is wrong and where.
     Validate {
-        /// Policy files (multi-document YAML); repeat for several.
-        #[arg(short = 'f', long = "file", required = true)]
+        /// Policy files (multi-document YAML): `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
     },
     /// Show whether SRC may reach DST on a port, what authentication it needs, and which rules
@@ -53,8 +53,8 @@ enum Sub {
     ///
     /// Example: meshauth policy trace -f demo.yaml --src app=client2 --dst app=demodeployment --dport 80/TCP
     Trace {
-        /// Policy files; repeat for several.
-        #[arg(short = 'f', long = "file", required = true)]
+        /// Policy files: `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         /// Labels of the source, `k=v,k2=v2`.
         #[arg(long)]

@@ -85,6 +85,27 @@ fn validate_reports_what_and_where() {
         "3 policies valid"
     );
 
+    // Several files after one -f.
+    let two = Command::new(BIN)
+        .args([
+            "policy",
+            "validate",
+            "-f",
+            WALKTHROUGH,
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../meshauth-policy/tests/fixtures/cilium-docs/01-l3-label.yaml"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&two.stdout).trim(),
+        "4 policies valid",
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(

@@ -89,6 +89,12 @@ pub fn spiffe_path(id: IdentityId) -> String {
     format!("/identity/{id}")
 }
 
+/// The SPIFFE ID of an identity in a trust domain: `spiffe://<trust_domain>/identity/<id>`.
+/// The trust domain is taken as given (the spiffe crate validates it).
+pub fn spiffe_id(trust_domain: &str, id: IdentityId) -> String {
+    format!("spiffe://{trust_domain}{}", spiffe_path(id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +124,9 @@ mod tests {
                 .is_err()
         );
         assert_eq!(spiffe_path(w), "/identity/256");
+        assert_eq!(
+            spiffe_id("example.org", d),
+            "spiffe://example.org/identity/257"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub use engine::{
     Compiler, DirectionVerdict, Peer, RuleRef, Trace, compile_endpoint, evaluate, lookup, trace,
 };
 pub use entry::{AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
-pub use identity::IdentityAllocator;
+pub use identity::{IdentityAllocator, spiffe_id, spiffe_path};
 pub use ids::{IdentityId, NodeId};
 pub use labels::{Labels, Selector};
 pub use policy::{Policy, PolicyError, parse_policies};
