@@ -82,12 +82,24 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
-    let extra = parse_policies(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: extra}\nspec:\n  endpointSelector: {matchLabels: {app: svc-3}}\n  egress:\n  - toEndpoints: [{matchLabels: {team: t9}}]\n",
-    )
-    .expect("valid policy");
-    g.bench_function("incremental: one new policy", |b| {
-        b.iter(|| compiler.set_policy(extra[0].clone()))
+    // The same policy alternating between two peers, so every iteration is a real change
+    // (setting an unchanged policy is a no-op).
+    let extra: Vec<Policy> = ["t9", "t8"]
+        .iter()
+        .map(|team| {
+            parse_policies(&format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: extra}}\nspec:\n  endpointSelector: {{matchLabels: {{app: svc-3}}}}\n  egress:\n  - toEndpoints: [{{matchLabels: {{team: {team}}}}}]\n"
+            ))
+            .expect("valid policy")
+            .remove(0)
+        })
+        .collect();
+    let mut flip = 0usize;
+    g.bench_function("incremental: one changed policy", |b| {
+        b.iter(|| {
+            flip += 1;
+            compiler.set_policy(extra[flip % 2].clone())
+        })
     });
     g.finish();
 }

@@ -547,7 +547,11 @@ impl Compiler {
     }
 
     /// Adds or updates a local endpoint; returns the endpoints whose entries changed.
+    /// Setting an endpoint to the labels it already has recompiles nothing.
     pub fn set_endpoint(&mut self, name: &str, labels: Labels) -> Vec<String> {
+        if self.endpoints.get(name) == Some(&labels) && self.compiled.contains_key(name) {
+            return vec![];
+        }
         self.endpoints.insert(name.to_owned(), labels);
         self.recompile(&BTreeSet::from([name.to_owned()]))
     }
@@ -559,7 +563,11 @@ impl Compiler {
     }
 
     /// Adds or replaces a policy; recompiles only endpoints its rules (old or new) select.
+    /// Setting a policy identical to the one held recompiles nothing.
     pub fn set_policy(&mut self, policy: Policy) -> Vec<String> {
+        if self.policies.get(&policy.name) == Some(&policy) {
+            return vec![];
+        }
         let old = self.policies.insert(policy.name.clone(), policy.clone());
         let affected: BTreeSet<String> = self
             .endpoints
@@ -576,11 +584,6 @@ impl Compiler {
         self.recompile(&affected)
     }
 
-    /// The names of the policies it holds.
-    pub fn policy_names(&self) -> Vec<String> {
-        self.policies.keys().cloned().collect()
-    }
-
     /// Removes a policy.
     pub fn remove_policy(&mut self, name: &str) -> Vec<String> {
         let Some(old) = self.policies.remove(name) else {
@@ -595,11 +598,29 @@ impl Compiler {
         self.recompile(&affected)
     }
 
-    /// Adds an identity; recompiles only endpoints with a rule whose peers can match it.
+    /// Adds an identity (or changes its labels); recompiles only endpoints with a rule whose
+    /// peers can match it (with its old or new labels). Setting an identity to the labels it
+    /// already has recompiles nothing.
     pub fn set_identity(&mut self, id: IdentityId, labels: Labels) -> Vec<String> {
-        self.identities.insert(id, labels.clone());
-        let affected: BTreeSet<String> = self
-            .endpoints
+        let old = self.identities.insert(id, labels.clone());
+        if old.as_ref() == Some(&labels) {
+            return vec![];
+        }
+        let affected = self.endpoints_matching_peer(&labels, old.as_ref());
+        self.recompile(&affected)
+    }
+
+    /// Removes an identity; recompiles only endpoints with a rule whose peers matched it.
+    pub fn remove_identity(&mut self, id: IdentityId) -> Vec<String> {
+        let Some(old) = self.identities.remove(&id) else {
+            return vec![];
+        };
+        let affected = self.endpoints_matching_peer(&old, None);
+        self.recompile(&affected)
+    }
+
+    fn endpoints_matching_peer(&self, labels: &Labels, old: Option<&Labels>) -> BTreeSet<String> {
+        self.endpoints
             .iter()
             .filter(|(_, ep)| {
                 self.policies.values().flat_map(|p| &p.rules).any(|r| {
@@ -607,11 +628,14 @@ impl Compiler {
                         && [&r.ingress, &r.egress, &r.ingress_deny, &r.egress_deny]
                             .iter()
                             .flat_map(|l| l.iter())
-                            .any(|pr| peer_matches(&pr.peers, Peer::Endpoint(&labels)))
+                            .any(|pr| {
+                                std::iter::once(labels)
+                                    .chain(old)
+                                    .any(|l| peer_matches(&pr.peers, Peer::Endpoint(l)))
+                            })
                 })
             })
             .map(|(n, _)| n.clone())
-            .collect();
-        self.recompile(&affected)
+            .collect()
     }
 }

@@ -928,6 +928,29 @@ fn compiler_recomputes_only_what_changed() {
             .is_empty()
     );
     assert_eq!(c.recompilations(), before);
+    // Re-sending what the compiler already holds (an agent's periodic sync) recompiles nothing.
+    let before = c.recompilations();
+    assert!(
+        c.set_identity(IdentityId::new(300), l("app=client2"))
+            .is_empty()
+    );
+    for p in parse_policies(&fixture("walkthrough.yaml")).unwrap() {
+        assert!(c.set_policy(p).is_empty());
+    }
+    assert!(c.set_endpoint("demo-1", l("app=demodeployment")).is_empty());
+    assert_eq!(c.recompilations(), before);
+    // Removing an identity removes its entries, recompiling only the endpoint that had them.
+    let changed = c.remove_identity(IdentityId::new(300));
+    assert_eq!(changed, vec!["demo-1".to_string()]);
+    assert_eq!(c.recompilations(), before + 1);
+    assert!(
+        !c.entries("demo-1")
+            .unwrap()
+            .iter()
+            .any(|e| e.remote == Some(IdentityId::new(300)))
+    );
+    assert!(c.remove_identity(IdentityId::new(300)).is_empty());
+    c.set_identity(IdentityId::new(300), l("app=client2"));
     // Removing the auth policy removes the entry.
     c.remove_policy("demo1-allow-client2-auth");
     assert!(
