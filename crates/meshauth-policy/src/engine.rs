@@ -141,8 +141,14 @@ fn entry_matches(
     flow_protocol: Protocol,
     flow_port: u16,
 ) -> bool {
-    protocol.is_none_or(|q| q == flow_protocol)
-        && (flow_protocol == Protocol::Icmp || ports.contains(flow_port))
+    match flow_protocol {
+        // ICMP has no port: `protocol: ICMP` matches it whatever the port says, and a rule for
+        // any protocol only when it names no port (`protocol: ANY` with a port is TCP/UDP/SCTP).
+        Protocol::Icmp => {
+            protocol == Some(Protocol::Icmp) || (protocol.is_none() && ports == PortRange::ANY)
+        }
+        _ => protocol.is_none_or(|q| q == flow_protocol) && ports.contains(flow_port),
+    }
 }
 
 /// The most specific (protocol, ports) of a rule's `toPorts` that matches the flow.

@@ -120,7 +120,9 @@ impl PortRange {
 /// One compiled rule of an endpoint.
 ///
 /// Wildcards: `remote: None` matches every identity (reserved ones included), `protocol: None`
-/// every protocol, [`PortRange::ANY`] every port; ports are ignored for ICMP. A matching
+/// every protocol, [`PortRange::ANY`] every port. ICMP has no port: an entry with
+/// `protocol: Some(Icmp)` matches every ICMP packet (its ports are ignored), and a `protocol:
+/// None` entry matches ICMP only with [`PortRange::ANY`]. A matching
 /// `Deny` entry always wins; otherwise the most specific matching `Allow` entry decides and its
 /// `auth` is already resolved (inheritance done by the compiler). [`crate::lookup`] is the
 /// reference for this lookup; no matching entry means drop.

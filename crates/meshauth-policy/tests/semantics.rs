@@ -389,6 +389,33 @@ fn cilium_documentation_examples() {
             proto: Protocol::Udp,
             allowed: false,
         },
+        // ICMP has no port: a port rule, even for protocol ANY, does not cover it; an L3 rule does.
+        DocCase {
+            file: "14-protocol-any.yaml",
+            src: "app=client",
+            dst: "k8s-app=kube-dns",
+            port: 0,
+            proto: Protocol::Icmp,
+            allowed: false,
+        },
+        // ICMP has no port: a port rule, even for protocol ANY, does not cover it; an L3 rule does.
+        DocCase {
+            file: "08-l4-port.yaml",
+            src: "app=myService",
+            dst: "app=x",
+            port: 0,
+            proto: Protocol::Icmp,
+            allowed: false,
+        },
+        // ICMP has no port: a port rule, even for protocol ANY, does not cover it; an L3 rule does.
+        DocCase {
+            file: "01-l3-label.yaml",
+            src: "role=frontend",
+            dst: "role=backend",
+            port: 0,
+            proto: Protocol::Icmp,
+            allowed: true,
+        },
     ];
     for c in &cases {
         let got = check(
