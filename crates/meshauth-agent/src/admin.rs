@@ -5,8 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshauth_proto::agent::agent_admin_server::AgentAdmin;
 use meshauth_proto::agent::{
-    AuthEntry, HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse, ListSvidsRequest,
-    ListSvidsResponse, Svid,
+    AuthEntry, Flow, HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse,
+    ListSvidsRequest, ListSvidsResponse, Svid, WatchFlowsRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -18,15 +18,22 @@ pub struct AdminApi {
     manager: Manager,
     node_name: String,
     auth: crate::enforce::AuthEntries,
+    flows: crate::flows::FlowLog,
 }
 
 impl AdminApi {
-    /// Serves `manager`'s state and the auth entries enforcement publishes.
-    pub fn new(manager: Manager, node_name: String, auth: crate::enforce::AuthEntries) -> Self {
+    /// Serves `manager`'s state and what enforcement publishes (auth entries, flows).
+    pub fn new(
+        manager: Manager,
+        node_name: String,
+        auth: crate::enforce::AuthEntries,
+        flows: crate::flows::FlowLog,
+    ) -> Self {
         AdminApi {
             manager,
             node_name,
             auth,
+            flows,
         }
     }
 }
@@ -96,6 +103,44 @@ impl AgentAdmin for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    type WatchFlowsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Flow, Status>> + Send>>;
+
+    async fn watch_flows(
+        &self,
+        r: Request<WatchFlowsRequest>,
+    ) -> Result<Response<Self::WatchFlowsStream>, Status> {
+        let (past, mut rx) = self.flows.snapshot_and_follow();
+        let follow = r.get_ref().follow;
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for f in past {
+                if tx.send(Ok(f)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(f) => {
+                        if tx.send(Ok(f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "a flow follower fell behind");
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn list_svids(

@@ -126,6 +126,8 @@ pub struct EnforceConfig {
     pub manager: ManagerConfig,
     /// Where the current auth entries are published.
     pub published: AuthEntries,
+    /// Where flows and auth events are recorded.
+    pub flows: crate::flows::FlowLog,
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
@@ -166,6 +168,104 @@ impl Placement for SharedView {
     }
 }
 
+impl SharedView {
+    /// The pod and labels behind an address, and its identity's labels.
+    fn describe(
+        &self,
+        ip: Ipv4Addr,
+        identity: IdentityId,
+    ) -> (String, std::collections::HashMap<String, String>) {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let pod = v
+            .cluster
+            .endpoints
+            .iter()
+            .find(|e| e.ipv4 == ip)
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
+        let labels = v
+            .cluster
+            .identities
+            .get(&identity)
+            .map(|l| {
+                l.iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (pod, labels)
+    }
+
+    fn identity_labels(&self, identity: IdentityId) -> std::collections::HashMap<String, String> {
+        self.describe(Ipv4Addr::UNSPECIFIED, identity).1
+    }
+}
+
+fn protocol_name(n: u8) -> String {
+    match meshauth_policy::Protocol::from_number(n) {
+        Some(p) => format!("{p:?}").to_uppercase(),
+        None => n.to_string(),
+    }
+}
+
+/// A flow record for a datapath event.
+fn flow_record(
+    node: &str,
+    view: &SharedView,
+    e: &meshauth_datapath::FlowEvent,
+) -> meshauth_proto::agent::Flow {
+    let (src_pod, src_labels) = view.describe(e.src, e.src_identity);
+    let (dst_pod, dst_labels) = view.describe(e.dst, e.dst_identity);
+    meshauth_proto::agent::Flow {
+        time_unix_ms: crate::flows::now_ms(),
+        node: node.to_owned(),
+        kind: "flow".into(),
+        src_ip: e.src.to_string(),
+        src_pod,
+        src_identity: e.src_identity.get(),
+        src_labels,
+        dst_ip: e.dst.to_string(),
+        dst_pod,
+        dst_identity: e.dst_identity.get(),
+        dst_labels,
+        dport: u32::from(e.dport),
+        protocol: protocol_name(e.protocol),
+        verdict: if e.drop.is_some() {
+            "DROPPED"
+        } else {
+            "FORWARDED"
+        }
+        .into(),
+        reason: e.drop.map(|r| r.to_string()).unwrap_or_default(),
+        tcp_flags: u32::from(e.tcp_flags),
+        latency_us: 0,
+    }
+}
+
+/// A flow record for a handshake event of `key` (local → remote).
+fn auth_record(
+    node: &str,
+    view: &SharedView,
+    key: &AuthKey,
+    verdict: &str,
+    reason: String,
+    latency_us: u64,
+) -> meshauth_proto::agent::Flow {
+    meshauth_proto::agent::Flow {
+        time_unix_ms: crate::flows::now_ms(),
+        node: node.to_owned(),
+        kind: "auth".into(),
+        src_identity: key.local.get(),
+        src_labels: view.identity_labels(key.local),
+        dst_identity: key.remote.get(),
+        dst_labels: view.identity_labels(key.remote),
+        verdict: verdict.into(),
+        reason,
+        latency_us,
+        ..Default::default()
+    }
+}
+
 struct DatapathTable(Arc<Mutex<Datapath>>);
 
 impl AuthTable for DatapathTable {
@@ -191,6 +291,8 @@ struct Dialer {
     view: SharedView,
     port: u16,
     source: IpAddr,
+    flows: crate::flows::FlowLog,
+    node: String,
 }
 
 impl Authenticator for Dialer {
@@ -206,7 +308,17 @@ impl Authenticator for Dialer {
         let Some(addr) = addr else {
             return Err(Reason::Unreachable);
         };
-        self.handshaker
+        self.flows.push(auth_record(
+            &self.node,
+            &self.view,
+            &key,
+            "STARTED",
+            String::new(),
+            0,
+        ));
+        let t = std::time::Instant::now();
+        let result = self
+            .handshaker
             .initiate(
                 key.local,
                 key.remote,
@@ -214,9 +326,32 @@ impl Authenticator for Dialer {
                 SocketAddr::new(addr, self.port),
                 Some(self.source),
             )
-            .await
-            .map(|a| a.expires)
-            .map_err(|e| e.reason)
+            .await;
+        let us = t.elapsed().as_micros() as u64;
+        match result {
+            Ok(a) => {
+                self.flows.push(auth_record(
+                    &self.node,
+                    &self.view,
+                    &key,
+                    "SUCCEEDED",
+                    String::new(),
+                    us,
+                ));
+                Ok(a.expires)
+            }
+            Err(e) => {
+                self.flows.push(auth_record(
+                    &self.node,
+                    &self.view,
+                    &key,
+                    "FAILED",
+                    format!("{:?}", e.reason),
+                    us,
+                ));
+                Err(e.reason)
+            }
+        }
     }
 }
 
@@ -247,6 +382,8 @@ pub async fn run(
             view: view.clone(),
             port: config.handshake_port,
             source: config.node_address,
+            flows: config.flows.clone(),
+            node: config.node_name.clone(),
         },
         DatapathTable(Arc::clone(&dp)),
     );
@@ -270,6 +407,7 @@ pub async fn run(
     );
     {
         let auth = auth.clone();
+        let (flows, view, node) = (config.flows.clone(), view.clone(), config.node_name.clone());
         tokio::spawn(async move {
             while let Some(a) = acc_rx.recv().await {
                 let key = AuthKey {
@@ -278,20 +416,42 @@ pub async fn run(
                     remote_node: a.remote_node,
                     auth_type: meshauth_policy::AuthType::Required,
                 };
+                flows.push(auth_record(
+                    &node,
+                    &view,
+                    &key,
+                    "SUCCEEDED",
+                    "responder".into(),
+                    0,
+                ));
                 auth.record(key, a.expires);
             }
         });
-        tokio::spawn(async move { while fail_rx.recv().await.is_some() {} });
+        let (flows, node) = (config.flows.clone(), config.node_name.clone());
+        tokio::spawn(async move {
+            while let Some(reason) = fail_rx.recv().await {
+                flows.push(meshauth_proto::agent::Flow {
+                    time_unix_ms: crate::flows::now_ms(),
+                    node: node.clone(),
+                    kind: "auth".into(),
+                    verdict: "FAILED".into(),
+                    reason: format!("{reason:?} (responder)"),
+                    ..Default::default()
+                });
+            }
+        });
     }
 
     // Datapath events → auth requests (a blocking reader on its own thread).
     let (ev_tx, mut ev_rx) = mpsc::channel::<AuthKey>(1024);
+    let (flows, ev_view, ev_node) = (config.flows.clone(), view.clone(), config.node_name.clone());
     std::thread::Builder::new()
         .name("meshauth-events".into())
         .spawn(move || {
             loop {
                 match events.next_event(Duration::from_millis(500)) {
                     Some(e) => {
+                        flows.push(flow_record(&ev_node, &ev_view, &e));
                         // A full channel drops the signal: the datapath signals again.
                         if let Some(key) = e.auth_key
                             && ev_tx.try_send(key).is_err()

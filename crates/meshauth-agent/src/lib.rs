@@ -12,6 +12,7 @@
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
 //! - [`enforce`]: datapath, policy, identity SVIDs, auth manager and handshake server.
+//! - [`flows`]: the flow log behind `meshauth observe`.
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
 //!   clients work too; [`admin`]: the operator API.
 //! - [`metrics`]; [`run`]: wiring.
@@ -23,6 +24,7 @@ pub mod attestor;
 pub mod authority_fix;
 pub mod cache;
 pub mod enforce;
+pub mod flows;
 pub mod identity;
 pub mod manager;
 pub mod metrics;

@@ -139,6 +139,7 @@ impl Agent {
             metrics_listener,
         } = self;
         let auth_entries = crate::enforce::AuthEntries::default();
+        let flow_log = crate::flows::FlowLog::default();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -158,6 +159,7 @@ impl Agent {
                 manager.clone(),
                 config.node_name.clone(),
                 auth_entries.clone(),
+                flow_log.clone(),
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         // Ready once the first sync with the server completed.
@@ -194,6 +196,7 @@ impl Agent {
         };
         let enforce = {
             let published = auth_entries.clone();
+            let flows = flow_log.clone();
             let stop = stop_rx.clone();
             let manager = manager.clone();
             let settings = config.enforce.clone();
@@ -217,6 +220,7 @@ impl Agent {
                     handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
                     manager: meshauth_auth::ManagerConfig::default(),
                     published,
+                    flows,
                 };
                 let source = Box::new(crate::enforce::LabEndpoints::new(&settings.lab, &node)?);
                 crate::enforce::run(cfg, manager, source, stop).await

@@ -13,6 +13,7 @@ mod common;
 mod demo;
 mod entry;
 mod lab;
+mod observe;
 mod policy;
 mod server;
 mod token;
@@ -38,6 +39,8 @@ enum Command {
     Server(server::Cmd),
     /// Run a node agent, ask it what it holds; list, ban and evict agents on the server.
     Agent(agent::Cmd),
+    /// Show flows and auth events from the agents (like `hubble observe`).
+    Observe(observe::Cmd),
     /// List the identity pairs agents have authenticated.
     Auth(auth::Cmd),
     /// Create single-use join tokens for node attestation.
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Agent(cmd) => agent::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Auth(cmd) => auth::run(cmd),
+        Command::Observe(cmd) => observe::run(cmd),
         Command::Entry(cmd) => entry::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Identity(cmd) => cluster::run_identity(cmd),

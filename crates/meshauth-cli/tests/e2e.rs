@@ -69,6 +69,60 @@ fn demo_replays_the_walkthrough() {
         "no pair but client2 <-> demodeployment needed authentication"
     );
 
+    // observe shows the story: client2's SYN dropped for authentication, the handshake, client3
+    // denied by policy.
+    let socks: Vec<String> = ["n1", "n2"]
+        .iter()
+        .map(|n| format!("{}/e2e/{n}-agent.sock", meshauth_lab::STATE_DIR))
+        .collect();
+    let observe = |filter: &[&str]| -> Vec<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args([
+                "observe",
+                "-o",
+                "json",
+                "--agent-socket",
+                &socks[0],
+                "--agent-socket",
+                &socks[1],
+            ])
+            .args(filter)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let flows = observe(&["--to-label", "app=demodeployment"]);
+    let seen = |app: &str, verdict: &str, reason: &str| {
+        flows.iter().any(|f| {
+            f["kind"] == "flow"
+                && f["source"]["labels"]["app"] == app
+                && f["verdict"] == verdict
+                && f["reason"] == reason
+        })
+    };
+    assert!(seen("client2", "DROPPED", "authentication required"));
+    assert!(seen("client2", "FORWARDED", ""));
+    assert!(seen("client1", "FORWARDED", ""));
+    assert!(seen("client3", "DROPPED", "policy denied"));
+    let handshakes = observe(&["--verdict", "SUCCEEDED"]);
+    assert!(
+        handshakes.iter().any(|f| f["kind"] == "auth"
+            && f["node"] == "n1"
+            && f["source"]["labels"]["app"] == "demodeployment"
+            && f["destination"]["labels"]["app"] == "client2"
+            && f["latency_us"].as_u64().unwrap() > 0),
+        "the initiator (n1) reports the handshake with its latency: {handshakes:?}"
+    );
+    assert!(handshakes.iter().all(|f| f["verdict"] == "SUCCEEDED"));
+
     // The entries are in the kernel's auth maps of both nodes.
     for node in ["n1", "n2"] {
         let mut dp = meshauth_datapath::Datapath::load(&meshauth_datapath::Datapath::pin_dir_for(
