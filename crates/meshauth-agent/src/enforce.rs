@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cache::{ClusterState, Snapshot};
 use crate::manager::Manager;
+use crate::metrics::{HandshakeResult, Role};
 
 /// A workload endpoint on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +129,8 @@ pub struct EnforceConfig {
     pub published: AuthEntries,
     /// Where flows and auth events are recorded.
     pub flows: crate::flows::FlowLog,
+    /// The agent's metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
@@ -293,6 +296,7 @@ struct Dialer {
     source: IpAddr,
     flows: crate::flows::FlowLog,
     node: String,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Authenticator for Dialer {
@@ -338,6 +342,11 @@ impl Authenticator for Dialer {
                     String::new(),
                     us,
                 ));
+                self.metrics.handshake(
+                    Role::Initiator,
+                    HandshakeResult::Success,
+                    Some(us as f64 / 1e6),
+                );
                 Ok(a.expires)
             }
             Err(e) => {
@@ -349,6 +358,8 @@ impl Authenticator for Dialer {
                     format!("{:?}", e.reason),
                     us,
                 ));
+                self.metrics
+                    .handshake(Role::Initiator, e.reason.into(), Some(us as f64 / 1e6));
                 Err(e.reason)
             }
         }
@@ -384,6 +395,7 @@ pub async fn run(
             source: config.node_address,
             flows: config.flows.clone(),
             node: config.node_name.clone(),
+            metrics: config.metrics.clone(),
         },
         DatapathTable(Arc::clone(&dp)),
     );
@@ -408,6 +420,7 @@ pub async fn run(
     {
         let auth = auth.clone();
         let (flows, view, node) = (config.flows.clone(), view.clone(), config.node_name.clone());
+        let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(a) = acc_rx.recv().await {
                 let key = AuthKey {
@@ -424,12 +437,15 @@ pub async fn run(
                     "responder".into(),
                     0,
                 ));
+                metrics.handshake(Role::Responder, HandshakeResult::Success, None);
                 auth.record(key, a.expires);
             }
         });
         let (flows, node) = (config.flows.clone(), config.node_name.clone());
+        let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(reason) = fail_rx.recv().await {
+                metrics.handshake(Role::Responder, reason.into(), None);
                 flows.push(meshauth_proto::agent::Flow {
                     time_unix_ms: crate::flows::now_ms(),
                     node: node.clone(),
@@ -496,7 +512,12 @@ pub async fn run(
             tracing::warn!(error = %format!("{e:#}"), "reconcile failed; retrying");
         }
         auth.tick(SystemTime::now());
-        config.published.set(auth.entries());
+        let entries = auth.entries();
+        let stats = auth.stats();
+        config
+            .metrics
+            .auth_state(entries.len(), auth.pending(), stats.overflow, stats.revoked);
+        config.published.set(entries);
     }
 }
 

@@ -35,6 +35,57 @@ pub enum ApiResult {
     Unimplemented,
 }
 
+/// Which side of a handshake.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Role {
+    /// This agent dialed.
+    Initiator,
+    /// A peer dialed this agent.
+    Responder,
+}
+
+/// How a handshake ended (low cardinality).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum HandshakeResult {
+    /// Both sides recorded the pair.
+    Success,
+    /// The peer agent could not be reached.
+    Unreachable,
+    /// A step timed out.
+    Timeout,
+    /// No SVID for the local identity yet.
+    NoLocalSvid,
+    /// The peer's certificate was rejected.
+    PeerCertificateRejected,
+    /// The responder refused.
+    Refused,
+    /// The initiator's identity is not hosted on its node.
+    InitiatorNotHosted,
+    /// The connection broke.
+    Io,
+}
+
+impl From<meshauth_auth::Reason> for HandshakeResult {
+    fn from(r: meshauth_auth::Reason) -> Self {
+        use meshauth_auth::Reason as R;
+        match r {
+            R::Unreachable => HandshakeResult::Unreachable,
+            R::Timeout => HandshakeResult::Timeout,
+            R::NoLocalSvid => HandshakeResult::NoLocalSvid,
+            R::PeerCertificateRejected => HandshakeResult::PeerCertificateRejected,
+            R::Refused => HandshakeResult::Refused,
+            R::InitiatorNotHosted => HandshakeResult::InitiatorNotHosted,
+            R::Io => HandshakeResult::Io,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    role: Role,
+    result: HandshakeResult,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: SvidKind,
@@ -55,6 +106,12 @@ pub struct Metrics {
     soonest_expiry: Gauge,
     server_connected: Gauge,
     workload_api: Family<ApiLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    handshake_seconds: prometheus_client::metrics::histogram::Histogram,
+    auth_entries: Gauge,
+    auth_queue_depth: Gauge,
+    auth_overflow: Counter,
+    auth_revocations: Counter,
 }
 
 impl Default for Metrics {
@@ -103,8 +160,52 @@ impl Metrics {
             "Workload API requests, by result",
             workload_api.clone(),
         );
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        r.register(
+            "auth_handshakes",
+            "Handshakes by role and result",
+            handshakes.clone(),
+        );
+        let handshake_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+        );
+        r.register(
+            "auth_handshake_duration_seconds",
+            "Initiated handshakes, connect to verdict",
+            handshake_seconds.clone(),
+        );
+        let auth_entries = Gauge::default();
+        r.register(
+            "auth_entries",
+            "Authenticated pairs in the auth map",
+            auth_entries.clone(),
+        );
+        let auth_queue_depth = Gauge::default();
+        r.register(
+            "auth_queue_depth",
+            "Pairs waiting for or in a handshake",
+            auth_queue_depth.clone(),
+        );
+        let auth_overflow = Counter::default();
+        r.register(
+            "auth_queue_overflow",
+            "Auth requests dropped because the queue was full",
+            auth_overflow.clone(),
+        );
+        let auth_revocations = Counter::default();
+        r.register(
+            "auth_revocations",
+            "Auth entries removed because their justification went away",
+            auth_revocations.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
+            handshakes,
+            handshake_seconds,
+            auth_entries,
+            auth_queue_depth,
+            auth_overflow,
+            auth_revocations,
             svids_held,
             rotations,
             rotation_failures,
@@ -146,7 +247,53 @@ impl Metrics {
         self.server_connected.set(i64::from(up));
     }
 
+    pub(crate) fn handshake(&self, role: Role, result: HandshakeResult, seconds: Option<f64>) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { role, result })
+            .inc();
+        if let Some(s) = seconds {
+            self.handshake_seconds.observe(s);
+        }
+    }
+
+    /// Mirrors the auth manager's state: entries, queue depth, and the growth of its
+    /// overflow and revocation counts since the last call.
+    pub(crate) fn auth_state(&self, entries: usize, pending: usize, overflow: u64, revoked: u64) {
+        self.auth_entries.set(entries as i64);
+        self.auth_queue_depth.set(pending as i64);
+        let o = overflow.saturating_sub(self.auth_overflow.get());
+        self.auth_overflow.inc_by(o);
+        let r = revoked.saturating_sub(self.auth_revocations.get());
+        self.auth_revocations.inc_by(r);
+    }
+
     pub(crate) fn workload_api(&self, result: ApiResult) {
         self.workload_api.get_or_create(&ApiLabels { result }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_metrics_are_exported() {
+        let m = Metrics::new();
+        m.handshake(Role::Initiator, HandshakeResult::Success, Some(0.004));
+        m.handshake(Role::Responder, meshauth_auth::Reason::InitiatorNotHosted.into(), None);
+        m.auth_state(3, 1, 5, 2);
+        m.auth_state(2, 0, 7, 2);
+        let text = m.encode(None);
+        for line in [
+            "meshauth_agent_auth_handshakes_total{role=\"Initiator\",result=\"Success\"} 1",
+            "meshauth_agent_auth_handshakes_total{role=\"Responder\",result=\"InitiatorNotHosted\"} 1",
+            "meshauth_agent_auth_handshake_duration_seconds_count 1",
+            "meshauth_agent_auth_entries 2",
+            "meshauth_agent_auth_queue_depth 0",
+            "meshauth_agent_auth_queue_overflow_total 7",
+            "meshauth_agent_auth_revocations_total 2",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
     }
 }

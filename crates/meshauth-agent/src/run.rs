@@ -197,6 +197,7 @@ impl Agent {
         let enforce = {
             let published = auth_entries.clone();
             let flows = flow_log.clone();
+            let metrics = metrics.clone();
             let stop = stop_rx.clone();
             let manager = manager.clone();
             let settings = config.enforce.clone();
@@ -221,6 +222,7 @@ impl Agent {
                     manager: meshauth_auth::ManagerConfig::default(),
                     published,
                     flows,
+                    metrics,
                 };
                 let source = Box::new(crate::enforce::LabEndpoints::new(&settings.lab, &node)?);
                 crate::enforce::run(cfg, manager, source, stop).await

@@ -257,6 +257,11 @@ impl<T: AuthTable> AuthManager<T> {
         gone.len()
     }
 
+    /// How many pairs are queued or in a handshake.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
     /// The entries written, with their expiry.
     pub fn entries(&self) -> Vec<(AuthKey, SystemTime)> {
         self.lock().entries.iter().map(|(k, e)| (*k, *e)).collect()
