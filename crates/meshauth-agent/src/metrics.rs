@@ -280,7 +280,11 @@ mod tests {
     fn auth_metrics_are_exported() {
         let m = Metrics::new();
         m.handshake(Role::Initiator, HandshakeResult::Success, Some(0.004));
-        m.handshake(Role::Responder, meshauth_auth::Reason::InitiatorNotHosted.into(), None);
+        m.handshake(
+            Role::Responder,
+            meshauth_auth::Reason::InitiatorNotHosted.into(),
+            None,
+        );
         m.auth_state(3, 1, 5, 2);
         m.auth_state(2, 0, 7, 2);
         let text = m.encode(None);
