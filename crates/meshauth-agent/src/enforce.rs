@@ -696,14 +696,37 @@ async fn reconcile(
         }
     }
 
-    // Revocation: entries whose local identity left this node, or whose peer identity is no
-    // longer where the entry says.
+    // Revocation: entries whose local identity left this node, whose peer identity is no longer
+    // where the entry says, or that no policy requires any more.
     let hosted = |id: IdentityId, node: NodeId| {
         cluster
             .endpoints
             .iter()
             .any(|e| e.identity == id && e.node_id == node)
     };
-    auth.revoke(|k| !local_ids.contains(&k.local) || !hosted(k.remote, k.remote_node));
+    let required: BTreeSet<(IdentityId, IdentityId)> = registered
+        .iter()
+        .flat_map(|(name, (_, local))| {
+            compiler
+                .entries(name)
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| e.auth != meshauth_policy::AuthType::None)
+                .filter_map(move |e| e.remote.map(|r| (*local, r)))
+        })
+        .collect();
+    // The requirement may come from the peer's side (its ingress or egress rules).
+    let peer_requires = |k: &AuthKey| {
+        cluster.identities.get(&k.remote).is_some_and(|labels| {
+            meshauth_policy::compile_endpoint(&cluster.policies, &cluster.identities, labels)
+                .iter()
+                .any(|e| e.auth != meshauth_policy::AuthType::None && e.remote == Some(k.local))
+        })
+    };
+    auth.revoke(|k| {
+        !local_ids.contains(&k.local)
+            || !hosted(k.remote, k.remote_node)
+            || (!required.contains(&(k.local, k.remote)) && !peer_requires(k))
+    });
     Ok(())
 }

@@ -131,6 +131,102 @@ fn demo_replays_the_walkthrough() {
         .unwrap();
         assert_eq!(dp.auth_entries().unwrap().len(), 1, "node {node}");
     }
+    // Revocation is event-driven: removing the client2 pod on n2 removes the pair's entries on
+    // both nodes at once (n2 no longer hosts client2, n1 no longer finds it there).
+    let n3 = format!("{}/e2e/n3-agent.sock", meshauth_lab::STATE_DIR);
+    let auth_count = || -> usize {
+        let out = Command::new(BIN)
+            .args([
+                "auth",
+                "list",
+                "-o",
+                "json",
+                "--agent-socket",
+                &socks[0],
+                "--agent-socket",
+                &socks[1],
+                "--agent-socket",
+                &n3,
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(auth_count(), 2);
+    let t = std::time::Instant::now();
+    lab.remove_pod("client2-2").unwrap();
+    while auth_count() > 0 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "entries still present"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let revoked_in = t.elapsed();
+    eprintln!("revoked on both nodes in {revoked_in:?}");
+    assert!(
+        revoked_in < std::time::Duration::from_millis(1500),
+        "{revoked_in:?}"
+    );
+    for node in ["n1", "n2"] {
+        let mut dp = meshauth_datapath::Datapath::load(&meshauth_datapath::Datapath::pin_dir_for(
+            &format!("e2e-{node}"),
+        ))
+        .unwrap();
+        assert!(
+            dp.auth_entries().unwrap().is_empty(),
+            "node {node}: the kernel entry is gone too"
+        );
+    }
+
+    // Deleting the policy that required authentication revokes the entries too: authenticate
+    // client2-3 (n3) with demodeployment-1 (n1), then delete the policy.
+    let get = "import urllib.request as u; print(u.urlopen('http://demodeployment-1/', timeout=5).status)";
+    let argv: Vec<String> = ["python3", "-c", get]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let ok = lab.exec("client2-3", &argv).unwrap().output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "200");
+    let t = std::time::Instant::now();
+    while auth_count() < 2 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "the new pair was not recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let admin = format!("{}/e2e/server-admin.sock", meshauth_lab::STATE_DIR);
+    let t = std::time::Instant::now();
+    let del = Command::new(BIN)
+        .args([
+            "policy",
+            "delete",
+            "demo1-allow-client2-auth",
+            "--admin-socket",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    while auth_count() > 0 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "entries still present after the policy went"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("revoked after the policy deletion in {:?}", t.elapsed());
+    assert!(t.elapsed() < std::time::Duration::from_millis(1500));
+
     lab.down().unwrap();
     let (_, live) = lab.status().unwrap();
     assert!(live.is_empty());
