@@ -16,6 +16,7 @@ mod lab;
 mod observe;
 mod policy;
 mod server;
+mod status;
 mod token;
 mod workload;
 
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Run the walkthrough on a lab: policies, agents, authentication, requests (needs root).
     Demo(demo::Cmd),
+    /// The server, its CA, agents and registry counts at a glance.
+    Status(status::Cmd),
     /// Run the identity server, or check its health.
     Server(server::Cmd),
     /// Run a node agent, ask it what it holds; list, ban and evict agents on the server.
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(cmd) => demo::run(cmd),
         Command::Server(cmd) => server::run(cmd),
+        Command::Status(cmd) => status::run(cmd),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Auth(cmd) => auth::run(cmd),

@@ -283,6 +283,11 @@ fn policies_identities_and_endpoints() {
     let err = server.fails(&["policy", "apply", "-f", bad.to_str().unwrap()]);
     assert!(err.contains("bad.yaml") && err.contains("toCIDR"), "{err}");
 
+    let status: serde_json::Value =
+        serde_json::from_str(&server.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["policies"], 2, "{status}");
+    assert_eq!(status["agents"], serde_json::json!([]));
+    assert_eq!(status["authorities"][0]["state"], "active");
     let ids: serde_json::Value =
         serde_json::from_str(&server.ok(&["identity", "list", "-o", "json"])).unwrap();
     assert_eq!(ids, serde_json::json!([]));
