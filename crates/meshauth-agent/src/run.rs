@@ -66,6 +66,8 @@ pub struct EnforceSettings {
     pub lab: String,
     /// The handshake address; default: the address this node reaches the server from.
     pub node_address: Option<std::net::IpAddr>,
+    /// Auth manager sizes (queue, workers, re-authentication margin, retry backoff).
+    pub auth: meshauth_auth::ManagerConfig,
 }
 
 /// An agent with its identity loaded and its sockets bound.
@@ -219,7 +221,7 @@ impl Agent {
                     )),
                     node_address,
                     handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
-                    manager: meshauth_auth::ManagerConfig::default(),
+                    manager: settings.auth,
                     published,
                     flows,
                     metrics,

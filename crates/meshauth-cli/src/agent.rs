@@ -132,6 +132,13 @@ struct RunArgs {
     /// node reaches the server from.
     #[arg(long)]
     node_address: Option<std::net::IpAddr>,
+    /// Pairs that may wait for a handshake at once; more requests are dropped and counted
+    /// (the datapath signals again).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    auth_queue: u32,
+    /// Handshakes run concurrently.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    auth_workers: u32,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -148,6 +155,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         enforce: args.lab.map(|lab| meshauth_agent::EnforceSettings {
             lab,
             node_address: args.node_address,
+            auth: meshauth_auth::ManagerConfig {
+                queue: args.auth_queue as usize,
+                workers: args.auth_workers as usize,
+                ..Default::default()
+            },
         }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
