@@ -1,8 +1,7 @@
 //! Wiring of the agent: bootstrap the identity, bind the sockets, run the manager and servers.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -99,8 +98,15 @@ impl Agent {
         .await?;
         let metrics = Metrics::new();
         let manager = Manager::new(mconfig, data, node, bundle, metrics.clone())?;
-        let workload = bind_socket(&config.workload_socket, 0o777, "--workload-socket").await?;
-        let admin = bind_socket(&config.admin_socket, 0o600, "--admin-socket").await?;
+        let workload = meshauth_telemetry::bind_unix_socket(
+            &config.workload_socket,
+            0o777,
+            "--workload-socket",
+        )
+        .await?;
+        let admin =
+            meshauth_telemetry::bind_unix_socket(&config.admin_socket, 0o600, "--agent-socket")
+                .await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| {
@@ -241,28 +247,6 @@ impl Agent {
         }
         Ok(())
     }
-}
-
-async fn bind_socket(path: &Path, mode: u32, flag: &str) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {} (use {flag})", parent.display()))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "{} is in use: another agent is running (stop it or use {flag})",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind {} (use {flag})", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
-    Ok(listener)
 }
 
 /// The local address this host uses to reach `server` (`host:port`).

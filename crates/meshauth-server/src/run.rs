@@ -127,7 +127,9 @@ impl Server {
                     config.metrics_listen
                 )
             })?;
-        let admin_listener = bind_admin_socket(&config.admin_socket).await?;
+        let admin_listener =
+            meshauth_telemetry::bind_unix_socket(&config.admin_socket, 0o600, "--admin-socket")
+                .await?;
         tracing::info!(
             trust_domain = %config.trust_domain,
             listen = %node_listener.local_addr()?,
@@ -287,34 +289,4 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
     Ok(())
-}
-
-async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| {
-            format!(
-                "cannot create {} for the admin socket (use --admin-socket)",
-                parent.display()
-            )
-        })?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "admin socket {} is in use: another server is running (stop it or use --admin-socket)",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale admin socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path).with_context(|| {
-        format!(
-            "cannot bind admin socket {} (use --admin-socket)",
-            path.display()
-        )
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot set mode 0600 on {}", path.display()))?;
-    Ok(listener)
 }

@@ -1,5 +1,6 @@
-//! What every long-running meshauth process exposes: `/metrics` (Prometheus text), `/healthz`
-//! (the process is alive) and `/readyz` (it can do its job), on one HTTP listener.
+//! What every long-running meshauth process needs: `/metrics` (Prometheus text), `/healthz`
+//! (the process is alive) and `/readyz` (it can do its job) on one HTTP listener, and its local
+//! Unix sockets ([`bind_unix_socket`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -56,4 +57,87 @@ pub async fn serve_http(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Why a local socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another live process answers on the path.
+    #[error("{path} is in use by another running process (stop it or use {flag})")]
+    InUse {
+        /// The socket path.
+        path: String,
+        /// The flag that chooses another path.
+        flag: String,
+    },
+    /// A filesystem step failed.
+    #[error("cannot {what} {path}: {source} (use {flag})")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// The flag that chooses another path.
+        flag: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds a Unix socket at `path` with file mode `mode`: creates the parent directory, replaces
+/// a stale socket file (one nobody answers on), refuses one a live process serves. `flag` names
+/// the command-line flag that picks the path, for error messages.
+pub async fn bind_unix_socket(
+    path: &std::path::Path,
+    mode: u32,
+    flag: &str,
+) -> Result<tokio::net::UnixListener, SocketError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: &'static str, source: std::io::Error| SocketError::Io {
+        what,
+        path: path.display().to_string(),
+        flag: flag.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("create the directory of", e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(SocketError::InUse {
+                path: path.display().to_string(),
+                flag: flag.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| io("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io("set the mode of", e))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sockets_refuse_live_and_replace_stale() {
+        let dir = std::env::temp_dir().join(format!("meshauth-telemetry-{}", std::process::id()));
+        let path = dir.join("sub/a.sock");
+        let first = bind_unix_socket(&path, 0o600, "--x").await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let err = bind_unix_socket(&path, 0o600, "--x").await.unwrap_err();
+        assert!(matches!(err, SocketError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("use --x"));
+        drop(first);
+        // The file is left behind by the dropped listener: stale, so it is replaced.
+        bind_unix_socket(&path, 0o666, "--x").await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
