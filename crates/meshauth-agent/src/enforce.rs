@@ -400,6 +400,16 @@ pub async fn run(
         DatapathTable(Arc::clone(&dp)),
     );
 
+    // Entries a previous run of this agent wrote are still in the pinned map: track them.
+    let inherited = dp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .auth_entries()?;
+    let now = SystemTime::now();
+    for (key, expires) in inherited.into_iter().filter(|(_, e)| *e > now) {
+        auth.adopt(key, expires);
+    }
+
     // Handshake server: entries written for the pairs peers authenticate with us.
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::new(config.node_address, config.handshake_port))

@@ -211,6 +211,12 @@ impl<T: AuthTable> AuthManager<T> {
         st.stats.succeeded += 1;
     }
 
+    /// Takes over an entry already in the table (written before a restart): it is tracked,
+    /// re-authenticated and revoked like the others.
+    pub fn adopt(&self, key: AuthKey, expires: SystemTime) {
+        self.lock().entries.insert(key, expires);
+    }
+
     /// Re-authenticates entries expiring within the margin and removes expired ones.
     pub fn tick(&self, now: SystemTime) {
         let (expired, renew): (Vec<AuthKey>, Vec<AuthKey>) = {

@@ -71,6 +71,12 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> anyho
     Ok(())
 }
 
+const HTTP_SERVER: &str = r#"
+import http.server
+http.server.SimpleHTTPRequestHandler.protocol_version = "HTTP/1.1"
+http.server.ThreadingHTTPServer(("0.0.0.0", 80), http.server.SimpleHTTPRequestHandler).serve_forever()
+"#;
+
 const GET: &str = r#"
 import sys, time, urllib.request
 t = time.monotonic()
@@ -224,7 +230,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
 
     say(out, "HTTP responders in the demodeployment pods");
     for i in 1..=3 {
-        let argv = s(&["python3", "-m", "http.server", "80", "--bind", "0.0.0.0"]);
+        // HTTP/1.1, so that clients may keep connections open (nginx-like).
+        let argv = s(&["python3", "-c", HTTP_SERVER]);
         running.children.push(
             lab.exec(&format!("demodeployment-{i}"), &argv)?
                 .stdout(Stdio::null())

@@ -8,7 +8,8 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshauth");
 
@@ -131,6 +132,99 @@ fn demo_replays_the_walkthrough() {
         .unwrap();
         assert_eq!(dp.auth_entries().unwrap().len(), 1, "node {node}");
     }
+    // An agent restart keeps established authenticated connections: client2-2 (n2) keeps an
+    // HTTP/1.1 connection to demodeployment-1 (n1) open while n1's agent is killed and started
+    // again (without a token: it re-uses its node SVID; the datapath's pinned state stays).
+    let keepalive = r#"
+import http.client, sys
+c = http.client.HTTPConnection("demodeployment-1", 80, timeout=3)
+for line in sys.stdin:
+    c.request("GET", "/"); r = c.getresponse(); r.read(); print(r.status, flush=True)
+"#;
+    let argv: Vec<String> = ["python3", "-c", keepalive]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut client = lab
+        .exec("client2-2", &argv)
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let mut output = BufReader::new(client.stdout.take().unwrap());
+    let mut request = |what: &str| {
+        writeln!(input, "go").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "200", "{what}");
+    };
+    request("before the restart");
+    let pids = Command::new("ip")
+        .args(["netns", "pids", "e2e-n1"])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).to_string();
+    assert!(!pids.trim().is_empty(), "n1's agent runs in its namespace");
+    for pid in pids.split_whitespace() {
+        Command::new("kill").arg(pid).status().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    request("while n1's agent is down");
+    let work = format!("{}/e2e", meshauth_lab::STATE_DIR);
+    let agent_args: Vec<String> = [
+        BIN,
+        "--log",
+        "warn",
+        "agent",
+        "run",
+        "--node",
+        "n1",
+        "--trust-domain",
+        "demo.meshauth.local",
+        "--server",
+        &format!("{}:8081", meshauth_lab::SERVER_ADDRESS),
+        "--trust-bundle",
+        &format!("{work}/bundle.pem"),
+        "--data-dir",
+        &format!("{work}/n1"),
+        "--workload-socket",
+        &format!("{work}/n1-workload.sock"),
+        "--agent-socket",
+        &socks[0],
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--lab",
+        "e2e",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut restarted = lab
+        .exec_in("e2e-n1", &agent_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while Command::new(BIN)
+        .args(["agent", "healthcheck", "--agent-socket", &socks[0]])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the agent did not come back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    request("after the restart");
+    drop(input);
+    let _ = client.wait();
+    let _ = restarted.try_wait();
+
     // Revocation is event-driven: removing the client2 pod on n2 removes the pair's entries on
     // both nodes at once (n2 no longer hosts client2, n1 no longer finds it there).
     let n3 = format!("{}/e2e/n3-agent.sock", meshauth_lab::STATE_DIR);
