@@ -495,6 +495,7 @@ pub async fn run(
     let mut snapshots = manager.subscribe();
     let mut compiler = Compiler::new();
     let mut applied = BTreeSet::new();
+    let mut issued = BTreeMap::new();
     let mut registered: BTreeMap<String, (LocalEndpoint, IdentityId)> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -514,6 +515,7 @@ pub async fn run(
             &auth,
             &mut compiler,
             &mut applied,
+            &mut issued,
             &mut registered,
             &snapshot,
         )
@@ -544,6 +546,7 @@ async fn reconcile(
     auth: &AuthManager<DatapathTable>,
     compiler: &mut Compiler,
     applied: &mut BTreeSet<String>,
+    issued: &mut BTreeMap<IdentityId, SystemTime>,
     registered: &mut BTreeMap<String, (LocalEndpoint, IdentityId)>,
     snapshot: &Snapshot,
 ) -> anyhow::Result<()> {
@@ -653,13 +656,16 @@ async fn reconcile(
 
     // SVIDs of local identities.
     let local_ids: BTreeSet<IdentityId> = registered.values().map(|(_, id)| *id).collect();
+    // Missing, or past half of its lifetime: (re)sign.
+    let now = SystemTime::now();
     let missing: Vec<IdentityId> = local_ids
         .iter()
         .copied()
-        .filter(|id| {
-            svids
-                .get(*id)
-                .is_none_or(|s| s.not_after < SystemTime::now() + Duration::from_secs(30))
+        .filter(|id| match (svids.get(*id), issued.get(id)) {
+            (Some(s), Some(at)) => {
+                now >= *at + s.not_after.duration_since(*at).unwrap_or_default() / 2
+            }
+            _ => true,
         })
         .collect();
     if !missing.is_empty() {
@@ -691,6 +697,7 @@ async fn reconcile(
                 s.svid_chain.into_iter().map(CertificateDer::from).collect();
             let not_after = SystemTime::UNIX_EPOCH
                 + Duration::from_secs(u64::try_from(s.expires_at_unix).unwrap_or(0));
+            issued.insert(id, now);
             svids.set(
                 id,
                 LocalSvid {
@@ -705,6 +712,7 @@ async fn reconcile(
             svids.remove(id);
         }
     }
+    issued.retain(|id, _| local_ids.contains(id));
 
     // Revocation: entries whose local identity left this node, whose peer identity is no longer
     // where the entry says, or that no policy requires any more.

@@ -84,6 +84,8 @@ struct State<T> {
     pending: HashSet<AuthKey>,
     /// Written entries and their expiry.
     entries: HashMap<AuthKey, SystemTime>,
+    /// When each entry was written (its lifetime scales the re-authentication margin).
+    recorded: HashMap<AuthKey, SystemTime>,
     /// Consecutive failures per pair (for backoff).
     failures: HashMap<AuthKey, u32>,
     stats: ManagerStats,
@@ -114,6 +116,7 @@ impl<T: AuthTable> AuthManager<T> {
             table,
             pending: HashSet::new(),
             entries: HashMap::new(),
+            recorded: HashMap::new(),
             failures: HashMap::new(),
             stats: ManagerStats::default(),
         }));
@@ -137,6 +140,18 @@ impl<T: AuthTable> AuthManager<T> {
         me
     }
 
+    /// How long before its expiry an entry is renewed: the configured margin, but at most a
+    /// third of the entry's lifetime (short-lived SVIDs give short-lived entries).
+    fn margin(&self, st: &State<T>, key: &AuthKey) -> Duration {
+        match (st.recorded.get(key), st.entries.get(key)) {
+            (Some(at), Some(exp)) => self
+                .config
+                .reauth_margin
+                .min(exp.duration_since(*at).unwrap_or_default() / 3),
+            _ => self.config.reauth_margin,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -147,11 +162,8 @@ impl<T: AuthTable> AuthManager<T> {
         if st.pending.contains(&key) {
             return;
         }
-        if st
-            .entries
-            .get(&key)
-            .is_some_and(|exp| *exp > now + self.config.reauth_margin)
-        {
+        let margin = self.margin(&st, &key);
+        if st.entries.get(&key).is_some_and(|exp| *exp > now + margin) {
             return;
         }
         match self.queue.try_send(key) {
@@ -174,6 +186,7 @@ impl<T: AuthTable> AuthManager<T> {
                         tracing::error!(error = %e, "cannot write the auth entry");
                     }
                     st.entries.insert(key, expires);
+                    st.recorded.insert(key, SystemTime::now());
                     st.pending.remove(&key);
                     None
                 }
@@ -208,13 +221,16 @@ impl<T: AuthTable> AuthManager<T> {
             tracing::error!(error = %e, "cannot write the auth entry");
         }
         st.entries.insert(key, expires);
+        st.recorded.insert(key, SystemTime::now());
         st.stats.succeeded += 1;
     }
 
     /// Takes over an entry already in the table (written before a restart): it is tracked,
     /// re-authenticated and revoked like the others.
     pub fn adopt(&self, key: AuthKey, expires: SystemTime) {
-        self.lock().entries.insert(key, expires);
+        let mut st = self.lock();
+        st.entries.insert(key, expires);
+        st.recorded.insert(key, SystemTime::now());
     }
 
     /// Re-authenticates entries expiring within the margin and removes expired ones.
@@ -230,7 +246,7 @@ impl<T: AuthTable> AuthManager<T> {
             let renew = st
                 .entries
                 .iter()
-                .filter(|(_, e)| **e > now && **e <= now + self.config.reauth_margin)
+                .filter(|(k, e)| **e > now && **e <= now + self.margin(&st, k))
                 .map(|(k, _)| *k)
                 .collect();
             (expired, renew)
@@ -239,6 +255,7 @@ impl<T: AuthTable> AuthManager<T> {
             let mut st = self.lock();
             for k in &expired {
                 st.entries.remove(k);
+                st.recorded.remove(k);
                 let _ = st.table.remove(*k);
                 st.stats.expired += 1;
             }
@@ -255,6 +272,7 @@ impl<T: AuthTable> AuthManager<T> {
         let gone: Vec<AuthKey> = st.entries.keys().filter(|k| which(k)).copied().collect();
         for k in &gone {
             st.entries.remove(k);
+            st.recorded.remove(k);
             if let Err(e) = st.table.remove(*k) {
                 tracing::error!(error = %e, "cannot remove the auth entry");
             }
@@ -403,7 +421,7 @@ mod tests {
         let auth = FakeAuth {
             calls: Arc::clone(&calls),
             fail_first: 0,
-            ttl: Duration::from_millis(500),
+            ttl: Duration::from_millis(900),
             delay: Duration::ZERO,
         };
         let m = AuthManager::start(config(), auth, table.clone());
@@ -411,8 +429,12 @@ mod tests {
         m.request(key(300), SystemTime::now());
         until(|| table.0.lock().unwrap().len() == 2).await;
         let first = table.0.lock().unwrap()[&key(200)];
+        // Not yet within the margin (a third of the 900 ms lifetime): nothing happens.
+        m.tick(SystemTime::now());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(table.0.lock().unwrap()[&key(200)], first);
         // Within the margin: re-authenticated, the entry moves forward without ever lapsing.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(650)).await;
         m.tick(SystemTime::now());
         until(|| {
             table

@@ -33,6 +33,9 @@ pub(crate) struct Cmd {
     /// Output format of the results.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
+    /// SVID lifetime (node and identity SVIDs); short ones show rotation and re-authentication.
+    #[arg(long, value_parser = crate::common::parse_duration, default_value = "1h")]
+    svid_ttl: std::time::Duration,
 }
 
 struct Running {
@@ -155,6 +158,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             &w("server"),
             "--admin-socket",
             &admin,
+            "--svid-ttl",
+            &humantime::format_duration(cmd.svid_ttl).to_string(),
         ]),
         "server.log",
     )?;

@@ -325,3 +325,92 @@ for line in sys.stdin:
     let (_, live) = lab.status().unwrap();
     assert!(live.is_empty());
 }
+
+#[test]
+fn short_svid_lifetimes_reauthenticate_without_a_failed_request() {
+    if !meshauth_lab::can_run() {
+        eprintln!("skipping: the end-to-end test needs root (lab, eBPF)");
+        return;
+    }
+    let lab = meshauth_lab::Lab::new("rot").unwrap();
+    let _down = Down(lab.clone());
+    let out = Command::new(BIN)
+        .args([
+            "--log",
+            "warn",
+            "demo",
+            "--lab",
+            "rot",
+            "--keep",
+            "--svid-ttl",
+            "12s",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["requests"][1]["status"], 200, "{result}");
+
+    // 20 s of requests, a new connection every 200 ms, across several SVID rotations.
+    let loop_py = r#"
+import time, urllib.request
+ok = fail = 0
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    try:
+        urllib.request.urlopen("http://demodeployment-1/", timeout=2).read()
+        ok += 1
+    except Exception:
+        fail += 1
+    time.sleep(0.2)
+print(ok, fail)
+"#;
+    let argv: Vec<String> = ["python3", "-c", loop_py]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = lab.exec("client2-2", &argv).unwrap().output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let counts: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "{text}");
+    assert!(counts[0] > 40, "{text}");
+    assert_eq!(counts[1], 0, "no request may fail across rotations: {text}");
+
+    // The pair was authenticated again with the rotated SVIDs (by either side, more than once;
+    // the entries live at most 12 s, so the 20 s of requests above depended on it).
+    let n1 = format!("{}/rot/n1-agent.sock", meshauth_lab::STATE_DIR);
+    let n2 = format!("{}/rot/n2-agent.sock", meshauth_lab::STATE_DIR);
+    let out = Command::new(BIN)
+        .args([
+            "observe",
+            "-o",
+            "json",
+            "--verdict",
+            "SUCCEEDED",
+            "--agent-socket",
+            &n1,
+            "--agent-socket",
+            &n2,
+        ])
+        .output()
+        .unwrap();
+    let initiated = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|f| f["reason"] == "")
+        .count();
+    assert!(
+        initiated >= 2,
+        "expected re-authentication, saw {initiated} handshake(s)"
+    );
+    lab.down().unwrap();
+}
