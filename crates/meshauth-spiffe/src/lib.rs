@@ -16,5 +16,6 @@ pub mod svid;
 pub use bundle::{BundleError, X509Bundle};
 pub use id::{SpiffeId, SpiffeIdError, TrustDomain, identity_spiffe_id, node_spiffe_id};
 pub use svid::{
-    SvidError, SvidRejectReason, VerifiedSvid, serial_of, spiffe_id_of, validate_x509_svid,
+    SvidError, SvidRejectReason, VerifiedSvid, not_after_of, serial_of, spiffe_id_of,
+    validate_x509_svid,
 };

@@ -158,8 +158,11 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Vec<&'a str> {
 
 /// The SPIFFE ID in a certificate's single URI SAN, without validating anything else.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
-    let cert = parse(cert, 0)?;
-    let uris = uri_sans(&cert);
+    id_in(&parse(cert, 0)?)
+}
+
+fn id_in(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let uris = uri_sans(cert);
     let [uri] = uris.as_slice() else {
         return Err(SvidError::UriSanCount(uris.len()));
     };
@@ -168,6 +171,16 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
             uri: (*uri).to_owned(),
             why: e.to_string(),
         })
+}
+
+/// A certificate's expiry (`notAfter`), without validating anything else.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Result<SystemTime, SvidError> {
+    Ok(expiry(&parse(cert, 0)?))
+}
+
+fn expiry(cert: &X509Certificate<'_>) -> SystemTime {
+    let secs = cert.validity().not_after.timestamp();
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
 
 /// A certificate's serial number in lowercase hex.
@@ -194,19 +207,10 @@ pub fn validate_x509_svid(
     let leaf = parse(leaf_der, 0)?;
 
     // SPIFFE ID: exactly one URI SAN, a SPIFFE ID with a path, in the bundle's trust domain.
-    let uris = uri_sans(&leaf);
-    let [uri] = uris.as_slice() else {
-        return Err(SvidError::UriSanCount(uris.len()));
-    };
-    let spiffe_id: SpiffeId =
-        uri.parse()
-            .map_err(|e: crate::id::SpiffeIdError| SvidError::NotSpiffeId {
-                uri: (*uri).to_owned(),
-                why: e.to_string(),
-            })?;
+    let spiffe_id = id_in(&leaf)?;
     if spiffe_id.path().is_empty() {
         return Err(SvidError::NotSpiffeId {
-            uri: (*uri).to_owned(),
+            uri: spiffe_id.to_string(),
             why: "a leaf SVID's ID needs a path".into(),
         });
     }
@@ -281,8 +285,7 @@ pub fn validate_x509_svid(
         other => SvidError::InvalidChain(format!("{other:?}")),
     })?;
 
-    let not_after =
-        UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+    let not_after = expiry(&leaf);
     Ok(VerifiedSvid {
         spiffe_id,
         not_after,

@@ -7,7 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use meshauth_spiffe::{SvidRejectReason, X509Bundle, validate_x509_svid};
+use meshauth_spiffe::{
+    SvidRejectReason, X509Bundle, not_after_of, spiffe_id_of, validate_x509_svid,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -256,4 +258,27 @@ fn garbage_is_rejected_not_panicked_on() {
             SvidRejectReason::MalformedCertificate
         );
     }
+}
+
+#[test]
+fn readers_of_a_verified_leaf_agree_with_validation() {
+    let ca = root("td.test");
+    let b = bundle("td.test", &[&ca]);
+    let mut params = leaf_params(&["spiffe://td.test/web"]);
+    let expiry = time::OffsetDateTime::from_unix_timestamp(4_102_444_800).unwrap();
+    params.not_after = expiry;
+    let leaf = sign(&params, &ca);
+    let v = validate_x509_svid(std::slice::from_ref(&leaf), &b, SystemTime::now()).unwrap();
+    let read = not_after_of(&leaf).unwrap();
+    assert_eq!(read, v.not_after);
+    assert_eq!(
+        read,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_800)
+    );
+    assert_eq!(spiffe_id_of(&leaf).unwrap(), v.spiffe_id);
+    let junk = CertificateDer::from(b"not a cert".to_vec());
+    assert_eq!(
+        not_after_of(&junk).unwrap_err().reason(),
+        SvidRejectReason::MalformedCertificate
+    );
 }
