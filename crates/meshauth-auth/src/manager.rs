@@ -78,14 +78,19 @@ pub struct ManagerStats {
     pub expired: u64,
 }
 
+/// A written entry: when it expires, and when to re-authenticate it.
+#[derive(Clone, Copy)]
+struct Tracked {
+    expires: SystemTime,
+    renew_at: SystemTime,
+}
+
 struct State<T> {
     table: T,
     /// Queued or in flight.
     pending: HashSet<AuthKey>,
-    /// Written entries and their expiry.
-    entries: HashMap<AuthKey, SystemTime>,
-    /// When each entry was written (its lifetime scales the re-authentication margin).
-    recorded: HashMap<AuthKey, SystemTime>,
+    /// Written entries.
+    entries: HashMap<AuthKey, Tracked>,
     /// Consecutive failures per pair (for backoff).
     failures: HashMap<AuthKey, u32>,
     stats: ManagerStats,
@@ -116,7 +121,6 @@ impl<T: AuthTable> AuthManager<T> {
             table,
             pending: HashSet::new(),
             entries: HashMap::new(),
-            recorded: HashMap::new(),
             failures: HashMap::new(),
             stats: ManagerStats::default(),
         }));
@@ -140,16 +144,22 @@ impl<T: AuthTable> AuthManager<T> {
         me
     }
 
-    /// How long before its expiry an entry is renewed: the configured margin, but at most a
-    /// third of the entry's lifetime (short-lived SVIDs give short-lived entries).
-    fn margin(&self, st: &State<T>, key: &AuthKey) -> Duration {
-        match (st.recorded.get(key), st.entries.get(key)) {
-            (Some(at), Some(exp)) => self
-                .config
-                .reauth_margin
-                .min(exp.duration_since(*at).unwrap_or_default() / 3),
-            _ => self.config.reauth_margin,
+    /// Tracks an entry valid from `now` until `expires`. It is re-authenticated the configured
+    /// margin before expiry, but no earlier than two thirds into its lifetime (short-lived
+    /// SVIDs give short-lived entries).
+    fn track(&self, st: &mut State<T>, key: AuthKey, expires: SystemTime, now: SystemTime) {
+        let life = expires.duration_since(now).unwrap_or_default();
+        let margin = self.config.reauth_margin.min(life / 3);
+        let renew_at = expires.checked_sub(margin).unwrap_or(expires);
+        st.entries.insert(key, Tracked { expires, renew_at });
+    }
+
+    /// Writes an authenticated entry to the table and tracks it.
+    fn write(&self, st: &mut State<T>, key: AuthKey, expires: SystemTime) {
+        if let Err(e) = st.table.insert(key, expires) {
+            tracing::error!(error = %e, "cannot write the auth entry");
         }
+        self.track(st, key, expires, SystemTime::now());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
@@ -162,8 +172,7 @@ impl<T: AuthTable> AuthManager<T> {
         if st.pending.contains(&key) {
             return;
         }
-        let margin = self.margin(&st, &key);
-        if st.entries.get(&key).is_some_and(|exp| *exp > now + margin) {
+        if st.entries.get(&key).is_some_and(|e| now < e.renew_at) {
             return;
         }
         match self.queue.try_send(key) {
@@ -182,11 +191,7 @@ impl<T: AuthTable> AuthManager<T> {
                 Ok(expires) => {
                     st.stats.succeeded += 1;
                     st.failures.remove(&key);
-                    if let Err(e) = st.table.insert(key, expires) {
-                        tracing::error!(error = %e, "cannot write the auth entry");
-                    }
-                    st.entries.insert(key, expires);
-                    st.recorded.insert(key, SystemTime::now());
+                    self.write(&mut st, key, expires);
                     st.pending.remove(&key);
                     None
                 }
@@ -217,11 +222,7 @@ impl<T: AuthTable> AuthManager<T> {
     /// Records a pair authenticated by a peer's handshake (the responder side).
     pub fn record(&self, key: AuthKey, expires: SystemTime) {
         let mut st = self.lock();
-        if let Err(e) = st.table.insert(key, expires) {
-            tracing::error!(error = %e, "cannot write the auth entry");
-        }
-        st.entries.insert(key, expires);
-        st.recorded.insert(key, SystemTime::now());
+        self.write(&mut st, key, expires);
         st.stats.succeeded += 1;
     }
 
@@ -229,8 +230,7 @@ impl<T: AuthTable> AuthManager<T> {
     /// re-authenticated and revoked like the others.
     pub fn adopt(&self, key: AuthKey, expires: SystemTime) {
         let mut st = self.lock();
-        st.entries.insert(key, expires);
-        st.recorded.insert(key, SystemTime::now());
+        self.track(&mut st, key, expires, SystemTime::now());
     }
 
     /// Re-authenticates entries expiring within the margin and removes expired ones.
@@ -240,13 +240,13 @@ impl<T: AuthTable> AuthManager<T> {
             let expired = st
                 .entries
                 .iter()
-                .filter(|(_, e)| **e <= now)
+                .filter(|(_, e)| e.expires <= now)
                 .map(|(k, _)| *k)
                 .collect();
             let renew = st
                 .entries
                 .iter()
-                .filter(|(k, e)| **e > now && **e <= now + self.margin(&st, k))
+                .filter(|(_, e)| e.renew_at <= now && now < e.expires)
                 .map(|(k, _)| *k)
                 .collect();
             (expired, renew)
@@ -255,7 +255,6 @@ impl<T: AuthTable> AuthManager<T> {
             let mut st = self.lock();
             for k in &expired {
                 st.entries.remove(k);
-                st.recorded.remove(k);
                 let _ = st.table.remove(*k);
                 st.stats.expired += 1;
             }
@@ -272,7 +271,6 @@ impl<T: AuthTable> AuthManager<T> {
         let gone: Vec<AuthKey> = st.entries.keys().filter(|k| which(k)).copied().collect();
         for k in &gone {
             st.entries.remove(k);
-            st.recorded.remove(k);
             if let Err(e) = st.table.remove(*k) {
                 tracing::error!(error = %e, "cannot remove the auth entry");
             }
@@ -288,7 +286,11 @@ impl<T: AuthTable> AuthManager<T> {
 
     /// The entries written, with their expiry.
     pub fn entries(&self) -> Vec<(AuthKey, SystemTime)> {
-        self.lock().entries.iter().map(|(k, e)| (*k, *e)).collect()
+        self.lock()
+            .entries
+            .iter()
+            .map(|(k, e)| (*k, e.expires))
+            .collect()
     }
 
     /// The counters.
