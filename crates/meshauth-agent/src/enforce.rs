@@ -495,7 +495,7 @@ pub async fn run(
     let mut snapshots = manager.subscribe();
     let mut compiler = Compiler::new();
     let mut applied = BTreeSet::new();
-    let mut issued = BTreeMap::new();
+    let mut renew_at = BTreeMap::new();
     let mut registered: BTreeMap<String, (LocalEndpoint, IdentityId)> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -515,7 +515,7 @@ pub async fn run(
             &auth,
             &mut compiler,
             &mut applied,
-            &mut issued,
+            &mut renew_at,
             &mut registered,
             &snapshot,
         )
@@ -546,7 +546,7 @@ async fn reconcile(
     auth: &AuthManager<DatapathTable>,
     compiler: &mut Compiler,
     applied: &mut BTreeSet<String>,
-    issued: &mut BTreeMap<IdentityId, SystemTime>,
+    renew_at: &mut BTreeMap<IdentityId, SystemTime>,
     registered: &mut BTreeMap<String, (LocalEndpoint, IdentityId)>,
     snapshot: &Snapshot,
 ) -> anyhow::Result<()> {
@@ -656,17 +656,12 @@ async fn reconcile(
 
     // SVIDs of local identities.
     let local_ids: BTreeSet<IdentityId> = registered.values().map(|(_, id)| *id).collect();
-    // Missing, or past half of its lifetime: (re)sign.
+    // Missing, or past its renewal time (about half-life): (re)sign.
     let now = SystemTime::now();
     let missing: Vec<IdentityId> = local_ids
         .iter()
         .copied()
-        .filter(|id| match (svids.get(*id), issued.get(id)) {
-            (Some(s), Some(at)) => {
-                now >= *at + s.not_after.duration_since(*at).unwrap_or_default() / 2
-            }
-            _ => true,
-        })
+        .filter(|id| svids.get(*id).is_none() || renew_at.get(id).is_none_or(|t| now >= *t))
         .collect();
     if !missing.is_empty() {
         let mut keys = BTreeMap::new();
@@ -697,7 +692,7 @@ async fn reconcile(
                 s.svid_chain.into_iter().map(CertificateDer::from).collect();
             let not_after = SystemTime::UNIX_EPOCH
                 + Duration::from_secs(u64::try_from(s.expires_at_unix).unwrap_or(0));
-            issued.insert(id, now);
+            renew_at.insert(id, crate::manager::refresh_time(now, not_after));
             svids.set(
                 id,
                 LocalSvid {
@@ -712,7 +707,7 @@ async fn reconcile(
             svids.remove(id);
         }
     }
-    issued.retain(|id, _| local_ids.contains(id));
+    renew_at.retain(|id, _| local_ids.contains(id));
 
     // Revocation: entries whose local identity left this node, whose peer identity is no longer
     // where the entry says, or that no policy requires any more.
