@@ -63,6 +63,8 @@ pub enum HandshakeResult {
     InitiatorNotHosted,
     /// The connection broke.
     Io,
+    /// Policy asks for `test-always-fail`: failed without a handshake.
+    TestAlwaysFail,
 }
 
 impl From<meshauth_auth::Reason> for HandshakeResult {
@@ -76,6 +78,7 @@ impl From<meshauth_auth::Reason> for HandshakeResult {
             R::Refused => HandshakeResult::Refused,
             R::InitiatorNotHosted => HandshakeResult::InitiatorNotHosted,
             R::Io => HandshakeResult::Io,
+            R::TestAlwaysFail => HandshakeResult::TestAlwaysFail,
         }
     }
 }

@@ -55,6 +55,9 @@ pub enum Reason {
     InitiatorNotHosted,
     /// The connection broke.
     Io,
+    /// Policy asks for `authentication.mode: test-always-fail`, which never succeeds: the auth
+    /// manager fails such a pair without a handshake and never writes an entry for it.
+    TestAlwaysFail,
 }
 
 /// A failed handshake.
