@@ -335,7 +335,9 @@ impl Handshaker {
     }
 
     /// Answers handshakes on `listener` until `shutdown`; each success is sent on `accepted`,
-    /// each failure is logged with its reason and sent on `failed`.
+    /// each failure is logged with its reason and sent on `failed`. A failing `accept` (e.g.
+    /// EMFILE at the descriptor limit) pauses the loop, 10 ms doubling to 1 s and reset by the
+    /// next success, and is logged at most once a second with the count of errors not logged.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -365,16 +367,27 @@ impl Handshaker {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let mut errors = AcceptErrors::default();
         loop {
-            let (tcp, from) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "handshake accept failed");
-                        continue;
-                    }
-                },
+            let accepted_conn = tokio::select! {
+                r = listener.accept() => r,
                 _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let (tcp, from) = match accepted_conn {
+                Ok(a) => {
+                    errors.succeeded(tokio::time::Instant::now());
+                    a
+                }
+                Err(e) => {
+                    // At the descriptor limit every accept fails at once while a connection
+                    // waits: pause rather than spin.
+                    let pause = errors.failed(&e, tokio::time::Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    continue;
+                }
             };
             let (me, acceptor, accepted, failed) = (
                 self.clone(),
@@ -457,6 +470,70 @@ impl Handshaker {
             remote_node: node,
             expires: own.not_after.min(peer_expiry),
         })
+    }
+}
+
+/// Backoff and log rate limit of a failing accept loop: the pause doubles from
+/// [`AcceptErrors::MIN`] to [`AcceptErrors::MAX`] and resets on success; at most one line per
+/// [`AcceptErrors::LOG_EVERY`], carrying the number of errors not logged since the last line.
+#[derive(Debug)]
+struct AcceptErrors {
+    pause: Duration,
+    last_log: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            pause: Self::MIN,
+            last_log: None,
+            suppressed: 0,
+        }
+    }
+}
+
+impl AcceptErrors {
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(1);
+
+    fn may_log(&self, now: tokio::time::Instant) -> bool {
+        self.last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::LOG_EVERY)
+    }
+
+    /// Records a failed accept; returns how long to pause before the next one.
+    fn failed(&mut self, e: &std::io::Error, now: tokio::time::Instant) -> Duration {
+        let pause = self.pause;
+        if self.may_log(now) {
+            tracing::warn!(
+                error = %e,
+                suppressed = self.suppressed,
+                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "handshake accept failed"
+            );
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed = self.suppressed.saturating_add(1);
+        }
+        self.pause = pause.saturating_mul(2).min(Self::MAX);
+        pause
+    }
+
+    /// Records a successful accept: the pause resets; errors not yet reported are reported
+    /// (within the rate limit).
+    fn succeeded(&mut self, now: tokio::time::Instant) {
+        self.pause = Self::MIN;
+        if self.suppressed > 0 && self.may_log(now) {
+            tracing::info!(
+                suppressed = self.suppressed,
+                "handshake accept recovered after failures"
+            );
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        }
     }
 }
 
