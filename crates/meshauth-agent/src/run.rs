@@ -171,13 +171,13 @@ impl Agent {
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         // Ready once the first sync with the server completed.
-        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        let ready = meshauth_telemetry::Readiness::new();
+        let sync_ready = ready.register("sync");
+        sync_ready.set_not_ready("waiting for the first sync with the server");
         let mut snapshots = manager.subscribe();
         let readiness = async move {
             let _ = snapshots.wait_for(|s| s.synced).await;
-            let _ = ready_tx.send(true);
-            // Keep the sender alive so /readyz stays answered.
-            std::future::pending::<()>().await;
+            sync_ready.set_ready();
         };
         let encoder: meshauth_telemetry::Encoder = {
             let (m, mgr) = (metrics.clone(), manager.clone());
@@ -186,7 +186,7 @@ impl Agent {
         let http = meshauth_telemetry::serve_http(
             metrics_listener,
             encoder,
-            ready_rx,
+            ready.clone(),
             stopped(stop_rx.clone()),
         );
         let run = manager.clone().run(stop_rx.clone());

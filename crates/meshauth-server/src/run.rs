@@ -212,7 +212,7 @@ impl Server {
             Arc::new(move || m.encode())
         };
         // Bound only after the store, CA and listeners are up: ready from the start.
-        let (_ready_tx, ready) = tokio::sync::watch::channel(true);
+        let ready = meshauth_telemetry::Readiness::new();
         let metrics = meshauth_telemetry::serve_http(
             metrics_listener,
             encoder,

@@ -1,6 +1,9 @@
-//! What every long-running meshauth process needs: `/metrics` (Prometheus text), `/healthz`
-//! (the process is alive) and `/readyz` (it can do its job) on one HTTP listener, and its local
-//! Unix sockets ([`bind_unix_socket`]).
+//! What every long-running meshauth process needs:
+//!
+//! - one HTTP listener with `/metrics` (Prometheus text), `/healthz` (the process is alive) and
+//!   `/readyz` (it can do its job: every [`Readiness`] condition is ready) ([`serve_http`]);
+//! - a [`Supervisor`] for its long-running tasks, so that none fails silently;
+//! - its local Unix sockets ([`bind_unix_socket`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,17 +14,25 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+mod readiness;
+mod supervisor;
+
+pub use readiness::{NOT_YET_REPORTED, Readiness, ReadyHandle};
+pub use supervisor::{BoxError, DEFAULT_GRACE, MIN_BACKOFF, Restart, Supervisor, SupervisorError};
+/// The token the [`Supervisor`] hands its tasks (re-exported so callers need no `tokio-util`).
+pub use tokio_util::sync::CancellationToken;
 
 /// Produces the metrics text on each scrape.
 pub type Encoder = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves the three endpoints until `shutdown` completes. `/readyz` answers 200 while `ready`
-/// holds `true` and 503 otherwise.
+/// Serves the three endpoints until `shutdown` completes. `/readyz` answers 200 `ready` while
+/// every condition of `readiness` is ready, and otherwise 503 with one `name: reason` line per
+/// condition that is not ready.
 pub async fn serve_http(
     listener: TcpListener,
     metrics: Encoder,
-    ready: watch::Receiver<bool>,
+    readiness: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -44,14 +55,13 @@ pub async fn serve_http(
         .route(
             "/readyz",
             get(move || {
-                let ready = *ready.borrow();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
+                let status = if readiness.is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = readiness.report();
+                async move { (status, body) }
             }),
         );
     axum::serve(listener, app)
