@@ -4,9 +4,12 @@
 //! - [`handshake`]: the TLS 1.3 handshake on port 4250, both roles, with the checks both sides
 //!   make and the low-cardinality [`handshake::Reason`] of every failure.
 //!
-//! - [`manager`]: the auth manager: de-duplicated requests, a bounded queue and worker pool,
-//!   entries written with their expiry, retries with backoff, re-authentication before expiry,
-//!   immediate revocation and a sweep of expired entries.
+//! - [`manager`]: the auth manager: de-duplicated requests, a bounded queue and a fixed worker
+//!   pool, entries written with their expiry, retries on an exponential backoff schedule kept
+//!   in its state (pairs nobody asks for are forgotten), `test-always-fail` pairs failed
+//!   without a handshake, re-authentication before expiry, immediate revocation, a sweep of
+//!   expired entries, typed counters and an optional non-blocking outcome channel. It reads
+//!   time from an injected [`manager::Clock`] ([`manager::ManualClock`] in tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,4 +19,7 @@ pub mod manager;
 pub use handshake::{
     AuthError, Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason, Timeouts,
 };
-pub use manager::{AuthManager, AuthTable, Authenticator, ManagerConfig, ManagerStats};
+pub use manager::{
+    AuthManager, AuthTable, Authenticator, Clock, ManagerConfig, ManagerHooks, ManagerStats,
+    ManualClock, Outcome, RetryState, TableError,
+};
