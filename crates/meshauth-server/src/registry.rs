@@ -281,10 +281,10 @@ impl Registry {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<NodeSvid> {
-        let result = self.attest_inner(token, node, csr, now);
-        self.metrics
-            .attestation(result.as_ref().err().map(RegistryError::reason));
-        result
+        let attested = self.attest_inner(token, node, csr, now)?;
+        // Refusals are counted where they are answered (`NodeApi::refuse`), as for every call.
+        self.metrics.attestation_succeeded();
+        Ok(attested)
     }
 
     fn attest_inner(

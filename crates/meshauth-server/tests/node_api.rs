@@ -363,23 +363,46 @@ async fn metrics_and_health_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
     attest(&server, "n1").await;
+    // One refused attestation: an unknown token.
+    let mut client = node_client(server.addr, server.bundle(), None).await;
+    let err = client
+        .attest_join_token(AttestJoinTokenRequest {
+            token: "not-a-token".into(),
+            node_name: "n2".into(),
+            csr: key_and_csr().1,
+        })
+        .await
+        .expect_err("an unknown token is refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
     let body = http_get(server.metrics_addr, "/metrics").await;
-    assert!(
-        body.contains("meshauth_server_svids_issued_total{kind=\"Node\"} 1"),
-        "{body}"
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+            .to_owned()
+    };
+    assert_eq!(
+        value("meshauth_server_svids_issued_total{kind=\"Node\"}"),
+        "1"
     );
-    assert!(
-        body.contains("meshauth_server_bundle_authorities 1"),
-        "{body}"
+    assert_eq!(value("meshauth_server_node_attestations_total"), "1");
+    assert_eq!(
+        value("meshauth_server_requests_denied_total{reason=\"TokenUnknown\"}"),
+        "1",
+        "one refusal is counted once"
     );
+    assert_eq!(value("meshauth_server_bundle_authorities"), "1");
     assert!(
-        http_get(server.metrics_addr, "/readyz")
-            .await
-            .contains("ready")
+        !body.contains("meshauth_server_ticker_failures_total{"),
+        "no ticker step failed: {body}"
     );
+    let ready = http_get(server.metrics_addr, "/readyz").await;
+    assert!(ready.ends_with("\r\n\r\nready\n"), "{ready}");
     server.stop().await;
 }
 
+/// `GET path` over HTTP/1.0, asserting a 200; the whole response.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
