@@ -55,6 +55,22 @@ pub enum DenyReason {
     Internal,
 }
 
+/// A step of the once-a-second CA/SVID ticker (each failure is retried on the next tick).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TickStep {
+    /// Reading the datastore, to report its health.
+    StoreProbe,
+    /// Advancing CA rotation and persisting it.
+    CaRotation,
+    /// Renewing the server's own SVID.
+    ServerSvid,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: TickStep,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: SvidKind,
@@ -75,6 +91,7 @@ pub struct Metrics {
     bundle_authorities: Gauge,
     bundle_sequence: Gauge<u64, AtomicU64>,
     sync_streams: Gauge,
+    ticker_failures: Family<StepLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -123,6 +140,12 @@ impl Metrics {
             "Open agent sync streams",
             sync_streams.clone(),
         );
+        let ticker_failures = Family::<StepLabels, Counter>::default();
+        registry.register(
+            "ticker_failures",
+            "Failed steps of the CA/SVID ticker, by step (each is retried on the next tick)",
+            ticker_failures.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             svids_issued,
@@ -131,6 +154,7 @@ impl Metrics {
             bundle_authorities,
             bundle_sequence,
             sync_streams,
+            ticker_failures,
         }
     }
 
@@ -157,6 +181,12 @@ impl Metrics {
     pub(crate) fn observe_bundle(&self, bundle: &X509Bundle) {
         self.bundle_authorities.set(bundle.authorities.len() as i64);
         self.bundle_sequence.set(bundle.sequence);
+    }
+
+    pub(crate) fn ticker_failed(&self, step: TickStep) {
+        self.ticker_failures
+            .get_or_create(&StepLabels { step })
+            .inc();
     }
 
     pub(crate) fn sync_stream_opened(&self) {

@@ -6,19 +6,20 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use meshauth_proto::admin::admin_server::AdminServer;
 use meshauth_proto::node::node_server::NodeServer;
-use meshauth_spiffe::{SpiffeId, TrustDomain};
+use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
+use meshauth_telemetry::{CancellationToken, Readiness, ReadyHandle, Restart, Supervisor};
 use meshauth_tls::{ClientAuth, PeerPolicy, SharedBundle, SharedCertifiedKey};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::admin_api::AdminApi;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TickStep};
 use crate::node_api::NodeApi;
 use crate::registry::{Registry, RegistryConfig};
 use crate::tls_incoming::accept_tls;
@@ -47,6 +48,10 @@ pub mod defaults {
 
 /// How often CA rotation and the server's own SVID are checked.
 const TICK: Duration = Duration::from_secs(1);
+/// The longest delay before the ticker is restarted after a panic.
+const TICKER_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A lasting ticker failure is logged on its first tick and then every this many ticks.
+const LOG_EVERY: u64 = 60;
 /// ALPN of gRPC over TLS.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -167,7 +172,14 @@ impl Server {
         Arc::clone(&self.registry)
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes, each listener and the CA/SVID ticker as a supervised
+    /// task. Fails, naming the task, if a listener fails; the ticker never stops on an error: it
+    /// logs it, counts it (`meshauth_server_ticker_failures_total`), reports it on `/readyz` and
+    /// retries on the next tick.
+    ///
+    /// `/readyz` conditions: `store` (the datastore answers), `ca` (the last CA rotation check
+    /// succeeded and was persisted), `server-svid` (the serving SVID has not expired). All are
+    /// ready at first: [`Server::bind`] opened the store, loaded the CA and issued the SVID.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -180,99 +192,287 @@ impl Server {
             bundle,
             own,
             own_id,
-            mut own_expiry,
+            own_expiry,
         } = self;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
+        let readiness = Readiness::new();
+        let ticker = Ticker::new(
+            Arc::clone(&registry),
+            registry.metrics().clone(),
+            TickerState {
+                bundle: bundle.clone(),
+                own: own.clone(),
+                own_id,
+                own_expiry,
+            },
+            &readiness,
+        );
 
         let tls = meshauth_tls::server_config(
-            own.clone(),
-            bundle.clone(),
+            own,
+            bundle,
             PeerPolicy::AnyInTrustDomain,
             ClientAuth::Optional,
             &[ALPN_H2],
         )?;
-        let incoming = ReceiverStream::new(accept_tls(node_listener, Arc::new(tls)));
-        let node = tonic::transport::Server::builder()
-            .add_service(NodeServer::new(NodeApi::new(
-                Arc::clone(&registry),
-                stop_rx.clone(),
-            )))
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-        let admin = tonic::transport::Server::builder()
-            .add_service(AdminServer::new(AdminApi::new(Arc::clone(&registry))))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(admin_listener),
-                stopped(stop_rx.clone()),
-            );
+        let mut tasks = Supervisor::new();
+        tasks.spawn_once("node-api", {
+            let registry = Arc::clone(&registry);
+            move |token| async move {
+                // Sync streams end when this turns true, so that a graceful shutdown does not
+                // wait for agents to hang up.
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let incoming = ReceiverStream::new(accept_tls(node_listener, Arc::new(tls)));
+                tonic::transport::Server::builder()
+                    .add_service(NodeServer::new(NodeApi::new(registry, stop_rx)))
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        token.cancelled().await;
+                        let _ = stop_tx.send(true);
+                    })
+                    .await
+            }
+        });
+        tasks.spawn_once("admin-api", {
+            let registry = Arc::clone(&registry);
+            move |token| {
+                tonic::transport::Server::builder()
+                    .add_service(AdminServer::new(AdminApi::new(registry)))
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(admin_listener),
+                        token.cancelled_owned(),
+                    )
+            }
+        });
         let encoder: meshauth_telemetry::Encoder = {
             let m = registry.metrics().clone();
             Arc::new(move || m.encode())
         };
-        // Bound only after the store, CA and listeners are up: ready from the start.
-        let ready = meshauth_telemetry::Readiness::new();
-        let metrics = meshauth_telemetry::serve_http(
-            metrics_listener,
-            encoder,
-            ready,
-            stopped(stop_rx.clone()),
+        tasks.spawn_once("metrics", move |token| {
+            meshauth_telemetry::serve_http(
+                metrics_listener,
+                encoder,
+                readiness,
+                token.cancelled_owned(),
+            )
+        });
+        // The ticker handles its own errors; a restart only follows a panic. Its state (when the
+        // server SVID was issued) survives restarts.
+        let ticker = Arc::new(Mutex::new(ticker));
+        tasks.spawn(
+            "ca-ticker",
+            Restart::Backoff {
+                min: TICK,
+                max: TICKER_MAX_BACKOFF,
+            },
+            move |token| run_ticker(Arc::clone(&ticker), TICK, token),
         );
-
-        let ticker = {
-            let registry = Arc::clone(&registry);
-            let mut stop = stop_rx.clone();
-            async move {
-                let mut interval = tokio::time::interval(TICK);
-                loop {
-                    tokio::select! {
-                        _ = interval.tick() => {}
-                        _ = stop.wait_for(|s| *s) => return Ok::<(), anyhow::Error>(()),
-                    }
-                    let now = SystemTime::now();
-                    if registry.tick(now)? {
-                        bundle.set(registry.bundle(now));
-                    }
-                    let (issued, not_after) = own_expiry;
-                    let half = issued + not_after.duration_since(issued).unwrap_or_default() / 2;
-                    if now >= half {
-                        match issue_own_svid(&registry, &own_id, now) {
-                            Ok((chain, key, new_not_after)) => {
-                                own.set(chain, key)?;
-                                own_expiry = (now, new_not_after);
-                                tracing::info!("server SVID renewed");
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot renew the server SVID"),
-                        }
-                    }
-                }
-            }
-        };
-
-        let stop = async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
-        };
-        let (node, admin, metrics, ticker, ()) = tokio::join!(node, admin, metrics, ticker, stop);
-        node.context("node API")?;
-        admin.context("admin API")?;
-        metrics.context("metrics")?;
-        ticker.context("CA rotation")?;
+        tasks.run_until(shutdown).await?;
         Ok(())
     }
 }
 
-fn issue_own_svid(
-    registry: &Registry,
-    id: &SpiffeId,
-    now: SystemTime,
-) -> anyhow::Result<(
+/// What the ticker needs from the registry (a seam for its tests).
+trait TickerBackend: Send + Sync + 'static {
+    /// Reads the datastore.
+    fn probe_store(&self) -> anyhow::Result<()>;
+    /// Advances CA rotation and persists it; the new bundle if it changed.
+    fn rotate(&self, now: SystemTime) -> anyhow::Result<Option<X509Bundle>>;
+    /// Issues a fresh SVID for the server.
+    fn issue_own_svid(&self, id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid>;
+}
+
+impl TickerBackend for Registry {
+    fn probe_store(&self) -> anyhow::Result<()> {
+        self.count_entries()?;
+        Ok(())
+    }
+
+    fn rotate(&self, now: SystemTime) -> anyhow::Result<Option<X509Bundle>> {
+        Ok(self.tick(now)?.then(|| self.bundle(now)))
+    }
+
+    fn issue_own_svid(&self, id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid> {
+        issue_own_svid(self, id, now)
+    }
+}
+
+/// What the ticker keeps current.
+struct TickerState {
+    bundle: SharedBundle,
+    own: SharedCertifiedKey,
+    own_id: SpiffeId,
+    /// When the serving SVID was issued and when it expires.
+    own_expiry: (SystemTime, SystemTime),
+}
+
+/// One ticker step's readiness condition and failure streak.
+struct Step {
+    kind: TickStep,
+    ready: ReadyHandle,
+    /// Consecutive failures.
+    failing: u64,
+}
+
+impl Step {
+    fn new(kind: TickStep, ready: ReadyHandle) -> Self {
+        ready.set_ready();
+        Step {
+            kind,
+            ready,
+            failing: 0,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.failing > 0 {
+            tracing::info!(step = ?self.kind, failures = self.failing, "ticker step recovered");
+        }
+        self.failing = 0;
+    }
+
+    /// Counts and logs a failure: at `error!` on the first of a streak and every
+    /// [`LOG_EVERY`] after it, so that a lasting failure is neither silent nor a flood.
+    fn failed(&mut self, metrics: &Metrics, what: &str, err: &anyhow::Error) {
+        self.failing += 1;
+        metrics.ticker_failed(self.kind);
+        if self.failing == 1 || self.failing.is_multiple_of(LOG_EVERY) {
+            tracing::error!(
+                step = ?self.kind,
+                error = %format!("{err:#}"),
+                consecutive = self.failing,
+                "{what}; retrying on the next tick"
+            );
+        }
+    }
+}
+
+/// The CA/SVID ticker: datastore probe, CA rotation, server SVID renewal at half-life. Every
+/// step's failure is logged, counted and reported on `/readyz`, and retried on the next tick.
+struct Ticker<B: ?Sized> {
+    backend: Arc<B>,
+    metrics: Metrics,
+    state: TickerState,
+    store: Step,
+    ca: Step,
+    svid: Step,
+}
+
+impl<B: TickerBackend + ?Sized> Ticker<B> {
+    fn new(backend: Arc<B>, metrics: Metrics, state: TickerState, readiness: &Readiness) -> Self {
+        Ticker {
+            backend,
+            metrics,
+            state,
+            store: Step::new(TickStep::StoreProbe, readiness.register("store")),
+            ca: Step::new(TickStep::CaRotation, readiness.register("ca")),
+            svid: Step::new(TickStep::ServerSvid, readiness.register("server-svid")),
+        }
+    }
+
+    /// One tick at `now`. Cannot fail: there is nothing to give up.
+    fn tick(&mut self, now: SystemTime) {
+        match self.backend.probe_store() {
+            Ok(()) => {
+                self.store.succeeded();
+                self.store.ready.set_ready();
+            }
+            Err(e) => {
+                const WHAT: &str = "cannot read the datastore";
+                self.store.failed(&self.metrics, WHAT, &e);
+                self.store.ready.set_not_ready(format!("{WHAT}: {e:#}"));
+            }
+        }
+
+        match self.backend.rotate(now) {
+            Ok(changed) => {
+                self.ca.succeeded();
+                self.ca.ready.set_ready();
+                if let Some(bundle) = changed {
+                    self.state.bundle.set(bundle);
+                }
+            }
+            Err(e) => {
+                const WHAT: &str = "CA rotation failed";
+                self.ca.failed(&self.metrics, WHAT, &e);
+                self.ca.ready.set_not_ready(format!("{WHAT}: {e:#}"));
+            }
+        }
+
+        let (issued, not_after) = self.state.own_expiry;
+        let half = issued + not_after.duration_since(issued).unwrap_or_default() / 2;
+        let mut last_error = None;
+        if now >= half {
+            let renewed = self
+                .backend
+                .issue_own_svid(&self.state.own_id, now)
+                .and_then(|(chain, key, new_not_after)| {
+                    self.state.own.set(chain, key)?;
+                    Ok(new_not_after)
+                });
+            match renewed {
+                Ok(new_not_after) => {
+                    self.svid.succeeded();
+                    self.state.own_expiry = (now, new_not_after);
+                    tracing::info!(
+                        not_after_unix = unix_secs(new_not_after),
+                        "server SVID renewed"
+                    );
+                }
+                Err(e) => {
+                    self.svid
+                        .failed(&self.metrics, "cannot renew the server SVID", &e);
+                    last_error = Some(e);
+                }
+            }
+        }
+        // A failed renewal matters once the SVID it should have replaced expires.
+        let (_, not_after) = self.state.own_expiry;
+        if now < not_after {
+            self.svid.ready.set_ready();
+        } else {
+            let why = last_error.map_or_else(String::new, |e| format!(": {e:#}"));
+            self.svid.ready.set_not_ready(format!(
+                "the server SVID expired at {} (unix) and could not be renewed{why}",
+                unix_secs(not_after)
+            ));
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Ticks every `period` until `token` is cancelled.
+async fn run_ticker<B: TickerBackend + ?Sized>(
+    ticker: Arc<Mutex<Ticker<B>>>,
+    period: Duration,
+    token: CancellationToken,
+) -> Result<(), std::convert::Infallible> {
+    let mut interval = tokio::time::interval(period);
+    // A slow tick (a busy datastore) delays the next one instead of causing a burst.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => return Ok(()),
+        }
+        ticker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tick(SystemTime::now());
+    }
+}
+
+/// The server's own SVID: chain, key, expiry.
+type OwnSvid = (
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
     SystemTime,
-)> {
+);
+
+fn issue_own_svid(registry: &Registry, id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid> {
     // The server's own key, generated here where it is used.
     let key = rcgen::KeyPair::generate().context("generating the server key")?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
@@ -289,4 +489,175 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    use super::*;
+
+    /// A registry stand-in whose steps fail with the given messages.
+    #[derive(Default)]
+    struct Fake {
+        store: Mutex<Option<&'static str>>,
+        rotate: Mutex<Option<&'static str>>,
+        renew: Mutex<Option<&'static str>>,
+    }
+
+    fn fail(slot: &Mutex<Option<&'static str>>) -> anyhow::Result<()> {
+        match *slot.lock().unwrap() {
+            Some(msg) => Err(anyhow::anyhow!(msg).context("step")),
+            None => Ok(()),
+        }
+    }
+
+    fn self_signed(not_after: SystemTime) -> OwnSvid {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (vec![cert.der().clone()], key, not_after)
+    }
+
+    impl TickerBackend for Fake {
+        fn probe_store(&self) -> anyhow::Result<()> {
+            fail(&self.store)
+        }
+
+        fn rotate(&self, _now: SystemTime) -> anyhow::Result<Option<X509Bundle>> {
+            fail(&self.rotate).map(|()| None)
+        }
+
+        fn issue_own_svid(&self, _id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid> {
+            fail(&self.renew).map(|()| self_signed(now + HOUR))
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn ticker(t0: SystemTime) -> (Ticker<Fake>, Arc<Fake>, Metrics, Readiness) {
+        let td: TrustDomain = "test.local".parse().unwrap();
+        let (chain, key, not_after) = self_signed(t0 + HOUR);
+        let state = TickerState {
+            bundle: SharedBundle::new(X509Bundle {
+                trust_domain: td.clone(),
+                authorities: vec![],
+                sequence: 0,
+                refresh_hint: None,
+            }),
+            own: SharedCertifiedKey::new(chain, key).unwrap(),
+            own_id: server_spiffe_id(&td).unwrap(),
+            own_expiry: (t0, not_after),
+        };
+        let fake = Arc::new(Fake::default());
+        let metrics = Metrics::new();
+        let readiness = Readiness::new();
+        let ticker = Ticker::new(Arc::clone(&fake), metrics.clone(), state, &readiness);
+        (ticker, fake, metrics, readiness)
+    }
+
+    fn failures(metrics: &Metrics, step: &str) -> u64 {
+        let needle = format!("meshauth_server_ticker_failures_total{{step=\"{step}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[test]
+    fn step_failures_are_counted_reported_and_retried_on_the_next_tick() {
+        let t0 = SystemTime::now();
+        let (mut ticker, fake, metrics, readiness) = ticker(t0);
+        assert!(readiness.is_ready(), "{}", readiness.report());
+
+        *fake.rotate.lock().unwrap() = Some("database is locked");
+        *fake.store.lock().unwrap() = Some("disk I/O error");
+        ticker.tick(t0);
+        ticker.tick(t0 + TICK);
+        assert_eq!(failures(&metrics, "CaRotation"), 2);
+        assert_eq!(failures(&metrics, "StoreProbe"), 2);
+        assert_eq!(
+            readiness.report(),
+            "store: cannot read the datastore: step: disk I/O error\n\
+             ca: CA rotation failed: step: database is locked\n"
+        );
+
+        *fake.rotate.lock().unwrap() = None;
+        *fake.store.lock().unwrap() = None;
+        ticker.tick(t0 + 2 * TICK);
+        assert!(readiness.is_ready(), "{}", readiness.report());
+        assert_eq!(failures(&metrics, "CaRotation"), 2, "no new failure");
+    }
+
+    #[test]
+    fn a_failed_server_svid_renewal_is_retried_and_matters_once_the_svid_expires() {
+        let t0 = SystemTime::now();
+        let (mut ticker, fake, metrics, readiness) = ticker(t0);
+        let serving = ticker.state.own.get();
+        *fake.renew.lock().unwrap() = Some("CA unavailable");
+
+        ticker.tick(t0 + HOUR / 4);
+        assert_eq!(
+            failures(&metrics, "ServerSvid"),
+            0,
+            "not due before half-life"
+        );
+        ticker.tick(t0 + HOUR / 2);
+        ticker.tick(t0 + HOUR / 2 + TICK);
+        assert_eq!(failures(&metrics, "ServerSvid"), 2, "retried on every tick");
+        assert!(readiness.is_ready(), "still valid: {}", readiness.report());
+
+        ticker.tick(t0 + HOUR + TICK);
+        let report = readiness.report();
+        assert!(
+            report.starts_with("server-svid: the server SVID expired"),
+            "{report}"
+        );
+        assert!(report.contains("CA unavailable"), "{report}");
+
+        *fake.renew.lock().unwrap() = None;
+        let now = t0 + HOUR + 2 * TICK;
+        ticker.tick(now);
+        assert!(readiness.is_ready(), "{}", readiness.report());
+        assert_eq!(ticker.state.own_expiry, (now, now + HOUR));
+        assert!(
+            !Arc::ptr_eq(&serving, &ticker.state.own.get()),
+            "the new SVID is served"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ticker_loop_keeps_running_through_failures() {
+        let (ticker, fake, metrics, _readiness) = ticker(SystemTime::now());
+        *fake.rotate.lock().unwrap() = Some("database is locked");
+        let token = CancellationToken::new();
+        let run = tokio::spawn(run_ticker(
+            Arc::new(Mutex::new(ticker)),
+            Duration::from_millis(10),
+            token.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while failures(&metrics, "CaRotation") < 5 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the ticker stopped ticking after {} failures",
+                failures(&metrics, "CaRotation")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!run.is_finished());
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the ticker stops when cancelled")
+            .unwrap()
+            .unwrap();
+    }
 }

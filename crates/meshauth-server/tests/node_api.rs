@@ -19,6 +19,9 @@ use support::*;
 use tonic::Code;
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// How long a pushed change may take to arrive. The property is "pushed, not polled", not
+/// latency: generous, so that a loaded CI machine does not fail it.
+const PUSH_DEADLINE: Duration = Duration::from_secs(10);
 
 fn entry(spiffe: &str, parent: &str) -> NewEntry {
     NewEntry {
@@ -272,7 +275,7 @@ async fn renewal_ban_and_eviction() {
 }
 
 #[tokio::test]
-async fn sync_stream_pushes_entry_changes_within_a_second() {
+async fn sync_stream_pushes_entry_changes() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
     let own = attest(&server, "n1").await;
@@ -301,26 +304,27 @@ async fn sync_stream_pushes_entry_changes_within_a_second() {
             &format!("spiffe://{TD}/node/n2"),
         ))
         .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(1), stream.message())
+    // Pushed, not polled: a generous deadline, so that a loaded machine does not fail this.
+    let next = tokio::time::timeout(PUSH_DEADLINE, stream.message())
         .await
-        .expect("the change arrives within a second")
+        .expect("the change is pushed")
         .unwrap()
         .unwrap();
     assert_eq!(next.entries.len(), 1);
     assert_eq!(next.entries[0].id, created.id.to_string());
 
     server.registry.delete_entry(&created.id).unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(1), stream.message())
+    let next = tokio::time::timeout(PUSH_DEADLINE, stream.message())
         .await
-        .expect("the deletion arrives within a second")
+        .expect("the deletion is pushed")
         .unwrap()
         .unwrap();
     assert!(next.entries.is_empty());
 
     server.registry.ban_node(&"n1".parse().unwrap()).unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(1), stream.message())
+    let end = tokio::time::timeout(PUSH_DEADLINE, stream.message())
         .await
-        .expect("a ban ends the stream at once");
+        .expect("a ban ends the stream");
     assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
     server.stop().await;
 }
@@ -553,8 +557,8 @@ async fn endpoints_identities_and_identity_svids_are_node_scoped() {
         c1.sign_identity_svids(sign(web)).await.unwrap_err().code(),
         Code::PermissionDenied
     );
-    // The other node learns of it within a second.
-    tokio::time::timeout(Duration::from_secs(1), async {
+    // The other node is told.
+    tokio::time::timeout(PUSH_DEADLINE, async {
         loop {
             let next = stream.message().await.unwrap().unwrap();
             if next.endpoints.iter().all(|e| e.node != "n1") {
