@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use meshauth_lab::{Lab, can_run};
+use meshauth_lab::Lab;
 
 struct Down(Lab);
 
@@ -23,8 +23,9 @@ fn labels(app: &str) -> BTreeMap<String, String> {
 
 #[test]
 fn pods_reach_each_other_across_nodes_and_down_removes_everything() {
-    if !can_run() {
-        eprintln!("skipping: the lab needs root");
+    if !meshauth_test_support::require_root(
+        "pods_reach_each_other_across_nodes_and_down_removes_everything",
+    ) {
         return;
     }
     let lab = Lab::new("tlab").unwrap();
