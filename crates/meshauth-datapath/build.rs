@@ -54,7 +54,10 @@ fn find_clang() -> String {
 /// Writes `abi_layout.rs`: (struct, field, offset) and (struct, size) as the C compiler sees them.
 fn layout_check(out: &Path) {
     let fields: &[(&str, &[&str])] = &[
-        ("ma_endpoint", &["endpoint_id", "identity", "ipv4", "flags"]),
+        (
+            "ma_endpoint",
+            &["endpoint_id", "identity", "ipv4", "flags", "policy_gen"],
+        ),
         ("ma_ipcache_key", &["prefixlen", "addr"]),
         ("ma_ipcache_value", &["identity", "node_id"]),
         (
@@ -85,11 +88,26 @@ fn layout_check(out: &Path) {
         ),
         (
             "ma_ct_value",
-            &["created_ns", "last_seen_ns", "auth_key", "flags"],
+            &[
+                "created_ns",
+                "last_seen_ns",
+                "auth_key",
+                "flags",
+                "endpoint_id",
+                "policy_gen",
+                "ipcache_gen",
+            ],
         ),
         (
             "ma_config",
-            &["auth_miss_action", "hold_mark", "event_interval_ns"],
+            &[
+                "auth_miss_action",
+                "hold_mark",
+                "event_interval_ns",
+                "ipcache_gen",
+                "ct_timeout_tcp_s",
+                "ct_timeout_other_s",
+            ],
         ),
         (
             "ma_event",
@@ -107,6 +125,7 @@ fn layout_check(out: &Path) {
                 "dst_identity",
                 "ifindex",
                 "direction",
+                "flags",
                 "auth_key",
             ],
         ),
@@ -122,6 +141,22 @@ fn layout_check(out: &Path) {
         for f in *fs {
             c.push_str(&format!(
                 "printf(\"(\\\"{s}\\\", \\\"{f}\\\", %zu),\\n\", offsetof(struct {s}, {f}));\n"
+            ));
+        }
+    }
+    c.push_str("printf(\"];\\n\");\n");
+    // Every `#define MA_<NAME> <value>` of the header, for the constants check.
+    let header = std::fs::read_to_string("bpf/abi.h").expect("read bpf/abi.h");
+    c.push_str("printf(\"pub(crate) const C_CONSTANTS: &[(&str, u64)] = &[\\n\");\n");
+    for line in header.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#define"), Some(name)) = (words.next(), words.next())
+            && name.starts_with("MA_")
+            && name != "MA_ABI_VERSION"
+            && words.next().is_some()
+        {
+            c.push_str(&format!(
+                "printf(\"(\\\"{name}\\\", %llu),\\n\", (unsigned long long)({name}));\n"
             ));
         }
     }

@@ -7,7 +7,7 @@
 #ifndef MESHAUTH_ABI_H
 #define MESHAUTH_ABI_H
 
-#define MA_ABI_VERSION 2
+#define MA_ABI_VERSION 3
 
 /* Direction, from the pod's point of view. */
 #define MA_DIR_EGRESS 0
@@ -33,6 +33,28 @@
 #define MA_REASON_UNSUPPORTED 5
 #define MA_REASON_COUNT 6
 
+/* Event flags. */
+#define MA_EVF_ESTABLISHED 1 /* the packet belonged to a tracked flow that was re-checked */
+
+/* Per-CPU counters (ma_stats), one block per direction: index = direction * MA_STAT_PER_DIR +
+ * stat, where stat is a drop reason [1, MA_REASON_COUNT), MA_STAT_FORWARDED or
+ * MA_STAT_EVENTS_LOST. */
+#define MA_STAT_FORWARDED MA_REASON_COUNT
+#define MA_STAT_EVENTS_LOST (MA_REASON_COUNT + 1)
+#define MA_STAT_PER_DIR (MA_REASON_COUNT + 2)
+#define MA_STAT_COUNT (2 * MA_STAT_PER_DIR)
+
+/* Map sizes. */
+#define MA_MAX_ENDPOINTS 4096
+#define MA_MAX_IPCACHE 65536
+#define MA_MAX_POLICY 262144
+#define MA_MAX_AUTH 131072
+#define MA_MAX_CONNTRACK 262144
+
+/* Default idle timeouts of tracked flows, seconds (as Cilium's: TCP 6 h, others 60 s). */
+#define MA_CT_TIMEOUT_TCP 21600
+#define MA_CT_TIMEOUT_OTHER 60
+
 /* What to do with a packet whose pair is not authenticated yet. */
 #define MA_AUTH_MISS_DROP 0
 #define MA_AUTH_MISS_MARK 1 /* set skb->mark = hold_mark and pass, for a node-side hold queue */
@@ -43,6 +65,8 @@ struct ma_endpoint {
 	__u32 identity;
 	__u32 ipv4; /* network byte order */
 	__u32 flags;
+	__u32 policy_gen; /* bumped on every change of this endpoint's policy entries */
+	__u32 pad;
 };
 
 /* ipcache: LPM trie; IPv4 is stored as ::ffff:a.b.c.d with prefixlen 96 + n. */
@@ -56,7 +80,10 @@ struct ma_ipcache_value {
 	__u32 node_id; /* 0: this node */
 };
 
-/* policy: LPM trie over 96 data bits; the first 80 must match exactly, the port is a prefix. */
+/* policy: LPM trie over 96 data bits; the first 80 must match exactly, the port is a prefix.
+ * The program tries (remote, protocol), (remote, any), (any, protocol), (any, any) in this
+ * order and the first hit decides; src/policy_keys.rs plans the keys so that this answers
+ * what meshauth_policy::lookup answers. */
 struct ma_policy_key {
 	__u32 prefixlen;
 	__u32 endpoint_id;
@@ -85,7 +112,8 @@ struct ma_auth_value {
 	__u64 expires_ns;
 };
 
-/* conntrack: one entry per accepted flow and direction. */
+/* conntrack: one entry per accepted flow and direction, created by the endpoint whose program
+ * accepted it. */
 struct ma_ct_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -98,12 +126,19 @@ struct ma_ct_key {
 
 #define MA_CT_HELD 1 /* waiting for authentication (hold mode): re-checked on every packet */
 
+/* What justified the flow: it passes on the fast path only while the endpoint, its policy
+ * generation and the ipcache generation are those it was accepted under, it has not been idle
+ * past its timeout, and (auth_key.auth_type != MA_AUTH_NONE) its auth entry is live.
+ * Otherwise the packet is evaluated again as a new flow would be, and dropped with the reason
+ * if that fails. */
 struct ma_ct_value {
 	__u64 created_ns;
 	__u64 last_seen_ns;
-	struct ma_auth_key auth_key; /* for held flows */
+	struct ma_auth_key auth_key; /* the entry the flow needs (auth_type NONE: none) */
 	__u32 flags;
-	__u32 pad;
+	__u32 endpoint_id;
+	__u32 policy_gen;
+	__u32 ipcache_gen;
 };
 
 /* config: array of one. */
@@ -111,6 +146,10 @@ struct ma_config {
 	__u32 auth_miss_action;
 	__u32 hold_mark;
 	__u64 event_interval_ns; /* per-flow rate limit of events */
+	__u32 ipcache_gen;       /* bumped when an ipcache entry changes or goes */
+	__u32 ct_timeout_tcp_s;  /* idle timeout of tracked TCP flows (0: MA_CT_TIMEOUT_TCP) */
+	__u32 ct_timeout_other_s; /* idle timeout of other tracked flows (0: MA_CT_TIMEOUT_OTHER) */
+	__u32 pad;
 };
 
 /* events: ring buffer records. */
@@ -128,7 +167,8 @@ struct ma_event {
 	__u32 dst_identity;
 	__u32 ifindex;
 	__u8 direction;
-	__u8 pad[3];
+	__u8 flags; /* MA_EVF_* */
+	__u8 pad[2];
 	struct ma_auth_key auth_key; /* set when reason is MA_REASON_AUTH_REQUIRED */
 };
 

@@ -29,7 +29,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, MA_MAX_ENDPOINTS);
 	__type(key, __u32);
 	__type(value, struct ma_endpoint);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -37,7 +37,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MA_MAX_IPCACHE);
 	__type(key, struct ma_ipcache_key);
 	__type(value, struct ma_ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -46,7 +46,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MA_MAX_POLICY);
 	__type(key, struct ma_policy_key);
 	__type(value, struct ma_policy_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -55,15 +55,16 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MA_MAX_AUTH);
 	__type(key, struct ma_auth_key);
 	__type(value, struct ma_auth_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ma_auth SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, MA_MAX_CONNTRACK);
 	__type(key, struct ma_ct_key);
 	__type(value, struct ma_ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -91,11 +92,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ma_event_rl SEC(".maps");
 
-/* Per-CPU counters: [0..MA_REASON_COUNT) drops by reason, then forwarded, then events lost. */
-#define MA_STAT_FORWARDED MA_REASON_COUNT
-#define MA_STAT_EVENTS_LOST (MA_REASON_COUNT + 1)
-#define MA_STAT_COUNT (MA_REASON_COUNT + 2)
-
+/* Per-CPU counters, per direction (see MA_STAT_* in abi.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MA_STAT_COUNT);
@@ -124,19 +121,25 @@ struct flow {
 	__u8 icmp_reply; /* echo reply: the reverse of an echo request */
 };
 
-static __always_inline void count(__u32 stat)
+static __always_inline void count(__u8 direction, __u32 stat)
 {
-	__u64 *v = bpf_map_lookup_elem(&ma_stats, &stat);
+	__u32 idx = (direction ? MA_STAT_PER_DIR : 0) + stat;
+	__u64 *v = bpf_map_lookup_elem(&ma_stats, &idx);
 	if (v)
 		*v += 1;
 }
 
-static __always_inline void emit(struct __sk_buff *skb, const struct flow *f, __u8 verdict,
-				 __u8 reason, __u32 src_id, __u32 dst_id, __u8 direction,
-				 const struct ma_auth_key *auth_key)
+static __always_inline struct ma_config *config(void)
 {
 	__u32 zero = 0;
-	struct ma_config *cfg = bpf_map_lookup_elem(&ma_config, &zero);
+	return bpf_map_lookup_elem(&ma_config, &zero);
+}
+
+static __always_inline void emit(struct __sk_buff *skb, const struct flow *f, __u8 verdict,
+				 __u8 reason, __u32 src_id, __u32 dst_id, __u8 direction,
+				 const struct ma_auth_key *auth_key, __u8 flags)
+{
+	struct ma_config *cfg = config();
 	__u64 interval = cfg ? cfg->event_interval_ns : 0;
 	__u64 now = bpf_ktime_get_boot_ns();
 	struct ma_rl_key rl = {
@@ -153,7 +156,7 @@ static __always_inline void emit(struct __sk_buff *skb, const struct flow *f, __
 
 	struct ma_event *e = bpf_ringbuf_reserve(&ma_events, sizeof(*e), 0);
 	if (!e) {
-		count(MA_STAT_EVENTS_LOST);
+		count(direction, MA_STAT_EVENTS_LOST);
 		return;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
@@ -170,6 +173,7 @@ static __always_inline void emit(struct __sk_buff *skb, const struct flow *f, __
 	e->dst_identity = dst_id;
 	e->ifindex = skb->ifindex;
 	e->direction = direction;
+	e->flags = flags;
 	if (auth_key)
 		e->auth_key = *auth_key;
 	bpf_ringbuf_submit(e, 0);
@@ -213,6 +217,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 			return -1;
 		f->sport = bpf_ntohs(udp->source);
 		f->dport = bpf_ntohs(udp->dest);
+	} else if (ip->protocol == IPPROTO_SCTP) {
+		/* The SCTP common header starts with the ports, as UDP's does. */
+		struct udphdr *sctp = l4;
+		if ((void *)(sctp + 1) > end)
+			return -1;
+		f->sport = bpf_ntohs(sctp->source);
+		f->dport = bpf_ntohs(sctp->dest);
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		struct ma_icmphdr *icmp = l4;
 		if ((void *)(icmp + 1) > end)
@@ -234,93 +245,55 @@ static __always_inline struct ma_ipcache_value *ipcache_lookup(__u32 addr)
 	return bpf_map_lookup_elem(&ma_ipcache, &k);
 }
 
-/* Looks up policy with wildcards: deny anywhere wins, else the strongest allow. Returns the
- * verdict (0 when nothing matched) and the auth type through *auth. */
+/* Looks up policy: (remote, protocol), (remote, any), (any, protocol), (any, any), each a
+ * longest-prefix match over the port; the first hit decides (see abi.h). Returns the verdict
+ * (0 when nothing matched: deny) and the auth type through *auth. */
 static __always_inline __u8 policy_lookup(__u32 endpoint_id, __u8 direction, __u32 remote,
 					  const struct flow *f, __u8 *auth)
 {
-	__u8 verdict = 0;
 	*auth = MA_AUTH_NONE;
-	__u16 port = (f->protocol == IPPROTO_ICMP) ? 0 : f->dport;
+	__u16 port = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP ||
+		      f->protocol == IPPROTO_SCTP) ? f->dport : 0;
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		struct ma_policy_key k = {
 			.prefixlen = 96,
 			.endpoint_id = endpoint_id,
-			.remote_identity = (i & 1) ? 0 : remote,
+			.remote_identity = (i & 2) ? 0 : remote,
 			.direction = direction,
-			.protocol = (i & 2) ? 0 : f->protocol,
+			.protocol = (i & 1) ? 0 : f->protocol,
 			.dport = bpf_htons(port),
 		};
 		struct ma_policy_value *v = bpf_map_lookup_elem(&ma_policy, &k);
 		if (!v)
 			continue;
-		if (v->verdict == MA_VERDICT_DENY)
-			return MA_VERDICT_DENY;
 		if (v->verdict == MA_VERDICT_ALLOW) {
-			verdict = MA_VERDICT_ALLOW;
-			if (v->auth_type > *auth)
-				*auth = v->auth_type;
+			*auth = v->auth_type;
+			return MA_VERDICT_ALLOW;
 		}
+		return MA_VERDICT_DENY;
 	}
-	return verdict;
+	return 0;
 }
 
 static __always_inline int drop(struct __sk_buff *skb, const struct flow *f, __u8 reason,
 				__u32 src_id, __u32 dst_id, __u8 direction,
-				const struct ma_auth_key *auth_key)
+				const struct ma_auth_key *auth_key, __u8 flags)
 {
-	count(reason);
-	emit(skb, f, MA_EV_DROPPED, reason, src_id, dst_id, direction, auth_key);
+	count(direction, reason);
+	emit(skb, f, MA_EV_DROPPED, reason, src_id, dst_id, direction, auth_key, flags);
 	return TC_ACT_SHOT;
 }
 
-static __always_inline struct ma_ct_value *ct_lookup(const struct flow *f, __u8 direction)
+static __always_inline void ct_key(struct ma_ct_key *k, const struct flow *f, __u8 direction)
 {
-	struct ma_ct_key k = {
-		.saddr = f->saddr,
-		.daddr = f->daddr,
-		.sport = f->sport,
-		.dport = f->dport,
-		.protocol = f->protocol,
-		.direction = direction,
-	};
-	struct ma_ct_value *v = bpf_map_lookup_elem(&ma_conntrack, &k);
-	if (v)
-		v->last_seen_ns = bpf_ktime_get_boot_ns();
-	return v;
-}
-
-/* A reply: the reverse tuple was accepted in `direction`. */
-static __always_inline struct ma_ct_value *ct_reply(const struct flow *f, __u8 direction)
-{
-	struct flow r = {
-		.saddr = f->daddr,
-		.daddr = f->saddr,
-		.sport = f->dport,
-		.dport = f->sport,
-		.protocol = f->protocol,
-	};
-	return ct_lookup(&r, direction);
-}
-
-static __always_inline void ct_create(const struct flow *f, __u8 direction, const struct ma_auth_key *held)
-{
-	struct ma_ct_key k = {
-		.saddr = f->saddr,
-		.daddr = f->daddr,
-		.sport = f->sport,
-		.dport = f->dport,
-		.protocol = f->protocol,
-		.direction = direction,
-	};
-	__u64 now = bpf_ktime_get_boot_ns();
-	struct ma_ct_value v = { .created_ns = now, .last_seen_ns = now };
-	if (held) {
-		v.auth_key = *held;
-		v.flags = MA_CT_HELD;
-	}
-	bpf_map_update_elem(&ma_conntrack, &k, &v, BPF_ANY);
+	k->saddr = f->saddr;
+	k->daddr = f->daddr;
+	k->sport = f->sport;
+	k->dport = f->dport;
+	k->protocol = f->protocol;
+	k->direction = direction;
+	k->pad = 0;
 }
 
 static __always_inline int authenticated(const struct ma_auth_key *k)
@@ -329,87 +302,171 @@ static __always_inline int authenticated(const struct ma_auth_key *k)
 	return av && av->expires_ns > bpf_ktime_get_boot_ns();
 }
 
+/* What policy says of a flow, as a new flow: the identities, the auth entry it needs, and
+ * MA_REASON_NONE when it may pass (auth entry included). */
+struct decision {
+	__u32 src_id;
+	__u32 dst_id;
+	struct ma_auth_key ak;
+	__u8 reason;
+};
+
+static __always_inline void decide(const struct flow *f, const struct ma_endpoint *ep,
+				   __u8 direction, struct decision *d)
+{
+	__u32 remote_addr = direction == MA_DIR_EGRESS ? f->daddr : f->saddr;
+	struct ma_ipcache_value *remote = ipcache_lookup(remote_addr);
+	d->src_id = direction == MA_DIR_EGRESS ? ep->identity : 0;
+	d->dst_id = direction == MA_DIR_EGRESS ? 0 : ep->identity;
+	if (!remote) {
+		d->reason = MA_REASON_NO_IDENTITY;
+		return;
+	}
+	__u32 remote_id = remote->identity;
+	if (direction == MA_DIR_EGRESS)
+		d->dst_id = remote_id;
+	else
+		d->src_id = remote_id;
+	__u8 auth = MA_AUTH_NONE;
+	if (policy_lookup(ep->endpoint_id, direction, remote_id, f, &auth) != MA_VERDICT_ALLOW) {
+		d->reason = MA_REASON_POLICY_DENIED;
+		return;
+	}
+	d->ak.local_identity = ep->identity;
+	d->ak.remote_identity = remote_id;
+	d->ak.remote_node = remote->node_id;
+	d->ak.auth_type = auth;
+	if (auth != MA_AUTH_NONE && !authenticated(&d->ak)) {
+		d->reason = MA_REASON_AUTH_REQUIRED;
+		return;
+	}
+	d->reason = MA_REASON_NONE;
+}
+
+static __always_inline __u64 ct_timeout_ns(const struct ma_config *cfg, __u8 protocol)
+{
+	__u64 s;
+	if (protocol == IPPROTO_TCP)
+		s = (cfg && cfg->ct_timeout_tcp_s) ? cfg->ct_timeout_tcp_s : MA_CT_TIMEOUT_TCP;
+	else
+		s = (cfg && cfg->ct_timeout_other_s) ? cfg->ct_timeout_other_s : MA_CT_TIMEOUT_OTHER;
+	return s * 1000000000ULL;
+}
+
+/* Whether a tracked flow may pass on the fast path (see struct ma_ct_value). */
+static __always_inline int ct_valid(const struct ma_ct_value *ct, const struct ma_endpoint *ep,
+				    const struct ma_config *cfg, __u8 protocol, __u64 now)
+{
+	if (ct->flags & MA_CT_HELD)
+		return 0;
+	if (ct->endpoint_id != ep->endpoint_id || ct->policy_gen != ep->policy_gen)
+		return 0;
+	if (ct->ipcache_gen != (cfg ? cfg->ipcache_gen : 0))
+		return 0;
+	if (now - ct->last_seen_ns > ct_timeout_ns(cfg, protocol))
+		return 0;
+	if (ct->auth_key.auth_type != MA_AUTH_NONE && !authenticated(&ct->auth_key))
+		return 0;
+	return 1;
+}
+
+/* Records what justified an accepted flow (in place when `ct` is the existing entry). */
+static __always_inline void ct_store(struct ma_ct_value *ct, const struct flow *f, __u8 direction,
+				     const struct ma_endpoint *ep, const struct ma_config *cfg,
+				     const struct ma_auth_key *ak, __u32 flags, __u64 now)
+{
+	struct ma_ct_value v = {
+		.created_ns = ct ? ct->created_ns : now,
+		.last_seen_ns = now,
+		.auth_key = *ak,
+		.flags = flags,
+		.endpoint_id = ep->endpoint_id,
+		.policy_gen = ep->policy_gen,
+		.ipcache_gen = cfg ? cfg->ipcache_gen : 0,
+	};
+	if (ct) {
+		*ct = v;
+		return;
+	}
+	struct ma_ct_key k;
+	ct_key(&k, f, direction);
+	bpf_map_update_elem(&ma_conntrack, &k, &v, BPF_ANY);
+}
+
 static __always_inline int hold(struct __sk_buff *skb, const struct flow *f, __u32 src_id, __u32 dst_id,
-				__u8 direction, const struct ma_auth_key *ak, __u32 mark)
+				__u8 direction, const struct ma_auth_key *ak, __u32 mark, __u8 flags)
 {
 	skb->mark = mark;
-	count(MA_REASON_AUTH_REQUIRED);
-	emit(skb, f, MA_EV_DROPPED, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, ak);
+	count(direction, MA_REASON_AUTH_REQUIRED);
+	emit(skb, f, MA_EV_DROPPED, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, ak, flags);
 	return TC_ACT_OK;
 }
 
-/* The common path after parsing: conntrack, identity, policy, auth. */
+/* The common path after parsing. A packet of a tracked flow (a reply to a flow accepted in the
+ * other direction, or a later packet of one accepted in this direction) passes on the fast
+ * path while what justified the flow still holds; otherwise the flow is decided again, as a
+ * new flow is: allowed, its entry is refreshed; not, the entry goes and the packet is dropped
+ * with the reason. */
 static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const struct ma_endpoint *ep,
 				   __u8 direction)
 {
-	/* Replies of flows this endpoint accepted in the other direction, and established flows. */
 	__u8 other = direction == MA_DIR_EGRESS ? MA_DIR_INGRESS : MA_DIR_EGRESS;
-	struct ma_ct_value *reply = ct_reply(f, other);
-	struct ma_ct_value *est = 0;
-	if (!reply && !f->icmp_reply)
-		est = ct_lookup(f, direction);
-	struct ma_ct_value *ct = reply ? reply : est;
+	struct flow rev = {
+		.saddr = f->daddr,
+		.daddr = f->saddr,
+		.sport = f->dport,
+		.dport = f->sport,
+		.protocol = f->protocol,
+	};
+	struct ma_ct_key k;
+	ct_key(&k, &rev, other);
+	struct ma_ct_value *ct = bpf_map_lookup_elem(&ma_conntrack, &k);
+	int is_reply = ct != 0;
+	if (!ct && !f->icmp_reply) {
+		ct_key(&k, f, direction);
+		ct = bpf_map_lookup_elem(&ma_conntrack, &k);
+	}
+	struct ma_config *cfg = config();
+	__u64 now = bpf_ktime_get_boot_ns();
+	/* The flow as it was accepted: a reply is judged as the flow it answers. */
+	const struct flow *orig = is_reply ? &rev : f;
+	__u8 orig_dir = is_reply ? other : direction;
+	__u8 evf = 0;
 	if (ct) {
-		if (!(ct->flags & MA_CT_HELD)) {
-			count(MA_STAT_FORWARDED);
+		if (ct_valid(ct, ep, cfg, f->protocol, now)) {
+			/* Coarse idle tracking: one write per second at most. */
+			if (now - ct->last_seen_ns > 1000000000ULL)
+				ct->last_seen_ns = now;
+			count(direction, MA_STAT_FORWARDED);
 			return TC_ACT_OK;
 		}
-		/* A held flow passes once its pair has authenticated. */
-		struct ma_auth_key held = ct->auth_key;
-		if (authenticated(&held)) {
-			ct->flags = 0;
-			count(MA_STAT_FORWARDED);
-			return TC_ACT_OK;
-		}
-		__u32 zero = 0;
-		struct ma_config *cfg = bpf_map_lookup_elem(&ma_config, &zero);
-		if (est && cfg && cfg->auth_miss_action == MA_AUTH_MISS_MARK)
-			return hold(skb, f, 0, 0, direction, &held, cfg->hold_mark);
-		return drop(skb, f, MA_REASON_AUTH_REQUIRED, 0, 0, direction, &held);
-	}
-	__u32 remote_addr = direction == MA_DIR_EGRESS ? f->daddr : f->saddr;
-	struct ma_ipcache_value *remote = ipcache_lookup(remote_addr);
-	__u32 src_id = direction == MA_DIR_EGRESS ? ep->identity : 0;
-	__u32 dst_id = direction == MA_DIR_EGRESS ? 0 : ep->identity;
-	if (!remote)
-		return drop(skb, f, MA_REASON_NO_IDENTITY, src_id, dst_id, direction, 0);
-	__u32 remote_id = remote->identity;
-	__u32 remote_node = remote->node_id;
-	if (direction == MA_DIR_EGRESS)
-		dst_id = remote_id;
-	else
-		src_id = remote_id;
-
-	__u8 auth = MA_AUTH_NONE;
-	__u8 verdict = policy_lookup(ep->endpoint_id, direction, remote_id, f, &auth);
-	if (verdict != MA_VERDICT_ALLOW)
-		return drop(skb, f, MA_REASON_POLICY_DENIED, src_id, dst_id, direction, 0);
-
-	if (auth != MA_AUTH_NONE) {
-		struct ma_auth_key ak = {
-			.local_identity = ep->identity,
-			.remote_identity = remote_id,
-			.remote_node = remote_node,
-			.auth_type = auth,
-		};
-		if (!authenticated(&ak)) {
-			__u32 zero = 0;
-			struct ma_config *cfg = bpf_map_lookup_elem(&ma_config, &zero);
-			if (cfg && cfg->auth_miss_action == MA_AUTH_MISS_MARK) {
-				/* Hold path: a node-side rule queues marked packets until the pair is
-				 * authenticated. The flow is tracked as held: its packets and replies
-				 * pass only once the auth entry exists. */
-				ct_create(f, direction, &ak);
-				return hold(skb, f, src_id, dst_id, direction, &ak, cfg->hold_mark);
-			}
-			return drop(skb, f, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, &ak);
-		}
+		evf = MA_EVF_ESTABLISHED;
 	}
 
-	ct_create(f, direction, 0);
-	count(MA_STAT_FORWARDED);
-	emit(skb, f, MA_EV_FORWARDED, MA_REASON_NONE, src_id, dst_id, direction, 0);
-	return TC_ACT_OK;
+	struct decision d = {};
+	decide(orig, ep, orig_dir, &d);
+	/* Identities as this packet travels. */
+	__u32 src_id = is_reply ? d.dst_id : d.src_id;
+	__u32 dst_id = is_reply ? d.src_id : d.dst_id;
+	if (d.reason == MA_REASON_NONE) {
+		ct_store(ct, orig, orig_dir, ep, cfg, &d.ak, 0, now);
+		count(direction, MA_STAT_FORWARDED);
+		if (!ct)
+			emit(skb, f, MA_EV_FORWARDED, MA_REASON_NONE, src_id, dst_id, direction, 0, 0);
+		return TC_ACT_OK;
+	}
+	if (d.reason == MA_REASON_AUTH_REQUIRED && !is_reply && cfg &&
+	    cfg->auth_miss_action == MA_AUTH_MISS_MARK) {
+		/* Hold path: a node-side rule queues marked packets until the pair is authenticated.
+		 * The flow is tracked as held: its packets and replies pass only once the auth entry
+		 * exists. */
+		ct_store(ct, orig, orig_dir, ep, cfg, &d.ak, MA_CT_HELD, now);
+		return hold(skb, f, src_id, dst_id, direction, &d.ak, cfg->hold_mark, evf);
+	}
+	if (ct && !(ct->flags & MA_CT_HELD))
+		bpf_map_delete_elem(&ma_conntrack, &k);
+	return drop(skb, f, d.reason, src_id, dst_id, direction,
+		    d.reason == MA_REASON_AUTH_REQUIRED ? &d.ak : 0, evf);
 }
 
 SEC("classifier")
@@ -424,11 +481,11 @@ int from_pod(struct __sk_buff *skb)
 	if (p == 1)
 		return TC_ACT_OK;
 	if (p < 0) {
-		count(MA_REASON_UNSUPPORTED);
+		count(MA_DIR_EGRESS, MA_REASON_UNSUPPORTED);
 		return TC_ACT_SHOT;
 	}
 	if (f.saddr != ep->ipv4)
-		return drop(skb, &f, MA_REASON_SPOOFED, ep->identity, 0, MA_DIR_EGRESS, 0);
+		return drop(skb, &f, MA_REASON_SPOOFED, ep->identity, 0, MA_DIR_EGRESS, 0, 0);
 	return enforce(skb, &f, ep, MA_DIR_EGRESS);
 }
 
@@ -444,7 +501,7 @@ int to_pod(struct __sk_buff *skb)
 	if (p == 1)
 		return TC_ACT_OK;
 	if (p < 0) {
-		count(MA_REASON_UNSUPPORTED);
+		count(MA_DIR_INGRESS, MA_REASON_UNSUPPORTED);
 		return TC_ACT_SHOT;
 	}
 	return enforce(skb, &f, ep, MA_DIR_INGRESS);

@@ -6,7 +6,46 @@
 )]
 
 /// `MA_ABI_VERSION`: part of the pin path, so maps of another layout are never reused.
-pub(crate) const ABI_VERSION: u32 = 2;
+pub(crate) const ABI_VERSION: u32 = 3;
+
+/// The numeric constants of `bpf/abi.h`; `tests::constants_match_c` checks each against C.
+#[allow(
+    dead_code,
+    reason = "mirrors every constant of abi.h, used or not, so that the check covers them all"
+)]
+pub(crate) mod c {
+    pub(crate) const DIR_EGRESS: u8 = 0;
+    pub(crate) const DIR_INGRESS: u8 = 1;
+    pub(crate) const VERDICT_ALLOW: u8 = 1;
+    pub(crate) const VERDICT_DENY: u8 = 2;
+    pub(crate) const AUTH_NONE: u8 = 0;
+    pub(crate) const AUTH_REQUIRED: u8 = 1;
+    pub(crate) const AUTH_ALWAYS_FAIL: u8 = 2;
+    pub(crate) const EV_FORWARDED: u8 = 0;
+    pub(crate) const EV_DROPPED: u8 = 1;
+    pub(crate) const REASON_NONE: u8 = 0;
+    pub(crate) const REASON_POLICY_DENIED: u8 = 1;
+    pub(crate) const REASON_AUTH_REQUIRED: u8 = 2;
+    pub(crate) const REASON_NO_IDENTITY: u8 = 3;
+    pub(crate) const REASON_SPOOFED: u8 = 4;
+    pub(crate) const REASON_UNSUPPORTED: u8 = 5;
+    pub(crate) const REASON_COUNT: u8 = 6;
+    pub(crate) const EVF_ESTABLISHED: u8 = 1;
+    pub(crate) const STAT_FORWARDED: u32 = 6;
+    pub(crate) const STAT_EVENTS_LOST: u32 = 7;
+    pub(crate) const STAT_PER_DIR: u32 = 8;
+    pub(crate) const STAT_COUNT: u32 = 16;
+    pub(crate) const MAX_POLICY: u32 = 262_144;
+    pub(crate) const MAX_AUTH: u32 = 131_072;
+    pub(crate) const MAX_IPCACHE: u32 = 65_536;
+    pub(crate) const MAX_ENDPOINTS: u32 = 4096;
+    pub(crate) const MAX_CONNTRACK: u32 = 262_144;
+    pub(crate) const CT_TIMEOUT_TCP: u32 = 21_600;
+    pub(crate) const CT_TIMEOUT_OTHER: u32 = 60;
+    pub(crate) const AUTH_MISS_DROP: u32 = 0;
+    pub(crate) const AUTH_MISS_MARK: u32 = 1;
+    pub(crate) const CT_HELD: u32 = 1;
+}
 
 /// `struct ma_endpoint`.
 #[repr(C)]
@@ -16,6 +55,8 @@ pub(crate) struct Endpoint {
     pub(crate) identity: u32,
     pub(crate) ipv4: [u8; 4],
     pub(crate) flags: u32,
+    pub(crate) policy_gen: u32,
+    pub(crate) pad: u32,
 }
 
 /// Data part of `struct ma_ipcache_key` (aya adds the prefix length).
@@ -89,7 +130,9 @@ pub(crate) struct CtValue {
     pub(crate) last_seen_ns: u64,
     pub(crate) auth_key: AuthKey,
     pub(crate) flags: u32,
-    pub(crate) pad: u32,
+    pub(crate) endpoint_id: u32,
+    pub(crate) policy_gen: u32,
+    pub(crate) ipcache_gen: u32,
 }
 
 /// `struct ma_config`.
@@ -99,6 +142,10 @@ pub(crate) struct Config {
     pub(crate) auth_miss_action: u32,
     pub(crate) hold_mark: u32,
     pub(crate) event_interval_ns: u64,
+    pub(crate) ipcache_gen: u32,
+    pub(crate) ct_timeout_tcp_s: u32,
+    pub(crate) ct_timeout_other_s: u32,
+    pub(crate) pad: u32,
 }
 
 /// `struct ma_event`.
@@ -118,7 +165,8 @@ pub(crate) struct Event {
     pub(crate) dst_identity: u32,
     pub(crate) ifindex: u32,
     pub(crate) direction: u8,
-    pub(crate) pad: [u8; 3],
+    pub(crate) flags: u8,
+    pub(crate) pad: [u8; 2],
     pub(crate) auth_key: AuthKey,
 }
 
@@ -161,6 +209,7 @@ mod tests {
             ("ma_endpoint", "identity") => offset_of!(Endpoint, identity),
             ("ma_endpoint", "ipv4") => offset_of!(Endpoint, ipv4),
             ("ma_endpoint", "flags") => offset_of!(Endpoint, flags),
+            ("ma_endpoint", "policy_gen") => offset_of!(Endpoint, policy_gen),
             ("ma_ipcache_key", "(size)") => 4 + size_of::<IpcacheAddr>(),
             ("ma_ipcache_key", "prefixlen") => 0,
             ("ma_ipcache_key", "addr") => 4,
@@ -196,10 +245,16 @@ mod tests {
             ("ma_ct_value", "last_seen_ns") => offset_of!(CtValue, last_seen_ns),
             ("ma_ct_value", "auth_key") => offset_of!(CtValue, auth_key),
             ("ma_ct_value", "flags") => offset_of!(CtValue, flags),
+            ("ma_ct_value", "endpoint_id") => offset_of!(CtValue, endpoint_id),
+            ("ma_ct_value", "policy_gen") => offset_of!(CtValue, policy_gen),
+            ("ma_ct_value", "ipcache_gen") => offset_of!(CtValue, ipcache_gen),
             ("ma_config", "(size)") => size_of::<Config>(),
             ("ma_config", "auth_miss_action") => offset_of!(Config, auth_miss_action),
             ("ma_config", "hold_mark") => offset_of!(Config, hold_mark),
             ("ma_config", "event_interval_ns") => offset_of!(Config, event_interval_ns),
+            ("ma_config", "ipcache_gen") => offset_of!(Config, ipcache_gen),
+            ("ma_config", "ct_timeout_tcp_s") => offset_of!(Config, ct_timeout_tcp_s),
+            ("ma_config", "ct_timeout_other_s") => offset_of!(Config, ct_timeout_other_s),
             ("ma_event", "(size)") => size_of::<Event>(),
             ("ma_event", "ts_ns") => offset_of!(Event, ts_ns),
             ("ma_event", "saddr") => offset_of!(Event, saddr),
@@ -214,6 +269,7 @@ mod tests {
             ("ma_event", "dst_identity") => offset_of!(Event, dst_identity),
             ("ma_event", "ifindex") => offset_of!(Event, ifindex),
             ("ma_event", "direction") => offset_of!(Event, direction),
+            ("ma_event", "flags") => offset_of!(Event, flags),
             ("ma_event", "auth_key") => offset_of!(Event, auth_key),
             _ => panic!("no Rust mirror for {s}.{f}"),
         }
@@ -222,6 +278,52 @@ mod tests {
     #[test]
     fn abi_versions_match() {
         assert_eq!(super::ABI_VERSION, C_ABI_VERSION);
+    }
+
+    fn rust_constant(name: &str) -> u64 {
+        use super::c::*;
+        match name {
+            "MA_DIR_EGRESS" => DIR_EGRESS.into(),
+            "MA_DIR_INGRESS" => DIR_INGRESS.into(),
+            "MA_VERDICT_ALLOW" => VERDICT_ALLOW.into(),
+            "MA_VERDICT_DENY" => VERDICT_DENY.into(),
+            "MA_AUTH_NONE" => AUTH_NONE.into(),
+            "MA_AUTH_REQUIRED" => AUTH_REQUIRED.into(),
+            "MA_AUTH_ALWAYS_FAIL" => AUTH_ALWAYS_FAIL.into(),
+            "MA_EV_FORWARDED" => EV_FORWARDED.into(),
+            "MA_EV_DROPPED" => EV_DROPPED.into(),
+            "MA_REASON_NONE" => REASON_NONE.into(),
+            "MA_REASON_POLICY_DENIED" => REASON_POLICY_DENIED.into(),
+            "MA_REASON_AUTH_REQUIRED" => REASON_AUTH_REQUIRED.into(),
+            "MA_REASON_NO_IDENTITY" => REASON_NO_IDENTITY.into(),
+            "MA_REASON_SPOOFED" => REASON_SPOOFED.into(),
+            "MA_REASON_UNSUPPORTED" => REASON_UNSUPPORTED.into(),
+            "MA_REASON_COUNT" => REASON_COUNT.into(),
+            "MA_EVF_ESTABLISHED" => EVF_ESTABLISHED.into(),
+            "MA_STAT_FORWARDED" => STAT_FORWARDED.into(),
+            "MA_STAT_EVENTS_LOST" => STAT_EVENTS_LOST.into(),
+            "MA_STAT_PER_DIR" => STAT_PER_DIR.into(),
+            "MA_STAT_COUNT" => STAT_COUNT.into(),
+            "MA_MAX_ENDPOINTS" => MAX_ENDPOINTS.into(),
+            "MA_MAX_IPCACHE" => MAX_IPCACHE.into(),
+            "MA_MAX_POLICY" => MAX_POLICY.into(),
+            "MA_MAX_AUTH" => MAX_AUTH.into(),
+            "MA_MAX_CONNTRACK" => MAX_CONNTRACK.into(),
+            "MA_CT_TIMEOUT_TCP" => CT_TIMEOUT_TCP.into(),
+            "MA_CT_TIMEOUT_OTHER" => CT_TIMEOUT_OTHER.into(),
+            "MA_AUTH_MISS_DROP" => AUTH_MISS_DROP.into(),
+            "MA_AUTH_MISS_MARK" => AUTH_MISS_MARK.into(),
+            "MA_CT_HELD" => CT_HELD.into(),
+            _ => panic!("no Rust constant for {name}"),
+        }
+    }
+
+    #[test]
+    fn constants_match_c() {
+        assert!(C_CONSTANTS.len() >= 30);
+        for (name, c) in C_CONSTANTS {
+            assert_eq!(rust_constant(name), *c, "{name}: Rust and C disagree");
+        }
     }
 
     #[test]

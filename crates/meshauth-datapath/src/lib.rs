@@ -6,6 +6,8 @@
 //!   from `build.rs`).
 //! - `abi`: the `#[repr(C)]` mirrors, checked against the C compiler's layout by a test.
 //! - [`types`]: domain types (`PolicyEntry`, `AuthKey`, `FlowEvent`, ...).
+//! - [`policy_keys`]: the policy map's keys, planned so that the kernel's lookup answers what
+//!   `meshauth_policy::lookup` answers (pure), and the model of the kernel's lookup.
 //! - [`Datapath`]: load, pin, attach (atomic replacement on restart), program the maps, read
 //!   events.
 //! - [`netns`]: running the loader inside a node's network namespace.
@@ -28,10 +30,26 @@
 mod abi;
 mod loader;
 pub mod netns;
+pub mod policy_keys;
 pub mod types;
 
+/// How many entries each map holds at most (`MA_MAX_*` in `bpf/abi.h`).
+pub mod capacity {
+    use crate::abi::c;
+    /// Pods on one node.
+    pub const ENDPOINTS: usize = c::MAX_ENDPOINTS as usize;
+    /// ipcache prefixes.
+    pub const IPCACHE: usize = c::MAX_IPCACHE as usize;
+    /// Policy keys, all endpoints of the node together.
+    pub const POLICY: usize = c::MAX_POLICY as usize;
+    /// Auth entries.
+    pub const AUTH: usize = c::MAX_AUTH as usize;
+    /// Tracked flows (least recently used go first).
+    pub const CONNTRACK: usize = c::MAX_CONNTRACK as usize;
+}
+
 pub use loader::{
-    AuthMissAction, Datapath, DatapathError, EventReader, PIN_ROOT, Stats, boot_time_ns,
+    AuthMissAction, Datapath, DatapathError, EventReader, Observed, PIN_ROOT, Stats, boot_time_ns,
 };
 pub use types::{
     AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,

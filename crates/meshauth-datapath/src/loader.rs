@@ -21,8 +21,10 @@ use aya::{Ebpf, EbpfLoader};
 use meshauth_policy::{IdentityId, NodeId};
 
 use crate::abi;
+use crate::abi::c;
+use crate::policy_keys::{PolicyKeys, policy_keys};
 use crate::types::{
-    AuthKey, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry, Verdict,
+    AuthKey, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,
 };
 
 /// The compiled programs, built by `build.rs`.
@@ -144,15 +146,41 @@ fn ifindex(iface: &str) -> Result<u32> {
     Ok(idx)
 }
 
-/// Counters kept by the programs.
+/// Counters kept by the programs, per direction (from the pod's point of view).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Packets passed.
-    pub forwarded: u64,
-    /// Packets dropped, by reason.
-    pub dropped: BTreeMap<String, u64>,
+    pub forwarded: BTreeMap<Direction, u64>,
+    /// Packets dropped, by direction and reason.
+    pub dropped: BTreeMap<(Direction, DropReason), u64>,
     /// Events the ring buffer had no room for.
     pub events_lost: u64,
+}
+
+impl Stats {
+    /// Drops of `reason`, both directions.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.dropped
+            .iter()
+            .filter(|((_, r), _)| *r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// What the datapath holds, read back (after a restart, to diff against).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Endpoints by host-side ifindex.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// ipcache: (address, prefix length) → (identity, node).
+    pub ipcache: BTreeMap<(Ipv4Addr, u8), (IdentityId, NodeId)>,
+    /// Endpoints that have policy entries.
+    pub policy_endpoints: std::collections::BTreeSet<EndpointId>,
+    /// Interfaces with pinned links.
+    pub attached: std::collections::BTreeSet<String>,
+    /// The ipcache generation.
+    pub ipcache_gen: u32,
 }
 
 /// What to do with a packet whose identity pair has not authenticated yet.
@@ -169,6 +197,9 @@ pub enum AuthMissAction {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// The policy keys written per endpoint (read back from the map at load), so that a change
+    /// writes only its difference.
+    written: std::collections::HashMap<EndpointId, PolicyKeys>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -201,7 +232,9 @@ impl Datapath {
         let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            written: std::collections::HashMap::new(),
         };
+        dp.written = dp.read_policy()?;
         // Keep an existing configuration (restart); set defaults on first load.
         let cfg = dp.config()?;
         if cfg.event_interval_ns == 0 {
@@ -270,13 +303,29 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches from `iface` by removing its pinned links (the kernel then releases them).
+    /// Detaches from `iface` by removing its pinned links (the kernel then releases them). The
+    /// interface may be gone already (a removed pod): its pins are found by name.
     pub fn detach(&mut self, iface: &str) -> Result<()> {
-        let idx = ifindex(iface)?;
-        for dir in ["ingress", "egress"] {
-            let pin = self.link_pin(iface, idx, dir);
-            if pin.exists() {
-                std::fs::remove_file(&pin).map_err(|e| pin_err(&pin, e))?;
+        let links = self.pin_dir.join("links");
+        let prefix = format!("{iface}-");
+        for entry in std::fs::read_dir(&links)
+            .map_err(|e| pin_err(&links, e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            // `<ifindex>-<ingress|egress>`: the rest must be exactly that, so that detaching
+            // `veth1` leaves `veth1-x`'s pins alone.
+            let mut parts = rest.splitn(2, '-');
+            let idx_ok = parts.next().is_some_and(|i| i.parse::<u32>().is_ok());
+            let dir_ok = parts
+                .next()
+                .is_some_and(|d| d == "ingress" || d == "egress");
+            if idx_ok && dir_ok {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
             }
         }
         Ok(())
@@ -309,8 +358,8 @@ impl Datapath {
     pub fn set_auth_miss_action(&mut self, action: AuthMissAction) -> Result<()> {
         let mut cfg = self.config()?;
         (cfg.auth_miss_action, cfg.hold_mark) = match action {
-            AuthMissAction::Drop => (0, 0),
-            AuthMissAction::Mark(mark) => (1, mark),
+            AuthMissAction::Drop => (c::AUTH_MISS_DROP, 0),
+            AuthMissAction::Mark(mark) => (c::AUTH_MISS_MARK, mark),
         };
         self.write_config(cfg)
     }
@@ -319,6 +368,22 @@ impl Datapath {
     pub fn set_event_interval(&mut self, interval: Duration) -> Result<()> {
         let mut cfg = self.config()?;
         cfg.event_interval_ns = (interval.as_nanos() as u64).max(1);
+        self.write_config(cfg)
+    }
+
+    /// Sets the idle timeouts of tracked flows (TCP, everything else); zero keeps the default.
+    pub fn set_conntrack_timeouts(&mut self, tcp: Duration, other: Duration) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.ct_timeout_tcp_s = u32::try_from(tcp.as_secs()).unwrap_or(u32::MAX);
+        cfg.ct_timeout_other_s = u32::try_from(other.as_secs()).unwrap_or(u32::MAX);
+        self.write_config(cfg)
+    }
+
+    /// Sets the ipcache generation: tracked flows accepted under another one are decided again
+    /// on their next packet. Bump it after an ipcache entry changed or went away.
+    pub fn set_ipcache_generation(&mut self, generation: u32) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.ipcache_gen = generation;
         self.write_config(cfg)
     }
 
@@ -333,6 +398,8 @@ impl Datapath {
                 identity: ep.identity.get(),
                 ipv4: ep.ipv4.octets(),
                 flags: 0,
+                policy_gen: ep.policy_gen,
+                pad: 0,
             },
             0,
         )?;
@@ -382,65 +449,158 @@ impl Datapath {
         ignore_missing(m.remove(&Self::ipcache_key(ip, prefix)))
     }
 
-    /// Replaces every policy entry of `endpoint` with `entries`. Overlapping entries merge:
-    /// deny wins, and among allows the strongest authentication applies. New entries are
-    /// written before stale ones are removed, so no packet sees an empty policy meanwhile.
-    pub fn set_policy(&mut self, endpoint: EndpointId, entries: &[PolicyEntry]) -> Result<()> {
-        let mut wanted: std::collections::HashMap<(abi::PolicyKey, u8), abi::PolicyValue> =
-            std::collections::HashMap::new();
-        for e in entries {
-            let protocol = e.protocol.map(|p| p.number()).unwrap_or(0);
-            let ranges = if e.protocol == Some(crate::types::Protocol::Icmp) {
-                vec![(0, 0)]
-            } else {
-                crate::types::port_prefixes(e.ports)
-            };
-            for (port, bits) in ranges {
-                let key = abi::PolicyKey {
-                    endpoint_id: endpoint.0,
-                    remote_identity: e.remote.map(|r| r.get()).unwrap_or(0),
-                    direction: crate::types::direction_raw(e.direction),
-                    protocol,
-                    dport: port.to_be_bytes(),
-                };
-                let value = abi::PolicyValue {
-                    verdict: match e.verdict {
-                        Verdict::Allow => 1,
-                        Verdict::Deny => 2,
-                    },
-                    auth_type: crate::types::auth_raw(e.auth),
-                    pad: 0,
-                };
-                wanted
-                    .entry((key, bits))
-                    .and_modify(|v| {
-                        if v.verdict == 2 || value.verdict == 2 {
-                            *v = abi::PolicyValue {
-                                verdict: 2,
-                                auth_type: 0,
-                                pad: 0,
-                            };
-                        } else {
-                            v.auth_type = v.auth_type.max(value.auth_type);
-                        }
-                    })
-                    .or_insert(value);
-            }
-        }
-        let mut m: LpmTrie<&mut MapData, abi::PolicyKey, abi::PolicyValue> =
-            LpmTrie::try_from(self.map("ma_policy")?)?;
-        for ((key, bits), value) in &wanted {
-            m.insert(&Key::new(80 + u32::from(*bits), *key), *value, 0)?;
-        }
-        let existing: Vec<Key<abi::PolicyKey>> = m.keys().filter_map(|k| k.ok()).collect();
-        for k in existing {
-            let data = k.data();
-            let bits = (k.prefix_len().saturating_sub(80)) as u8;
-            if data.endpoint_id == endpoint.0 && !wanted.contains_key(&(data, bits)) {
-                ignore_missing(m.remove(&k))?;
-            }
+    /// Replaces the policy of `endpoint` with the keys planned from `entries` (see
+    /// [`crate::policy_keys`]), writing only the difference: new and changed keys first, then
+    /// stale ones removed. Returns whether anything changed; the caller then bumps the
+    /// endpoint's [`EndpointInfo::policy_gen`] so that tracked flows are decided again.
+    pub fn set_policy(&mut self, endpoint: EndpointId, entries: &[PolicyEntry]) -> Result<bool> {
+        let wanted = policy_keys(entries);
+        let old = self.written.remove(&endpoint).unwrap_or_default();
+        let result = self.write_policy(endpoint, &old, &wanted);
+        // On error the map holds some mix: remember the union so a retry removes what is stale.
+        let record = match &result {
+            Ok(_) => wanted,
+            Err(_) => old.into_iter().chain(wanted).collect(),
+        };
+        self.written.insert(endpoint, record);
+        result
+    }
+
+    /// Removes every policy entry of `endpoint`.
+    pub fn remove_policy(&mut self, endpoint: EndpointId) -> Result<()> {
+        let old = self.written.remove(&endpoint).unwrap_or_default();
+        if let Err(e) = self.write_policy(endpoint, &old, &PolicyKeys::new()) {
+            self.written.insert(endpoint, old);
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// How many policy entries the map holds (all endpoints).
+    pub fn policy_len(&self) -> usize {
+        self.written.values().map(BTreeMap::len).sum()
+    }
+
+    fn write_policy(
+        &mut self,
+        endpoint: EndpointId,
+        old: &PolicyKeys,
+        new: &PolicyKeys,
+    ) -> Result<bool> {
+        let mut m: LpmTrie<&mut MapData, abi::PolicyKey, abi::PolicyValue> =
+            LpmTrie::try_from(self.map("ma_policy")?)?;
+        let mut changed = false;
+        for (k, d) in new {
+            if old.get(k) == Some(d) {
+                continue;
+            }
+            let (key, value) = policy_key_raw(endpoint, k, d);
+            m.insert(&key, value, 0)?;
+            changed = true;
+        }
+        for k in old.keys().filter(|k| !new.contains_key(*k)) {
+            let (key, _) = policy_key_raw(endpoint, k, &crate::policy_keys::Decision::DENY);
+            ignore_missing(m.remove(&key))?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Reads the policy map back into keys per endpoint (once, at load).
+    fn read_policy(&mut self) -> Result<std::collections::HashMap<EndpointId, PolicyKeys>> {
+        let m: LpmTrie<&mut MapData, abi::PolicyKey, abi::PolicyValue> =
+            LpmTrie::try_from(self.map("ma_policy")?)?;
+        let mut out: std::collections::HashMap<EndpointId, PolicyKeys> =
+            std::collections::HashMap::new();
+        for k in m.keys().filter_map(|k| k.ok()) {
+            let Ok(v) = m.get(&k, 0) else { continue };
+            if let Some((ep, key, d)) = policy_key_from_raw(&k, &v) {
+                out.entry(ep).or_default().insert(key, d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the maps and pins hold now (endpoints, ipcache, which endpoints have policy,
+    /// attached interfaces, the ipcache generation).
+    pub fn observe(&mut self) -> Result<Observed> {
+        let mut out = Observed {
+            policy_endpoints: self.written.keys().copied().collect(),
+            ipcache_gen: self.config()?.ipcache_gen,
+            ..Observed::default()
+        };
+        {
+            let m: HashMap<&mut MapData, u32, abi::Endpoint> =
+                HashMap::try_from(self.map("ma_endpoints")?)?;
+            for (ifindex, e) in m.iter().filter_map(|r| r.ok()) {
+                out.endpoints.insert(
+                    ifindex,
+                    EndpointInfo {
+                        id: EndpointId(e.endpoint_id),
+                        identity: IdentityId::new(e.identity),
+                        ipv4: Ipv4Addr::from(e.ipv4),
+                        policy_gen: e.policy_gen,
+                    },
+                );
+            }
+        }
+        {
+            let m: LpmTrie<&mut MapData, abi::IpcacheAddr, abi::IpcacheValue> =
+                LpmTrie::try_from(self.map("ma_ipcache")?)?;
+            for k in m.keys().filter_map(|k| k.ok()) {
+                let Ok(v) = m.get(&k, 0) else { continue };
+                let a = k.data();
+                let ip = Ipv4Addr::new(a[12], a[13], a[14], a[15]);
+                let prefix = u8::try_from(k.prefix_len().saturating_sub(96)).unwrap_or(32);
+                out.ipcache.insert(
+                    (ip, prefix),
+                    (IdentityId::new(v.identity), NodeId::new(v.node_id)),
+                );
+            }
+        }
+        let links = self.pin_dir.join("links");
+        for entry in std::fs::read_dir(&links)
+            .map_err(|e| pin_err(&links, e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `<iface>-<ifindex>-<ingress|egress>`; interface names may contain dashes.
+            let mut parts = name.rsplitn(3, '-');
+            if let (Some(_dir), Some(_idx), Some(iface)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                out.attached.insert(iface.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes tracked flows idle past their timeout at CLOCK_BOOTTIME `now_boot_ns` (see
+    /// [`boot_time_ns`]); returns how many. The program re-checks idle flows by itself; this
+    /// only frees their slots.
+    pub fn sweep_conntrack(&mut self, now_boot_ns: u64) -> Result<usize> {
+        let cfg = self.config()?;
+        let timeout = |proto: u8| -> u64 {
+            let s = match proto {
+                6 if cfg.ct_timeout_tcp_s > 0 => cfg.ct_timeout_tcp_s,
+                6 => c::CT_TIMEOUT_TCP,
+                _ if cfg.ct_timeout_other_s > 0 => cfg.ct_timeout_other_s,
+                _ => c::CT_TIMEOUT_OTHER,
+            };
+            u64::from(s) * 1_000_000_000
+        };
+        let mut m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
+            HashMap::try_from(self.map("ma_conntrack")?)?;
+        let stale: Vec<abi::CtKey> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| now_boot_ns.saturating_sub(v.last_seen_ns) > timeout(k.protocol))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(m.remove(k))?;
+        }
+        Ok(stale.len())
     }
 
     /// Records that a pair authenticated, valid until `expires`.
@@ -485,17 +645,16 @@ impl Datapath {
     pub fn stats(&mut self) -> Result<Stats> {
         let m: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map("ma_stats")?)?;
         let sum = |i: u32| -> u64 { m.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        let mut dropped = BTreeMap::new();
-        for i in 1..6u32 {
-            if let Some(r) = DropReason::from_raw(i as u8) {
-                dropped.insert(r.to_string(), sum(i));
+        let mut out = Stats::default();
+        for d in [Direction::Egress, Direction::Ingress] {
+            let base = u32::from(crate::types::direction_raw(d)) * c::STAT_PER_DIR;
+            for r in DropReason::ALL {
+                out.dropped.insert((d, r), sum(base + u32::from(r.raw())));
             }
+            out.forwarded.insert(d, sum(base + c::STAT_FORWARDED));
+            out.events_lost += sum(base + c::STAT_EVENTS_LOST);
         }
-        Ok(Stats {
-            forwarded: sum(6),
-            dropped,
-            events_lost: sum(7),
-        })
+        Ok(out)
     }
 
     /// Takes the event ring buffer (once).
@@ -520,6 +679,55 @@ fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> Result<()>
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn policy_key_raw(
+    endpoint: EndpointId,
+    k: &crate::policy_keys::PolicyKey,
+    d: &crate::policy_keys::Decision,
+) -> (Key<abi::PolicyKey>, abi::PolicyValue) {
+    let key = abi::PolicyKey {
+        endpoint_id: endpoint.0,
+        remote_identity: k.remote.map_or(0, IdentityId::get),
+        direction: crate::types::direction_raw(k.direction),
+        protocol: k.protocol.map_or(0, |p| p.number()),
+        dport: k.port.to_be_bytes(),
+    };
+    let value = abi::PolicyValue {
+        verdict: crate::types::verdict_raw(d.verdict),
+        auth_type: crate::types::auth_raw(d.auth),
+        pad: 0,
+    };
+    (Key::new(80 + u32::from(k.bits), key), value)
+}
+
+fn policy_key_from_raw(
+    k: &Key<abi::PolicyKey>,
+    v: &abi::PolicyValue,
+) -> Option<(
+    EndpointId,
+    crate::policy_keys::PolicyKey,
+    crate::policy_keys::Decision,
+)> {
+    let data = k.data();
+    let protocol = match data.protocol {
+        0 => None,
+        n => Some(crate::types::Protocol::from_number(n)?),
+    };
+    Some((
+        EndpointId(data.endpoint_id),
+        crate::policy_keys::PolicyKey {
+            direction: crate::types::direction_from_raw(data.direction)?,
+            remote: (data.remote_identity != 0).then(|| IdentityId::new(data.remote_identity)),
+            protocol,
+            port: u16::from_be_bytes(data.dport),
+            bits: u8::try_from(k.prefix_len().checked_sub(80)?).ok()?,
+        },
+        crate::policy_keys::Decision {
+            verdict: crate::types::verdict_from_raw(v.verdict)?,
+            auth: crate::types::auth_from_raw(v.auth_type)?,
+        },
+    ))
 }
 
 fn auth_key(k: AuthKey) -> abi::AuthKey {
@@ -591,7 +799,7 @@ fn decode(e: &abi::Event) -> Option<FlowEvent> {
         dport: e.dport,
         protocol: e.protocol,
         tcp_flags: e.tcp_flags,
-        drop: if e.verdict == 0 {
+        drop: if e.verdict == c::EV_FORWARDED {
             None
         } else {
             Some(DropReason::from_raw(e.reason)?)
@@ -600,7 +808,8 @@ fn decode(e: &abi::Event) -> Option<FlowEvent> {
         dst_identity: IdentityId::new(e.dst_identity),
         ifindex: e.ifindex,
         direction: crate::types::direction_from_raw(e.direction)?,
-        auth_key: if e.reason == 2 {
+        established: e.flags & c::EVF_ESTABLISHED != 0,
+        auth_key: if e.reason == c::REASON_AUTH_REQUIRED {
             from_abi_auth_key(&e.auth_key)
         } else {
             None

@@ -9,40 +9,58 @@ pub use meshauth_policy::{
     AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict,
 };
 
+use crate::abi::c;
+
 pub(crate) fn direction_raw(d: Direction) -> u8 {
     match d {
-        Direction::Egress => 0,
-        Direction::Ingress => 1,
+        Direction::Egress => c::DIR_EGRESS,
+        Direction::Ingress => c::DIR_INGRESS,
     }
 }
 
 pub(crate) fn direction_from_raw(v: u8) -> Option<Direction> {
     match v {
-        0 => Some(Direction::Egress),
-        1 => Some(Direction::Ingress),
+        c::DIR_EGRESS => Some(Direction::Egress),
+        c::DIR_INGRESS => Some(Direction::Ingress),
         _ => None,
     }
 }
 
 pub(crate) fn auth_raw(a: AuthType) -> u8 {
     match a {
-        AuthType::None => 0,
-        AuthType::Required => 1,
-        AuthType::TestAlwaysFail => 2,
+        AuthType::None => c::AUTH_NONE,
+        AuthType::Required => c::AUTH_REQUIRED,
+        AuthType::TestAlwaysFail => c::AUTH_ALWAYS_FAIL,
     }
 }
 
 pub(crate) fn auth_from_raw(v: u8) -> Option<AuthType> {
     match v {
-        0 => Some(AuthType::None),
-        1 => Some(AuthType::Required),
-        2 => Some(AuthType::TestAlwaysFail),
+        c::AUTH_NONE => Some(AuthType::None),
+        c::AUTH_REQUIRED => Some(AuthType::Required),
+        c::AUTH_ALWAYS_FAIL => Some(AuthType::TestAlwaysFail),
         _ => None,
     }
 }
 
-/// The prefixes (port, bits) that cover exactly `range`, for the policy LPM trie.
-pub(crate) fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
+pub(crate) fn verdict_raw(v: Verdict) -> u8 {
+    match v {
+        Verdict::Allow => c::VERDICT_ALLOW,
+        Verdict::Deny => c::VERDICT_DENY,
+    }
+}
+
+pub(crate) fn verdict_from_raw(v: u8) -> Option<Verdict> {
+    match v {
+        c::VERDICT_ALLOW => Some(Verdict::Allow),
+        c::VERDICT_DENY => Some(Verdict::Deny),
+        _ => None,
+    }
+}
+
+/// The prefixes (port, bits) that cover exactly `range`, for the policy LPM trie: aligned
+/// blocks of `2^(16 - bits)` ports starting at `port`, disjoint, in ascending order.
+pub fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
     let (mut start, end) = (u32::from(range.start), u32::from(range.end));
     let mut out = Vec::new();
     if start > end {
@@ -77,10 +95,13 @@ pub struct EndpointInfo {
     pub identity: IdentityId,
     /// The only source address it may send from.
     pub ipv4: Ipv4Addr,
+    /// The generation of its policy entries: tracked flows accepted under another generation
+    /// are decided again on their next packet. Bump it after every change of its entries.
+    pub policy_gen: u32,
 }
 
 /// Why a packet was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DropReason {
     /// No policy entry allows it, or one denies it.
     PolicyDenied,
@@ -95,14 +116,33 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::PolicyDenied,
+        DropReason::AuthenticationRequired,
+        DropReason::NoIdentity,
+        DropReason::SpoofedSource,
+        DropReason::Unsupported,
+    ];
+
     pub(crate) fn from_raw(v: u8) -> Option<Self> {
         match v {
-            1 => Some(DropReason::PolicyDenied),
-            2 => Some(DropReason::AuthenticationRequired),
-            3 => Some(DropReason::NoIdentity),
-            4 => Some(DropReason::SpoofedSource),
-            5 => Some(DropReason::Unsupported),
+            c::REASON_POLICY_DENIED => Some(DropReason::PolicyDenied),
+            c::REASON_AUTH_REQUIRED => Some(DropReason::AuthenticationRequired),
+            c::REASON_NO_IDENTITY => Some(DropReason::NoIdentity),
+            c::REASON_SPOOFED => Some(DropReason::SpoofedSource),
+            c::REASON_UNSUPPORTED => Some(DropReason::Unsupported),
             _ => None,
+        }
+    }
+
+    pub(crate) fn raw(self) -> u8 {
+        match self {
+            DropReason::PolicyDenied => c::REASON_POLICY_DENIED,
+            DropReason::AuthenticationRequired => c::REASON_AUTH_REQUIRED,
+            DropReason::NoIdentity => c::REASON_NO_IDENTITY,
+            DropReason::SpoofedSource => c::REASON_SPOOFED,
+            DropReason::Unsupported => c::REASON_UNSUPPORTED,
         }
     }
 }
@@ -146,6 +186,9 @@ pub struct FlowEvent {
     pub ifindex: u32,
     /// Which program decided.
     pub direction: Direction,
+    /// The packet belonged to a tracked flow that was decided again (its policy, the ipcache
+    /// or its auth entry changed, or it was idle past its timeout).
+    pub established: bool,
     /// For `AuthenticationRequired`: the auth entry that would have let it pass.
     pub auth_key: Option<AuthKey>,
 }

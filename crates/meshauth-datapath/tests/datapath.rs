@@ -1,6 +1,9 @@
 //! The datapath in the kernel, in a two-node lab: authentication required, then granted, then
 //! expired; deny entries; replies through conntrack; spoofed sources; loader restarts.
-//! These tests need root; they skip with a message otherwise.
+//! Broad denies beside narrow allows for TCP, UDP and ICMP; established flows stopped when
+//! their policy, their auth entry or the ipcache changes.
+//! These tests need root: they skip with a message otherwise, and fail under
+//! `MESHAUTH_REQUIRE_ROOT=1` (set by the test script and CI).
 
 #![allow(
     clippy::unwrap_used,
@@ -86,11 +89,7 @@ impl Drop for Cluster {
 }
 
 fn root() -> bool {
-    if !meshauth_lab::can_run() {
-        eprintln!("skipping: the datapath tests need root (eBPF, network namespaces)");
-        return false;
-    }
-    true
+    meshauth_test_support::require_root("the datapath tests (eBPF, network namespaces)")
 }
 
 fn load(lab: &Lab, node: &str, pods: &[&Pod]) -> Datapath {
@@ -140,6 +139,7 @@ impl Cluster {
                 id: EndpointId(1),
                 identity: A_ID,
                 ipv4: a.ip,
+                policy_gen: 1,
             },
         )
         .unwrap();
@@ -149,6 +149,7 @@ impl Cluster {
                 id: EndpointId(1),
                 identity: B_ID,
                 ipv4: b.ip,
+                policy_gen: 1,
             },
         )
         .unwrap();
@@ -339,8 +340,11 @@ fn authentication_required_granted_and_expired_for_tcp_udp_icmp() {
     assert!(!c.udp("a", &b, 8080), "UDP drops after expiry");
     assert!(!c.ping("a", &b), "ICMP drops after expiry");
     let stats = c.n1().stats().unwrap();
-    assert!(stats.dropped["authentication required"] >= 6, "{stats:?}");
-    assert!(stats.forwarded > 0);
+    assert!(
+        stats.dropped[&(Direction::Egress, DropReason::AuthenticationRequired)] >= 6,
+        "{stats:?}"
+    );
+    assert!(stats.forwarded[&Direction::Egress] > 0);
 
     // The hold hook: in mark mode an unauthenticated packet is marked and passed on to where a
     // node-side queue would hold it (the lab has none) and the agent is told; the flow is tracked
@@ -427,6 +431,8 @@ fn deny_wins_replies_pass_and_spoofing_drops() {
         c.tcp("a", &b, 9000),
         "allowed, and b's replies pass without an egress entry"
     );
+    let e = wait_event(&mut events, |e| e.drop.is_none() && e.dport == 9000);
+    assert_eq!(e.direction, Direction::Egress);
     assert!(!c.ping("b", &a), "b itself may not send anything new");
     assert!(!c.udp("a", &b, 9000), "b's ingress allows TCP only");
 
@@ -555,4 +561,311 @@ fn loader_restart_keeps_connections_and_state() {
         !Datapath::pin_dir_for("dprst-n1").exists(),
         "pinned maps and links are removed"
     );
+}
+
+fn entry(
+    direction: Direction,
+    remote: Option<IdentityId>,
+    protocol: Option<Protocol>,
+    ports: (u16, u16),
+    verdict: Verdict,
+) -> PolicyEntry {
+    PolicyEntry {
+        direction,
+        remote,
+        protocol,
+        ports: PortRange {
+            start: ports.0,
+            end: ports.1,
+        },
+        verdict,
+        auth: AuthType::None,
+    }
+}
+
+/// Sets b's ingress entries and bumps its policy generation, as the agent does.
+fn set_b_policy(c: &mut Cluster, generation: u32, entries: &[PolicyEntry]) {
+    let (b, id) = (c.b.clone(), EndpointId(1));
+    // Two plans that allow nothing are the same (no keys): set_policy may report no change.
+    c.n2().set_policy(id, entries).unwrap();
+    c.n2()
+        .set_endpoint(
+            b.host_ifindex,
+            &EndpointInfo {
+                id,
+                identity: B_ID,
+                ipv4: b.ip,
+                policy_gen: generation,
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_broad_deny_beside_a_narrow_allow_denies_for_tcp_udp_and_icmp() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("dpbroad", &[80, 8080]);
+    let b = c.b.clone();
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[entry(
+                Direction::Egress,
+                None,
+                None,
+                (0, 65535),
+                Verdict::Allow,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n2().take_events().unwrap();
+    use Direction::Ingress as In;
+    // `ingressDeny` of ports 1-1023 from a beside an allow of port 80 from a, TCP and UDP.
+    set_b_policy(
+        &mut c,
+        2,
+        &[
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Tcp),
+                (1, 1023),
+                Verdict::Deny,
+            ),
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Tcp),
+                (80, 80),
+                Verdict::Allow,
+            ),
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Tcp),
+                (8080, 8080),
+                Verdict::Allow,
+            ),
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Udp),
+                (1, 1023),
+                Verdict::Deny,
+            ),
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Udp),
+                (80, 80),
+                Verdict::Allow,
+            ),
+            entry(
+                In,
+                Some(A_ID),
+                Some(Protocol::Udp),
+                (8080, 8080),
+                Verdict::Allow,
+            ),
+        ],
+    );
+    assert!(!c.tcp("a", &b, 80), "TCP 80: the broader deny wins");
+    let e = wait_event(&mut events, |e| e.protocol == 6 && e.dport == 80);
+    assert_eq!(e.drop, Some(DropReason::PolicyDenied));
+    assert!(!c.udp("a", &b, 80), "UDP 80: the broader deny wins");
+    let e = wait_event(&mut events, |e| e.protocol == 17 && e.dport == 80);
+    assert_eq!(e.drop, Some(DropReason::PolicyDenied));
+    assert!(c.tcp("a", &b, 8080), "TCP 8080 is allowed");
+    assert!(c.udp("a", &b, 8080), "UDP 8080 is allowed");
+
+    // A deny of everything from a beside an allow of ICMP from a; and a deny of ICMP from any
+    // identity beside an allow of ICMP from a.
+    for (generation, deny) in [
+        (3, entry(In, Some(A_ID), None, (0, 65535), Verdict::Deny)),
+        (
+            4,
+            entry(In, None, Some(Protocol::Icmp), (0, 65535), Verdict::Deny),
+        ),
+    ] {
+        set_b_policy(
+            &mut c,
+            generation,
+            &[
+                deny,
+                entry(
+                    In,
+                    Some(A_ID),
+                    Some(Protocol::Icmp),
+                    (0, 65535),
+                    Verdict::Allow,
+                ),
+            ],
+        );
+        assert!(!c.ping("a", &b), "ICMP: the broader deny wins ({deny:?})");
+        let e = wait_event(&mut events, |e| e.protocol == 1 && e.drop.is_some());
+        assert_eq!(e.drop, Some(DropReason::PolicyDenied));
+    }
+    set_b_policy(
+        &mut c,
+        5,
+        &[entry(
+            In,
+            Some(A_ID),
+            Some(Protocol::Icmp),
+            (0, 65535),
+            Verdict::Allow,
+        )],
+    );
+    assert!(c.ping("a", &b), "ICMP alone is allowed");
+}
+
+/// A long-lived connection from a to b's echo server: one line at a time.
+struct Stream {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: BufReader<std::process::ChildStdout>,
+}
+
+impl Stream {
+    fn open(c: &Cluster, port: u16) -> Stream {
+        let args: Vec<String> = [
+            "python3",
+            "-c",
+            STREAM_CLIENT,
+            &c.b.ip.to_string(),
+            &port.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut child = c
+            .lab
+            .exec("a", &args)
+            .unwrap()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap());
+        Stream {
+            child,
+            input,
+            output,
+        }
+    }
+
+    /// Whether `word` comes back (the client gives up after 2 s).
+    fn echo(&mut self, word: &str) -> bool {
+        if writeln!(self.input, "{word}").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        matches!(self.output.read_line(&mut line), Ok(n) if n > 0) && line.trim() == word
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn established_flows_stop_when_policy_auth_or_ipcache_change() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("dpest", &[8080]);
+    let b = c.b.clone();
+    let key = AuthKey {
+        local: A_ID,
+        remote: B_ID,
+        remote_node: NodeId::new(2),
+        auth_type: AuthType::Required,
+    };
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Egress,
+                B_ID,
+                Some(Protocol::Tcp),
+                PortRange::single(8080),
+                AuthType::Required,
+            )],
+        )
+        .unwrap();
+    let allow_a = [allow(
+        Direction::Ingress,
+        A_ID,
+        None,
+        PortRange::ANY,
+        AuthType::None,
+    )];
+    set_b_policy(&mut c, 2, &allow_a);
+    c.n1()
+        .insert_auth(key, SystemTime::now() + Duration::from_secs(600))
+        .unwrap();
+    let mut n2_events = c.n2().take_events().unwrap();
+    let mut n1_events = c.n1().take_events().unwrap();
+
+    // 1. b's policy stops allowing a: the open connection stops at its next packet.
+    let mut s = Stream::open(&c, 8080);
+    assert!(s.echo("one"));
+    set_b_policy(&mut c, 3, &[]);
+    assert!(
+        !s.echo("two"),
+        "the established flow is decided again and denied"
+    );
+    let e = wait_event(&mut n2_events, |e| {
+        e.drop == Some(DropReason::PolicyDenied) && e.established
+    });
+    assert_eq!(e.direction, Direction::Ingress);
+    drop(s);
+    set_b_policy(&mut c, 4, &allow_a);
+
+    // 2. The auth entry is revoked: the open connection stops, the agent is told again.
+    let mut s = Stream::open(&c, 8080);
+    assert!(s.echo("one"));
+    c.n1().remove_auth(key).unwrap();
+    assert!(!s.echo("two"), "the established flow needs its auth entry");
+    let e = wait_event(&mut n1_events, |e| {
+        e.drop == Some(DropReason::AuthenticationRequired) && e.established
+    });
+    assert_eq!(e.auth_key, Some(key));
+    drop(s);
+    c.n1()
+        .insert_auth(key, SystemTime::now() + Duration::from_secs(600))
+        .unwrap();
+
+    // 3. b's address is given to an identity a may not reach: on n1 the ipcache changes and
+    //    its generation is bumped.
+    let mut s = Stream::open(&c, 8080);
+    assert!(s.echo("one"));
+    let other = IdentityId::new(3000);
+    c.n1().set_ipcache(b.ip, 32, other, NodeId::new(2)).unwrap();
+    c.n1().set_ipcache_generation(7).unwrap();
+    assert!(!s.echo("two"), "the peer's identity changed under the flow");
+    let e = wait_event(&mut n1_events, |e| {
+        e.drop == Some(DropReason::PolicyDenied) && e.established
+    });
+    assert_eq!(e.dst_identity, other);
+    drop(s);
+
+    // 4. And back: a new connection passes again; idle flows are swept with short timeouts.
+    c.n1().set_ipcache(b.ip, 32, B_ID, NodeId::new(2)).unwrap();
+    c.n1().set_ipcache_generation(8).unwrap();
+    assert!(c.tcp("a", &b, 8080));
+    assert!(c.n1().conntrack_len().unwrap() > 0);
+    c.n1()
+        .set_conntrack_timeouts(Duration::from_secs(1), Duration::from_secs(1))
+        .unwrap();
+    let later = meshauth_datapath::boot_time_ns() + 3_000_000_000;
+    assert!(c.n1().sweep_conntrack(later).unwrap() > 0);
+    assert_eq!(c.n1().conntrack_len().unwrap(), 0);
 }
