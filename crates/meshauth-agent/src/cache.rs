@@ -81,6 +81,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
     /// Every policy, parsed.
     pub policies: Vec<meshauth_policy::Policy>,
+    /// Policies this agent could not parse (name → why): their last good version, if any, is
+    /// in `policies`, and enforcement reports not-ready naming them.
+    pub policy_errors: BTreeMap<String, String>,
 }
 
 /// An endpoint somewhere in the cluster.

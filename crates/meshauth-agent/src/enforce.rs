@@ -1,15 +1,18 @@
 //! Enforcement: the agent's datapath, policy compilation, identity SVIDs, the auth manager and
 //! the handshake server, wired together.
 //!
-//! - Local endpoints come from an [`EndpointSource`] (the lab's state file; a CNI hook would be
-//!   another source). Each is registered with the server, which allocates its identity, and the
-//!   datapath is attached to its veth.
-//! - Every sync snapshot (identities, endpoints, nodes, policies) is compiled into the local
-//!   endpoints' policy entries and the ipcache; entries of pairs that lost their justification
-//!   are revoked at once.
+//! - Local endpoints come from an [`EndpointSource`] (the lab's pods; a CNI plugin later). Each
+//!   is registered with the server, which allocates its identity.
+//! - On every change (a sync snapshot, the endpoint list, an SVID due for renewal), the
+//!   [`crate::plan`]ner computes what the datapath should hold and the [`crate::driver`] writes
+//!   the difference; entries of pairs that lost their justification are revoked at once. No
+//!   timer reconciles: at rest the loop only ticks the auth manager.
 //! - SVIDs of local identities (`spiffe://<td>/identity/<n>`) are obtained with keys made here.
-//! - Auth-required events from the datapath go to the auth manager, whose handshakes dial the
-//!   peer node's agent; the handshake server answers peers. Both write auth entries.
+//! - Auth-required events from the datapath go straight to the auth manager, whose handshakes
+//!   dial the peer node's agent; the handshake server answers peers. Both write auth entries.
+//! - Whether policy is enforced is published as [`EnforceStatus`]: the agent is not ready while
+//!   the datapath cannot be loaded, the handshake port cannot be bound, a policy does not parse
+//!   (the last good version stays enforced), or the plan could not be applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,10 +22,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use meshauth_auth::{
     AuthManager, AuthTable, Authenticator, Handshaker, LocalSvid, LocalSvids, ManagerConfig,
-    Placement, Reason, Timeouts,
+    ManagerHooks, Outcome, Placement, Reason, TableError, Timeouts,
 };
-use meshauth_datapath::{Datapath, EndpointId, EndpointInfo};
-use meshauth_policy::{AuthKey, Compiler, IdentityId, Labels, NodeId};
+use meshauth_datapath::Datapath;
+use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId};
 use meshauth_proto::node::{
     DeregisterEndpointRequest, IdentityCsr, RegisterEndpointRequest, SignIdentitySvidsRequest,
 };
@@ -31,70 +34,16 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, watch};
 
 use crate::cache::{ClusterState, Snapshot};
+use crate::driver::Driver;
 use crate::manager::Manager;
 use crate::metrics::{HandshakeResult, Role};
+use crate::plan::BoundEndpoint;
 
-/// A workload endpoint on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalEndpoint {
-    /// Its name.
-    pub name: String,
-    /// Its labels.
-    pub labels: Labels,
-    /// Its address.
-    pub ipv4: Ipv4Addr,
-    /// The node side of its veth.
-    pub host_veth: String,
-    /// That veth's index.
-    pub host_ifindex: u32,
-}
+pub use crate::endpoints::{EndpointList, EndpointSource, LocalEndpoint};
 
-/// Where local endpoints come from.
-pub trait EndpointSource: Send + 'static {
-    /// The endpoints on this node now.
-    fn endpoints(&self) -> anyhow::Result<Vec<LocalEndpoint>>;
-}
-
-/// Endpoints of one node of a `meshauth lab`.
-#[derive(Debug)]
-pub struct LabEndpoints {
-    lab: meshauth_lab::Lab,
-    node: String,
-}
-
-impl LabEndpoints {
-    /// The pods of lab `lab` on node `node` (e.g. `n1`).
-    pub fn new(lab: &str, node: &str) -> anyhow::Result<Self> {
-        Ok(LabEndpoints {
-            lab: meshauth_lab::Lab::new(lab)?,
-            node: node.to_owned(),
-        })
-    }
-}
-
-impl EndpointSource for LabEndpoints {
-    fn endpoints(&self) -> anyhow::Result<Vec<LocalEndpoint>> {
-        let Some(state) = self.lab.state()? else {
-            return Ok(vec![]);
-        };
-        state
-            .pods
-            .into_iter()
-            .filter(|p| p.node == self.node)
-            .map(|p| {
-                Ok(LocalEndpoint {
-                    labels: Labels::from_pairs(
-                        p.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
-                    )?,
-                    name: p.name,
-                    ipv4: p.ip,
-                    host_veth: p.host_veth,
-                    host_ifindex: p.host_ifindex,
-                })
-            })
-            .collect()
-    }
-}
+/// Whether policy is enforced: `Ok` while everything the plan asks for is in the datapath,
+/// `Err` with what is wrong otherwise.
+pub type EnforceStatus = Result<(), String>;
 
 /// The auth entries this node holds, published by enforcement for the admin API.
 #[derive(Debug, Clone, Default)]
@@ -131,13 +80,15 @@ pub struct EnforceConfig {
     pub flows: crate::flows::FlowLog,
     /// The agent's metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Where enforcement says whether it is in force.
+    pub status: watch::Sender<EnforceStatus>,
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
 #[derive(Default)]
 struct View {
     cluster: ClusterState,
-    local: BTreeMap<String, (LocalEndpoint, IdentityId)>,
+    local: BTreeMap<String, BoundEndpoint>,
 }
 
 #[derive(Clone, Default)]
@@ -150,7 +101,7 @@ impl Placement for SharedView {
             .unwrap_or_else(|p| p.into_inner())
             .local
             .values()
-            .any(|(_, id)| *id == identity)
+            .any(|b| b.identity == identity)
     }
 
     fn node_at(&self, addr: IpAddr) -> Option<NodeId> {
@@ -239,7 +190,11 @@ fn flow_record(
             "FORWARDED"
         }
         .into(),
-        reason: e.drop.map(|r| r.to_string()).unwrap_or_default(),
+        reason: match e.drop {
+            Some(r) if e.established => format!("{r} (established flow re-checked)"),
+            Some(r) => r.to_string(),
+            None => String::new(),
+        },
         tcp_flags: u32::from(e.tcp_flags),
         latency_us: 0,
     }
@@ -269,23 +224,21 @@ fn auth_record(
     }
 }
 
-struct DatapathTable(Arc<Mutex<Datapath>>);
+type SharedDriver = Arc<Mutex<Driver<Datapath>>>;
+
+fn lock(d: &SharedDriver) -> std::sync::MutexGuard<'_, Driver<Datapath>> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct DatapathTable(SharedDriver);
 
 impl AuthTable for DatapathTable {
-    fn insert(&mut self, key: AuthKey, expires: SystemTime) -> Result<(), String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert_auth(key, expires)
-            .map_err(|e| e.to_string())
+    fn insert(&mut self, key: AuthKey, expires: SystemTime) -> Result<(), TableError> {
+        Ok(lock(&self.0).datapath().insert_auth(key, expires)?)
     }
 
-    fn remove(&mut self, key: AuthKey) -> Result<(), String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove_auth(key)
-            .map_err(|e| e.to_string())
+    fn remove(&mut self, key: AuthKey) -> Result<(), TableError> {
+        Ok(lock(&self.0).datapath().remove_auth(key)?)
     }
 }
 
@@ -366,16 +319,47 @@ impl Authenticator for Dialer {
     }
 }
 
-/// Runs enforcement until `shutdown`.
+/// How often the auth manager is ticked (re-authentication, retries, sweep) and the auth
+/// entries and datapath counters are published.
+const TICK: Duration = Duration::from_secs(1);
+/// How often idle tracked flows are swept from the conntrack map.
+const CT_SWEEP: Duration = Duration::from_secs(30);
+/// Retry delays after a failed reconcile.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Runs enforcement until `shutdown`. Fails (and says so in `config.status`) when the datapath
+/// cannot be loaded or the handshake port cannot be bound.
 pub async fn run(
+    config: EnforceConfig,
+    manager: Manager,
+    source: Box<dyn EndpointSource>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let status = config.status.clone();
+    let result = run_inner(config, manager, source, shutdown).await;
+    if let Err(e) = &result {
+        let _ = status.send(Err(format!("{e:#}")));
+    }
+    result
+}
+
+async fn run_inner(
     config: EnforceConfig,
     manager: Manager,
     source: Box<dyn EndpointSource>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut dp = Datapath::load(&config.pin_dir).context("loading the datapath")?;
+    let _ = config
+        .status
+        .send(Err("enforcement is starting: nothing applied yet".into()));
+    let mut dp = Datapath::load(&config.pin_dir).context("cannot load the datapath")?;
     let mut events = dp.take_events()?;
-    let dp = Arc::new(Mutex::new(dp));
+    // Entries a previous run of this agent wrote are still in the pinned map: track them.
+    let inherited = dp.auth_entries()?;
+    let driver: SharedDriver = Arc::new(Mutex::new(
+        Driver::new(dp).context("cannot read the datapath's state")?,
+    ));
     let view = SharedView::default();
     let svids = LocalSvids::default();
     let td = manager.trust_domain();
@@ -386,8 +370,13 @@ pub async fn run(
         Arc::new(view.clone()),
         Timeouts::default(),
     );
-    let auth = AuthManager::start(
+    let (outcome_tx, mut outcome_rx) = mpsc::channel::<Outcome>(1024);
+    let auth = AuthManager::start_with(
         config.manager,
+        ManagerHooks {
+            outcomes: Some(outcome_tx),
+            ..ManagerHooks::default()
+        },
         Dialer {
             handshaker: handshaker.clone(),
             view: view.clone(),
@@ -397,14 +386,8 @@ pub async fn run(
             node: config.node_name.clone(),
             metrics: config.metrics.clone(),
         },
-        DatapathTable(Arc::clone(&dp)),
+        DatapathTable(Arc::clone(&driver)),
     );
-
-    // Entries a previous run of this agent wrote are still in the pinned map: track them.
-    let inherited = dp
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .auth_entries()?;
     let now = SystemTime::now();
     for (key, expires) in inherited.into_iter().filter(|(_, e)| *e > now) {
         auth.adopt(key, expires);
@@ -416,7 +399,7 @@ pub async fn run(
             .await
             .with_context(|| {
                 format!(
-                    "cannot listen on {}:{}",
+                    "cannot listen on {}:{} for handshakes (is another agent running, or is the node address wrong?)",
                     config.node_address, config.handshake_port
                 )
             })?;
@@ -429,7 +412,8 @@ pub async fn run(
     );
     {
         let auth = auth.clone();
-        let (flows, view, node) = (config.flows.clone(), view.clone(), config.node_name.clone());
+        let (flows, acc_view, node) =
+            (config.flows.clone(), view.clone(), config.node_name.clone());
         let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(a) = acc_rx.recv().await {
@@ -437,11 +421,11 @@ pub async fn run(
                     local: a.local,
                     remote: a.remote,
                     remote_node: a.remote_node,
-                    auth_type: meshauth_policy::AuthType::Required,
+                    auth_type: AuthType::Required,
                 };
                 flows.push(auth_record(
                     &node,
-                    &view,
+                    &acc_view,
                     &key,
                     "SUCCEEDED",
                     "responder".into(),
@@ -466,103 +450,193 @@ pub async fn run(
                 });
             }
         });
-    }
-
-    // Datapath events → auth requests (a blocking reader on its own thread).
-    let (ev_tx, mut ev_rx) = mpsc::channel::<AuthKey>(1024);
-    let (flows, ev_view, ev_node) = (config.flows.clone(), view.clone(), config.node_name.clone());
-    std::thread::Builder::new()
-        .name("meshauth-events".into())
-        .spawn(move || {
-            loop {
-                match events.next_event(Duration::from_millis(500)) {
-                    Some(e) => {
-                        flows.push(flow_record(&ev_node, &ev_view, &e));
-                        // A full channel drops the signal: the datapath signals again.
-                        if let Some(key) = e.auth_key
-                            && ev_tx.try_send(key).is_err()
-                            && ev_tx.is_closed()
-                        {
-                            return;
-                        }
-                    }
-                    None if ev_tx.is_closed() => return,
-                    None => {}
+        // Failures that never reach the dialer (test-always-fail) are shown and counted here.
+        let (flows, view, node) = (config.flows.clone(), view.clone(), config.node_name.clone());
+        let metrics = config.metrics.clone();
+        tokio::spawn(async move {
+            while let Some(o) = outcome_rx.recv().await {
+                if let Err(Reason::TestAlwaysFail) = o.result {
+                    metrics.handshake(Role::Initiator, Reason::TestAlwaysFail.into(), None);
+                    flows.push(auth_record(
+                        &node,
+                        &view,
+                        &o.key,
+                        "FAILED",
+                        "TestAlwaysFail (authentication.mode: test-always-fail never succeeds)"
+                            .into(),
+                        0,
+                    ));
                 }
             }
-        })?;
+        });
+    }
 
+    // Datapath events → flow log and straight to the auth manager (a blocking reader on its
+    // own thread). The manager never blocks: a full queue drops the request and counts it.
+    {
+        let (flows, ev_view, ev_node) =
+            (config.flows.clone(), view.clone(), config.node_name.clone());
+        let auth = auth.clone();
+        let stop = shutdown.clone();
+        std::thread::Builder::new()
+            .name("meshauth-events".into())
+            .spawn(move || {
+                while !*stop.borrow() {
+                    if let Some(e) = events.next_event(Duration::from_millis(500)) {
+                        flows.push(flow_record(&ev_node, &ev_view, &e));
+                        if let Some(key) = e.auth_key {
+                            auth.request(key, SystemTime::now());
+                        }
+                    }
+                }
+            })?;
+    }
+
+    let mut endpoints = source.watch();
     let mut snapshots = manager.subscribe();
-    let mut compiler = Compiler::new();
-    let mut applied = BTreeSet::new();
-    let mut renew_at = BTreeMap::new();
-    let mut registered: BTreeMap<String, (LocalEndpoint, IdentityId)> = BTreeMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut state = LoopState::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = std::time::Instant::now();
+    let mut dirty = true;
+    let mut retry_delay = RETRY_MIN;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-            Some(key) = ev_rx.recv() => auth.request(key, SystemTime::now()),
-            _ = tick.tick() => {}
-            changed = snapshots.changed() => if changed.is_err() { return Ok(()) },
+        let renew = state.renew_at.values().min().copied();
+        let renew_in = renew
+            .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(3600));
+        let retry =
+            retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        if !dirty {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                changed = snapshots.changed() => {
+                    if changed.is_err() { return Ok(()) }
+                    dirty = true;
+                }
+                changed = endpoints.changed() => {
+                    if changed.is_err() {
+                        anyhow::bail!("the endpoint source stopped");
+                    }
+                    dirty = true;
+                }
+                _ = tokio::time::sleep(renew_in) => dirty = true,
+                _ = tokio::time::sleep_until(retry) => dirty = true,
+                _ = tick.tick() => {
+                    let now = SystemTime::now();
+                    auth.tick(now);
+                    let entries = auth.entries();
+                    let stats = auth.stats();
+                    config
+                        .metrics
+                        .auth_state(entries.len(), auth.pending(), stats.overflow, stats.revoked);
+                    config.published.set(entries);
+                    let sweep = last_sweep.elapsed() >= CT_SWEEP;
+                    let mut d = lock(&driver);
+                    if let Ok(s) = d.datapath().stats() {
+                        config.metrics.datapath(&s);
+                    }
+                    if sweep {
+                        last_sweep = std::time::Instant::now();
+                        if let Err(e) = d.datapath().sweep_conntrack(meshauth_datapath::boot_time_ns()) {
+                            tracing::warn!(error = %e, "cannot sweep the conntrack map");
+                        }
+                    }
+                }
+            }
+            continue;
         }
+        dirty = false;
         let snapshot: Arc<Snapshot> = snapshots.borrow_and_update().clone();
-        if let Err(e) = reconcile(
-            &manager,
-            &*source,
-            &dp,
-            &view,
-            &svids,
-            &auth,
-            &mut compiler,
-            &mut applied,
-            &mut renew_at,
-            &mut registered,
-            &snapshot,
+        let list = endpoints.borrow_and_update().clone();
+        match reconcile(
+            &manager, &driver, &view, &svids, &auth, &mut state, &snapshot, list,
         )
         .await
         {
-            tracing::warn!(error = %format!("{e:#}"), "reconcile failed; retrying");
+            Ok(problems) => {
+                retry_at = None;
+                retry_delay = RETRY_MIN;
+                let _ = config.status.send(if problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(problems.join("; "))
+                });
+                if !problems.is_empty() {
+                    retry_at = Some(tokio::time::Instant::now() + RETRY_MAX);
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, retry_in_ms = retry_delay.as_millis() as u64, "reconcile failed; retrying");
+                let _ = config.status.send(Err(msg));
+                retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                retry_delay = (retry_delay * 2).min(RETRY_MAX);
+            }
         }
-        auth.tick(SystemTime::now());
-        let entries = auth.entries();
-        let stats = auth.stats();
-        config
-            .metrics
-            .auth_state(entries.len(), auth.pending(), stats.overflow, stats.revoked);
-        config.published.set(entries);
     }
 }
 
+/// What the loop keeps between reconciles.
+#[derive(Default)]
+struct LoopState {
+    compiler: Compiler,
+    /// Remote identities that have auth entries, compiled as endpoints: their own policy may
+    /// be what requires authentication with us.
+    peers: Compiler,
+    peer_names: BTreeSet<String>,
+    applied_policies: BTreeSet<String>,
+    identities: BTreeSet<IdentityId>,
+    renew_at: BTreeMap<IdentityId, SystemTime>,
+    registered: BTreeMap<String, BoundEndpoint>,
+}
+
+fn peer_name(id: IdentityId) -> String {
+    format!("identity/{id}")
+}
+
+/// One pass: register endpoints, compile, plan, apply, SVIDs, revoke. Returns the problems
+/// that leave enforcement incomplete (applied as far as possible); `Err` when it could not run.
 #[allow(
     clippy::too_many_arguments,
     reason = "the pieces one reconcile pass touches"
 )]
 async fn reconcile(
     manager: &Manager,
-    source: &dyn EndpointSource,
-    dp: &Arc<Mutex<Datapath>>,
+    driver: &SharedDriver,
     view: &SharedView,
     svids: &LocalSvids,
     auth: &AuthManager<DatapathTable>,
-    compiler: &mut Compiler,
-    applied: &mut BTreeSet<String>,
-    renew_at: &mut BTreeMap<IdentityId, SystemTime>,
-    registered: &mut BTreeMap<String, (LocalEndpoint, IdentityId)>,
+    st: &mut LoopState,
     snapshot: &Snapshot,
-) -> anyhow::Result<()> {
+    list: EndpointList,
+) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
     let Some(cluster) = snapshot.cluster.as_deref() else {
-        return Ok(());
+        anyhow::bail!("waiting for the first sync with the server");
     };
-    let wanted: BTreeMap<String, LocalEndpoint> = source
-        .endpoints()?
-        .into_iter()
-        .map(|e| (e.name.clone(), e))
-        .collect();
+    let wanted: BTreeMap<String, LocalEndpoint> = match list {
+        Ok(l) => l.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        Err(e) => {
+            // Keep enforcing what we have; say why the list is stale.
+            problems.push(format!("the endpoint source failed: {e}"));
+            st.registered
+                .iter()
+                .map(|(n, b)| (n.clone(), b.endpoint.clone()))
+                .collect()
+        }
+    };
+    for (name, err) in &cluster.policy_errors {
+        problems.push(format!(
+            "policy {name} does not parse ({err}); its last good version stays enforced"
+        ));
+    }
     let mut client = None;
 
-    // Endpoints: register new or changed ones, attach the datapath; deregister gone ones.
+    // Endpoints: register new or changed ones; deregister gone ones.
     for (name, ep) in &wanted {
-        if registered.get(name).is_some_and(|(old, _)| old == ep) {
+        if st.registered.get(name).is_some_and(|b| b.endpoint == *ep) {
             continue;
         }
         let c = match &mut client {
@@ -584,84 +658,89 @@ async fn reconcile(
             .into_inner()
             .identity;
         let identity = IdentityId::new(identity);
-        let mut d = dp.lock().unwrap_or_else(|p| p.into_inner());
-        d.attach(&ep.host_veth)?;
-        d.set_endpoint(
-            ep.host_ifindex,
-            &EndpointInfo {
-                id: EndpointId(ep.host_ifindex),
+        st.compiler.set_endpoint(name, ep.labels.clone());
+        st.registered.insert(
+            name.clone(),
+            BoundEndpoint {
+                endpoint: ep.clone(),
                 identity,
-                ipv4: ep.ipv4,
             },
-        )?;
-        drop(d);
-        compiler.set_endpoint(name, ep.labels.clone());
-        registered.insert(name.clone(), (ep.clone(), identity));
-        tracing::info!(endpoint = %name, identity = %identity, "endpoint enforced");
+        );
+        tracing::info!(endpoint = %name, identity = %identity, "endpoint registered");
     }
-    let gone: Vec<String> = registered
+    let gone: Vec<String> = st
+        .registered
         .keys()
         .filter(|n| !wanted.contains_key(*n))
         .cloned()
         .collect();
     for name in gone {
-        if let Some((ep, _)) = registered.remove(&name) {
-            compiler.remove_endpoint(&name);
-            let _ = dp
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove_endpoint(ep.host_ifindex);
-            let c = match &mut client {
-                Some(c) => c,
-                None => client.insert(manager.connect().await?),
-            };
-            let _ = c
-                .deregister_endpoint(DeregisterEndpointRequest { name: name.clone() })
-                .await;
+        st.registered.remove(&name);
+        st.compiler.remove_endpoint(&name);
+        let c = match &mut client {
+            Some(c) => c,
+            None => client.insert(manager.connect().await?),
+        };
+        if let Err(s) = c
+            .deregister_endpoint(DeregisterEndpointRequest { name: name.clone() })
+            .await
+        {
+            problems.push(format!("deregistering endpoint {name}: {}", s.message()));
         }
     }
 
-    // Cluster view for placement checks and the ipcache.
+    // Policy: the compilers recompile only what a change can affect.
+    let ids: BTreeSet<IdentityId> = cluster.identities.keys().copied().collect();
+    for stale in st.identities.difference(&ids) {
+        st.compiler.remove_identity(*stale);
+        st.peers.remove_identity(*stale);
+    }
+    for (id, labels) in &cluster.identities {
+        st.compiler.set_identity(*id, labels.clone());
+        st.peers.set_identity(*id, labels.clone());
+    }
+    st.identities = ids;
+    let names: BTreeSet<String> = cluster.policies.iter().map(|p| p.name.clone()).collect();
+    for p in &cluster.policies {
+        st.compiler.set_policy(p.clone());
+        st.peers.set_policy(p.clone());
+    }
+    for stale in st.applied_policies.difference(&names) {
+        st.compiler.remove_policy(stale);
+        st.peers.remove_policy(stale);
+    }
+    st.applied_policies = names;
+
+    // Plan and apply.
+    let desired = crate::plan::plan(cluster, &st.registered, |n| st.compiler.entries(n));
+    for ip in &desired.conflicts {
+        problems.push(format!(
+            "address {ip} is claimed by endpoints of different identities: left out of the ipcache"
+        ));
+    }
+    let (applied, errors) = lock(driver).apply(&desired);
+    for e in errors {
+        tracing::warn!(error = %e, "cannot apply part of the plan");
+        problems.push(e.to_string());
+    }
+    if applied != crate::driver::Applied::default() {
+        tracing::debug!(?applied, "datapath updated");
+    }
+
+    // The placement checks' view.
     {
         let mut v = view.0.write().unwrap_or_else(|p| p.into_inner());
         v.cluster = cluster.clone();
-        v.local = registered.clone();
-    }
-    {
-        let mut d = dp.lock().unwrap_or_else(|p| p.into_inner());
-        for e in &cluster.endpoints {
-            d.set_ipcache(e.ipv4, 32, e.identity, e.node_id)?;
-        }
+        v.local = st.registered.clone();
     }
 
-    // Policy: the compiler recompiles only what changed.
-    for (id, labels) in &cluster.identities {
-        compiler.set_identity(*id, labels.clone());
-    }
-    let names: BTreeSet<String> = cluster.policies.iter().map(|p| p.name.clone()).collect();
-    for p in &cluster.policies {
-        compiler.set_policy(p.clone());
-    }
-    for stale in applied.iter().filter(|n| !names.contains(*n)) {
-        compiler.remove_policy(stale);
-    }
-    *applied = names;
-    for (name, (ep, _)) in registered.iter() {
-        if let Some(entries) = compiler.entries(name) {
-            dp.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_policy(EndpointId(ep.host_ifindex), entries)?;
-        }
-    }
-
-    // SVIDs of local identities.
-    let local_ids: BTreeSet<IdentityId> = registered.values().map(|(_, id)| *id).collect();
-    // Missing, or past its renewal time (about half-life): (re)sign.
+    // SVIDs of local identities: missing, or past their renewal time (about half-life).
+    let local_ids: BTreeSet<IdentityId> = st.registered.values().map(|b| b.identity).collect();
     let now = SystemTime::now();
     let missing: Vec<IdentityId> = local_ids
         .iter()
         .copied()
-        .filter(|id| svids.get(*id).is_none() || renew_at.get(id).is_none_or(|t| now >= *t))
+        .filter(|id| svids.get(*id).is_none() || st.renew_at.get(id).is_none_or(|t| now >= *t))
         .collect();
     if !missing.is_empty() {
         let mut keys = BTreeMap::new();
@@ -691,8 +770,12 @@ async fn reconcile(
             let chain: Vec<CertificateDer<'static>> =
                 s.svid_chain.into_iter().map(CertificateDer::from).collect();
             let not_after = SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(s.expires_at_unix).unwrap_or(0));
-            renew_at.insert(id, crate::manager::refresh_time(now, not_after));
+                .checked_add(Duration::from_secs(
+                    u64::try_from(s.expires_at_unix).unwrap_or(0),
+                ))
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            st.renew_at
+                .insert(id, crate::manager::refresh_time(now, not_after));
             svids.set(
                 id,
                 LocalSvid {
@@ -707,39 +790,30 @@ async fn reconcile(
             svids.remove(id);
         }
     }
-    renew_at.retain(|id, _| local_ids.contains(id));
+    st.renew_at.retain(|id, _| local_ids.contains(id));
 
     // Revocation: entries whose local identity left this node, whose peer identity is no longer
-    // where the entry says, or that no policy requires any more.
-    let hosted = |id: IdentityId, node: NodeId| {
-        cluster
-            .endpoints
-            .iter()
-            .any(|e| e.identity == id && e.node_id == node)
-    };
-    let required: BTreeSet<(IdentityId, IdentityId)> = registered
+    // where the entry says, or that no policy of either side requires any more.
+    let entries = auth.entries();
+    let peer_ids: BTreeSet<IdentityId> = entries.iter().map(|(k, _)| k.remote).collect();
+    let peer_names: BTreeSet<String> = peer_ids.iter().map(|id| peer_name(*id)).collect();
+    for stale in st.peer_names.difference(&peer_names) {
+        st.peers.remove_endpoint(stale);
+    }
+    for id in &peer_ids {
+        if let Some(labels) = cluster.identities.get(id) {
+            st.peers.set_endpoint(&peer_name(*id), labels.clone());
+        }
+    }
+    st.peer_names = peer_names;
+    let peers: Vec<(IdentityId, &[meshauth_policy::PolicyEntry])> = peer_ids
         .iter()
-        .flat_map(|(name, (_, local))| {
-            compiler
-                .entries(name)
-                .unwrap_or_default()
-                .iter()
-                .filter(|e| e.auth != meshauth_policy::AuthType::None)
-                .filter_map(move |e| e.remote.map(|r| (*local, r)))
-        })
+        .filter_map(|id| Some((*id, st.peers.entries(&peer_name(*id))?)))
         .collect();
-    // The requirement may come from the peer's side (its ingress or egress rules).
-    let peer_requires = |k: &AuthKey| {
-        cluster.identities.get(&k.remote).is_some_and(|labels| {
-            meshauth_policy::compile_endpoint(&cluster.policies, &cluster.identities, labels)
-                .iter()
-                .any(|e| e.auth != meshauth_policy::AuthType::None && e.remote == Some(k.local))
-        })
-    };
-    auth.revoke(|k| {
-        !local_ids.contains(&k.local)
-            || !hosted(k.remote, k.remote_node)
-            || (!required.contains(&(k.local, k.remote)) && !peer_requires(k))
-    });
-    Ok(())
+    let justification = crate::plan::justification(cluster, &desired, peers);
+    let revoked = auth.revoke(|k| !justification.justified(k));
+    if revoked > 0 {
+        tracing::info!(revoked, "auth entries revoked: no longer justified");
+    }
+    Ok(problems)
 }

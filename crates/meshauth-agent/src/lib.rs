@@ -11,7 +11,10 @@
 //! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
-//! - [`enforce`]: datapath, policy, identity SVIDs, auth manager and handshake server.
+//! - [`endpoints`]: [`endpoints::EndpointSource`], where the node's pods come from.
+//! - [`plan`]: what the datapath should hold and which auth entries are justified (pure);
+//!   [`driver`]: makes the datapath so, through [`driver::DatapathOps`].
+//! - [`enforce`]: the loop: datapath, policy, identity SVIDs, auth manager, handshake server.
 //! - [`flows`]: the flow log behind `meshauth observe`.
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
 //!   clients work too; [`admin`]: the operator API.
@@ -23,11 +26,14 @@ pub mod admin;
 pub mod attestor;
 pub mod authority_fix;
 pub mod cache;
+pub mod driver;
+pub mod endpoints;
 pub mod enforce;
 pub mod flows;
 pub mod identity;
 pub mod manager;
 pub mod metrics;
+pub mod plan;
 pub mod run;
 pub mod server_client;
 pub mod workload_api;

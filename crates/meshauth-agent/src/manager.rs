@@ -87,13 +87,17 @@ fn bundle_of(msg: &Bundle, td: &TrustDomain) -> anyhow::Result<X509Bundle> {
     })
 }
 
-/// Turns the cluster part of a sync message into domain types; what does not parse is logged
-/// and left out (the server validated it, so this means a version mismatch).
+/// Turns the cluster part of a sync message into domain types. An identity or endpoint that
+/// does not parse is logged and left out (it then matches nothing and gets no ipcache entry,
+/// so its traffic is dropped). A policy that does not parse (version skew: the server
+/// validated it) is never dropped silently: its last good version from `previous` stays, and
+/// it is named in `policy_errors`, which makes the agent not ready.
 fn cluster_of(
     identities: &[meshauth_proto::node::Identity],
     endpoints: &[meshauth_proto::node::Endpoint],
     nodes: &[meshauth_proto::node::ClusterNode],
     policies: &[meshauth_proto::node::PolicyDocument],
+    previous: Option<&crate::cache::ClusterState>,
 ) -> crate::cache::ClusterState {
     use meshauth_policy::{IdentityId, Labels, NodeId};
     let mut out = crate::cache::ClusterState::default();
@@ -131,7 +135,15 @@ fn cluster_of(
         match meshauth_policy::parse_policies(&p.yaml) {
             Ok(mut ps) => out.policies.append(&mut ps),
             Err(e) => {
-                tracing::warn!(policy = %p.name, error = %e, "ignoring a policy that does not parse")
+                let last_good: Vec<meshauth_policy::Policy> = previous
+                    .into_iter()
+                    .flat_map(|c| &c.policies)
+                    .filter(|old| old.name == p.name)
+                    .cloned()
+                    .collect();
+                tracing::error!(policy = %p.name, error = %e, kept_last_good = !last_good.is_empty(), "a policy does not parse: this agent is not ready");
+                out.policies.extend(last_good);
+                out.policy_errors.insert(p.name.clone(), e.to_string());
             }
         }
     }
@@ -407,8 +419,14 @@ impl Manager {
                 },
             );
         }
-        let cluster = cluster_of(&msg.identities, &msg.endpoints, &msg.nodes, &msg.policies);
         let current = self.state.borrow().clone();
+        let cluster = cluster_of(
+            &msg.identities,
+            &msg.endpoints,
+            &msg.nodes,
+            &msg.policies,
+            current.cluster.as_deref(),
+        );
         let needed: Vec<Entry> = entries
             .values()
             .filter(|e| current.svids.get(&e.id).is_none_or(|s| s.entry != **e))

@@ -99,6 +99,64 @@ struct ApiLabels {
     result: ApiResult,
 }
 
+/// Which way a packet went, from the pod's point of view.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum PacketDirection {
+    /// Sent by the pod.
+    Egress,
+    /// Received by the pod.
+    Ingress,
+}
+
+/// Why the datapath dropped a packet.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum DropReasonLabel {
+    /// Policy denies it.
+    PolicyDenied,
+    /// The pair has not authenticated.
+    AuthenticationRequired,
+    /// The peer address has no identity.
+    NoIdentity,
+    /// The pod sent from an address not its own.
+    SpoofedSource,
+    /// Not a protocol the datapath handles.
+    Unsupported,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    direction: PacketDirection,
+    reason: DropReasonLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: PacketDirection,
+}
+
+fn direction_label(d: meshauth_datapath::Direction) -> PacketDirection {
+    match d {
+        meshauth_datapath::Direction::Egress => PacketDirection::Egress,
+        meshauth_datapath::Direction::Ingress => PacketDirection::Ingress,
+    }
+}
+
+fn reason_label(r: meshauth_datapath::DropReason) -> DropReasonLabel {
+    use meshauth_datapath::DropReason as R;
+    match r {
+        R::PolicyDenied => DropReasonLabel::PolicyDenied,
+        R::AuthenticationRequired => DropReasonLabel::AuthenticationRequired,
+        R::NoIdentity => DropReasonLabel::NoIdentity,
+        R::SpoofedSource => DropReasonLabel::SpoofedSource,
+        R::Unsupported => DropReasonLabel::Unsupported,
+    }
+}
+
+/// Raises `c` to `total` (a count the kernel keeps).
+fn mirror(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
 /// Handles to the agent's metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -115,6 +173,9 @@ pub struct Metrics {
     auth_queue_depth: Gauge,
     auth_overflow: Counter,
     auth_revocations: Counter,
+    datapath_drops: Family<DropLabels, Counter>,
+    datapath_forwarded: Family<DirectionLabels, Counter>,
+    datapath_events_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -201,8 +262,29 @@ impl Metrics {
             "Auth entries removed because their justification went away",
             auth_revocations.clone(),
         );
+        let datapath_drops = Family::<DropLabels, Counter>::default();
+        r.register(
+            "datapath_drops",
+            "Packets the datapath dropped, by direction and reason",
+            datapath_drops.clone(),
+        );
+        let datapath_forwarded = Family::<DirectionLabels, Counter>::default();
+        r.register(
+            "datapath_forwarded",
+            "Packets the datapath passed, by direction",
+            datapath_forwarded.clone(),
+        );
+        let datapath_events_lost = Counter::default();
+        r.register(
+            "datapath_events_lost",
+            "Datapath events (flows, auth-required signals) the ring buffer had no room for",
+            datapath_events_lost.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
+            datapath_drops,
+            datapath_forwarded,
+            datapath_events_lost,
             handshakes,
             handshake_seconds,
             auth_entries,
@@ -270,6 +352,24 @@ impl Metrics {
         self.auth_revocations.inc_by(r);
     }
 
+    /// Mirrors the datapath's counters.
+    pub(crate) fn datapath(&self, s: &meshauth_datapath::Stats) {
+        for ((d, r), n) in &s.dropped {
+            let labels = DropLabels {
+                direction: direction_label(*d),
+                reason: reason_label(*r),
+            };
+            mirror(&self.datapath_drops.get_or_create(&labels), *n);
+        }
+        for (d, n) in &s.forwarded {
+            let labels = DirectionLabels {
+                direction: direction_label(*d),
+            };
+            mirror(&self.datapath_forwarded.get_or_create(&labels), *n);
+        }
+        mirror(&self.datapath_events_lost, s.events_lost);
+    }
+
     pub(crate) fn workload_api(&self, result: ApiResult) {
         self.workload_api.get_or_create(&ApiLabels { result }).inc();
     }
@@ -290,6 +390,18 @@ mod tests {
         );
         m.auth_state(3, 1, 5, 2);
         m.auth_state(2, 0, 7, 2);
+        let mut stats = meshauth_datapath::Stats::default();
+        stats.dropped.insert(
+            (
+                meshauth_datapath::Direction::Ingress,
+                meshauth_datapath::DropReason::PolicyDenied,
+            ),
+            4,
+        );
+        stats.events_lost = 3;
+        m.datapath(&stats);
+        stats.events_lost = 5;
+        m.datapath(&stats);
         let text = m.encode(None);
         for line in [
             "meshauth_agent_auth_handshakes_total{role=\"Initiator\",result=\"Success\"} 1",
@@ -299,6 +411,8 @@ mod tests {
             "meshauth_agent_auth_queue_depth 0",
             "meshauth_agent_auth_queue_overflow_total 7",
             "meshauth_agent_auth_revocations_total 2",
+            "meshauth_agent_datapath_drops_total{direction=\"Ingress\",reason=\"PolicyDenied\"} 4",
+            "meshauth_agent_datapath_events_lost_total 5",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

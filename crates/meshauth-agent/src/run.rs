@@ -58,15 +58,30 @@ pub struct AgentConfig {
     pub enforce: Option<EnforceSettings>,
 }
 
+/// Makes the endpoint source (again, when enforcement restarts after a failure).
+pub type SourceFactory = Arc<dyn Fn() -> Box<dyn crate::endpoints::EndpointSource> + Send + Sync>;
+
 /// How the agent finds its pods and where it answers handshakes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EnforceSettings {
-    /// The lab whose pods on this node are the endpoints.
-    pub lab: String,
+    /// Where this node's endpoints come from.
+    pub source: SourceFactory,
+    /// Where the datapath pins its maps and links.
+    pub pin_dir: PathBuf,
     /// The handshake address; default: the address this node reaches the server from.
     pub node_address: Option<std::net::IpAddr>,
     /// Auth manager sizes (queue, workers, re-authentication margin, retry backoff).
     pub auth: meshauth_auth::ManagerConfig,
+}
+
+impl std::fmt::Debug for EnforceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnforceSettings")
+            .field("pin_dir", &self.pin_dir)
+            .field("node_address", &self.node_address)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An agent with its identity loaded and its sockets bound.
@@ -133,11 +148,14 @@ impl Agent {
         })
     }
 
-    /// Runs until `shutdown` completes.
+    /// Runs until `shutdown` completes. Every long-running part is a supervised task: the
+    /// Workload API, admin API, metrics listener and sync stop the agent if they fail;
+    /// enforcement restarts with backoff, and the agent is not ready meanwhile.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        use meshauth_telemetry::{Readiness, Restart, Supervisor};
         let Agent {
             config,
             manager,
@@ -152,6 +170,18 @@ impl Agent {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let readiness = Readiness::new();
+        let sync_ready = readiness.register("sync");
+        sync_ready.set_not_ready("waiting for the first sync with the server");
+        let mut sup = Supervisor::new();
+        // The parts below stop on the watch channel; it follows the supervisor's token.
+        {
+            let token = sup.token();
+            tokio::spawn(async move {
+                token.cancelled().await;
+                let _ = stop_tx.send(true);
+            });
+        }
 
         let workload_api = tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
@@ -162,6 +192,7 @@ impl Agent {
                 crate::authority_fix::accept_relayed(workload),
                 stopped(stop_rx.clone()),
             );
+        sup.spawn_once("workload-api", |_| workload_api);
         let admin_api = tonic::transport::Server::builder()
             .add_service(AgentAdminServer::new(AdminApi::new(
                 manager.clone(),
@@ -170,15 +201,7 @@ impl Agent {
                 flow_log.clone(),
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
-        // Ready once the first sync with the server completed.
-        let ready = meshauth_telemetry::Readiness::new();
-        let sync_ready = ready.register("sync");
-        sync_ready.set_not_ready("waiting for the first sync with the server");
-        let mut snapshots = manager.subscribe();
-        let readiness = async move {
-            let _ = snapshots.wait_for(|s| s.synced).await;
-            sync_ready.set_ready();
-        };
+        sup.spawn_once("admin-api", |_| admin_api);
         let encoder: meshauth_telemetry::Encoder = {
             let (m, mgr) = (metrics.clone(), manager.clone());
             Arc::new(move || m.encode(mgr.soonest_expiry()))
@@ -186,66 +209,101 @@ impl Agent {
         let http = meshauth_telemetry::serve_http(
             metrics_listener,
             encoder,
-            ready.clone(),
+            readiness.clone(),
             stopped(stop_rx.clone()),
         );
-        let run = manager.clone().run(stop_rx.clone());
-        let stop = async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
-        };
-        let mut stop_readiness = stop_rx.clone();
-        let readiness = async move {
-            tokio::select! {
-                () = readiness => {}
-                _ = stop_readiness.wait_for(|s| *s) => {}
+        sup.spawn_once("metrics", |_| http);
+        {
+            let run = manager.clone().run(stop_rx.clone());
+            sup.spawn_once("sync", |_| async move {
+                run.await;
+                Ok::<(), std::io::Error>(())
+            });
+        }
+        // Ready for the sync condition once the first sync with the server completed.
+        {
+            let mut snapshots = manager.subscribe();
+            sup.spawn_once("sync-readiness", move |token| async move {
+                tokio::select! {
+                    r = snapshots.wait_for(|s| s.synced) => {
+                        if r.is_ok() {
+                            sync_ready.set_ready();
+                        }
+                    }
+                    () = token.cancelled() => {}
+                }
+                Ok::<(), std::io::Error>(())
+            });
+        }
+        if let Some(settings) = config.enforce.clone() {
+            let ready = readiness.register("enforcement");
+            ready.set_not_ready("enforcement is starting");
+            let (status_tx, mut status_rx) = tokio::sync::watch::channel::<
+                crate::enforce::EnforceStatus,
+            >(Err("enforcement is starting".into()));
+            {
+                let ready = ready.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match &*status_rx.borrow_and_update() {
+                            Ok(()) => ready.set_ready(),
+                            Err(reason) => ready.set_not_ready(reason.clone()),
+                        }
+                        if status_rx.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
             }
-        };
-        let enforce = {
-            let published = auth_entries.clone();
-            let flows = flow_log.clone();
-            let metrics = metrics.clone();
-            let stop = stop_rx.clone();
-            let manager = manager.clone();
-            let settings = config.enforce.clone();
             let server = config.server.clone();
             let node = config.node_name.clone();
-            async move {
-                let Some(settings) = settings else {
-                    return Ok(());
-                };
-                let node_address = match settings.node_address {
-                    Some(a) => a,
-                    None => local_address_towards(&server).await?,
-                };
-                let cfg = crate::enforce::EnforceConfig {
-                    node_name: node.clone(),
-                    pin_dir: meshauth_datapath::Datapath::pin_dir_for(&format!(
-                        "{}-{node}",
-                        settings.lab
-                    )),
-                    node_address,
-                    handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
-                    manager: settings.auth,
-                    published,
-                    flows,
-                    metrics,
-                };
-                let source = Box::new(crate::enforce::LabEndpoints::new(&settings.lab, &node)?);
-                crate::enforce::run(cfg, manager, source, stop).await
-            }
-        };
-        let (w, a, h, (), (), (), e) =
-            tokio::join!(workload_api, admin_api, http, run, stop, readiness, enforce);
-        e.context("enforcement")?;
-        w.context("workload API")?;
-        a.context("admin API")?;
-        h.context("metrics")?;
+            let (manager, metrics) = (manager.clone(), metrics.clone());
+            let (published, flows, stop) =
+                (auth_entries.clone(), flow_log.clone(), stop_rx.clone());
+            sup.spawn_with_readiness(
+                "enforcement",
+                Restart::Backoff {
+                    min: std::time::Duration::from_secs(1),
+                    max: std::time::Duration::from_secs(30),
+                },
+                ready,
+                move |_| {
+                    let settings = settings.clone();
+                    let (server, node) = (server.clone(), node.clone());
+                    let (manager, metrics) = (manager.clone(), metrics.clone());
+                    let (published, flows, stop) = (published.clone(), flows.clone(), stop.clone());
+                    let status = status_tx.clone();
+                    async move {
+                        let node_address = match settings.node_address {
+                            Some(a) => a,
+                            None => local_address_towards(&server).await?,
+                        };
+                        let cfg = crate::enforce::EnforceConfig {
+                            node_name: node,
+                            pin_dir: settings.pin_dir.clone(),
+                            node_address,
+                            handshake_port: meshauth_auth::handshake::HANDSHAKE_PORT,
+                            manager: settings.auth,
+                            published,
+                            flows,
+                            metrics,
+                            status,
+                        };
+                        crate::enforce::run(cfg, manager, (settings.source)(), stop).await
+                    }
+                },
+            );
+        }
+        let result = sup
+            .run_until(async move {
+                shutdown.await;
+                tracing::info!("shutting down");
+            })
+            .await;
         for path in [&config.workload_socket, &config.admin_socket] {
             let _ = std::fs::remove_file(path);
         }
-        Ok(())
+        result.map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

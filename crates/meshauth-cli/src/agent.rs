@@ -125,7 +125,8 @@ struct RunArgs {
     #[arg(long, default_value = defaults::METRICS_LISTEN)]
     metrics_listen: SocketAddr,
     /// Enforce policy on the pods of this lab's node (loads the eBPF datapath; run the agent
-    /// inside the node's namespace: `ip netns exec <lab>-<node> meshauth agent run ...`).
+    /// inside the node's network namespace: `nsenter --net=/run/netns/<lab>-<node> meshauth
+    /// agent run ...`).
     #[arg(long)]
     lab: Option<String>,
     /// Address peers reach this node's handshake port (4250) on; default: the address this
@@ -141,6 +142,19 @@ struct RunArgs {
     auth_workers: u32,
 }
 
+/// A source that could not be made: enforcement reports why and stays not ready.
+struct FailedSource(String);
+
+impl meshauth_agent::endpoints::EndpointSource for FailedSource {
+    fn watch(
+        self: Box<Self>,
+    ) -> tokio::sync::watch::Receiver<meshauth_agent::endpoints::EndpointList> {
+        let (tx, rx) = tokio::sync::watch::channel(Err(self.0));
+        std::mem::forget(tx);
+        rx
+    }
+}
+
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         node_name: args.node.to_string(),
@@ -153,7 +167,16 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         admin_socket: args.agent_socket,
         metrics_listen: args.metrics_listen,
         enforce: args.lab.map(|lab| meshauth_agent::EnforceSettings {
-            lab,
+            pin_dir: meshauth_datapath::Datapath::pin_dir_for(&format!("{lab}-{}", args.node)),
+            source: {
+                let node = args.node.to_string();
+                std::sync::Arc::new(move || {
+                    match crate::lab_source::LabEndpoints::new(&lab, &node) {
+                        Ok(s) => Box::new(s) as Box<dyn meshauth_agent::endpoints::EndpointSource>,
+                        Err(e) => Box::new(FailedSource(format!("lab {lab}: {e:#}"))),
+                    }
+                })
+            },
             node_address: args.node_address,
             auth: meshauth_auth::ManagerConfig {
                 queue: args.auth_queue as usize,

@@ -235,6 +235,7 @@ fn datapath(lab: &Lab, command: DatapathSub) -> anyhow::Result<()> {
                             id: EndpointId(*i as u32 + 1),
                             identity: identity(*i),
                             ipv4: p.ip,
+                            policy_gen: 1,
                         },
                     )?;
                     let all = |direction| PolicyEntry {

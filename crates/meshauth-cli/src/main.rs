@@ -13,6 +13,7 @@ mod common;
 mod demo;
 mod entry;
 mod lab;
+mod lab_source;
 mod observe;
 mod policy;
 mod server;
