@@ -29,8 +29,7 @@ fn ok(args: &[&str]) -> String {
 
 #[test]
 fn lab_lifecycle_through_the_cli() {
-    if !meshauth_lab::can_run() {
-        eprintln!("skipping: the lab needs root");
+    if !meshauth_test_support::require_root("lab_lifecycle_through_the_cli") {
         return;
     }
     let _ = lab(&["down"]);

@@ -58,6 +58,7 @@ pub fn strict() -> bool {
 
 /// Whether test `test` may run: `true` as root. Otherwise it panics under
 /// `MESHAUTH_REQUIRE_ROOT=1`, or prints a skip line and returns `false`.
+#[track_caller]
 #[must_use = "return from the test when this is false"]
 pub fn require_root(test: &str) -> bool {
     apply(gate(
@@ -71,6 +72,7 @@ pub fn require_root(test: &str) -> bool {
 
 /// The value of `var` if it is set and not empty. Otherwise test `test` panics under
 /// `MESHAUTH_REQUIRE_ROOT=1`, or prints a skip line and gets `None`.
+#[track_caller]
 #[must_use = "return from the test when this is None"]
 pub fn require_env(var: &str, test: &str) -> Option<String> {
     let value = std::env::var(var).ok().filter(|v| !v.is_empty());
@@ -105,6 +107,7 @@ fn gate(met: bool, strict: bool, test: &str, need: &str, hint: &str) -> Gate {
     }
 }
 
+#[track_caller]
 fn apply(gate: Gate) -> bool {
     match gate {
         Gate::Run => true,
@@ -120,6 +123,7 @@ fn apply(gate: Gate) -> bool {
 
 /// Polls `f` every [`POLL`] until it returns `Some`; panics naming `what` after `limit`.
 /// Blocks the thread: for `#[test]` functions and other synchronous code.
+#[track_caller]
 pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {

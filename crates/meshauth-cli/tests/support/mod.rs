@@ -9,22 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use meshauth_test_support::eventually;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meshauth");
 pub const TD: &str = "cli.test";
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
-pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A free loopback port (bound then released; fine for tests on one machine).
 pub fn free_port() -> u16 {
@@ -148,15 +138,12 @@ impl Drop for ServerProcess {
 
 pub fn terminate(child: &mut Child, what: &str) {
     let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{what} exited with {status}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = eventually(
+        Duration::from_secs(10),
+        &format!("{what} to stop on SIGTERM"),
+        || child.try_wait().unwrap(),
+    );
+    assert!(status.success(), "{what} exited with {status}");
 }
 
 pub fn one_line_error(out: &Output) -> String {
