@@ -18,4 +18,4 @@ export MESHAUTH_PYTHON="$PWD/target/py-venv/bin/python"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

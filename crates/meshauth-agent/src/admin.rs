@@ -19,6 +19,7 @@ pub struct AdminApi {
     node_name: String,
     auth: crate::enforce::AuthEntries,
     flows: crate::flows::FlowLog,
+    readiness: meshauth_telemetry::Readiness,
 }
 
 impl AdminApi {
@@ -28,12 +29,14 @@ impl AdminApi {
         node_name: String,
         auth: crate::enforce::AuthEntries,
         flows: crate::flows::FlowLog,
+        readiness: meshauth_telemetry::Readiness,
     ) -> Self {
         AdminApi {
             manager,
             node_name,
             auth,
             flows,
+            readiness,
         }
     }
 }
@@ -59,6 +62,13 @@ impl AgentAdmin for AdminApi {
             bundle_sequence: snap.bundle.as_ref().map(|b| b.sequence).unwrap_or(0),
             entries: snap.entries.len() as u32,
             svids: snap.svids.len() as u32,
+            ready: self.readiness.is_ready(),
+            not_ready: self
+                .readiness
+                .not_ready()
+                .into_iter()
+                .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect(),
         }))
     }
 

@@ -199,6 +199,7 @@ impl Agent {
                 config.node_name.clone(),
                 auth_entries.clone(),
                 flow_log.clone(),
+                readiness.clone(),
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         sup.spawn_once("admin-api", |_| admin_api);

@@ -27,7 +27,8 @@ enum Sub {
     /// First start: meshauth agent run --node n1 --join-token TOKEN --trust-bundle bundle.pem
     /// Later starts re-use the node SVID kept in --data-dir; no token is needed.
     Run(Box<RunArgs>),
-    /// Ask a running agent whether it is healthy and connected to the server.
+    /// Ask a running agent whether it is healthy and ready; exits non-zero, naming what is not
+    /// ready and why (first sync pending, enforcement not in force, ...), when it is not.
     Healthcheck {
         #[command(flatten)]
         socket: AgentSocket,
@@ -228,6 +229,8 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             "bundle_sequence": h.bundle_sequence,
                             "entries": h.entries,
                             "svids": h.svids,
+                            "ready": h.ready,
+                            "not_ready": h.not_ready,
                         })
                     ),
                     Output::Text => {
@@ -249,7 +252,13 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             h.svids,
                             h.bundle_sequence
                         );
+                        if h.ready {
+                            println!("ready");
+                        }
                     }
+                }
+                if !h.ready {
+                    anyhow::bail!("the agent is not ready: {}", h.not_ready.join("; "));
                 }
             }
             Sub::Svids { socket, output } => {

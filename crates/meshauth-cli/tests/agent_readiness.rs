@@ -86,6 +86,20 @@ fn an_agent_whose_handshake_port_is_taken_is_not_ready_and_says_why() {
         },
     );
     assert!(body.contains("enforcement:"), "{body}");
+    let health = Command::new(BIN)
+        .args(["agent", "healthcheck", "--agent-socket"])
+        .arg(dir.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        !health.status.success(),
+        "healthcheck fails while not ready"
+    );
+    let err = String::from_utf8_lossy(&health.stderr);
+    assert!(
+        err.contains("not ready") && err.contains("cannot listen on 127.0.0.1:4250"),
+        "{err}"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains("enforcement") && logged.contains("cannot listen on 127.0.0.1:4250"),
@@ -108,4 +122,88 @@ fn an_agent_whose_handshake_port_is_taken_is_not_ready_and_says_why() {
         "not ready 60 s after the port was freed: {last:?}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    let health = Command::new(BIN)
+        .args(["agent", "healthcheck", "--agent-socket"])
+        .arg(dir.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+}
+
+#[test]
+fn an_agent_that_cannot_load_the_datapath_is_not_ready_and_says_why() {
+    if !meshauth_test_support::require_root("the agent readiness test (eBPF datapath)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    server.bundle_file();
+    let token = server.token("n1");
+    // A map of another shape is pinned where the datapath's auth map belongs (incompatible
+    // state left behind): loading must fail.
+    let pins = meshauth_datapath::Datapath::pin_dir_for("rdyb-n1");
+    let _ = meshauth_datapath::Datapath::remove_pins(&pins);
+    let abi = pins.join(format!("abi-v{}", meshauth_datapath::ABI_VERSION));
+    std::fs::create_dir_all(&abi).unwrap();
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(abi.join("ma_auth"))
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "ma_auth",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "bpftool map create (Debian package bpftool)"
+    );
+    let metrics = free_port();
+    let log = dir.path().join("agent.log");
+    let agent = Command::new(BIN)
+        .args(["agent", "run", "--node", "n1", "--trust-domain", TD])
+        .args(["--server", &server.addr()])
+        .arg("--trust-bundle")
+        .arg(dir.path().join("bundle.pem"))
+        .arg("--data-dir")
+        .arg(dir.path().join("agent-data"))
+        .arg("--workload-socket")
+        .arg(dir.path().join("workload.sock"))
+        .arg("--agent-socket")
+        .arg(dir.path().join("agent.sock"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .args(["--lab", "rdyb", "--node-address", "127.0.0.1"])
+        .env("MESHAUTH_JOIN_TOKEN", &token)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let cleanup = Cleanup(agent, pins.clone());
+    let body = eventually(
+        Duration::from_secs(30),
+        "/readyz names the datapath",
+        || match readyz(metrics) {
+            Some((503, body)) if body.contains("cannot load the datapath") => Some(body),
+            _ => None,
+        },
+    );
+    assert!(body.contains("enforcement:"), "{body}");
+    let health = Command::new(BIN)
+        .args(["agent", "healthcheck", "--agent-socket"])
+        .arg(dir.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(!health.status.success());
+    assert!(
+        String::from_utf8_lossy(&health.stderr).contains("cannot load the datapath"),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("cannot load the datapath"), "{logged}");
+    drop(cleanup);
+    assert!(!pins.exists(), "the pins are removed");
 }

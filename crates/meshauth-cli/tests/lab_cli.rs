@@ -51,7 +51,12 @@ fn lab_lifecycle_through_the_cli() {
     ok(&["exec", "client", "--", "ping", "-c1", "-W1", "web"]);
     ok(&["datapath", "attach", "--auth-all"]);
     ok(&["exec", "client", "--", "ping", "-c1", "-W1", "web"]);
-    assert!(std::path::Path::new("/sys/fs/bpf/meshauth/tcli-n1/abi-v2/ma_auth").exists());
+    assert!(
+        meshauth_datapath::Datapath::pin_dir_for("tcli-n1")
+            .join(format!("abi-v{}", meshauth_datapath::ABI_VERSION))
+            .join("ma_auth")
+            .exists()
+    );
     ok(&["datapath", "detach"]);
 
     let err = lab(&["pod", "add", "x", "--node", "n7"]);

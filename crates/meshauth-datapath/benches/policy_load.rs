@@ -72,7 +72,9 @@ fn main() {
         assert!(!dp.set_policy(EndpointId(i as u32 + 1), e).unwrap());
     }
     let noop = t.elapsed();
-    let pin = node.join("abi-v3/ma_policy");
+    let pin = node
+        .join(format!("abi-v{}", meshauth_datapath::ABI_VERSION))
+        .join("ma_policy");
     let show = std::process::Command::new("bpftool")
         .args(["map", "show", "pinned"])
         .arg(&pin)

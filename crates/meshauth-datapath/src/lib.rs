@@ -33,6 +33,10 @@ pub mod netns;
 pub mod policy_keys;
 pub mod types;
 
+/// The version of the maps' layout (`MA_ABI_VERSION`): the maps of a node live in
+/// `<pin dir>/abi-v<ABI_VERSION>/`, so maps of another layout are never reused.
+pub const ABI_VERSION: u32 = abi::ABI_VERSION;
+
 /// How many entries each map holds at most (`MA_MAX_*` in `bpf/abi.h`).
 pub mod capacity {
     use crate::abi::c;
