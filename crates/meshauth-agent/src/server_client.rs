@@ -7,7 +7,8 @@ use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use meshauth_proto::node::node_client::NodeClient;
 use meshauth_spiffe::TrustDomain;
-use meshauth_tls::{PeerPolicy, SharedBundle, SharedCertifiedKey};
+use meshauth_tls::{HandshakeFailure, PeerPolicy, SharedBundle, SharedCertifiedKey};
+use rustls::AlertDescription;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use tonic::transport::{Channel, Endpoint};
 
@@ -63,8 +64,63 @@ pub async fn connect(
             }
         }))
         .await
-        .with_context(|| format!("cannot reach the server at {server}"))?;
+        .map_err(|e| connect_error(server, td, e))?;
     Ok(NodeClient::new(channel))
+}
+
+/// The error of a failed dial: a TLS failure becomes one sentence that says what to check (its
+/// cause chain is dropped: it would repeat the sentence in rustls' words); anything else keeps
+/// its causes after what to check.
+fn connect_error(server: &str, td: &TrustDomain, err: tonic::transport::Error) -> anyhow::Error {
+    match HandshakeFailure::find(&err) {
+        Some(failure) => anyhow::anyhow!("{}", tls_advice(server, td, &failure)),
+        None => anyhow::Error::new(err).context(format!(
+            "cannot reach the server at {server} (is `meshauth server run` running there? check --server)"
+        )),
+    }
+}
+
+/// One sentence for a handshake with the server that failed: what is wrong and what to check.
+fn tls_advice(server: &str, td: &TrustDomain, failure: &HandshakeFailure) -> String {
+    match failure {
+        HandshakeFailure::WrongTrustDomain { peer_id, .. } => {
+            let theirs = peer_id.trust_domain();
+            format!(
+                "the server at {server} is in trust domain {theirs} (its certificate is {peer_id}), \
+                 not {td}: pass --trust-domain {theirs}, or --server with a server of {td}"
+            )
+        }
+        HandshakeFailure::UnknownIssuer => format!(
+            "the server at {server} presented a certificate that no CA of this agent's trust bundle \
+             issued: get the server's bundle with `meshauth bundle show` on the server and pass it \
+             with --trust-bundle (a bundle saved in --data-dir takes precedence)"
+        ),
+        HandshakeFailure::Expired => format!(
+            "the server at {server} presented an expired certificate: check the clocks of both \
+             machines and the server's log (it renews its own SVID)"
+        ),
+        HandshakeFailure::NotYetValid => format!(
+            "the server at {server} presented a certificate that is not valid yet: check the \
+             clocks of both machines"
+        ),
+        HandshakeFailure::IdNotAccepted => format!(
+            "the server at {server} is not the meshauth server of {td} (its certificate is not \
+             spiffe://{td}/meshauth/server): check --server"
+        ),
+        HandshakeFailure::Refused(
+            AlertDescription::UnknownCA
+            | AlertDescription::CertificateExpired
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::AccessDenied,
+        ) => format!(
+            "the server at {server} refused this node's SVID ({failure}): attest again with a \
+             new --join-token from `meshauth token generate` on the server, or check --server"
+        ),
+        other => format!(
+            "TLS with the server at {server} failed: {other}; check --server and --trust-domain"
+        ),
+    }
 }
 
 /// A fresh ECDSA P-256 key, generated here where it is used, and a CSR for it.
@@ -77,4 +133,37 @@ pub fn key_and_csr() -> anyhow::Result<(PrivatePkcs8KeyDer<'static>, Vec<u8>)> {
         PrivatePkcs8KeyDer::from(key.serialize_der()),
         csr.der().to_vec(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn tls_advice_says_what_to_check() {
+        let td: TrustDomain = "b.test".parse().unwrap();
+        let wrong = HandshakeFailure::WrongTrustDomain {
+            peer_id: "spiffe://a.test/meshauth/server".parse().unwrap(),
+            expected: "b.test".into(),
+        };
+        let text = tls_advice("10.0.0.1:8081", &td, &wrong);
+        assert!(text.contains("is in trust domain a.test"), "{text}");
+        assert!(text.contains("pass --trust-domain a.test"), "{text}");
+        let text = tls_advice("10.0.0.1:8081", &td, &HandshakeFailure::UnknownIssuer);
+        assert!(
+            text.contains("`meshauth bundle show` on the server"),
+            "{text}"
+        );
+        let refused = HandshakeFailure::Refused(AlertDescription::UnknownCA);
+        let text = tls_advice("10.0.0.1:8081", &td, &refused);
+        assert!(text.contains("--join-token"), "{text}");
+        for text in [
+            tls_advice("s:1", &td, &wrong),
+            tls_advice("s:1", &td, &HandshakeFailure::Other("x".into())),
+        ] {
+            assert!(!text.contains('\n') && !text.contains('{'), "{text}");
+        }
+    }
 }

@@ -11,9 +11,12 @@
 //! - [`PeerPolicy`]: which SPIFFE IDs a side accepts.
 //! - [`server_config`], [`client_config`]: TLS 1.3-only rustls configs wired to the above.
 //! - [`peer_spiffe_id`]: the verified peer's ID, after the handshake.
+//! - [`HandshakeFailure`]: why a handshake failed, found in any error's source chain, for
+//!   messages that say what to check.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod failure;
 mod verify;
 
 use std::fmt;
@@ -24,6 +27,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
+pub use failure::{HandshakeFailure, RejectedSvid};
 pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// Errors building TLS material.

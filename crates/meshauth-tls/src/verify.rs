@@ -4,13 +4,17 @@
 //! validation plus the X509-SVID leaf rules); handshake signatures are checked by rustls'
 //! provider. Server names are not used: the SPIFFE ID is the name.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshauth_spiffe::SvidError;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
+use crate::failure::RejectedSvid;
 use crate::{ClientAuth, PeerPolicy, SharedBundle, provider};
 
 /// Verifies client SVIDs (server side).
@@ -57,7 +61,7 @@ fn verify_svid(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
-    side: &'static str,
+    side: Side,
 ) -> Result<(), Error> {
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.clone());
@@ -65,16 +69,67 @@ fn verify_svid(
     let bundle = bundle.get();
     let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, to_system_time(now))
         .map_err(|e| {
-            tracing::warn!(peer.side = side, reason = ?e.reason(), error = %e, "peer SVID rejected");
-            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(std::sync::Arc::new(e))))
+            match side {
+                Side::Client => {
+                    tracing::warn!(peer.side = "client", reason = ?e.reason(), error = %e, "peer SVID rejected");
+                }
+                Side::Server => {
+                    tracing::debug!(peer.side = "server", reason = ?e.reason(), error = %e, "peer SVID rejected");
+                }
+            }
+            Error::InvalidCertificate(certificate_error(e, end_entity, now))
         })?;
     if !peers.accepts(&verified.spiffe_id) {
-        tracing::warn!(peer.side = side, peer.id = %verified.spiffe_id, policy = ?peers, "peer SPIFFE ID not accepted");
+        match side {
+            Side::Client => {
+                tracing::warn!(peer.side = "client", peer.id = %verified.spiffe_id, policy = ?peers, "peer SPIFFE ID not accepted");
+            }
+            Side::Server => {
+                tracing::debug!(peer.side = "server", peer.id = %verified.spiffe_id, policy = ?peers, "peer SPIFFE ID not accepted");
+            }
+        }
         return Err(Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,
         ));
     }
     Ok(())
+}
+
+/// Which peer a verifier checks, which decides how loudly a refusal is logged: the accepting
+/// side logs it at warn (nobody else reports it); the dialing side at debug, because its caller
+/// gets the error and reports it (a warning too would say the same thing twice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// A server verifying a client.
+    Client,
+    /// A client verifying a server.
+    Server,
+}
+
+/// The rustls error for an SVID that did not validate: a specific variant where one fits (the
+/// peer then gets the matching alert: `unknown_ca`, `certificate_expired`, `bad_certificate`),
+/// else [`RejectedSvid`] in `Other` (alert `certificate_unknown`), which keeps the reason and,
+/// for another trust domain, the peer's SPIFFE ID.
+fn certificate_error(
+    e: SvidError,
+    end_entity: &CertificateDer<'_>,
+    now: UnixTime,
+) -> CertificateError {
+    match e {
+        SvidError::UnknownAuthority => CertificateError::UnknownIssuer,
+        SvidError::Expired => match meshauth_spiffe::not_after_of(end_entity) {
+            Ok(not_after) => CertificateError::ExpiredContext {
+                time: now,
+                not_after: UnixTime::since_unix_epoch(
+                    not_after.duration_since(UNIX_EPOCH).unwrap_or_default(),
+                ),
+            },
+            Err(_) => CertificateError::Expired,
+        },
+        SvidError::NotYetValid => CertificateError::NotValidYet,
+        SvidError::Malformed { .. } => CertificateError::BadEncoding,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(RejectedSvid(other)))),
+    }
 }
 
 fn tls13_signature(
@@ -117,7 +172,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             end_entity,
             intermediates,
             now,
-            "client",
+            Side::Client,
         )?;
         Ok(ClientCertVerified::assertion())
     }
@@ -163,7 +218,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             end_entity,
             intermediates,
             now,
-            "server",
+            Side::Server,
         )?;
         Ok(ServerCertVerified::assertion())
     }

@@ -1,4 +1,5 @@
-//! Real TLS 1.3 handshakes (in memory) between SVID holders: who is accepted and who is not.
+//! Real TLS 1.3 handshakes (in memory) between SVID holders: who is accepted and who is not,
+//! and what each side learns when a handshake fails.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,11 +11,11 @@ use std::time::SystemTime;
 
 use meshauth_ca::{Ca, CaConfig};
 use meshauth_tls::{
-    ClientAuth, PeerPolicy, SharedBundle, SharedCertifiedKey, client_config, peer_spiffe_id,
-    server_config,
+    ClientAuth, HandshakeFailure, PeerPolicy, SharedBundle, SharedCertifiedKey, client_config,
+    peer_spiffe_id, server_config,
 };
 use rustls::pki_types::{PrivateKeyDer, ServerName};
-use rustls::{ClientConnection, ServerConnection};
+use rustls::{AlertDescription, ClientConnection, ServerConnection};
 
 fn svid(ca: &Ca, id: &str) -> SharedCertifiedKey {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -217,5 +218,189 @@ fn bundle_swaps_take_effect_at_once() {
     assert!(
         handshake(client, server).is_ok(),
         "trusted after the swap, with the same configs"
+    );
+}
+
+/// Runs a handshake that fails; returns what each side saw, as [`HandshakeFailure`]s. The side
+/// that refuses sends an alert, which the other side reads.
+fn failed_handshake(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+) -> (Option<HandshakeFailure>, Option<HandshakeFailure>) {
+    let mut c = rustls::Connection::from(
+        ClientConnection::new(Arc::new(client), ServerName::try_from("peer").unwrap()).unwrap(),
+    );
+    let mut s = rustls::Connection::from(ServerConnection::new(Arc::new(server)).unwrap());
+    let (mut client_saw, mut server_saw) = (None, None);
+    let pump = |from: &mut rustls::Connection, to: &mut rustls::Connection| {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            if to.read_tls(&mut rd).is_err() {
+                break;
+            }
+        }
+    };
+    for _ in 0..10 {
+        pump(&mut c, &mut s);
+        if server_saw.is_none() {
+            server_saw = s.process_new_packets().err();
+        }
+        pump(&mut s, &mut c);
+        if client_saw.is_none() {
+            client_saw = c.process_new_packets().err();
+        }
+        if client_saw.is_some() && server_saw.is_some() {
+            break;
+        }
+    }
+    assert!(
+        client_saw.is_some() || server_saw.is_some(),
+        "the handshake should fail"
+    );
+    if let Some(e) = client_saw.as_ref().or(server_saw.as_ref()) {
+        let text = e.to_string();
+        assert!(!text.contains('{'), "rustls prints a sentence: {text}");
+    }
+    (
+        client_saw.map(|e| HandshakeFailure::from_rustls(&e)),
+        server_saw.map(|e| HandshakeFailure::from_rustls(&e)),
+    )
+}
+
+#[test]
+fn each_side_learns_why_a_handshake_failed() {
+    let ours = ca("td.test");
+    let theirs = ca("other.test");
+    let impostor = ca("td.test");
+    let bundle = SharedBundle::new(ours.bundle(SystemTime::now()));
+    let server_id = "spiffe://td.test/meshauth/server";
+    let exact = |s: &str| PeerPolicy::Exact(s.parse().unwrap());
+    let dial = |own: Option<SharedCertifiedKey>, want: &str| {
+        client_config(own, bundle.clone(), exact(want), &[]).unwrap()
+    };
+    let serve = |own: SharedCertifiedKey, auth: ClientAuth| {
+        server_config(own, bundle.clone(), PeerPolicy::AnyInTrustDomain, auth, &[]).unwrap()
+    };
+
+    // A server of another trust domain: the client can tell which one.
+    let (client_saw, server_saw) = failed_handshake(
+        dial(None, server_id),
+        serve(
+            svid(&theirs, "spiffe://other.test/meshauth/server"),
+            ClientAuth::Optional,
+        ),
+    );
+    match client_saw {
+        Some(HandshakeFailure::WrongTrustDomain { peer_id, expected }) => {
+            assert_eq!(peer_id.to_string(), "spiffe://other.test/meshauth/server");
+            assert_eq!(expected, "td.test");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        server_saw,
+        Some(HandshakeFailure::Refused(
+            AlertDescription::CertificateUnknown
+        ))
+    );
+
+    // A server whose CA is not in the bundle: unknown issuer, and the server hears unknown_ca.
+    let (client_saw, server_saw) = failed_handshake(
+        dial(None, server_id),
+        serve(svid(&impostor, server_id), ClientAuth::Optional),
+    );
+    assert_eq!(client_saw, Some(HandshakeFailure::UnknownIssuer));
+    assert_eq!(
+        server_saw,
+        Some(HandshakeFailure::Refused(AlertDescription::UnknownCA))
+    );
+
+    // A valid SVID with another ID than the one expected: access denied.
+    let (client_saw, server_saw) = failed_handshake(
+        dial(None, "spiffe://td.test/identity/7"),
+        serve(svid(&ours, server_id), ClientAuth::Optional),
+    );
+    assert_eq!(client_saw, Some(HandshakeFailure::IdNotAccepted));
+    assert_eq!(
+        server_saw,
+        Some(HandshakeFailure::Refused(AlertDescription::AccessDenied))
+    );
+
+    // The server refuses a client of another trust domain; the client hears why.
+    let (client_saw, server_saw) = failed_handshake(
+        dial(
+            Some(svid(&theirs, "spiffe://other.test/node/n1")),
+            server_id,
+        ),
+        serve(svid(&ours, server_id), ClientAuth::Required),
+    );
+    assert!(
+        matches!(&server_saw, Some(HandshakeFailure::WrongTrustDomain { peer_id, .. })
+            if peer_id.trust_domain().as_str() == "other.test"),
+        "{server_saw:?}"
+    );
+    assert_eq!(
+        client_saw,
+        Some(HandshakeFailure::Refused(
+            AlertDescription::CertificateUnknown
+        ))
+    );
+}
+
+#[test]
+fn expired_and_not_yet_valid_svids_map_to_rustls_variants() {
+    use rustls::CertificateError;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::UnixTime;
+
+    let ours = ca("td.test");
+    let bundle = SharedBundle::new(ours.bundle(SystemTime::now()));
+    let server = svid(&ours, "spiffe://td.test/meshauth/server").get();
+    let verifier = meshauth_tls::SpiffeServerVerifier::new(bundle, PeerPolicy::AnyInTrustDomain);
+    let at = |secs_from_now: i64| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            now.saturating_add_signed(secs_from_now),
+        ))
+    };
+    let verify = |now| {
+        verifier.verify_server_cert(
+            &server.cert[0],
+            &server.cert[1..],
+            &ServerName::try_from("peer").unwrap(),
+            &[],
+            now,
+        )
+    };
+    assert!(verify(at(0)).is_ok());
+
+    let err = verify(at(30 * 24 * 3600)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        HandshakeFailure::from_rustls(&err),
+        HandshakeFailure::Expired
+    );
+
+    let err = verify(at(-24 * 3600)).unwrap_err();
+    assert_eq!(
+        err,
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
+    );
+    assert_eq!(
+        HandshakeFailure::from_rustls(&err),
+        HandshakeFailure::NotYetValid
     );
 }
