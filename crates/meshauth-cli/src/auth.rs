@@ -49,7 +49,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
         }
         match output {
-            Output::Json => println!(
+            Output::Json => out!(
                 "{}",
                 serde_json::Value::from(
                     rows.iter()
@@ -64,11 +64,11 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             ),
             Output::Text => {
                 if rows.is_empty() {
-                    println!("no auth entries");
+                    out!("no auth entries");
                 }
-                println!("{:<6} {:<34} {:<34} {:<6} TIME LEFT", "NODE", "LOCAL", "REMOTE", "ON");
+                out!("{:<6} {:<34} {:<34} {:<6} TIME LEFT", "NODE", "LOCAL", "REMOTE", "ON");
                 for (node, e) in &rows {
-                    println!(
+                    out!(
                         "{:<6} {:<34} {:<34} {:<6} {}s",
                         node,
                         format!("{} ({})", labels(&e.local_labels), e.local_identity),

@@ -61,8 +61,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     .then(|| std::time::Duration::from_secs(b.refresh_hint_seconds as u64)),
             };
             match format {
-                Format::Pem => print!("{}", bundle.to_pem()),
-                Format::Spiffe => println!("{}", bundle.to_jwks_json()),
+                Format::Pem => crate::common::write_stdout(format_args!("{}", bundle.to_pem())),
+                Format::Spiffe => out!("{}", bundle.to_jwks_json()),
             }
             Ok(())
         }),

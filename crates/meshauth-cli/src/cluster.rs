@@ -46,7 +46,7 @@ pub(crate) fn run_identity(cmd: IdentityCmd) -> anyhow::Result<()> {
             v.join(",")
         };
         match output {
-            Output::Json => println!(
+            Output::Json => out!(
                 "{}",
                 serde_json::Value::from(
                     ids.iter()
@@ -55,9 +55,9 @@ pub(crate) fn run_identity(cmd: IdentityCmd) -> anyhow::Result<()> {
                 )
             ),
             Output::Text => {
-                println!("{:>8}  LABELS", "ID");
+                out!("{:>8}  LABELS", "ID");
                 for i in &ids {
-                    println!("{:>8}  {}", i.id, label_text(&i.labels));
+                    out!("{:>8}  {}", i.id, label_text(&i.labels));
                 }
             }
         }
@@ -76,7 +76,7 @@ pub(crate) fn run_endpoint(cmd: EndpointCmd) -> anyhow::Result<()> {
             .into_inner()
             .endpoints;
         match output {
-            Output::Json => println!(
+            Output::Json => out!(
                 "{}",
                 serde_json::Value::from(
                     eps.iter()
@@ -85,9 +85,9 @@ pub(crate) fn run_endpoint(cmd: EndpointCmd) -> anyhow::Result<()> {
                 )
             ),
             Output::Text => {
-                println!("{:<12} {:<24} {:<15} IDENTITY", "NODE", "ENDPOINT", "IPV4");
+                out!("{:<12} {:<24} {:<15} IDENTITY", "NODE", "ENDPOINT", "IPV4");
                 for e in &eps {
-                    println!("{:<12} {:<24} {:<15} {}", e.node, e.name, e.ipv4, e.identity);
+                    out!("{:<12} {:<24} {:<15} {}", e.node, e.name, e.ipv4, e.identity);
                 }
             }
         }

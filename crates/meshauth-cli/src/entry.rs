@@ -188,7 +188,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(rpc)?;
-                println!("deleted entry {entry_id}");
+                out!("deleted entry {entry_id}");
             }
         }
         Ok(())
@@ -209,32 +209,32 @@ fn entry_json(e: &Entry) -> serde_json::Value {
 
 fn print_entries(entries: &[Entry], output: Output) {
     match output {
-        Output::Json => println!(
+        Output::Json => out!(
             "{}",
             serde_json::Value::from(entries.iter().map(entry_json).collect::<Vec<_>>())
         ),
         Output::Text => {
             if entries.is_empty() {
-                println!("no entries");
+                out!("no entries");
             }
             for (i, e) in entries.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    out!();
                 }
-                println!("Entry ID      : {}", e.id);
-                println!("SPIFFE ID     : {}", e.spiffe_id);
-                println!("Parent ID     : {}", e.parent_id);
+                out!("Entry ID      : {}", e.id);
+                out!("SPIFFE ID     : {}", e.spiffe_id);
+                out!("Parent ID     : {}", e.parent_id);
                 for s in &e.selectors {
-                    println!("Selector      : {}:{}", s.r#type, s.value);
+                    out!("Selector      : {}:{}", s.r#type, s.value);
                 }
                 match e.x509_svid_ttl_seconds {
-                    0 => println!("X509-SVID TTL : default"),
-                    s => println!("X509-SVID TTL : {s}s"),
+                    0 => out!("X509-SVID TTL : default"),
+                    s => out!("X509-SVID TTL : {s}s"),
                 }
                 for d in &e.dns_names {
-                    println!("DNS name      : {d}");
+                    out!("DNS name      : {d}");
                 }
-                println!("Revision      : {}", e.revision);
+                out!("Revision      : {}", e.revision);
             }
         }
     }

@@ -5,6 +5,17 @@
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for command output: when the reader of stdout has gone (`meshauth observe | head
+/// -1`), the process ends quietly instead of panicking. See [`common::write_stdout`].
+macro_rules! out {
+    () => {
+        $crate::common::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::common::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod agent;
 mod auth;
 mod bundle;
@@ -66,10 +77,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => return usage_error(err),
-    };
+    common::quiet_on_closed_stdout();
+    // Usage errors go out whole, as clap renders them (the missing argument's name, "did you
+    // mean", possible values), with exit code 2; help and version on stdout with 0.
+    let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Demo(cmd) => demo::run(cmd),
@@ -90,32 +101,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line, causes chained: the user sees what is wrong and what to check.
-            eprintln!("error: {err:#}");
+            // One line, each cause once: the user sees what is wrong and what to check.
+            eprintln!("error: {}", common::error_line(&err));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Help and version go out as clap renders them; usage errors as one line that says what is
-/// wrong, with exit code 2.
-fn usage_error(err: clap::Error) -> std::process::ExitCode {
-    use clap::error::ErrorKind;
-    if matches!(
-        err.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
-        err.exit();
-    }
-    let rendered = err.render().to_string();
-    let first = rendered
-        .lines()
-        .next()
-        .unwrap_or("error: invalid arguments");
-    eprintln!("{first} (see --help)");
-    std::process::ExitCode::from(2)
 }
 
 /// Logs go to stderr so that stdout stays machine-readable (`-o json`, tokens).

@@ -96,7 +96,7 @@ fn print_text(f: &Flow) {
         } else {
             format!(" ({})", f.reason)
         };
-        println!(
+        out!(
             "{} {}: auth ID:{} {} <-> ID:{} {} handshake {}{}{}",
             time_text(f.time_unix_ms),
             f.node,
@@ -128,7 +128,7 @@ fn print_text(f: &Flow) {
     } else {
         String::new()
     };
-    println!(
+    out!(
         "{} {}: {} -> {}:{} {} {}{}{}",
         time_text(f.time_unix_ms),
         f.node,
@@ -143,7 +143,7 @@ fn print_text(f: &Flow) {
 }
 
 fn print_json(f: &Flow) {
-    println!(
+    out!(
         "{}",
         serde_json::json!({
             "time": time_text(f.time_unix_ms), "node": f.node, "kind": f.kind,

@@ -130,7 +130,7 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
+    out!(
         "  {name:<8} {:<8} auth {:<16} {why}",
         verdict_word(d.verdict),
         auth_word(d.auth)
@@ -159,7 +159,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     .into_inner()
                     .names;
                 for n in names {
-                    println!("applied policy {n}");
+                    out!("applied policy {n}");
                 }
                 Ok(())
             })?;
@@ -169,7 +169,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             c.delete_policy(meshauth_proto::admin::DeletePolicyRequest { name: name.clone() })
                 .await
                 .map_err(rpc)?;
-            println!("deleted policy {name}");
+            out!("deleted policy {name}");
             Ok(())
         })?,
         Sub::List { socket, output } => block_on(async move {
@@ -181,7 +181,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .into_inner()
                 .policies;
             match output {
-                Output::Json => println!(
+                Output::Json => out!(
                     "{}",
                     serde_json::Value::from(
                         list.iter()
@@ -191,10 +191,10 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 ),
                 Output::Text => {
                     if list.is_empty() {
-                        println!("no policies");
+                        out!("no policies");
                     }
                     for p in &list {
-                        println!("{}", p.name);
+                        out!("{}", p.name);
                     }
                 }
             }
@@ -202,7 +202,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         })?,
         Sub::Validate { files } => {
             let policies = load(&files)?;
-            println!("{} policies valid", policies.len());
+            out!("{} policies valid", policies.len());
         }
         Sub::Trace {
             files,
@@ -214,7 +214,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             let policies = load(&files)?;
             let t = trace(&policies, &src, &dst, protocol, port);
             match output {
-                Output::Json => println!(
+                Output::Json => out!(
                     "{}",
                     serde_json::json!({
                         "src": src.to_string(),
@@ -228,13 +228,13 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     })
                 ),
                 Output::Text => {
-                    println!(
+                    out!(
                         "{src} -> {dst} {port}/{}",
                         format!("{protocol:?}").to_uppercase()
                     );
                     direction_text("egress", &t.egress);
                     direction_text("ingress", &t.ingress);
-                    println!(
+                    out!(
                         "final verdict: {}, authentication: {}",
                         verdict_word(t.verdict).to_uppercase(),
                         auth_word(t.auth)

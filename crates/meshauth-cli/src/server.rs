@@ -129,7 +129,7 @@ async fn healthcheck(socket: AdminSocket, output: Output) -> anyhow::Result<()> 
                 .iter()
                 .map(|a| serde_json::json!({"state": a.state, "serial": a.serial, "not_after": time(a.not_after_unix)}))
                 .collect();
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({
                     "healthy": true,
@@ -142,12 +142,12 @@ async fn healthcheck(socket: AdminSocket, output: Output) -> anyhow::Result<()> 
             );
         }
         Output::Text => {
-            println!("server is healthy");
-            println!("trust domain:    {}", h.trust_domain);
-            println!("bundle sequence: {}", h.bundle_sequence);
-            println!("agents: {}  entries: {}", h.agents, h.entries);
+            out!("server is healthy");
+            out!("trust domain:    {}", h.trust_domain);
+            out!("bundle sequence: {}", h.bundle_sequence);
+            out!("agents: {}  entries: {}", h.agents, h.entries);
             for a in &h.authorities {
-                println!(
+                out!(
                     "CA {:<8} serial {}  expires {} (in {}s)",
                     a.state,
                     a.serial,

@@ -52,7 +52,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             .into_inner()
             .entries;
         match cmd.output {
-            Output::Json => println!(
+            Output::Json => out!(
                 "{}",
                 serde_json::json!({
                     "trust_domain": health.trust_domain,
@@ -66,21 +66,22 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 })
             ),
             Output::Text => {
-                println!(
+                out!(
                     "server: healthy, trust domain {}, bundle sequence {}",
-                    health.trust_domain, health.bundle_sequence
+                    health.trust_domain,
+                    health.bundle_sequence
                 );
                 for a in &health.authorities {
-                    println!(
+                    out!(
                         "  CA {:<8} expires {} (in {}s)",
                         a.state,
                         time(a.not_after_unix),
                         seconds_left(a.not_after_unix)
                     );
                 }
-                println!("agents: {}", agents.len());
+                out!("agents: {}", agents.len());
                 for a in &agents {
-                    println!(
+                    out!(
                         "  {:<12} {:<7} node SVID expires {} (in {}s)",
                         a.node_name,
                         if a.banned { "banned" } else { "active" },
@@ -88,7 +89,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                         seconds_left(a.expires_at_unix)
                     );
                 }
-                println!(
+                out!(
                     "identities: {}  endpoints: {}  policies: {}  registration entries: {}",
                     identities.len(),
                     endpoints.len(),

@@ -43,7 +43,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc)?
                 .into_inner();
-            println!("{}", token.token);
+            out!("{}", token.token);
             Ok(())
         }),
     }

@@ -126,11 +126,11 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                         serde_json::json!({"spiffe_id": s.spiffe_id, "serial": serial, "chain_length": chain.len()})
                     })
                     .collect();
-                println!("{}", serde_json::Value::from(v));
+                out!("{}", serde_json::Value::from(v));
             }
             Output::Text => {
                 for (s, _, serial) in &listed {
-                    println!("{}  serial {serial}", s.spiffe_id);
+                    out!("{}  serial {serial}", s.spiffe_id);
                 }
             }
         }
