@@ -196,7 +196,17 @@ fn bad_input_gets_one_line_errors() {
         (&["entry", "frobnicate"], "unrecognized subcommand"),
     ];
     for (args, expected) in cases {
-        let err = server.fails(args);
+        let out = server.cli(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = if out.status.code() == Some(2) {
+            // A usage error: clap's whole message (argument, reason, usage, --help hint).
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(err.contains("For more information, try '--help'."), "{err}");
+            err
+        } else {
+            // An error of the command: one line.
+            one_line_error(&out)
+        };
         assert!(
             err.contains(expected),
             "{args:?}: expected {expected:?} in {err:?}"
