@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use meshauth_proto::agent::agent_admin_server::AgentAdmin;
 use meshauth_proto::agent::{
     AuthEntry, Flow, HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse,
-    ListSvidsRequest, ListSvidsResponse, Svid, WatchFlowsRequest,
+    ListSvidsRequest, ListSvidsResponse, Svid, UnsignableEntry, WatchFlowsRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -68,6 +68,16 @@ impl AgentAdmin for AdminApi {
                 .not_ready()
                 .into_iter()
                 .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect(),
+            unsignable_entries: snap
+                .unsignable
+                .values()
+                .map(|u| {
+                    format!(
+                        "{} (entry {}): {}",
+                        u.entry.spiffe_id, u.entry.id, u.message
+                    )
+                })
                 .collect(),
         }))
     }
@@ -168,6 +178,18 @@ impl AgentAdmin for AdminApi {
                     serial: s.serial.clone(),
                     expires_at_unix: unix(s.not_after),
                     selectors: s.entry.selectors.iter().cloned().collect(),
+                })
+                .collect(),
+            unsignable: snap
+                .unsignable
+                .values()
+                .map(|u| UnsignableEntry {
+                    spiffe_id: u.entry.spiffe_id.to_string(),
+                    entry_id: u.entry.id.clone(),
+                    selectors: u.entry.selectors.iter().cloned().collect(),
+                    reason: u.reason.clone(),
+                    message: u.message.clone(),
+                    refused_at_unix: unix(u.refused_at),
                 })
                 .collect(),
         }))

@@ -52,6 +52,20 @@ impl std::fmt::Debug for WorkloadSvid {
     }
 }
 
+/// An entry the server refused to sign (or to renew) for this node, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsignableEntry {
+    /// The entry as the server streamed it when it refused.
+    pub entry: Entry,
+    /// Low-cardinality reason: the server's denial label (e.g. `InvalidRequest`), or
+    /// `InvalidSvid` when this agent rejected what the server sent, or `NotAnswered`.
+    pub reason: String,
+    /// One sentence.
+    pub message: String,
+    /// When it was last refused.
+    pub refused_at: SystemTime,
+}
+
 /// One consistent view of the agent's material.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -61,6 +75,9 @@ pub struct Snapshot {
     pub entries: BTreeMap<String, Entry>,
     /// SVIDs by entry id.
     pub svids: BTreeMap<String, Arc<WorkloadSvid>>,
+    /// Entries the server refused to sign, by entry id. They have no SVID (or, when a renewal
+    /// was refused, keep theirs until it expires); the other entries are unaffected.
+    pub unsignable: BTreeMap<String, UnsignableEntry>,
     /// Whether a sync with the server has completed since start (before that, callers are told
     /// to retry rather than that they have no identity).
     pub synced: bool,

@@ -13,16 +13,16 @@ use anyhow::{Context, bail};
 use meshauth_proto::node::node_client::NodeClient;
 use meshauth_proto::node::{
     AttestJoinTokenRequest, Bundle, CsrForEntry, RenewNodeSvidRequest, SignWorkloadSvidsRequest,
-    SyncRequest, SyncResponse,
+    SignWorkloadSvidsResponse, SyncRequest, SyncResponse,
 };
 use meshauth_spiffe::{TrustDomain, X509Bundle};
 use meshauth_tls::{SharedBundle, SharedCertifiedKey};
 use rand::Rng;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::cache::{Entry, Snapshot, WorkloadSvid};
+use crate::cache::{Entry, Snapshot, UnsignableEntry, WorkloadSvid};
 use crate::identity::{DataDir, NodeSvid, private_key, read_bundle};
 use crate::metrics::{Metrics, SvidKind};
 use crate::server_client::{connect, key_and_csr};
@@ -31,6 +31,10 @@ use crate::server_client::{connect, key_and_csr};
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long an entry the server refused waits before it is asked for again (with the next
+/// sync message or renewal), unless the entry changes first: an update is the usual fix, and a
+/// changed entry is asked for at once.
+const UNSIGNABLE_RETRY: Duration = Duration::from_secs(60);
 
 /// What the manager needs to know.
 #[derive(Debug, Clone)]
@@ -286,7 +290,9 @@ impl Manager {
             f(&mut next);
             *s = Arc::new(next);
         });
-        self.metrics.set_svids_held(self.state.borrow().svids.len());
+        let state = self.state.borrow();
+        self.metrics.set_svids_held(state.svids.len());
+        self.metrics.set_unsignable_entries(state.unsignable.len());
     }
 
     /// Runs until `shutdown` completes: sync sessions with reconnection and backoff.
@@ -427,17 +433,32 @@ impl Manager {
             &msg.policies,
             current.cluster.as_deref(),
         );
+        let now = SystemTime::now();
         let needed: Vec<Entry> = entries
             .values()
             .filter(|e| current.svids.get(&e.id).is_none_or(|s| s.entry != **e))
+            .filter(|e| {
+                current
+                    .unsignable
+                    .get(&e.id)
+                    .is_none_or(|u| u.entry != **e || retry_due(u, now))
+            })
             .cloned()
             .collect();
-        let fresh = self.sign(client, &needed, &bundle).await?;
+        let signed = self.sign(client, &needed, &bundle).await?;
         self.publish(|s| {
             s.bundle = Some(Arc::new(bundle));
-            s.svids.retain(|id, _| entries.contains_key(id));
-            for svid in fresh {
+            // An SVID or refusal of an entry that is gone or changed is no longer that entry's.
+            s.svids
+                .retain(|id, svid| entries.get(id) == Some(&svid.entry));
+            s.unsignable
+                .retain(|id, u| entries.get(id) == Some(&u.entry));
+            for svid in signed.svids {
+                s.unsignable.remove(&svid.entry.id);
                 s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+            }
+            for refused in signed.unsignable {
+                s.unsignable.insert(refused.entry.id.clone(), refused);
             }
             s.entries = entries;
             if s.cluster.as_deref() != Some(&cluster) {
@@ -448,15 +469,17 @@ impl Manager {
         Ok(())
     }
 
-    /// Obtains SVIDs for `entries` with keys generated here.
+    /// Obtains SVIDs for `entries` with keys generated here. Each entry is answered on its own
+    /// ([`accept_signed`]): the SVIDs that were signed and validate come back with the entries
+    /// that were not, and why. Only a failed call (server unreachable, node refused) is an error.
     async fn sign(
         &self,
         client: &mut NodeClient<Channel>,
         entries: &[Entry],
         bundle: &X509Bundle,
-    ) -> anyhow::Result<Vec<WorkloadSvid>> {
+    ) -> anyhow::Result<Signed> {
         if entries.is_empty() {
-            return Ok(vec![]);
+            return Ok(Signed::default());
         }
         let mut keys = BTreeMap::new();
         let mut csrs = Vec::with_capacity(entries.len());
@@ -473,41 +496,13 @@ impl Manager {
             .await
             .map_err(|s| anyhow::anyhow!("workload SVID signing refused: {}", s.message()))?
             .into_inner();
-        let now = SystemTime::now();
-        let mut out = Vec::with_capacity(resp.svids.len());
-        for signed in resp.svids {
-            let (Some(entry), Some(key)) = (
-                entries.iter().find(|e| e.id == signed.entry_id),
-                keys.remove(&signed.entry_id),
-            ) else {
-                bail!(
-                    "the server signed an SVID for entry {} that was not asked for",
-                    signed.entry_id
-                );
-            };
-            let chain = chain_of(&signed.svid_chain);
-            let verified = meshauth_spiffe::validate_x509_svid(&chain, bundle, now)
-                .with_context(|| format!("the SVID for entry {} does not validate", entry.id))?;
-            if verified.spiffe_id != entry.spiffe_id {
-                bail!(
-                    "the SVID for entry {} names {}, not {}",
-                    entry.id,
-                    verified.spiffe_id,
-                    entry.spiffe_id
-                );
-            }
-            tracing::info!(spiffe_id = %entry.spiffe_id, serial = %verified.serial, "workload SVID obtained");
-            out.push(WorkloadSvid {
-                entry: entry.clone(),
-                chain,
-                key,
-                serial: verified.serial,
-                issued_at: now,
-                not_after: verified.not_after,
-                refresh_at: refresh_time(now, verified.not_after),
-            });
-        }
-        Ok(out)
+        Ok(accept_signed(
+            entries,
+            keys,
+            resp,
+            bundle,
+            SystemTime::now(),
+        ))
     }
 
     async fn rotate_workloads_if_due(
@@ -528,16 +523,35 @@ impl Manager {
         }
         let bundle = self.bundle.get();
         match self.sign(client, &due, &bundle).await {
-            Ok(fresh) => {
-                for _ in &fresh {
+            Ok(signed) => {
+                for _ in &signed.svids {
                     self.metrics.rotated(SvidKind::Workload);
                 }
+                for _ in &signed.unsignable {
+                    self.metrics.rotation_failed(SvidKind::Workload);
+                }
+                let retry_at = now.checked_add(UNSIGNABLE_RETRY);
                 self.publish(|s| {
-                    for svid in fresh {
-                        // The entry may have gone meanwhile.
-                        if s.entries.contains_key(&svid.entry.id) {
+                    for svid in signed.svids {
+                        // The entry may have gone or changed meanwhile.
+                        if s.entries.get(&svid.entry.id) == Some(&svid.entry) {
+                            s.unsignable.remove(&svid.entry.id);
                             s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
                         }
+                    }
+                    for refused in signed.unsignable {
+                        let id = refused.entry.id.clone();
+                        if s.entries.get(&id) != Some(&refused.entry) {
+                            continue;
+                        }
+                        // The current SVID is served until it expires; its renewal is asked
+                        // for again later, not at once (that would loop).
+                        if let Some(held) = s.svids.get(&id) {
+                            let later = retry_at.unwrap_or(held.not_after);
+                            s.svids
+                                .insert(id.clone(), Arc::new(renew_later(held, later)));
+                        }
+                        s.unsignable.insert(id, refused);
                     }
                 });
                 Ok(())
@@ -600,6 +614,111 @@ impl Manager {
     }
 }
 
+/// What one signing call gave: SVIDs for some entries, refusals for the others.
+#[derive(Debug, Default)]
+struct Signed {
+    svids: Vec<WorkloadSvid>,
+    unsignable: Vec<UnsignableEntry>,
+}
+
+/// Sorts the server's answer to a signing call for `entries` (whose keys are in `keys`) into
+/// SVIDs and refusals. An SVID that does not validate against `bundle` or names another ID is
+/// a refusal too (`InvalidSvid`), an entry the server did not answer one (`NotAnswered`), and
+/// an SVID for an entry not asked for is ignored: one bad answer never costs the others.
+fn accept_signed(
+    entries: &[Entry],
+    mut keys: BTreeMap<String, PrivatePkcs8KeyDer<'static>>,
+    resp: SignWorkloadSvidsResponse,
+    bundle: &X509Bundle,
+    now: SystemTime,
+) -> Signed {
+    let mut out = Signed::default();
+    let refusal = |entry: &Entry, reason: &str, message: String| UnsignableEntry {
+        entry: entry.clone(),
+        reason: reason.to_owned(),
+        message,
+        refused_at: now,
+    };
+    for signed in resp.svids {
+        let (Some(entry), Some(key)) = (
+            entries.iter().find(|e| e.id == signed.entry_id),
+            keys.remove(&signed.entry_id),
+        ) else {
+            tracing::warn!(entry.id = %signed.entry_id, "ignoring an SVID the server signed for an entry not asked for");
+            continue;
+        };
+        let chain = chain_of(&signed.svid_chain);
+        match meshauth_spiffe::validate_x509_svid(&chain, bundle, now) {
+            Ok(verified) if verified.spiffe_id == entry.spiffe_id => {
+                tracing::info!(spiffe_id = %entry.spiffe_id, serial = %verified.serial, "workload SVID obtained");
+                out.svids.push(WorkloadSvid {
+                    entry: entry.clone(),
+                    chain,
+                    key,
+                    serial: verified.serial,
+                    issued_at: now,
+                    not_after: verified.not_after,
+                    refresh_at: refresh_time(now, verified.not_after),
+                });
+            }
+            Ok(verified) => out.unsignable.push(refusal(
+                entry,
+                "InvalidSvid",
+                format!(
+                    "the server's SVID names {}, not {}",
+                    verified.spiffe_id, entry.spiffe_id
+                ),
+            )),
+            Err(e) => out.unsignable.push(refusal(
+                entry,
+                "InvalidSvid",
+                format!("the server's SVID does not validate: {e}"),
+            )),
+        }
+    }
+    for refused in resp.refused {
+        if let Some(entry) = entries.iter().find(|e| e.id == refused.entry_id)
+            && keys.remove(&refused.entry_id).is_some()
+        {
+            out.unsignable
+                .push(refusal(entry, &refused.reason, refused.message));
+        }
+    }
+    for entry in entries {
+        if keys.remove(&entry.id).is_some() {
+            out.unsignable.push(refusal(
+                entry,
+                "NotAnswered",
+                "the server neither signed nor refused it".into(),
+            ));
+        }
+    }
+    for u in &out.unsignable {
+        tracing::warn!(entry.id = %u.entry.id, spiffe_id = %u.entry.spiffe_id, reason = %u.reason, error = %u.message, "no SVID for this entry; the node's other SVIDs are unaffected");
+    }
+    out
+}
+
+/// Whether an entry refused at `u.refused_at` is due to be asked for again (also when the
+/// clock went back).
+fn retry_due(u: &UnsignableEntry, now: SystemTime) -> bool {
+    now.duration_since(u.refused_at)
+        .map_or(true, |waited| waited >= UNSIGNABLE_RETRY)
+}
+
+/// `held`, to be renewed at `at` instead.
+fn renew_later(held: &WorkloadSvid, at: SystemTime) -> WorkloadSvid {
+    WorkloadSvid {
+        entry: held.entry.clone(),
+        chain: held.chain.clone(),
+        key: held.key.clone_key(),
+        serial: held.serial.clone(),
+        issued_at: held.issued_at,
+        not_after: held.not_after,
+        refresh_at: at,
+    }
+}
+
 /// When the node SVID should be renewed: half-life from when it was obtained.
 fn refresh_deadline(node: &NodeSvid) -> SystemTime {
     let life = node
@@ -612,6 +731,147 @@ fn refresh_deadline(node: &NodeSvid) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA of `td.test` and SVIDs from it, as the server would sign them.
+    struct TestCa {
+        cert: CertificateDer<'static>,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    impl TestCa {
+        fn new() -> TestCa {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            params.subject_alt_names =
+                vec![rcgen::SanType::URI("spiffe://td.test".try_into().unwrap())];
+            let cert = params.self_signed(&key).unwrap().der().clone();
+            TestCa {
+                cert,
+                issuer: rcgen::Issuer::new(params, key),
+            }
+        }
+
+        fn bundle(&self) -> X509Bundle {
+            X509Bundle {
+                trust_domain: "td.test".parse().unwrap(),
+                authorities: vec![self.cert.clone()],
+                sequence: 1,
+                refresh_hint: None,
+            }
+        }
+
+        fn svid(&self, entry_id: &str, spiffe_id: &str) -> meshauth_proto::node::SignedSvid {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+            params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            meshauth_proto::node::SignedSvid {
+                entry_id: entry_id.into(),
+                spiffe_id: spiffe_id.into(),
+                svid_chain: vec![cert.der().to_vec()],
+                expires_at_unix: 0,
+            }
+        }
+    }
+
+    fn entry(id: &str, spiffe_id: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: spiffe_id.parse().unwrap(),
+            selectors: ["unix:uid:1000".to_string()].into(),
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn each_entry_is_signed_or_refused_on_its_own() {
+        let ca = TestCa::new();
+        let entries = vec![
+            entry("good", "spiffe://td.test/web"),
+            entry("refused", "spiffe://td.test/endless"),
+            entry("silent", "spiffe://td.test/quiet"),
+            entry("renamed", "spiffe://td.test/db"),
+            entry("garbled", "spiffe://td.test/cache"),
+        ];
+        let keys = entries
+            .iter()
+            .map(|e| (e.id.clone(), key_and_csr().unwrap().0))
+            .collect();
+        let mut garbled = ca.svid("garbled", "spiffe://td.test/cache");
+        garbled.svid_chain = vec![vec![0x30, 0x03, 0x01, 0x01, 0xff]];
+        let resp = SignWorkloadSvidsResponse {
+            svids: vec![
+                ca.svid("good", "spiffe://td.test/web"),
+                // Names another ID than the entry's.
+                ca.svid("renamed", "spiffe://td.test/admin"),
+                garbled,
+                // Not asked for: ignored.
+                ca.svid("stranger", "spiffe://td.test/stranger"),
+            ],
+            refused: vec![
+                meshauth_proto::node::UnsignedEntry {
+                    entry_id: "refused".into(),
+                    reason: "InvalidRequest".into(),
+                    message: "entry refused cannot be signed: its TTL".into(),
+                },
+                // Not asked for: ignored.
+                meshauth_proto::node::UnsignedEntry {
+                    entry_id: "stranger".into(),
+                    reason: "EntryUnknown".into(),
+                    message: "no entry".into(),
+                },
+            ],
+        };
+        let now = SystemTime::now();
+        let out = accept_signed(&entries, keys, resp, &ca.bundle(), now);
+        let held: Vec<&str> = out.svids.iter().map(|s| s.entry.id.as_str()).collect();
+        assert_eq!(held, ["good"], "the good SVID is kept");
+        assert_eq!(out.svids[0].entry, entries[0]);
+        let refused: BTreeMap<&str, (&str, &str)> = out
+            .unsignable
+            .iter()
+            .map(|u| (u.entry.id.as_str(), (u.reason.as_str(), u.message.as_str())))
+            .collect();
+        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert_eq!(
+            refused["refused"],
+            ("InvalidRequest", "entry refused cannot be signed: its TTL")
+        );
+        assert_eq!(refused["silent"].0, "NotAnswered");
+        assert_eq!(refused["renamed"].0, "InvalidSvid");
+        assert!(
+            refused["renamed"]
+                .1
+                .contains("names spiffe://td.test/admin")
+        );
+        assert_eq!(refused["garbled"].0, "InvalidSvid");
+        assert!(out.unsignable.iter().all(|u| u.refused_at == now));
+    }
+
+    #[test]
+    fn refused_entries_are_asked_for_again_after_a_while() {
+        let now = SystemTime::now();
+        let refused = |ago: Duration| UnsignableEntry {
+            entry: entry("e", "spiffe://td.test/web"),
+            reason: "InvalidRequest".into(),
+            message: "no".into(),
+            refused_at: now - ago,
+        };
+        assert!(!retry_due(&refused(Duration::from_secs(5)), now));
+        assert!(retry_due(&refused(UNSIGNABLE_RETRY), now));
+        // A clock that went back does not postpone the retry.
+        let ahead = UnsignableEntry {
+            refused_at: now + Duration::from_secs(3600),
+            ..refused(Duration::ZERO)
+        };
+        assert!(retry_due(&ahead, now));
+    }
 
     #[test]
     fn refresh_is_near_half_life() {

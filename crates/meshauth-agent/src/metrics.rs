@@ -162,6 +162,7 @@ fn mirror(c: &Counter, total: u64) {
 pub struct Metrics {
     registry: Arc<Registry>,
     svids_held: Gauge,
+    unsignable_entries: Gauge,
     rotations: Family<KindLabels, Counter>,
     rotation_failures: Family<KindLabels, Counter>,
     soonest_expiry: Gauge,
@@ -193,6 +194,12 @@ impl Metrics {
             "svids_held",
             "Workload X.509-SVIDs held in memory",
             svids_held.clone(),
+        );
+        let unsignable_entries = Gauge::default();
+        r.register(
+            "unsignable_entries",
+            "Entries of this node the server refused to sign or renew (the other entries are unaffected; see `meshauth agent svids`)",
+            unsignable_entries.clone(),
         );
         let rotations = Family::<KindLabels, Counter>::default();
         r.register(
@@ -292,6 +299,7 @@ impl Metrics {
             auth_overflow,
             auth_revocations,
             svids_held,
+            unsignable_entries,
             rotations,
             rotation_failures,
             soonest_expiry,
@@ -316,6 +324,10 @@ impl Metrics {
 
     pub(crate) fn set_svids_held(&self, n: usize) {
         self.svids_held.set(n as i64);
+    }
+
+    pub(crate) fn set_unsignable_entries(&self, n: usize) {
+        self.unsignable_entries.set(n as i64);
     }
 
     pub(crate) fn rotated(&self, kind: SvidKind) {
@@ -388,6 +400,7 @@ mod tests {
             meshauth_auth::Reason::InitiatorNotHosted.into(),
             None,
         );
+        m.set_unsignable_entries(2);
         m.auth_state(3, 1, 5, 2);
         m.auth_state(2, 0, 7, 2);
         let mut stats = meshauth_datapath::Stats::default();
@@ -413,6 +426,7 @@ mod tests {
             "meshauth_agent_auth_revocations_total 2",
             "meshauth_agent_datapath_drops_total{direction=\"Ingress\",reason=\"PolicyDenied\"} 4",
             "meshauth_agent_datapath_events_lost_total 5",
+            "meshauth_agent_unsignable_entries 2",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

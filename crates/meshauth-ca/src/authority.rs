@@ -1,6 +1,6 @@
 //! One signing authority: a self-signed ECDSA P-256 root and its key.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshauth_spiffe::SpiffeId;
 use rand::RngCore;
@@ -39,8 +39,28 @@ fn uri(id: &str) -> Result<SanType, CaError> {
     Ok(SanType::URI(id.try_into().map_err(gen_err)?))
 }
 
-pub(crate) fn to_time(t: SystemTime) -> time::OffsetDateTime {
-    time::OffsetDateTime::from(t)
+/// `t` as a certificate time, or [`CaError::TimeOutOfRange`] when a certificate cannot carry
+/// it: X.509 writes years 0 to 9999 (and the encoder panics outside them), so anything else is
+/// refused here rather than converted with `OffsetDateTime::from`, which panics too.
+pub(crate) fn to_time(what: &'static str, t: SystemTime) -> Result<time::OffsetDateTime, CaError> {
+    let nanos = match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).ok(),
+        Err(before) => i128::try_from(before.duration().as_nanos())
+            .ok()
+            .map(|n| -n),
+    };
+    nanos
+        .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        .filter(|dt| (0..=9999).contains(&dt.year()))
+        .ok_or(CaError::TimeOutOfRange { what })
+}
+
+/// `now + ttl`, or the error saying that this TTL reaches past what a clock can represent.
+fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime, CaError> {
+    now.checked_add(ttl).ok_or(CaError::InvalidTtl {
+        secs: ttl.as_secs(),
+        why: "it reaches past the latest time this system can represent",
+    })
 }
 
 impl Authority {
@@ -52,7 +72,7 @@ impl Authority {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
         let (serial_number, serial) = random_serial();
         let not_before = now.checked_sub(config.backdate).unwrap_or(now);
-        let not_after = now + config.ca_ttl;
+        let not_after = expiry(now, config.ca_ttl)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -66,8 +86,8 @@ impl Authority {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![uri(&config.trust_domain.id_string())?];
-        params.not_before = to_time(not_before);
-        params.not_after = to_time(not_after);
+        params.not_before = to_time("the CA's NotBefore", not_before)?;
+        params.not_after = to_time("the CA's expiry (now + the CA TTL)", not_after)?;
         let cert = params.self_signed(&key).map_err(gen_err)?.der().clone();
         Self::from_parts(state, cert, key)
     }
@@ -80,9 +100,15 @@ impl Authority {
         use x509_parser::prelude::FromDer;
         let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&cert)
             .map_err(|e| CaError::Journal(format!("authority certificate: {e}")))?;
-        let secs = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
-        let not_before = secs(parsed.validity().not_before.timestamp());
-        let not_after = secs(parsed.validity().not_after.timestamp());
+        // X.509 times are years 0 to 9999, well inside what `SystemTime` holds on Linux; the
+        // checked form keeps a hand-edited journal from panicking anyway.
+        let secs = |t: i64| {
+            UNIX_EPOCH
+                .checked_add(Duration::from_secs(u64::try_from(t).unwrap_or(0)))
+                .ok_or_else(|| CaError::Journal(format!("authority validity {t} out of range")))
+        };
+        let not_before = secs(parsed.validity().not_before.timestamp())?;
+        let not_after = secs(parsed.validity().not_after.timestamp())?;
         let serial = parsed
             .raw_serial()
             .iter()
@@ -111,8 +137,14 @@ impl Authority {
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(|e| CaError::InvalidCsr(e.to_string()))?;
+        if ttl.as_secs() == 0 {
+            return Err(CaError::InvalidTtl {
+                secs: 0,
+                why: "an SVID must live at least one second",
+            });
+        }
+        let not_after = expiry(now, ttl)?.min(self.not_after);
         let (serial_number, serial) = random_serial();
-        let not_after = (now + ttl).min(self.not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -142,11 +174,12 @@ impl Authority {
         }
         params.use_authority_key_identifier_extension = true;
         params.not_before = to_time(
+            "the SVID's NotBefore (now - backdate)",
             now.checked_sub(backdate)
                 .unwrap_or(now)
                 .max(self.not_before),
-        );
-        params.not_after = to_time(not_after);
+        )?;
+        params.not_after = to_time("the SVID's expiry", not_after)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(gen_err)?;
@@ -154,24 +187,28 @@ impl Authority {
             chain: vec![cert.der().clone()],
             spiffe_id: spiffe_id.clone(),
             serial,
-            // X.509 times have whole seconds.
-            not_after: SystemTime::UNIX_EPOCH
-                + Duration::from_secs(
-                    not_after
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs(),
-                ),
+            // X.509 times have whole seconds; truncating never overflows, the fallback is moot.
+            not_after: not_after
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .and_then(|d| UNIX_EPOCH.checked_add(Duration::from_secs(d.as_secs())))
+                .unwrap_or(not_after),
         })
     }
 }
 
-/// A host name of letters, digits and hyphens in dot-separated labels of 1 to 63 characters,
-/// at most 253 in all; a leading `*.` wildcard is allowed.
-fn is_dns_name(name: &str) -> bool {
+/// Whether `name` may be a DNS SAN: an RFC 1123 host name of letters, digits and hyphens in
+/// dot-separated labels of 1 to 63 characters, no label starting or ending with a hyphen, at
+/// most 253 characters in all, optionally behind one leading `*.` wildcard. IP addresses are
+/// not host names (they would need an IP SAN): an all-numeric last label is refused.
+pub fn is_dns_name(name: &str) -> bool {
     let host = name.strip_prefix("*.").unwrap_or(name);
     !host.is_empty()
         && name.len() <= 253
+        && !host
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
         && host.split('.').all(|label| {
             (1..=63).contains(&label.len())
                 && !label.starts_with('-')
@@ -186,11 +223,19 @@ fn is_dns_name(name: &str) -> bool {
 mod tests {
     #[test]
     fn dns_names() {
-        for ok in ["web", "web.td.test", "*.td.test", "a-b.c1"] {
+        for ok in [
+            "web",
+            "web.td.test",
+            "*.td.test",
+            "a-b.c1",
+            "1a.b2",
+            "0.web",
+        ] {
             assert!(super::is_dns_name(ok), "{ok}");
         }
         for bad in [
-            "", "bad name", "a..b", "-a.b", "a-.b", "a.b.", "*", "a_b", "é.test",
+            "", "bad name", "a..b", "-a.b", "a-.b", "a.b.", "*", "a_b", "é.test", "10.0.0.1",
+            "*.1", "123", "*.*.a", "a.*.b",
         ] {
             assert!(!super::is_dns_name(bad), "{bad:?}");
         }

@@ -27,6 +27,7 @@ use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
 use rustls_pki_types::CertificateDer;
 
 use authority::Authority;
+pub use authority::is_dns_name;
 pub use journal::{CaJournal, JournalAuthority};
 
 /// Errors of the CA.
@@ -49,6 +50,22 @@ pub enum CaError {
     /// A DNS name that is not one.
     #[error("invalid DNS name {0:?}")]
     InvalidDnsName(String),
+    /// An SVID lifetime the CA does not sign: zero, or reaching past what a clock can hold.
+    #[error("cannot sign an SVID with a TTL of {secs}s: {why}")]
+    InvalidTtl {
+        /// The TTL asked for, in whole seconds.
+        secs: u64,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// A validity time outside what a certificate can carry (years 0 to 9999).
+    #[error(
+        "{what} falls outside the years 0 to 9999 a certificate can carry: check the clock and the configured lifetimes"
+    )]
+    TimeOutOfRange {
+        /// Which time.
+        what: &'static str,
+    },
     /// No authority can sign now (all expired).
     #[error(
         "no active CA authority: the CA has expired; rotate by restarting with a fresh data dir"
@@ -235,7 +252,8 @@ impl Ca {
                 .authorities
                 .iter()
                 .any(|a| a.state == AuthorityState::Prepared);
-            if !has_prepared && now >= nb + life / 2 {
+            // `nb + life / 2` is at most `na`, so it never overflows; checked all the same.
+            if !has_prepared && now >= nb.checked_add(life / 2).unwrap_or(na) {
                 let next = Authority::generate(&self.config, AuthorityState::Prepared, now)?;
                 events.push(RotationEvent::Prepared {
                     serial: next.serial.clone(),
@@ -278,6 +296,10 @@ impl Ca {
 
     /// Signs the key of `csr_der` into an SVID for `spiffe_id`. Whatever names the CSR asks for
     /// are ignored: the SVID carries exactly the ID the caller authorized.
+    ///
+    /// The SVID lives `ttl` (default: the configured SVID TTL) but never past its authority.
+    /// A TTL under one second, or one that reaches past the latest time this system can
+    /// represent, is refused with [`CaError::InvalidTtl`]; nothing here panics on any TTL.
     pub fn sign_csr(
         &self,
         csr_der: &[u8],

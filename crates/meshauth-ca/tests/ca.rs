@@ -222,3 +222,87 @@ fn journal_round_trip_keeps_the_ca() {
         Err(CaError::Journal(_))
     ));
 }
+
+#[test]
+fn ttls_that_cannot_be_signed_are_refused_without_panicking() {
+    let ca = Ca::new(config(), t0()).unwrap();
+    let sign =
+        |ttl: Duration| ca.sign_csr(&csr(), &id("spiffe://td.test/web"), Some(ttl), &[], t0());
+    for (ttl, why) in [
+        (Duration::ZERO, "zero"),
+        (Duration::from_millis(999), "under a second"),
+        (Duration::from_secs(i64::MAX as u64), "i64::MAX seconds"),
+        (Duration::from_secs(u64::MAX), "u64::MAX seconds"),
+        (Duration::MAX, "Duration::MAX"),
+    ] {
+        let err = sign(ttl).expect_err(why);
+        assert!(matches!(err, CaError::InvalidTtl { .. }), "{why}: {err:?}");
+        assert!(err.to_string().contains("TTL"), "{why}: {err}");
+    }
+    // A TTL a clock can hold but a certificate cannot (31,000 years) is cut to the authority.
+    let long = sign(Duration::from_secs(1_000_000_000_000)).unwrap();
+    assert_eq!(long.not_after, ca.authorities()[0].not_after);
+    // The shortest TTL signs.
+    let short = sign(Duration::from_secs(1)).unwrap();
+    assert_eq!(short.not_after, t0() + Duration::from_secs(1));
+}
+
+#[test]
+fn ca_lifetimes_and_clocks_out_of_range_are_errors() {
+    for ttl in [
+        Duration::from_secs(20_000 * 365 * 24 * 3600),
+        Duration::from_secs(u64::MAX),
+        Duration::MAX,
+    ] {
+        let err = Ca::new(config().with_ca_ttl(ttl), t0()).expect_err("no CA past year 9999");
+        assert!(
+            matches!(
+                err,
+                CaError::TimeOutOfRange { .. } | CaError::InvalidTtl { .. }
+            ),
+            "{err:?}"
+        );
+    }
+    // Before the Unix epoch is a valid certificate time (years 0 to 9999).
+    let before_epoch = SystemTime::UNIX_EPOCH - Duration::from_secs(24 * 3600);
+    let ca = Ca::new(config(), before_epoch).unwrap();
+    issue(&ca, before_epoch);
+    // A clock past year 9999 is refused, not a panic in the certificate encoder.
+    let far = SystemTime::UNIX_EPOCH + Duration::from_secs(8_100 * 365 * 24 * 3600 + 3600);
+    assert!(matches!(
+        Ca::new(config(), far),
+        Err(CaError::TimeOutOfRange { .. })
+    ));
+    let err = ca
+        .sign_csr(&csr(), &id("spiffe://td.test/web"), None, &[], far)
+        .expect_err("the authority has expired by then");
+    assert!(matches!(err, CaError::NoActiveAuthority), "{err:?}");
+}
+
+#[test]
+fn dns_names_are_host_names() {
+    let ca = Ca::new(config(), t0()).unwrap();
+    for bad in ["10.0.0.1", "a_b.test", &format!("{}.test", "a".repeat(64))] {
+        let err = ca
+            .sign_csr(
+                &csr(),
+                &id("spiffe://td.test/web"),
+                None,
+                &[bad.to_owned()],
+                t0(),
+            )
+            .expect_err(bad);
+        assert!(matches!(err, CaError::InvalidDnsName(_)), "{bad}: {err:?}");
+    }
+    assert!(meshauth_ca::is_dns_name("web.td.test"));
+    let at_limit = [
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61),
+    ]
+    .join(".");
+    assert_eq!(at_limit.len(), 253);
+    assert!(meshauth_ca::is_dns_name(&at_limit));
+    assert!(!meshauth_ca::is_dns_name(&format!("{at_limit}e")));
+}

@@ -231,6 +231,7 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             "svids": h.svids,
                             "ready": h.ready,
                             "not_ready": h.not_ready,
+                            "unsignable_entries": h.unsignable_entries,
                         })
                     ),
                     Output::Text => {
@@ -252,6 +253,10 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             h.svids,
                             h.bundle_sequence
                         );
+                        // Not a readiness condition: the node's other SVIDs are unaffected.
+                        for u in &h.unsignable_entries {
+                            println!("not signed by the server: {u}");
+                        }
                         if h.ready {
                             println!("ready");
                         }
@@ -268,9 +273,23 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                     .await
                     .map_err(rpc)?
                     .into_inner();
+                let refusal =
+                    |entry_id: &str| list.unsignable.iter().find(|u| u.entry_id == entry_id);
+                let error = |u: &meshauth_proto::agent::UnsignableEntry| {
+                    serde_json::json!({
+                        "reason": u.reason,
+                        "message": u.message,
+                        "refused_at": time(u.refused_at_unix),
+                    })
+                };
+                // Entries without any SVID, after the SVIDs (whose renewal may be refused).
+                let unsigned = list
+                    .unsignable
+                    .iter()
+                    .filter(|u| !list.svids.iter().any(|s| s.entry_id == u.entry_id));
                 match output {
                     Output::Json => {
-                        let v: Vec<_> = list
+                        let mut v: Vec<_> = list
                             .svids
                             .iter()
                             .map(|s| {
@@ -280,9 +299,20 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                                     "serial": s.serial,
                                     "expires_at": time(s.expires_at_unix),
                                     "selectors": s.selectors,
+                                    "error": refusal(&s.entry_id).map(error),
                                 })
                             })
                             .collect();
+                        v.extend(unsigned.map(|u| {
+                            serde_json::json!({
+                                "spiffe_id": u.spiffe_id,
+                                "entry_id": u.entry_id,
+                                "serial": null,
+                                "expires_at": null,
+                                "selectors": u.selectors,
+                                "error": error(u),
+                            })
+                        }));
                         println!("{}", serde_json::Value::from(v));
                     }
                     Output::Text => {
@@ -296,6 +326,15 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                                 s.serial,
                                 time(s.expires_at_unix),
                                 seconds_left(s.expires_at_unix)
+                            );
+                            if let Some(u) = refusal(&s.entry_id) {
+                                println!("  renewal refused ({}): {}", u.reason, u.message);
+                            }
+                        }
+                        for u in unsigned {
+                            println!(
+                                "{}  entry {}  NOT SIGNED ({}): {}",
+                                u.spiffe_id, u.entry_id, u.reason, u.message
                             );
                         }
                     }

@@ -27,7 +27,8 @@ struct EntryFields {
     /// A selector `type:value` the workload must match; repeat for several (all must match).
     #[arg(long = "selector", required = true)]
     selectors: Vec<Selector>,
-    /// SVID lifetime (default: the server's --svid-ttl).
+    /// SVID lifetime, at least 1s and at most the server's CA lifetime (default: the server's
+    /// --svid-ttl).
     #[arg(long, value_parser = parse_duration)]
     x509_svid_ttl: Option<Duration>,
     /// A DNS name to add to the SVID; repeatable.
@@ -36,19 +37,27 @@ struct EntryFields {
 }
 
 impl EntryFields {
-    fn into_msg(self, id: Option<EntryId>) -> Entry {
-        Entry {
+    /// The request. A TTL under one second is refused here: on the wire 0 means "the server's
+    /// default", so it must not be rounded down (or silently up) to reach the server.
+    fn into_msg(self, id: Option<EntryId>) -> anyhow::Result<Entry> {
+        let ttl = match self.x509_svid_ttl {
+            None => 0,
+            Some(d) if d.as_secs() == 0 => anyhow::bail!(
+                "--x509-svid-ttl {} is shorter than 1s: give at least 1s, or leave it out for the server's default",
+                humantime::format_duration(d)
+            ),
+            // Past i64 the server refuses it as longer than the CA lifetime.
+            Some(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        };
+        Ok(Entry {
             id: id.map(|i| i.to_string()).unwrap_or_default(),
             spiffe_id: self.spiffe_id.to_string(),
             parent_id: self.parent_id.to_string(),
             selectors: self.selectors.iter().map(selector_msg).collect(),
-            x509_svid_ttl_seconds: self
-                .x509_svid_ttl
-                .map(|d| d.as_secs().max(1) as i64)
-                .unwrap_or(0),
+            x509_svid_ttl_seconds: ttl,
             dns_names: self.dns_names,
             revision: 0,
-        }
+        })
     }
 }
 
@@ -125,12 +134,9 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 socket,
                 output,
             } => {
+                let msg = fields.into_msg(None)?;
                 let mut c = socket.connect().await?;
-                let e = c
-                    .create_entry(fields.into_msg(None))
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
+                let e = c.create_entry(msg).await.map_err(rpc)?.into_inner();
                 print_entries(&[e], output);
             }
             Sub::Show {
@@ -173,12 +179,9 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 socket,
                 output,
             } => {
+                let msg = fields.into_msg(Some(entry_id))?;
                 let mut c = socket.connect().await?;
-                let e = c
-                    .update_entry(fields.into_msg(Some(entry_id)))
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
+                let e = c.update_entry(msg).await.map_err(rpc)?.into_inner();
                 print_entries(&[e], output);
             }
             Sub::Delete { entry_id, socket } => {
@@ -237,5 +240,34 @@ fn print_entries(entries: &[Entry], output: Output) {
                 out!("Revision      : {}", e.revision);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    fn fields(ttl: Option<Duration>) -> EntryFields {
+        EntryFields {
+            spiffe_id: "spiffe://td/web".parse().unwrap(),
+            parent_id: "spiffe://td/node/n1".parse().unwrap(),
+            selectors: vec!["unix:uid:1000".parse().unwrap()],
+            x509_svid_ttl: ttl,
+            dns_names: vec![],
+        }
+    }
+
+    #[test]
+    fn ttls_under_a_second_are_refused_before_the_server_sees_them() {
+        for short in [Duration::ZERO, Duration::from_millis(500)] {
+            let err = fields(Some(short)).into_msg(None).unwrap_err().to_string();
+            assert!(err.contains("shorter than 1s"), "{err}");
+        }
+        let ttl = |d| fields(d).into_msg(None).unwrap().x509_svid_ttl_seconds;
+        assert_eq!(ttl(None), 0, "0 is the server's default");
+        assert_eq!(ttl(Some(Duration::from_millis(1500))), 1);
+        assert_eq!(ttl(Some(Duration::from_secs(u64::MAX))), i64::MAX);
     }
 }

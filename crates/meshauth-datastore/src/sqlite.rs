@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_policy::{IdentityId, Labels, NodeId};
 use meshauth_spiffe::SpiffeId;
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::model::{
     EndpointRecord, EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord,
@@ -82,6 +82,22 @@ pub enum StoreError {
     /// No such policy.
     #[error("no policy named {0} (see `meshauth policy list`)")]
     PolicyNotFound(String),
+    /// A lifetime that reaches past the latest time this system can represent.
+    #[error(
+        "a lifetime of {secs}s from now reaches past the latest time this system can represent: use a shorter one"
+    )]
+    LifetimeOutOfRange {
+        /// The lifetime asked for, in whole seconds.
+        secs: u64,
+    },
+    /// Another entry already has the same SPIFFE ID, parent ID and selectors.
+    #[error(
+        "entry {existing} already has this SPIFFE ID, parent ID and selector set: change that entry (`meshauth entry update --entry-id {existing}`) instead of adding a duplicate"
+    )]
+    DuplicateEntry {
+        /// The entry that has them.
+        existing: EntryId,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -230,8 +246,10 @@ impl Store {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedJoinToken> {
+        let expires_at = now.checked_add(ttl).ok_or(StoreError::LifetimeOutOfRange {
+            secs: ttl.as_secs(),
+        })?;
         let token = random_hex(16);
-        let expires_at = now + ttl;
         let conn = self.conn();
         conn.execute(
             "DELETE FROM join_tokens WHERE expires_at < ?1",
@@ -522,7 +540,8 @@ impl Store {
 
     // --- registration entries ---
 
-    /// Creates an entry with a fresh id and revision 1.
+    /// Creates an entry with a fresh id and revision 1. Refuses a duplicate: an entry with the
+    /// same SPIFFE ID, parent ID and selector set (order and repeats do not count).
     pub fn create_entry(&self, new: NewEntry) -> Result<RegistrationEntry> {
         let entry = RegistrationEntry {
             id: EntryId::random(),
@@ -533,7 +552,18 @@ impl Store {
             dns_names: new.dns_names,
             revision: 1,
         };
-        self.conn().execute(
+        // The check and the insert are one write transaction, so two creations of the same
+        // entry cannot both pass (not even from two connections to the file).
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        refuse_duplicate(
+            &tx,
+            &entry.spiffe_id,
+            &entry.parent_id,
+            &entry.selectors,
+            None,
+        )?;
+        tx.execute(
             "INSERT INTO entries (id, spiffe_id, parent_id, selectors, x509_svid_ttl, dns_names, revision)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -546,14 +576,18 @@ impl Store {
                 entry.revision as i64,
             ],
         )?;
+        tx.commit()?;
         Ok(entry)
     }
 
-    /// Replaces the fields of entry `id`, bumping its revision.
+    /// Replaces the fields of entry `id`, bumping its revision. Refuses to make it a duplicate
+    /// of another entry (see [`Store::create_entry`]).
     pub fn update_entry(&self, id: &EntryId, new: NewEntry) -> Result<RegistrationEntry> {
         let selectors = normalized(new.selectors);
-        let revision: Option<i64> = self
-            .conn()
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        refuse_duplicate(&tx, &new.spiffe_id, &new.parent_id, &selectors, Some(id))?;
+        let revision: Option<i64> = tx
             .query_row(
                 "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors = ?4,
                      x509_svid_ttl = ?5, dns_names = ?6, revision = revision + 1
@@ -570,6 +604,7 @@ impl Store {
             )
             .optional()?;
         let revision = revision.ok_or_else(|| StoreError::EntryNotFound(id.clone()))?;
+        tx.commit()?;
         Ok(RegistrationEntry {
             id: id.clone(),
             spiffe_id: new.spiffe_id,
@@ -633,6 +668,37 @@ impl Store {
             .conn()
             .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get::<_, i64>(0))?
             as u64)
+    }
+}
+
+/// [`StoreError::DuplicateEntry`] if an entry other than `except` has exactly these fields
+/// (`selectors` normalized, so that their JSON is canonical).
+fn refuse_duplicate(
+    conn: &Connection,
+    spiffe_id: &SpiffeId,
+    parent_id: &SpiffeId,
+    selectors: &[Selector],
+    except: Option<&EntryId>,
+) -> Result<()> {
+    let existing: Option<String> = conn
+        .query_row(
+            "SELECT id FROM entries
+             WHERE spiffe_id = ?1 AND parent_id = ?2 AND selectors = ?3 AND id IS NOT ?4
+             LIMIT 1",
+            params![
+                spiffe_id.to_string(),
+                parent_id.to_string(),
+                selectors_json(selectors),
+                except.map(EntryId::as_str),
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match existing {
+        None => Ok(()),
+        Some(id) => Err(StoreError::DuplicateEntry {
+            existing: id.parse().map_err(|e| corrupt("entries", e))?,
+        }),
     }
 }
 
@@ -900,6 +966,52 @@ mod tests {
             Err(StoreError::EntryNotFound(_))
         ));
         assert_eq!(store.count_entries().unwrap(), 1);
+    }
+
+    #[test]
+    fn duplicate_entries_are_refused() {
+        let store = Store::in_memory().unwrap();
+        let first = store
+            .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
+            .unwrap();
+        // The same selectors in another order, repeated, are the same set.
+        let mut same = new_entry("spiffe://td/web", "spiffe://td/node/n1");
+        same.selectors.reverse();
+        same.selectors.push("unix:gid:0".parse().unwrap());
+        same.x509_svid_ttl = None;
+        match store.create_entry(same.clone()) {
+            Err(StoreError::DuplicateEntry { existing }) => assert_eq!(existing, first.id),
+            other => panic!("duplicate accepted: {other:?}"),
+        }
+        // Another parent, SPIFFE ID or selector set is another entry.
+        let other_parent = new_entry("spiffe://td/web", "spiffe://td/node/n2");
+        store.create_entry(other_parent).unwrap();
+        let mut fewer = new_entry("spiffe://td/web", "spiffe://td/node/n1");
+        fewer.selectors.pop();
+        let second = store.create_entry(fewer.clone()).unwrap();
+        // An update may not turn one entry into a duplicate of another, but may keep its own.
+        assert!(matches!(
+            store.update_entry(&second.id, same),
+            Err(StoreError::DuplicateEntry { .. })
+        ));
+        assert_eq!(store.update_entry(&second.id, fewer).unwrap().revision, 2);
+        assert_eq!(store.count_entries().unwrap(), 3);
+        let msg = StoreError::DuplicateEntry {
+            existing: first.id.clone(),
+        }
+        .to_string();
+        assert!(msg.contains(first.id.as_str()), "{msg}");
+    }
+
+    #[test]
+    fn join_token_lifetime_past_the_clock_is_an_error() {
+        let store = Store::in_memory().unwrap();
+        for ttl in [Duration::from_secs(i64::MAX as u64), Duration::MAX] {
+            assert!(matches!(
+                store.create_join_token(&node("n1"), ttl, SystemTime::now()),
+                Err(StoreError::LifetimeOutOfRange { .. })
+            ));
+        }
     }
 
     #[test]

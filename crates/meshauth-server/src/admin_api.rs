@@ -75,15 +75,19 @@ fn selectors(list: &[meshauth_proto::node::Selector]) -> Result<Vec<Selector>, S
         .collect()
 }
 
+/// The entry of a create or update request. On the wire a TTL of 0 means the server's default
+/// (proto3 cannot tell it from "not set"); a negative one is refused here, and the registry
+/// bounds the rest (1 s to the CA lifetime).
 fn new_entry(e: &Entry) -> Result<NewEntry, Status> {
-    let ttl = match e.x509_svid_ttl_seconds {
-        0 => None,
-        s if s < 0 => {
-            return Err(Status::invalid_argument(
-                "x509 SVID TTL must not be negative",
-            ));
+    let ttl = match u64::try_from(e.x509_svid_ttl_seconds) {
+        Ok(0) => None,
+        Ok(s) => Some(Duration::from_secs(s)),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "X509-SVID TTL of {}s is out of range: it must be positive (0 means the server's default)",
+                e.x509_svid_ttl_seconds
+            )));
         }
-        s => Some(Duration::from_secs(s as u64)),
     };
     Ok(NewEntry {
         spiffe_id: spiffe_id("spiffe ID", &e.spiffe_id)?,

@@ -14,7 +14,7 @@ use meshauth_proto::node::{
     NodeSvidResponse, PolicyDocument, RegisterEndpointRequest, RegisterEndpointResponse,
     RenewNodeSvidRequest, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
     SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
-    SyncRequest, SyncResponse,
+    SyncRequest, SyncResponse, UnsignedEntry,
 };
 use meshauth_spiffe::X509Bundle;
 use tokio::sync::mpsc;
@@ -235,31 +235,54 @@ impl Node for NodeApi {
     ) -> Result<Response<SignWorkloadSvidsResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        // Each entry is answered on its own: a malformed id is that entry's refusal.
         let mut csrs = Vec::new();
+        let mut refused: Vec<(String, RegistryError)> = Vec::new();
         for c in request.into_inner().csrs {
-            let id: EntryId =
-                c.entry_id
-                    .parse()
-                    .map_err(|e: meshauth_datastore::InvalidEntryId| {
-                        self.refuse("sign", peer.as_ref(), RegistryError::Invalid(e.to_string()))
-                    })?;
-            csrs.push((id, c.csr));
+            match c.entry_id.parse::<EntryId>() {
+                Ok(id) => csrs.push((id, c.csr)),
+                Err(e) => refused.push((c.entry_id, RegistryError::Invalid(e.to_string()))),
+            }
         }
-        let signed = self
+        // Only a caller that is not a usable node fails the whole call.
+        let results = self
             .registry
             .sign_workload_svids(caller, &csrs, SystemTime::now())
             .map_err(|e| self.refuse("sign", peer.as_ref(), e))?;
-        Ok(Response::new(SignWorkloadSvidsResponse {
-            svids: signed
-                .iter()
-                .map(|(entry, svid)| SignedSvid {
+        let mut svids = Vec::with_capacity(results.len());
+        for (id, result) in results {
+            match result {
+                Ok((entry, svid)) => svids.push(SignedSvid {
                     entry_id: entry.id.to_string(),
                     spiffe_id: svid.spiffe_id.to_string(),
-                    svid_chain: svid_chain(svid),
+                    svid_chain: svid_chain(&svid),
                     expires_at_unix: unix(svid.not_after),
-                })
-                .collect(),
-        }))
+                }),
+                Err(e) => refused.push((id.to_string(), e)),
+            }
+        }
+        let refused = refused
+            .into_iter()
+            .map(|(entry_id, err)| {
+                let reason = err.reason();
+                self.registry.metrics().denied(reason);
+                tracing::warn!(
+                    op = "sign",
+                    peer.addr = ?peer.as_ref().map(|p| p.remote_addr),
+                    peer.id = ?caller.map(|c| c.spiffe_id.to_string()),
+                    entry.id = %entry_id.chars().take(80).collect::<String>(),
+                    reason = ?reason,
+                    error = %err,
+                    "workload SVID refused for one entry; the others are answered"
+                );
+                UnsignedEntry {
+                    entry_id,
+                    reason: format!("{reason:?}"),
+                    message: err.to_string(),
+                }
+            })
+            .collect();
+        Ok(Response::new(SignWorkloadSvidsResponse { svids, refused }))
     }
 
     async fn register_endpoint(

@@ -112,6 +112,9 @@ impl RegistryError {
 
 type Result<T> = std::result::Result<T, RegistryError>;
 
+/// The answer to one CSR of [`Registry::sign_workload_svids`]: its entry and SVID, or why not.
+pub type WorkloadSigning = Result<(RegistrationEntry, IssuedSvid)>;
+
 /// An authenticated node caller: who it is and which SVID it presented.
 #[derive(Debug, Clone)]
 pub struct NodeCaller {
@@ -351,33 +354,68 @@ impl Registry {
     }
 
     /// Signs workload SVIDs for the caller, only for entries parented to it.
+    ///
+    /// Each CSR is answered on its own, in request order: an entry that is unknown, parented to
+    /// another node, in a reserved namespace (stored before such entries were refused), or that
+    /// the CA will not sign (bad CSR, a stored TTL or DNS name it cannot put in a certificate)
+    /// gets its error and never keeps the node from its other SVIDs. The call as a whole fails
+    /// only when the caller is not a usable node. Refusals are the caller's to count and log.
     pub fn sign_workload_svids(
         &self,
         caller: Option<&NodeCaller>,
         csrs: &[(EntryId, Vec<u8>)],
         now: SystemTime,
-    ) -> Result<Vec<(RegistrationEntry, IssuedSvid)>> {
+    ) -> Result<Vec<(EntryId, WorkloadSigning)>> {
         let record = self.authenticate_node(caller)?;
         let node_id = self.node_spiffe_id(&record.name)?;
-        let mut out = Vec::with_capacity(csrs.len());
-        for (entry_id, csr) in csrs {
-            let entry = self.store.entry(entry_id)?;
-            if entry.parent_id != node_id {
-                return Err(RegistryError::EntryNotForNode {
-                    entry: entry.id,
-                    parent: Box::new(entry.parent_id),
-                    node: Box::new(node_id),
-                });
-            }
-            let ttl = entry.x509_svid_ttl.or(Some(self.config.svid_ttl));
-            let svid = self
-                .ca()
-                .sign_csr(csr, &entry.spiffe_id, ttl, &entry.dns_names, now)?;
-            self.metrics.svid_issued(SvidKind::Workload);
-            tracing::debug!(node = %record.name, spiffe_id = %entry.spiffe_id, serial = %svid.serial, "workload SVID issued");
-            out.push((entry, svid));
+        Ok(csrs
+            .iter()
+            .map(|(entry_id, csr)| {
+                let signed = self.sign_workload_svid(&record.name, &node_id, entry_id, csr, now);
+                (entry_id.clone(), signed)
+            })
+            .collect())
+    }
+
+    /// One entry of [`Registry::sign_workload_svids`].
+    fn sign_workload_svid(
+        &self,
+        node: &NodeName,
+        node_id: &SpiffeId,
+        entry_id: &EntryId,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> WorkloadSigning {
+        let entry = self.store.entry(entry_id)?;
+        if entry.parent_id != *node_id {
+            return Err(RegistryError::EntryNotForNode {
+                entry: entry.id,
+                parent: Box::new(entry.parent_id),
+                node: Box::new(node_id.clone()),
+            });
         }
-        Ok(out)
+        if let Some(why) = self.reserved_id(&entry.spiffe_id) {
+            return Err(RegistryError::Invalid(format!(
+                "entry {} cannot be signed: {why}; delete the entry",
+                entry.id
+            )));
+        }
+        let ttl = entry.x509_svid_ttl.unwrap_or(self.config.svid_ttl);
+        let svid = self
+            .ca()
+            .sign_csr(csr, &entry.spiffe_id, Some(ttl), &entry.dns_names, now)
+            .map_err(|e| match e {
+                // Faults of the stored entry, not of the node's CSR.
+                meshauth_ca::CaError::InvalidTtl { .. }
+                | meshauth_ca::CaError::InvalidDnsName(_) => RegistryError::Invalid(format!(
+                    "entry {} cannot be signed: {e}; fix it with `meshauth entry update`",
+                    entry.id
+                )),
+                e => e.into(),
+            })?;
+        self.metrics.svid_issued(SvidKind::Workload);
+        tracing::debug!(node = %node, spiffe_id = %entry.spiffe_id, serial = %svid.serial, "workload SVID issued");
+        Ok((entry, svid))
     }
 
     /// What `node` may see now.
@@ -593,42 +631,202 @@ impl Registry {
         Ok(())
     }
 
+    /// Checks an entry before it is stored, at creation and at update. Whatever the server would
+    /// refuse to sign, or no workload could ever match, is refused here with one sentence:
+    ///
+    /// - both IDs are in this trust domain, and the SPIFFE ID has a path outside the namespaces
+    ///   meshauth issues itself: `/meshauth/` (the server is `/meshauth/server`), `/node/` and
+    ///   `/identity/` ([`meshauth_spiffe::reserved_namespace`]);
+    /// - the parent is a node ID, `spiffe://<td>/node/<name>` with a valid node name. The node
+    ///   need not have attested yet: entries may be registered ahead of a node's first
+    ///   attestation (as in SPIRE), since only that node can ever obtain them;
+    /// - 1 to 32 selectors, each of a kind the agent's attestor produces and with a value it
+    ///   can produce ([`Registry::check_selector`]), and no two of the same kind (a process
+    ///   has one uid, one gid, one executable and one network namespace);
+    /// - at most 32 DNS names, each an RFC 1123 host name ([`meshauth_ca::is_dns_name`]);
+    /// - a TTL, when given, of at least one second and at most the CA lifetime (an SVID never
+    ///   outlives its CA, so a longer one would only be cut short).
+    ///
+    /// Duplicates (same SPIFFE ID, parent and selector set) are refused by the store, in the
+    /// same transaction as the write.
     fn check_entry(&self, new: &NewEntry) -> Result<()> {
+        const MAX_SELECTORS: usize = 32;
+        const MAX_DNS_NAMES: usize = 32;
+        let invalid = |msg: String| Err(RegistryError::Invalid(msg));
         let td = &self.config.trust_domain;
         for (what, id) in [("spiffe ID", &new.spiffe_id), ("parent ID", &new.parent_id)] {
             if id.trust_domain() != td {
-                return Err(RegistryError::Invalid(format!(
-                    "{what} {id} is not in trust domain {td}"
-                )));
+                return invalid(format!("{what} {id} is not in trust domain {td}"));
             }
         }
         if new.spiffe_id.path().is_empty() {
-            return Err(RegistryError::Invalid(format!(
+            return invalid(format!(
                 "spiffe ID {} has no path: SVIDs need one",
                 new.spiffe_id
-            )));
+            ));
+        }
+        if let Some(why) = self.reserved_id(&new.spiffe_id) {
+            return invalid(why);
+        }
+        if self.node_name_of(&new.parent_id).is_err() {
+            return invalid(format!(
+                "parent ID {} is not a node ID: an entry's parent is the node whose agent may obtain its SVID, spiffe://{td}/node/<name>",
+                new.parent_id
+            ));
         }
         if new.selectors.is_empty() {
-            return Err(RegistryError::Invalid(
+            return invalid(
                 "an entry needs at least one selector (e.g. --selector unix:uid:1000)".into(),
+            );
+        }
+        if new.selectors.len() > MAX_SELECTORS {
+            return invalid(format!(
+                "an entry has at most {MAX_SELECTORS} selectors, not {}",
+                new.selectors.len()
             ));
+        }
+        let mut kinds = std::collections::BTreeMap::new();
+        for selector in &new.selectors {
+            let kind = Self::check_selector(selector).map_err(RegistryError::Invalid)?;
+            match kinds.insert(kind, selector) {
+                Some(other) if other != selector => {
+                    return invalid(format!(
+                        "selectors {other} and {selector} can never both match: a process has only one {kind}"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if new.dns_names.len() > MAX_DNS_NAMES {
+            return invalid(format!(
+                "an entry has at most {MAX_DNS_NAMES} DNS names, not {}",
+                new.dns_names.len()
+            ));
+        }
+        if let Some(name) = new.dns_names.iter().find(|n| !meshauth_ca::is_dns_name(n)) {
+            return invalid(format!(
+                "DNS name {:?} is not a host name: use dot-separated labels of letters, digits and hyphens (1 to 63 characters each, 253 in all, the last not all digits), optionally after `*.`",
+                name.chars().take(300).collect::<String>()
+            ));
+        }
+        if let Some(ttl) = new.x509_svid_ttl {
+            let max = self.config.ca_ttl;
+            if ttl.as_secs() == 0 || ttl > max {
+                return invalid(format!(
+                    "X509-SVID TTL of {}s is out of range: it must be at least 1s and at most the CA lifetime of {}s",
+                    ttl.as_secs(),
+                    max.as_secs()
+                ));
+            }
         }
         Ok(())
     }
 
-    /// Creates an entry.
+    /// Why `id` may not be a registration entry's SPIFFE ID, if it is in a reserved namespace.
+    fn reserved_id(&self, id: &SpiffeId) -> Option<String> {
+        meshauth_spiffe::reserved_namespace(id).map(|ns| {
+            format!(
+                "spiffe ID {id} is reserved: IDs under spiffe://{}{}/ belong to {}, so no registration entry may claim one",
+                self.config.trust_domain, ns.prefix, ns.owner
+            )
+        })
+    }
+
+    /// A duplicate entry is the operator's mistake, not the server's: say so as a refusal.
+    fn entry_store_error(e: StoreError) -> RegistryError {
+        match e {
+            e @ StoreError::DuplicateEntry { .. } => RegistryError::Invalid(e.to_string()),
+            e => e.into(),
+        }
+    }
+
+    /// Checks one selector against what the agent's attestor produces for a caller
+    /// (`meshauth-agent/src/attestor.rs`), so that an entry never waits for a selector no
+    /// workload can have. Returns the kind a process has only one of, or why the selector is
+    /// refused:
+    ///
+    /// - `unix:uid:<u32>`, `unix:gid:<u32>`: decimal, as the kernel reports them (no sign, no
+    ///   leading zeros);
+    /// - `unix:path:<path>`: the executable's absolute path as `/proc/<pid>/exe` names it (no
+    ///   empty, `.` or `..` segments, no trailing `/`);
+    /// - `netns:<u64>`: the inode of the caller's network namespace, decimal.
+    ///
+    /// `unix:pid` is refused: pids are reused, so a pid does not name a workload.
+    fn check_selector(
+        s: &meshauth_datastore::Selector,
+    ) -> std::result::Result<&'static str, String> {
+        let value = s.value.as_str();
+        let refuse = |why: &str| Err(format!("selector {s}: {why}"));
+        match (s.kind.as_str(), value.split_once(':')) {
+            ("unix", Some(("uid", v))) if Self::is_decimal::<u32>(v) => Ok("uid"),
+            ("unix", Some(("uid", _))) => {
+                refuse("a uid is a decimal number from 0 to 4294967295, e.g. unix:uid:1000")
+            }
+            ("unix", Some(("gid", v))) if Self::is_decimal::<u32>(v) => Ok("gid"),
+            ("unix", Some(("gid", _))) => {
+                refuse("a gid is a decimal number from 0 to 4294967295, e.g. unix:gid:1000")
+            }
+            ("unix", Some(("path", v))) if Self::is_absolute_path(v) => Ok("executable path"),
+            ("unix", Some(("path", _))) => refuse(
+                "give the executable's absolute path as /proc/<pid>/exe shows it, e.g. unix:path:/usr/bin/curl",
+            ),
+            ("unix", Some(("pid", _))) => refuse(
+                "unix:pid is not supported, because pids are reused and do not identify a workload: select by unix:uid, unix:gid, unix:path or netns",
+            ),
+            ("unix", _) => refuse(
+                "the unix selectors are unix:uid:<uid>, unix:gid:<gid> and unix:path:<absolute path>",
+            ),
+            ("netns", _) if Self::is_decimal::<u64>(value) => Ok("network namespace"),
+            ("netns", _) => refuse(
+                "netns takes the decimal inode number of a network namespace, e.g. netns:4026531840 (stat -L -c %i /proc/<pid>/ns/net)",
+            ),
+            _ => Err(format!(
+                "selector {s} has unknown type {:?}: agents produce only unix:uid, unix:gid, unix:path and netns selectors",
+                s.kind
+            )),
+        }
+    }
+
+    /// Whether `v` is a number of type `T` written as the kernel writes it: decimal digits only,
+    /// no leading zero (except `0` itself).
+    fn is_decimal<T: std::str::FromStr>(v: &str) -> bool {
+        !v.is_empty()
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && (v == "0" || !v.starts_with('0'))
+            && v.parse::<T>().is_ok()
+    }
+
+    /// Whether `v` is an absolute, normalized path of something other than `/` itself.
+    fn is_absolute_path(v: &str) -> bool {
+        v.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        })
+    }
+
+    /// Creates an entry, after [`Registry::check_entry`].
     pub fn create_entry(&self, new: NewEntry) -> Result<RegistrationEntry> {
-        self.check_entry(&new)?;
-        let entry = self.store.create_entry(new)?;
+        self.check_entry(&new).inspect_err(|e| {
+            tracing::info!(spiffe_id = %new.spiffe_id, error = %e, "entry refused");
+        })?;
+        let entry = self
+            .store
+            .create_entry(new)
+            .map_err(Self::entry_store_error)?;
         tracing::info!(entry.id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, "entry created");
         self.changed();
         Ok(entry)
     }
 
-    /// Replaces an entry's fields.
+    /// Replaces an entry's fields, after the checks of [`Registry::create_entry`].
     pub fn update_entry(&self, id: &EntryId, new: NewEntry) -> Result<RegistrationEntry> {
-        self.check_entry(&new)?;
-        let entry = self.store.update_entry(id, new)?;
+        self.check_entry(&new).inspect_err(|e| {
+            tracing::info!(entry.id = %id, spiffe_id = %new.spiffe_id, error = %e, "entry update refused");
+        })?;
+        let entry = self
+            .store
+            .update_entry(id, new)
+            .map_err(Self::entry_store_error)?;
         tracing::info!(entry.id = %entry.id, revision = entry.revision, "entry updated");
         self.changed();
         Ok(entry)

@@ -181,7 +181,8 @@ async fn workload_svids_are_node_scoped() {
     .unwrap();
     assert_eq!(v.spiffe_id.to_string(), format!("spiffe://{TD}/web"));
 
-    let err = client
+    // Refusals are per entry: n1 gets no SVID for n2's entry, and is told why.
+    let resp = client
         .sign_workload_svids(SignWorkloadSvidsRequest {
             csrs: vec![CsrForEntry {
                 entry_id: theirs.id.to_string(),
@@ -189,12 +190,21 @@ async fn workload_svids_are_node_scoped() {
             }],
         })
         .await
-        .expect_err("n1 must not obtain n2's workload SVIDs");
-    assert_eq!(err.code(), Code::PermissionDenied);
+        .unwrap()
+        .into_inner();
     assert!(
-        err.message().contains("not to spiffe://test.local/node/n1"),
+        resp.svids.is_empty(),
+        "n1 must not obtain n2's workload SVIDs"
+    );
+    assert_eq!(resp.refused.len(), 1);
+    assert_eq!(resp.refused[0].entry_id, theirs.id.to_string());
+    assert_eq!(resp.refused[0].reason, "EntryNotForNode");
+    assert!(
+        resp.refused[0]
+            .message
+            .contains("not to spiffe://test.local/node/n1"),
         "{}",
-        err.message()
+        resp.refused[0].message
     );
     assert!(
         server

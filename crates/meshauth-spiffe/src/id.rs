@@ -133,6 +133,46 @@ pub fn identity_spiffe_id(td: &TrustDomain, id: u32) -> SpiffeId {
         .expect("valid trust domain and numeric path")
 }
 
+/// A path namespace in which meshauth issues IDs itself, so that no registration entry may
+/// claim an ID in it: an entry for one of these would let a workload pose as a meshauth
+/// component, a node or a label identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedNamespace {
+    /// The first path segment, with its leading `/`: the namespace is this path and everything
+    /// under it.
+    pub prefix: &'static str,
+    /// Who the IDs in it belong to, as the end of a sentence.
+    pub owner: &'static str,
+}
+
+/// Every reserved namespace. The server's own ID, `spiffe://<td>/meshauth/server`, is in the
+/// first; node SVIDs (`/node/<name>`) and identity SVIDs (`/identity/<n>`) in the others.
+pub const RESERVED_NAMESPACES: &[ReservedNamespace] = &[
+    ReservedNamespace {
+        prefix: "/meshauth",
+        owner: "meshauth's own components (the server is /meshauth/server)",
+    },
+    ReservedNamespace {
+        prefix: "/node",
+        owner: "nodes, which obtain them only by attesting",
+    },
+    ReservedNamespace {
+        prefix: "/identity",
+        owner: "label identities, which the server signs only for nodes hosting them",
+    },
+];
+
+/// The reserved namespace `id`'s path falls in, if any. Whole segments are compared:
+/// `/node/n1` and `/node` are reserved, `/nodes/n1` is not. Paths are case-sensitive, as
+/// SPIFFE IDs are compared exactly.
+pub fn reserved_namespace(id: &SpiffeId) -> Option<&'static ReservedNamespace> {
+    let path = id.path();
+    RESERVED_NAMESPACES.iter().find(|ns| {
+        path.strip_prefix(ns.prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +272,29 @@ mod tests {
             identity_spiffe_id(&td, 256).to_string(),
             "spiffe://td.test/identity/256"
         );
+    }
+
+    #[test]
+    fn reserved_namespaces() {
+        let ns = |s: &str| reserved_namespace(&s.parse().unwrap()).map(|n| n.prefix);
+        assert_eq!(ns("spiffe://td/meshauth/server"), Some("/meshauth"));
+        assert_eq!(ns("spiffe://td/meshauth/x/y"), Some("/meshauth"));
+        assert_eq!(ns("spiffe://td/meshauth"), Some("/meshauth"));
+        assert_eq!(ns("spiffe://td/node/n1"), Some("/node"));
+        assert_eq!(ns("spiffe://td/identity/300"), Some("/identity"));
+        for free in [
+            "spiffe://td",
+            "spiffe://td/web",
+            "spiffe://td/nodes/n1",
+            "spiffe://td/meshauthx",
+            "spiffe://td/Node/n1",
+            "spiffe://td/ns/node/n1",
+            "spiffe://td/identity-300",
+        ] {
+            assert_eq!(ns(free), None, "{free}");
+        }
+        let td: TrustDomain = "td".parse().unwrap();
+        assert!(reserved_namespace(&node_spiffe_id(&td, "n1").unwrap()).is_some());
+        assert!(reserved_namespace(&identity_spiffe_id(&td, 7)).is_some());
     }
 }
