@@ -27,7 +27,7 @@ pub enum ApiResult {
     MissingHeader,
     /// Caller matched no entry.
     NoIdentity,
-    /// Caller could not be attested (no peer credentials).
+    /// Caller could not be attested (no peer credentials, or its process exited or changed).
     AttestationFailed,
     /// Not synced with the server yet.
     NotReady,
@@ -65,6 +65,8 @@ pub enum HandshakeResult {
     Io,
     /// Policy asks for `test-always-fail`: failed without a handshake.
     TestAlwaysFail,
+    /// The responder was at its connection limit and closed the connection at once.
+    Overloaded,
 }
 
 impl From<meshauth_auth::Reason> for HandshakeResult {
@@ -79,6 +81,7 @@ impl From<meshauth_auth::Reason> for HandshakeResult {
             R::InitiatorNotHosted => HandshakeResult::InitiatorNotHosted,
             R::Io => HandshakeResult::Io,
             R::TestAlwaysFail => HandshakeResult::TestAlwaysFail,
+            R::Overloaded => HandshakeResult::Overloaded,
         }
     }
 }
@@ -97,6 +100,38 @@ struct KindLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabels {
     result: ApiResult,
+}
+
+/// Why the agent refused or closed a Workload API connection (low cardinality).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WorkloadCloseReason {
+    /// The socket was at its connection limit: closed at once.
+    OverLimit,
+    /// The client did not speak HTTP/2.
+    NotHttp2,
+    /// The client did not send the HTTP/2 preface in time.
+    PrefaceTimeout,
+    /// A malformed or oversized frame.
+    ProtocolError,
+    /// An HPACK block that does not decode.
+    HpackError,
+    /// An HPACK dynamic table size update beyond the allowed size.
+    HpackTableTooLarge,
+    /// A header block that decodes to more than the header list limit (an HPACK bomb).
+    HeaderListTooLarge,
+    /// More open streams than the relay tracks.
+    TooManyStreams,
+    /// A request was not complete in time.
+    RequestTimeout,
+    /// No open stream for the idle timeout.
+    IdleTimeout,
+    /// The agent is stopping.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadCloseLabels {
+    reason: WorkloadCloseReason,
 }
 
 /// Which way a packet went, from the pod's point of view.
@@ -168,6 +203,9 @@ pub struct Metrics {
     soonest_expiry: Gauge,
     server_connected: Gauge,
     workload_api: Family<ApiLabels, Counter>,
+    workload_connections: Gauge,
+    workload_accepted: Counter,
+    workload_closed: Family<WorkloadCloseLabels, Counter>,
     handshakes: Family<HandshakeLabels, Counter>,
     handshake_seconds: prometheus_client::metrics::histogram::Histogram,
     auth_entries: Gauge,
@@ -230,6 +268,24 @@ impl Metrics {
             "workload_api_requests",
             "Workload API requests, by result",
             workload_api.clone(),
+        );
+        let workload_connections = Gauge::default();
+        r.register(
+            "workload_connections",
+            "Open Workload API connections",
+            workload_connections.clone(),
+        );
+        let workload_accepted = Counter::default();
+        r.register(
+            "workload_connections_accepted",
+            "Workload API connections accepted (within the connection limit)",
+            workload_accepted.clone(),
+        );
+        let workload_closed = Family::<WorkloadCloseLabels, Counter>::default();
+        r.register(
+            "workload_connections_closed",
+            "Workload API connections the agent refused or closed itself, by reason",
+            workload_closed.clone(),
         );
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         r.register(
@@ -305,6 +361,9 @@ impl Metrics {
             soonest_expiry,
             server_connected,
             workload_api,
+            workload_connections,
+            workload_accepted,
+            workload_closed,
         }
     }
 
@@ -384,6 +443,24 @@ impl Metrics {
 
     pub(crate) fn workload_api(&self, result: ApiResult) {
         self.workload_api.get_or_create(&ApiLabels { result }).inc();
+    }
+
+    /// A Workload API connection was accepted; [`Metrics::workload_connection_ended`] follows.
+    pub(crate) fn workload_connection_opened(&self) {
+        self.workload_accepted.inc();
+        self.workload_connections.inc();
+    }
+
+    /// An accepted Workload API connection is gone.
+    pub(crate) fn workload_connection_ended(&self) {
+        self.workload_connections.dec();
+    }
+
+    /// The agent refused or closed a Workload API connection for `reason`.
+    pub(crate) fn workload_connection_closed(&self, reason: WorkloadCloseReason) {
+        self.workload_closed
+            .get_or_create(&WorkloadCloseLabels { reason })
+            .inc();
     }
 }
 

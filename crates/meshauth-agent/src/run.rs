@@ -189,7 +189,7 @@ impl Agent {
                 metrics.clone(),
             )))
             .serve_with_incoming_shutdown(
-                crate::authority_fix::accept_relayed(workload),
+                crate::authority_fix::accept_relayed(workload, metrics.clone(), sup.token()),
                 stopped(stop_rx.clone()),
             );
         sup.spawn_once("workload-api", |_| workload_api);

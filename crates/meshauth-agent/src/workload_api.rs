@@ -1,7 +1,8 @@
 //! The SPIFFE Workload API (`SpiffeWorkloadAPI`) on the agent's Unix socket.
 //!
 //! As the specification requires: requests without the `workload.spiffe.io: true` metadata get
-//! `InvalidArgument`; callers are identified out of band (peer credentials, see `attestor`);
+//! `InvalidArgument`; callers are identified out of band (peer credentials and the process
+//! pinned when the connection was accepted, see `attestor`);
 //! a caller with no matching entry gets `PermissionDenied`; streams send the full state first
 //! and again on every change (rotation, entry change, bundle change). JWT-SVIDs are not issued
 //! yet: those RPCs answer `Unimplemented`, which clients must not retry.
@@ -22,12 +23,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::attestor;
-use crate::authority_fix::WorkloadPeer;
+use crate::authority_fix::{WarnLimit, WorkloadPeer};
 use crate::cache::Snapshot;
 use crate::metrics::{ApiResult, Metrics};
 
 /// Messages buffered per stream (each is the full state).
 const STREAM_BUFFER: usize = 2;
+
+/// Warnings about callers that cannot be attested.
+static ATTESTATION_LOG: WarnLimit = WarnLimit::new();
 
 /// The Workload API over the agent's cache.
 #[derive(Debug, Clone)]
@@ -54,10 +58,20 @@ impl WorkloadApi {
                 "security header missing from request: set metadata workload.spiffe.io: true",
             ));
         }
-        let cred = request.extensions().get::<WorkloadPeer>().and_then(|p| p.0);
-        attestor::selectors(cred).map_err(|e| {
+        let attested = match request.extensions().get::<WorkloadPeer>() {
+            Some(WorkloadPeer(Ok(caller))) => attestor::selectors(caller),
+            Some(WorkloadPeer(Err(e))) => Err(e.clone()),
+            None => Err(attestor::AttestError::NoCredentials),
+        };
+        attested.map_err(|e| {
             self.metrics.workload_api(ApiResult::AttestationFailed);
-            tracing::warn!(error = %e, "workload attestation failed");
+            // Any local process can cause this: rate-limited.
+            match ATTESTATION_LOG.allow() {
+                Some(suppressed) => {
+                    tracing::warn!(error = %e, suppressed, "workload attestation failed");
+                }
+                None => tracing::debug!(error = %e, "workload attestation failed"),
+            }
             Status::permission_denied(format!("cannot attest the caller: {e}"))
         })
     }

@@ -31,6 +31,9 @@ use tokio::sync::mpsc;
 
 /// The handshake port.
 pub const HANDSHAKE_PORT: u16 = 4250;
+/// Handshake connections a responder serves at once ([`Handshaker::serve`]); more are closed
+/// when accepted.
+pub const MAX_CONNECTIONS: usize = 256;
 /// ALPN of the handshake protocol.
 pub const ALPN: &[u8] = b"meshauth-auth/1";
 /// The responder accepted.
@@ -58,6 +61,9 @@ pub enum Reason {
     /// Policy asks for `authentication.mode: test-always-fail`, which never succeeds: the auth
     /// manager fails such a pair without a handshake and never writes an entry for it.
     TestAlwaysFail,
+    /// The responder was serving [`MAX_CONNECTIONS`] handshakes already and closed the
+    /// connection at once.
+    Overloaded,
 }
 
 /// A failed handshake.
@@ -235,7 +241,8 @@ impl rustls::server::ResolvesServerCert for SniResolver {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let identity = identity_from_sni(hello.server_name()?)?;
         if !self.placement.hosted_here(identity) {
-            tracing::warn!(identity = %identity, reason = ?Reason::Refused, "handshake for an identity not hosted here");
+            // Triggered from the network: debug only; `serve` reports the refusal (rate-limited).
+            tracing::debug!(identity = %identity, reason = ?Reason::Refused, "handshake for an identity not hosted here");
             return None;
         }
         Some(self.svids.get(identity)?.key.get())
@@ -335,15 +342,35 @@ impl Handshaker {
     }
 
     /// Answers handshakes on `listener` until `shutdown`; each success is sent on `accepted`,
-    /// each failure is logged with its reason and sent on `failed`. A failing `accept` (e.g.
-    /// EMFILE at the descriptor limit) pauses the loop, 10 ms doubling to 1 s and reset by the
-    /// next success, and is logged at most once a second with the count of errors not logged.
+    /// each failure is sent on `failed` with its reason.
+    ///
+    /// Bounded: at most [`MAX_CONNECTIONS`] connections are served at once; one more is closed
+    /// as soon as it is accepted and reported as [`Reason::Overloaded`]. Each connection has
+    /// the handshake timeout ([`Timeouts::handshake`]) to finish, and in-flight handshakes are
+    /// dropped when `shutdown` turns true. Refusals come from the network, so they are logged
+    /// at debug, plus at most one warning per 10 s carrying the number held back. A
+    /// failing `accept` (e.g. EMFILE at the descriptor limit) pauses the loop, 10 ms doubling
+    /// to 1 s and reset by the next success, and is logged at most once a second with the count
+    /// of errors not logged.
     pub async fn serve(
         self,
         listener: TcpListener,
         accepted: mpsc::Sender<Authenticated>,
         failed: mpsc::Sender<Reason>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        self.serve_limited(listener, accepted, failed, shutdown, MAX_CONNECTIONS)
+            .await;
+    }
+
+    /// [`Handshaker::serve`] with at most `limit` connections at once.
+    async fn serve_limited(
+        self,
+        listener: TcpListener,
+        accepted: mpsc::Sender<Authenticated>,
+        failed: mpsc::Sender<Reason>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
+        limit: usize,
     ) {
         let predicate_td = self.trust_domain.clone();
         let peers = PeerPolicy::Predicate(Arc::new(move |id: &SpiffeId| {
@@ -368,10 +395,30 @@ impl Handshaker {
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let mut errors = AcceptErrors::default();
+        let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+        // Every connection's task; dropping the set (at shutdown) aborts them.
+        let mut tasks = tokio::task::JoinSet::new();
+        // Connections closed over the limit and not yet reported on `failed`: reported as the
+        // channel has room, so that a flood neither blocks accepting nor goes uncounted.
+        let mut overloaded: u64 = 0;
+        let over_limit_log = Arc::new(WarnLimit::default());
+        let refused_log = Arc::new(WarnLimit::default());
         loop {
             let accepted_conn = tokio::select! {
                 r = listener.accept() => r,
                 _ = shutdown.wait_for(|s| *s) => return,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                permit = failed.reserve(), if overloaded > 0 => {
+                    match permit {
+                        Ok(p) => {
+                            p.send(Reason::Overloaded);
+                            overloaded -= 1;
+                        }
+                        // Nobody listens any more.
+                        Err(_) => overloaded = 0,
+                    }
+                    continue;
+                }
             };
             let (tcp, from) = match accepted_conn {
                 Ok(a) => {
@@ -389,13 +436,32 @@ impl Handshaker {
                     continue;
                 }
             };
-            let (me, acceptor, accepted, failed) = (
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                drop(tcp);
+                overloaded = overloaded.saturating_add(1);
+                match over_limit_log.allow() {
+                    Some(suppressed) => tracing::warn!(
+                        peer.addr = %from,
+                        limit,
+                        suppressed,
+                        reason = ?Reason::Overloaded,
+                        "handshake connection closed: at the connection limit"
+                    ),
+                    None => {
+                        tracing::debug!(peer.addr = %from, limit, reason = ?Reason::Overloaded, "handshake connection closed: at the connection limit")
+                    }
+                }
+                continue;
+            };
+            let (me, acceptor, accepted, failed, refused_log) = (
                 self.clone(),
                 acceptor.clone(),
                 accepted.clone(),
                 failed.clone(),
+                Arc::clone(&refused_log),
             );
-            tokio::spawn(async move {
+            tasks.spawn(async move {
+                let _permit = permit;
                 let timeout = me.timeouts.handshake;
                 let result =
                     match tokio::time::timeout(timeout, me.respond(acceptor, tcp, from)).await {
@@ -408,7 +474,10 @@ impl Handshaker {
                         let _ = accepted.send(a).await;
                     }
                     Err(e) => {
-                        tracing::warn!(peer.addr = %from, reason = ?e.reason, error = %e.detail, "handshake refused");
+                        match refused_log.allow() {
+                            Some(suppressed) => tracing::warn!(peer.addr = %from, reason = ?e.reason, error = %e.detail, suppressed, "handshake refused"),
+                            None => tracing::debug!(peer.addr = %from, reason = ?e.reason, error = %e.detail, "handshake refused"),
+                        }
                         let _ = failed.send(e.reason).await;
                     }
                 }
@@ -537,6 +606,34 @@ impl AcceptErrors {
     }
 }
 
+/// Rate limit of a warning the network can trigger: one per [`WarnLimit::EVERY`]; the others
+/// go to debug and are counted into the next warning's `suppressed` field.
+#[derive(Debug, Default)]
+struct WarnLimit {
+    /// When the last warning went out, and how many were held back since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl WarnLimit {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(held back since the last warning)` if this event may be a warning.
+    fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if state
+            .0
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY)
+        {
+            state.1 = state.1.saturating_add(1);
+            return None;
+        }
+        let suppressed = state.1;
+        *state = (Some(now), 0);
+        Some(suppressed)
+    }
+}
+
 fn classify(e: &std::io::Error) -> AuthError {
     let text = e.to_string();
     let reason = match e
@@ -551,4 +648,101 @@ fn classify(e: &std::io::Error) -> AuthError {
         None => Reason::Io,
     };
     fail(reason, text)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    use super::*;
+
+    struct Nowhere;
+
+    impl Placement for Nowhere {
+        fn hosted_here(&self, _: IdentityId) -> bool {
+            false
+        }
+        fn node_at(&self, _: IpAddr) -> Option<NodeId> {
+            None
+        }
+        fn hosted_on(&self, _: IdentityId, _: NodeId) -> bool {
+            false
+        }
+    }
+
+    /// Whether the server closed `c` (EOF or reset) within `wait`.
+    async fn closed_within(c: &mut TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(wait, c.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(_)) | Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_at_once_and_reported() {
+        let now = SystemTime::now();
+        let td: TrustDomain = "mesh.test".parse().unwrap();
+        let ca = meshauth_ca::Ca::new(meshauth_ca::CaConfig::new(td.clone()), now).unwrap();
+        let hs = Handshaker::new(
+            td,
+            SharedBundle::new(ca.bundle(now)),
+            LocalSvids::default(),
+            Arc::new(Nowhere),
+            Timeouts {
+                connect: Duration::from_secs(1),
+                handshake: Duration::from_secs(30),
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (atx, _arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(8);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(hs.serve_limited(listener, atx, ftx, stop_rx, 2));
+
+        // Two silent clients take both slots (each has 30 s to say hello).
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The third is closed at once, and counted.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+        let reason = tokio::time::timeout(Duration::from_secs(5), frx.recv())
+            .await
+            .unwrap();
+        assert_eq!(reason, Some(Reason::Overloaded));
+        for c in &mut held {
+            assert!(
+                !closed_within(c, Duration::from_millis(200)).await,
+                "connections within the limit stay open"
+            );
+        }
+
+        // A client that goes away frees its slot.
+        drop(held.pop());
+        let reason = tokio::time::timeout(Duration::from_secs(5), frx.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            reason,
+            Some(Reason::Refused),
+            "the silent client's handshake"
+        );
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        assert!(!closed_within(&mut next, Duration::from_millis(300)).await);
+
+        // Shutdown drops the connections in progress.
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(closed_within(&mut next, Duration::from_secs(5)).await);
+        assert!(closed_within(&mut held[0], Duration::from_secs(5)).await);
+    }
 }

@@ -66,6 +66,24 @@ pub enum TickStep {
     ServerSvid,
 }
 
+/// Why the server refused or closed a node API connection (low cardinality).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionCloseReason {
+    /// The listener was at its connection limit: closed at once.
+    OverLimit,
+    /// The TLS handshake failed.
+    TlsHandshakeFailed,
+    /// The TLS handshake did not finish in time.
+    TlsHandshakeTimeout,
+    /// A connection without a client certificate was idle for too long.
+    IdleTimeout,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionCloseLabels {
+    reason: ConnectionCloseReason,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
     step: TickStep,
@@ -92,6 +110,8 @@ pub struct Metrics {
     bundle_sequence: Gauge<u64, AtomicU64>,
     sync_streams: Gauge,
     ticker_failures: Family<StepLabels, Counter>,
+    node_api_connections: Gauge,
+    node_api_closed: Family<ConnectionCloseLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,6 +166,18 @@ impl Metrics {
             "Failed steps of the CA/SVID ticker, by step (each is retried on the next tick)",
             ticker_failures.clone(),
         );
+        let node_api_connections = Gauge::default();
+        registry.register(
+            "node_api_connections",
+            "Open node API connections (TLS handshake included)",
+            node_api_connections.clone(),
+        );
+        let node_api_closed = Family::<ConnectionCloseLabels, Counter>::default();
+        registry.register(
+            "node_api_connections_closed",
+            "Node API connections the server refused or closed itself, by reason",
+            node_api_closed.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             svids_issued,
@@ -155,6 +187,8 @@ impl Metrics {
             bundle_sequence,
             sync_streams,
             ticker_failures,
+            node_api_connections,
+            node_api_closed,
         }
     }
 
@@ -195,5 +229,23 @@ impl Metrics {
 
     pub(crate) fn sync_stream_closed(&self) {
         self.sync_streams.dec();
+    }
+
+    /// A node API connection was accepted within the limit;
+    /// [`Metrics::node_api_connection_ended`] follows.
+    pub(crate) fn node_api_connection_opened(&self) {
+        self.node_api_connections.inc();
+    }
+
+    /// An accepted node API connection is gone.
+    pub(crate) fn node_api_connection_ended(&self) {
+        self.node_api_connections.dec();
+    }
+
+    /// The server refused or closed a node API connection for `reason`.
+    pub(crate) fn node_api_connection_closed(&self, reason: ConnectionCloseReason) {
+        self.node_api_closed
+            .get_or_create(&ConnectionCloseLabels { reason })
+            .inc();
     }
 }

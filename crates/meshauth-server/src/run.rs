@@ -221,7 +221,11 @@ impl Server {
                 // Sync streams end when this turns true, so that a graceful shutdown does not
                 // wait for agents to hang up.
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                let incoming = ReceiverStream::new(accept_tls(node_listener, Arc::new(tls)));
+                let incoming = ReceiverStream::new(accept_tls(
+                    node_listener,
+                    Arc::new(tls),
+                    registry.metrics().clone(),
+                ));
                 tonic::transport::Server::builder()
                     .add_service(NodeServer::new(NodeApi::new(registry, stop_rx)))
                     .serve_with_incoming_shutdown(incoming, async move {
