@@ -103,17 +103,24 @@ pub struct ClusterState {
     pub policy_errors: BTreeMap<String, String>,
 }
 
-/// An endpoint somewhere in the cluster.
+/// A pod somewhere in the cluster, as the control plane placed it, with its address once its
+/// node reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterEndpoint {
-    /// Its node.
+    /// The node the control plane placed it on.
     pub node: String,
     /// Its node's id.
     pub node_id: meshauth_policy::NodeId,
+    /// Its namespace.
+    pub namespace: String,
     /// Its name.
     pub name: String,
-    /// Its address.
-    pub ipv4: std::net::Ipv4Addr,
+    /// Its labels (from the control plane).
+    pub labels: meshauth_policy::Labels,
+    /// Its address, once its node reported it.
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// The node-side interface its node reported.
+    pub interface: String,
     /// Its identity.
     pub identity: meshauth_policy::IdentityId,
 }

@@ -1,18 +1,20 @@
 //! Where a node's endpoints come from: the [`EndpointSource`] the agent is given (the lab's
-//! pods; a CNI plugin or a pod watcher later). The agent never learns pods any other way.
+//! pods; a CNI plugin later). A source reports runtime facts only (which interface, which
+//! address); what a pod is (its labels, its identity) and where it may run comes from the
+//! control plane, through the sync stream. The agent enforces only endpoints the control plane
+//! placed on this node.
 
 use std::net::Ipv4Addr;
 
-use meshauth_policy::Labels;
 use tokio::sync::watch;
 
-/// A workload endpoint on this node.
+/// A workload endpoint running on this node, as the runtime sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalEndpoint {
-    /// Its name.
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
     pub name: String,
-    /// Its labels.
-    pub labels: Labels,
     /// Its address.
     pub ipv4: Ipv4Addr,
     /// The node side of its veth.

@@ -27,7 +27,7 @@ use meshauth_auth::{
 use meshauth_datapath::Datapath;
 use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId};
 use meshauth_proto::node::{
-    DeregisterEndpointRequest, IdentityCsr, RegisterEndpointRequest, SignIdentitySvidsRequest,
+    IdentityCsr, ReportPodRequest, SignIdentitySvidsRequest, WithdrawPodRequest,
 };
 use meshauth_tls::SharedCertifiedKey;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -106,11 +106,12 @@ impl Placement for SharedView {
 
     fn node_at(&self, addr: IpAddr) -> Option<NodeId> {
         let v = self.0.read().unwrap_or_else(|p| p.into_inner());
-        v.cluster
-            .nodes
-            .values()
-            .find(|(_, a)| *a == Some(addr))
-            .map(|(id, _)| *id)
+        let mut at = v.cluster.nodes.values().filter(|(_, a)| *a == Some(addr));
+        // Two nodes at one address (behind one NAT): the address proves neither (fail closed).
+        match (at.next(), at.next()) {
+            (Some((id, _)), None) => Some(*id),
+            _ => None,
+        }
     }
 
     fn hosted_on(&self, identity: IdentityId, node: NodeId) -> bool {
@@ -134,7 +135,7 @@ impl SharedView {
             .cluster
             .endpoints
             .iter()
-            .find(|e| e.ipv4 == ip)
+            .find(|e| e.ipv4 == Some(ip))
             .map(|e| e.name.clone())
             .unwrap_or_default();
         let labels = v
@@ -551,7 +552,15 @@ async fn run_inner(
         let snapshot: Arc<Snapshot> = snapshots.borrow_and_update().clone();
         let list = endpoints.borrow_and_update().clone();
         match reconcile(
-            &manager, &driver, &view, &svids, &auth, &mut state, &snapshot, list,
+            &manager,
+            &driver,
+            &view,
+            &svids,
+            &auth,
+            &mut state,
+            &snapshot,
+            list,
+            &config.node_name,
         )
         .await
         {
@@ -590,10 +599,17 @@ struct LoopState {
     identities: BTreeSet<IdentityId>,
     renew_at: BTreeMap<IdentityId, SystemTime>,
     registered: BTreeMap<String, BoundEndpoint>,
+    /// Endpoints running here that the control plane did not place here (logged once).
+    unplaced: BTreeSet<String>,
 }
 
 fn peer_name(id: IdentityId) -> String {
     format!("identity/{id}")
+}
+
+/// `namespace/name`: how endpoints and pods are matched.
+fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 /// One pass: register endpoints, compile, plan, apply, SVIDs, revoke. Returns the problems
@@ -611,13 +627,17 @@ async fn reconcile(
     st: &mut LoopState,
     snapshot: &Snapshot,
     list: EndpointList,
+    node_name: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let Some(cluster) = snapshot.cluster.as_deref() else {
         anyhow::bail!("waiting for the first sync with the server");
     };
     let wanted: BTreeMap<String, LocalEndpoint> = match list {
-        Ok(l) => l.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        Ok(l) => l
+            .into_iter()
+            .map(|e| (pod_key(&e.namespace, &e.name), e))
+            .collect(),
         Err(e) => {
             // Keep enforcing what we have; say why the list is stale.
             problems.push(format!("the endpoint source failed: {e}"));
@@ -634,59 +654,97 @@ async fn reconcile(
     }
     let mut client = None;
 
-    // Endpoints: register new or changed ones; deregister gone ones.
-    for (name, ep) in &wanted {
-        if st.registered.get(name).is_some_and(|b| b.endpoint == *ep) {
+    // Endpoints: bind each running endpoint to the pod the control plane placed here under
+    // the same namespace and name (labels and identity come from there), and report its
+    // runtime facts; an endpoint the control plane did not place here is not enforced.
+    let placed: BTreeMap<String, &crate::cache::ClusterEndpoint> = cluster
+        .endpoints
+        .iter()
+        .filter(|p| p.node == node_name)
+        .map(|p| (pod_key(&p.namespace, &p.name), p))
+        .collect();
+    for (key, ep) in &wanted {
+        let Some(pod) = placed.get(key) else {
+            if !st.unplaced.contains(key) {
+                tracing::info!(pod = %key, "running here, but not placed on this node by the control plane: not enforced");
+            }
+            continue;
+        };
+        let reported = pod.ipv4 == Some(ep.ipv4) && pod.interface == ep.host_veth;
+        let bound = st.registered.get(key).is_some_and(|b| {
+            b.endpoint == *ep && b.identity == pod.identity && b.labels == pod.labels
+        });
+        if reported && bound {
             continue;
         }
-        let c = match &mut client {
-            Some(c) => c,
-            None => client.insert(manager.connect().await?),
-        };
-        let identity = c
-            .register_endpoint(RegisterEndpointRequest {
-                name: name.clone(),
-                labels: ep
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-                ipv4: ep.ipv4.to_string(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("registering endpoint {name}: {}", s.message()))?
-            .into_inner()
-            .identity;
-        let identity = IdentityId::new(identity);
-        st.compiler.set_endpoint(name, ep.labels.clone());
+        if !reported {
+            let c = match &mut client {
+                Some(c) => c,
+                None => client.insert(manager.connect().await?),
+            };
+            if let Err(s) = c
+                .report_pod(ReportPodRequest {
+                    namespace: ep.namespace.clone(),
+                    name: ep.name.clone(),
+                    ipv4: ep.ipv4.to_string(),
+                    interface: ep.host_veth.clone(),
+                })
+                .await
+            {
+                // Not enforced until the server accepts what we report (it says why).
+                problems.push(format!(
+                    "pod {key}: the server refused its report: {}",
+                    s.message()
+                ));
+                st.registered.remove(key);
+                st.compiler.remove_endpoint(key);
+                continue;
+            }
+        }
+        st.compiler.set_endpoint(key, pod.labels.clone());
         st.registered.insert(
-            name.clone(),
+            key.clone(),
             BoundEndpoint {
                 endpoint: ep.clone(),
-                identity,
+                identity: pod.identity,
+                labels: pod.labels.clone(),
             },
         );
-        tracing::info!(endpoint = %name, identity = %identity, "endpoint registered");
+        tracing::info!(pod = %key, identity = %pod.identity, ip = %ep.ipv4, "endpoint enforced");
     }
+    st.unplaced = wanted
+        .keys()
+        .filter(|k| !placed.contains_key(*k))
+        .cloned()
+        .collect();
     let gone: Vec<String> = st
         .registered
         .keys()
-        .filter(|n| !wanted.contains_key(*n))
+        .filter(|k| !wanted.contains_key(*k) || !placed.contains_key(*k))
         .cloned()
         .collect();
-    for name in gone {
-        st.registered.remove(&name);
-        st.compiler.remove_endpoint(&name);
-        let c = match &mut client {
-            Some(c) => c,
-            None => client.insert(manager.connect().await?),
+    for key in gone {
+        let Some(b) = st.registered.remove(&key) else {
+            continue;
         };
-        if let Err(s) = c
-            .deregister_endpoint(DeregisterEndpointRequest { name: name.clone() })
-            .await
-        {
-            problems.push(format!("deregistering endpoint {name}: {}", s.message()));
+        st.compiler.remove_endpoint(&key);
+        // Still placed here but no longer running: withdraw what we reported.
+        if placed.contains_key(&key) {
+            let c = match &mut client {
+                Some(c) => c,
+                None => client.insert(manager.connect().await?),
+            };
+            if let Err(s) = c
+                .withdraw_pod(WithdrawPodRequest {
+                    namespace: b.endpoint.namespace.clone(),
+                    name: b.endpoint.name.clone(),
+                })
+                .await
+            {
+                problems.push(format!("withdrawing pod {key}: {}", s.message()));
+            }
         }
+        tracing::info!(pod = %key, "endpoint no longer enforced");
     }
 
     // Policy: the compilers recompile only what a change can affect.

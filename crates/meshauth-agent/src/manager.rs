@@ -116,18 +116,34 @@ fn cluster_of(
         }
     }
     for e in endpoints {
-        match e.ipv4.parse() {
-            Ok(ipv4) => out.endpoints.push(crate::cache::ClusterEndpoint {
-                node: e.node.clone(),
-                node_id: NodeId::new(e.node_id),
-                name: e.name.clone(),
-                ipv4,
-                identity: IdentityId::new(e.identity),
-            }),
-            Err(_) => {
-                tracing::warn!(endpoint = %e.name, "ignoring an endpoint with an invalid address")
-            }
-        }
+        let ipv4 = match e.ipv4.as_str() {
+            "" => None,
+            a => match a.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    tracing::warn!(pod = %e.name, "ignoring a pod with an invalid address");
+                    continue;
+                }
+            },
+        };
+        let labels =
+            match Labels::from_pairs(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone()))) {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::warn!(pod = %e.name, error = %err, "ignoring a pod with invalid labels");
+                    continue;
+                }
+            };
+        out.endpoints.push(crate::cache::ClusterEndpoint {
+            node: e.node.clone(),
+            node_id: NodeId::new(e.node_id),
+            namespace: e.namespace.clone(),
+            name: e.name.clone(),
+            labels,
+            ipv4,
+            interface: e.interface.clone(),
+            identity: IdentityId::new(e.identity),
+        });
     }
     for n in nodes {
         out.nodes.insert(

@@ -11,13 +11,15 @@ use meshauth_policy::{AuthKey, AuthType, IdentityId, NodeId, PolicyEntry};
 use crate::cache::ClusterState;
 use crate::endpoints::LocalEndpoint;
 
-/// A local endpoint and the identity the server gave it.
+/// A local endpoint bound to the control plane's pod of the same namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundEndpoint {
-    /// The endpoint.
+    /// The endpoint (runtime facts).
     pub endpoint: LocalEndpoint,
-    /// Its identity.
+    /// Its identity (from the control plane).
     pub identity: IdentityId,
+    /// Its labels (from the control plane).
+    pub labels: meshauth_policy::Labels,
 }
 
 /// What one local endpoint should look like in the datapath.
@@ -73,16 +75,17 @@ pub fn plan<'a>(
         );
     }
     for e in &cluster.endpoints {
-        if out.conflicts.contains(&e.ipv4) {
+        let Some(ip) = e.ipv4 else { continue };
+        if out.conflicts.contains(&ip) {
             continue;
         }
-        match out.ipcache.get(&e.ipv4) {
+        match out.ipcache.get(&ip) {
             Some(existing) if *existing != (e.identity, e.node_id) => {
-                out.ipcache.remove(&e.ipv4);
-                out.conflicts.insert(e.ipv4);
+                out.ipcache.remove(&ip);
+                out.conflicts.insert(ip);
             }
             _ => {
-                out.ipcache.insert(e.ipv4, (e.identity, e.node_id));
+                out.ipcache.insert(ip, (e.identity, e.node_id));
             }
         }
     }
@@ -176,8 +179,8 @@ mod tests {
 
     fn ep(name: &str, ip: &str, ifindex: u32) -> LocalEndpoint {
         LocalEndpoint {
+            namespace: "default".into(),
             name: name.into(),
-            labels: format!("app={name}").parse().unwrap_or_default(),
             ipv4: ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
             host_veth: format!("veth-{name}"),
             host_ifindex: ifindex,
@@ -188,8 +191,11 @@ mod tests {
         ClusterEndpoint {
             node: format!("n{node}"),
             node_id: NodeId::new(node),
+            namespace: "default".into(),
             name: name.into(),
-            ipv4: ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            labels: meshauth_policy::Labels::default(),
+            ipv4: ip.parse().ok(),
+            interface: String::new(),
             identity: IdentityId::new(identity),
         }
     }
@@ -221,6 +227,7 @@ mod tests {
             BoundEndpoint {
                 endpoint: ep("a", "10.0.1.2", 7),
                 identity: IdentityId::new(300),
+                labels: meshauth_policy::Labels::default(),
             },
         )]);
         let entries = [required(Some(301))];
@@ -249,6 +256,7 @@ mod tests {
             BoundEndpoint {
                 endpoint: ep("a", "10.0.1.2", 7),
                 identity: IdentityId::new(300),
+                labels: meshauth_policy::Labels::default(),
             },
         )]);
         let key = AuthKey {

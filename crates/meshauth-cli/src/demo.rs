@@ -185,14 +185,39 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     let policies = w("policies.yaml");
     std::fs::write(&policies, POLICIES)?;
     cli(&["policy", "apply", "-f", &policies])?;
+    // The control plane places the pods (as Kubernetes' API server would); nodes only report
+    // where each runs.
+    for i in 1..=3u8 {
+        for app in ["demodeployment", "client1", "client2", "client3"] {
+            cli(&[
+                "pod",
+                "create",
+                &format!("{app}-{i}"),
+                "--node",
+                &format!("n{i}"),
+                "--labels",
+                &format!("app={app}"),
+            ])?;
+        }
+    }
 
     say(out, "an agent per node, enforcing on its pods");
     let mut sockets = Vec::new();
     for i in 1..=3 {
         let node = format!("n{i}");
-        let token = cli(&["token", "generate", "--node", &node])?
-            .trim()
-            .to_string();
+        // The token binds the node's underlay address and pod range, as the lab built them.
+        let token = cli(&[
+            "token",
+            "generate",
+            "--node",
+            &node,
+            "--address",
+            &format!("10.199.0.{i}"),
+            "--pod-range",
+            &format!("10.200.{i}.0/24"),
+        ])?
+        .trim()
+        .to_string();
         let socket = w(&format!("{node}-agent.sock"));
         spawn(
             &mut running,
@@ -225,11 +250,14 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         )?;
         sockets.push(socket);
     }
-    wait_until(Duration::from_secs(40), "12 endpoints", || {
-        cli(&["endpoint", "list", "-o", "json"])
+    wait_until(Duration::from_secs(40), "12 pods reported by their nodes", || {
+        cli(&["pod", "list", "-o", "json"])
             .ok()
             .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
-            .and_then(|v| v.as_array().map(|a| a.len() == 12))
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().filter(|p| p["reported"] == true).count() == 12)
+            })
             .unwrap_or(false)
     })?;
 

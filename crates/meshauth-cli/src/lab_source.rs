@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use meshauth_agent::endpoints::{EndpointList, EndpointSource, LocalEndpoint};
-use meshauth_policy::Labels;
 use tokio::sync::watch;
 
 /// How often the state file is read; the agent is told only when the pods changed.
@@ -40,10 +39,9 @@ impl LabEndpoints {
             .filter(|p| p.node == self.node)
             .map(|p| {
                 Ok(LocalEndpoint {
-                    labels: Labels::from_pairs(
-                        p.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
-                    )
-                    .map_err(|e| format!("pod {}: {e}", p.name))?,
+                    // The lab has one namespace; its pods' labels are the control plane's
+                    // business (`meshauth pod create`), not the node's.
+                    namespace: "default".to_owned(),
                     name: p.name,
                     ipv4: p.ip,
                     host_veth: p.host_veth,

@@ -66,8 +66,10 @@ enum Command {
     Bundle(bundle::Cmd),
     /// List the identities the server allocated for label sets.
     Identity(cluster::IdentityCmd),
-    /// List the workload endpoints agents registered.
+    /// List pods: where the control plane placed them and what their nodes reported (as `pod list`).
     Endpoint(cluster::EndpointCmd),
+    /// Place pods on nodes (the orchestrator side), delete and list them.
+    Pod(cluster::PodCmd),
     /// Fetch SVIDs from the local agent's Workload API, as a workload would.
     Workload(workload::Cmd),
     /// Validate, trace, apply, list and delete network policies.
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Identity(cmd) => cluster::run_identity(cmd),
         Command::Endpoint(cmd) => cluster::run_endpoint(cmd),
+        Command::Pod(cmd) => cluster::run_pod(cmd),
         Command::Workload(cmd) => workload::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Lab(cmd) => lab::run(cmd),

@@ -59,6 +59,10 @@ struct RunArgs {
     /// Default lifetime of join tokens.
     #[arg(long, value_parser = parse_duration, default_value = "600s")]
     join_token_ttl: Duration,
+    /// Where nodes' pod ranges are allocated from, a /24 per node, for nodes attesting without a
+    /// range bound to them (`meshauth token generate --pod-range` or `meshauth node register`).
+    #[arg(long, default_value = "10.200.0.0/16", value_parser = |s: &str| s.parse::<meshauth_datastore::Ipv4Range>())]
+    pod_cidr: meshauth_datastore::Ipv4Range,
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -85,6 +89,7 @@ fn run_server(args: RunArgs) -> anyhow::Result<()> {
         ca_ttl: args.ca_ttl,
         svid_ttl: args.svid_ttl,
         join_token_ttl: args.join_token_ttl,
+        pod_cidr: args.pod_cidr,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

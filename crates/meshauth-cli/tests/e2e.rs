@@ -265,7 +265,18 @@ for line in sys.stdin:
             .len()
     };
     assert_eq!(auth_count(), 2);
+    let admin = format!("{}/e2e/server-admin.sock", meshauth_lab::STATE_DIR);
     let t = std::time::Instant::now();
+    // As an orchestrator does: the control plane deletes the pod, the node tears it down.
+    let del = Command::new(BIN)
+        .args(["pod", "delete", "client2-2", "--admin-socket", &admin])
+        .output()
+        .unwrap();
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
     lab.remove_pod("client2-2").unwrap();
     while auth_count() > 0 {
         assert!(
@@ -305,7 +316,6 @@ for line in sys.stdin:
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let admin = format!("{}/e2e/server-admin.sock", meshauth_lab::STATE_DIR);
     let t = std::time::Instant::now();
     let del = Command::new(BIN)
         .args([

@@ -346,9 +346,33 @@ fn the_kernel_does_what_policy_trace_says_within_a_second_of_each_change() {
         .into_iter()
         .find(|p| p.name == "client2-2")
         .unwrap();
+    let admin = format!("{}/server-admin.sock", work());
+    let out = meshauth(&["pod", "delete", "client2-2", "--admin-socket", &admin]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     lab.remove_pod("client2-2").unwrap();
-    let labels = std::collections::BTreeMap::from([("app".to_string(), "client3".to_string())]);
-    let intruder = lab.add_pod("intruder", &old.node, labels).unwrap();
+    let out = meshauth(&[
+        "pod",
+        "create",
+        "intruder",
+        "--node",
+        &old.node,
+        "--labels",
+        "app=client3",
+        "--admin-socket",
+        &admin,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let intruder = lab
+        .add_pod("intruder", &old.node, std::collections::BTreeMap::new())
+        .unwrap();
     assert_eq!(intruder.ip, old.ip, "the lab reuses the freed address");
     assert_eq!(trace("app=client3", "app=demodeployment").0, "denied");
     // Give the agents the time to learn the new pod, then try the same 5-tuple.

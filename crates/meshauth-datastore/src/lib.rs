@@ -12,7 +12,8 @@ pub mod model;
 mod sqlite;
 
 pub use model::{
-    EndpointRecord, EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector,
-    IssuedJoinToken, NewEntry, NodeName, NodeRecord, RegistrationEntry, Selector,
+    EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector, Ipv4Range,
+    IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec, PodRecord, PodRuntime,
+    RegistrationEntry, Selector,
 };
 pub use sqlite::{Store, StoreError};

@@ -246,19 +246,102 @@ impl NodeRecord {
     }
 }
 
-/// A workload endpoint an agent registered.
+/// An IPv4 prefix, such as a node's pod range (`10.200.1.0/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Range {
+    /// The first address (host bits zero).
+    pub base: std::net::Ipv4Addr,
+    /// The prefix length, 0 to 32.
+    pub prefix: u8,
+}
+
+impl Ipv4Range {
+    fn mask(self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(self, ip: std::net::Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.base)
+    }
+
+    /// Whether the two ranges share an address.
+    pub fn overlaps(self, other: Ipv4Range) -> bool {
+        let m = self.mask() & other.mask();
+        u32::from(self.base) & m == u32::from(other.base) & m
+    }
+}
+
+impl std::fmt::Display for Ipv4Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Ipv4Range {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid IPv4 range {s:?}: use ADDRESS/PREFIX, e.g. 10.200.1.0/24");
+        let (a, p) = s.split_once('/').ok_or_else(bad)?;
+        let base: std::net::Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        let r = Ipv4Range { base, prefix };
+        if u32::from(base) & !r.mask() != 0 {
+            return Err(format!(
+                "invalid IPv4 range {s:?}: host bits are set (did you mean {}/{prefix}?)",
+                std::net::Ipv4Addr::from(u32::from(base) & r.mask())
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// What the operator (or the server, at attestation) bound to a node name: where it is
+/// reached and which pod addresses it may report. A node cannot change either.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointRecord {
-    /// The node it runs on.
-    pub node: NodeName,
-    /// Its name, unique on the node.
+pub struct NodeSpec {
+    /// The node.
+    pub name: NodeName,
+    /// Its address (handshake port); `None` until it attests, when the address it connects
+    /// from is bound.
+    pub address: Option<std::net::IpAddr>,
+    /// The addresses its pods may have.
+    pub pod_range: Ipv4Range,
+}
+
+/// What a node reported about one of its pods: facts of its runtime, never its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRuntime {
+    /// The pod's address, inside its node's pod range, unique in the cluster.
+    pub ipv4: std::net::Ipv4Addr,
+    /// The node-side interface.
+    pub interface: String,
+}
+
+/// A pod as the control plane placed it (the orchestrator side: the admin API), with what its
+/// node reported about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name, unique in the namespace.
     pub name: String,
     /// Its labels.
     pub labels: meshauth_policy::Labels,
-    /// Its address.
-    pub ipv4: std::net::Ipv4Addr,
+    /// The node the control plane bound it to.
+    pub node: NodeName,
     /// The identity of its labels.
     pub identity: meshauth_policy::IdentityId,
+    /// Reported by its node once it runs there.
+    pub runtime: Option<PodRuntime>,
 }
 
 /// A join token as returned to the operator: the secret itself is only ever shown once.

@@ -16,8 +16,8 @@ use meshauth_spiffe::SpiffeId;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::model::{
-    EndpointRecord, EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord,
-    RegistrationEntry, Selector, from_unix_secs, random_hex, unix_secs,
+    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec, PodRecord,
+    PodRuntime, RegistrationEntry, Selector, from_unix_secs, random_hex, unix_secs,
 };
 
 /// Errors of the store.
@@ -152,6 +152,27 @@ CREATE TABLE policies (
     yaml TEXT NOT NULL
 );
 ALTER TABLE nodes ADD COLUMN address TEXT;
+"#,
+    // Placement comes from the control plane: pods are created through the admin API; a node
+    // only reports their runtime facts, inside the pod range bound to it.
+    r#"
+DROP TABLE endpoints;
+CREATE TABLE pods (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    node TEXT NOT NULL,
+    identity INTEGER NOT NULL,
+    ipv4 TEXT,
+    interface TEXT,
+    PRIMARY KEY (namespace, name)
+);
+CREATE UNIQUE INDEX pods_by_ipv4 ON pods (ipv4) WHERE ipv4 IS NOT NULL;
+CREATE TABLE node_specs (
+    name TEXT PRIMARY KEY,
+    address TEXT,
+    pod_range TEXT NOT NULL
+);
 "#,
 ];
 
@@ -394,8 +415,8 @@ impl Store {
             .ok_or_else(|| StoreError::NodeNotFound(node.clone()))
     }
 
-    /// Deletes a node and its endpoints: its SVID no longer renews; it may attest again with
-    /// a new token.
+    /// Deletes a node and what it reported about its pods (the pods stay placed on it): its SVID
+    /// no longer renews; it may attest again with a new token.
     pub fn evict_node(&self, node: &NodeName) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -404,10 +425,59 @@ impl Store {
             return Err(StoreError::NodeNotFound(node.clone()));
         }
         tx.execute(
-            "DELETE FROM endpoints WHERE node = ?1",
+            "UPDATE pods SET ipv4 = NULL, interface = NULL WHERE node = ?1",
             params![node.as_str()],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// What is bound to node `name`, if anything.
+    pub fn node_spec(&self, name: &NodeName) -> Result<Option<NodeSpec>> {
+        Ok(self.node_specs()?.into_iter().find(|s| s.name == *name))
+    }
+
+    /// Every node spec, by name.
+    pub fn node_specs(&self) -> Result<Vec<NodeSpec>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, address, pod_range FROM node_specs ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, address, range) = row?;
+            out.push(NodeSpec {
+                name: name.parse().map_err(|e| corrupt("node_specs", e))?,
+                address: address
+                    .map(|a| a.parse())
+                    .transpose()
+                    .map_err(|e| corrupt("node_specs", e))?,
+                pod_range: range
+                    .parse()
+                    .map_err(|e: String| corrupt("node_specs", e))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Binds (or re-binds) a node's address and pod range.
+    pub fn put_node_spec(&self, spec: &NodeSpec) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO node_specs (name, address, pod_range) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET address = excluded.address,
+                 pod_range = excluded.pod_range",
+            params![
+                spec.name.as_str(),
+                spec.address.map(|a| a.to_string()),
+                spec.pod_range.to_string()
+            ],
+        )?;
         Ok(())
     }
 
@@ -447,36 +517,67 @@ impl Store {
         Ok(())
     }
 
-    /// Adds or replaces an endpoint.
-    pub fn put_endpoint(&self, ep: &EndpointRecord) -> Result<()> {
+    /// Places a pod (or replaces its labels, identity and node). Its runtime facts are kept
+    /// only if it stays on the same node.
+    pub fn put_pod(&self, pod: &PodRecord) -> Result<()> {
+        let (ipv4, interface) = match &pod.runtime {
+            Some(r) => (Some(r.ipv4.to_string()), Some(r.interface.clone())),
+            None => (None, None),
+        };
         self.conn().execute(
-            "INSERT INTO endpoints (node, name, labels, ipv4, identity) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (node, name) DO UPDATE SET labels = excluded.labels,
-                 ipv4 = excluded.ipv4, identity = excluded.identity",
+            "INSERT INTO pods (namespace, name, labels, node, identity, ipv4, interface)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (namespace, name) DO UPDATE SET labels = excluded.labels,
+                 identity = excluded.identity,
+                 ipv4 = CASE WHEN node = excluded.node THEN ipv4 ELSE NULL END,
+                 interface = CASE WHEN node = excluded.node THEN interface ELSE NULL END,
+                 node = excluded.node",
             params![
-                ep.node.as_str(),
-                ep.name,
-                labels_json(&ep.labels),
-                ep.ipv4.to_string(),
-                i64::from(ep.identity.get())
+                pod.namespace,
+                pod.name,
+                labels_json(&pod.labels),
+                pod.node.as_str(),
+                i64::from(pod.identity.get()),
+                ipv4,
+                interface
             ],
         )?;
         Ok(())
     }
 
-    /// Removes an endpoint; false when there was none.
-    pub fn delete_endpoint(&self, node: &NodeName, name: &str) -> Result<bool> {
+    /// Records (or, with `None`, clears) what a pod's node reported. The address is unique in
+    /// the cluster: a second pod reporting it fails with a constraint error.
+    pub fn set_pod_runtime(
+        &self,
+        namespace: &str,
+        name: &str,
+        runtime: Option<&PodRuntime>,
+    ) -> Result<bool> {
         Ok(self.conn().execute(
-            "DELETE FROM endpoints WHERE node = ?1 AND name = ?2",
-            params![node.as_str(), name],
+            "UPDATE pods SET ipv4 = ?3, interface = ?4 WHERE namespace = ?1 AND name = ?2",
+            params![
+                namespace,
+                name,
+                runtime.map(|r| r.ipv4.to_string()),
+                runtime.map(|r| r.interface.clone())
+            ],
         )? > 0)
     }
 
-    /// Every endpoint, by node then name.
-    pub fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+    /// Removes a pod; false when there was none.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM pods WHERE namespace = ?1 AND name = ?2",
+            params![namespace, name],
+        )? > 0)
+    }
+
+    /// Every pod, by namespace then name.
+    pub fn pods(&self) -> Result<Vec<PodRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT node, name, labels, ipv4, identity FROM endpoints ORDER BY node, name",
+            "SELECT namespace, name, labels, node, identity, ipv4, interface FROM pods
+             ORDER BY namespace, name",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -485,19 +586,27 @@ impl Store {
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (node, name, labels, ipv4, identity) = row?;
-            out.push(EndpointRecord {
-                node: node.parse().map_err(|e| corrupt("endpoints", e))?,
+            let (namespace, name, labels, node, identity, ipv4, interface) = row?;
+            let runtime = match (ipv4, interface) {
+                (Some(ip), Some(interface)) => Some(PodRuntime {
+                    ipv4: ip.parse().map_err(|e| corrupt("pods", e))?,
+                    interface,
+                }),
+                _ => None,
+            };
+            out.push(PodRecord {
+                namespace,
                 name,
                 labels: labels_from_json(&labels)?,
-                ipv4: ipv4.parse().map_err(|e| corrupt("endpoints", e))?,
-                identity: IdentityId::new(
-                    u32::try_from(identity).map_err(|e| corrupt("endpoints", e))?,
-                ),
+                node: node.parse().map_err(|e| corrupt("pods", e))?,
+                identity: IdentityId::new(u32::try_from(identity).map_err(|e| corrupt("pods", e))?),
+                runtime,
             });
         }
         Ok(out)
@@ -1058,23 +1167,63 @@ mod tests {
             store.identities().unwrap(),
             vec![(IdentityId::new(256), web.clone())]
         );
-        let ep = EndpointRecord {
-            node: node("n1"),
+        let pod = PodRecord {
+            namespace: "default".into(),
             name: "web-1".into(),
             labels: web,
-            ipv4: "10.200.1.10".parse().unwrap(),
+            node: node("n1"),
             identity: IdentityId::new(256),
+            runtime: None,
         };
-        store.put_endpoint(&ep).unwrap();
-        assert_eq!(store.endpoints().unwrap(), vec![ep.clone()]);
-        assert!(store.delete_endpoint(&node("n1"), "web-1").unwrap());
-        assert!(!store.delete_endpoint(&node("n1"), "web-1").unwrap());
-        store.put_endpoint(&ep).unwrap();
+        store.put_pod(&pod).unwrap();
+        assert_eq!(store.pods().unwrap(), vec![pod.clone()]);
+        let rt = PodRuntime {
+            ipv4: "10.200.1.10".parse().unwrap(),
+            interface: "lxc10".into(),
+        };
+        assert!(
+            store
+                .set_pod_runtime("default", "web-1", Some(&rt))
+                .unwrap()
+        );
+        assert_eq!(store.pods().unwrap()[0].runtime, Some(rt.clone()));
+        // Another pod cannot report the same address.
+        let other = PodRecord {
+            name: "web-2".into(),
+            ..pod.clone()
+        };
+        store.put_pod(&other).unwrap();
+        assert!(
+            store
+                .set_pod_runtime("default", "web-2", Some(&rt))
+                .is_err()
+        );
+        // Re-placing on another node forgets the runtime facts.
+        store
+            .put_pod(&PodRecord {
+                node: node("n2"),
+                ..pod.clone()
+            })
+            .unwrap();
+        assert_eq!(store.pods().unwrap()[0].runtime, None);
+        store.put_pod(&pod).unwrap();
+        store
+            .set_pod_runtime("default", "web-1", Some(&rt))
+            .unwrap();
         store.evict_node(&node("n1")).unwrap();
         assert!(
-            store.endpoints().unwrap().is_empty(),
-            "eviction removes the node's endpoints"
+            store.pods().unwrap().iter().all(|p| p.runtime.is_none()),
+            "eviction forgets what the node reported; the placement stays"
         );
+        assert!(store.delete_pod("default", "web-1").unwrap());
+        assert!(!store.delete_pod("default", "web-1").unwrap());
+        let spec = NodeSpec {
+            name: node("n1"),
+            address: Some("10.199.0.1".parse().unwrap()),
+            pod_range: "10.200.1.0/24".parse().unwrap(),
+        };
+        store.put_node_spec(&spec).unwrap();
+        assert_eq!(store.node_spec(&node("n1")).unwrap(), Some(spec));
 
         store
             .put_policies(&[("a".into(), "x: 1".into()), ("b".into(), "y: 2".into())])

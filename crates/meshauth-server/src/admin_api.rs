@@ -9,11 +9,12 @@ use meshauth_datastore::{EntryFilter, EntryId, NewEntry, NodeName, NodeRecord, S
 use meshauth_proto::admin::admin_server::Admin;
 use meshauth_proto::admin::{
     Agent, AgentRequest, ApplyPoliciesRequest, ApplyPoliciesResponse, Authority,
-    CreateJoinTokenRequest, DeleteEntryResponse, DeletePolicyRequest, DeletePolicyResponse,
-    EntryRequest, EvictAgentResponse, GetBundleRequest, HealthRequest, HealthResponse, JoinToken,
-    ListAgentsRequest, ListAgentsResponse, ListEndpointsRequest, ListEndpointsResponse,
-    ListEntriesRequest, ListEntriesResponse, ListIdentitiesRequest, ListIdentitiesResponse,
-    ListPoliciesRequest, ListPoliciesResponse,
+    CreateJoinTokenRequest, CreatePodRequest, DeleteEntryResponse, DeletePodResponse,
+    DeletePolicyRequest, DeletePolicyResponse, EntryRequest, EvictAgentResponse, GetBundleRequest,
+    HealthRequest, HealthResponse, JoinToken, ListAgentsRequest, ListAgentsResponse,
+    ListEndpointsRequest, ListEndpointsResponse, ListEntriesRequest, ListEntriesResponse,
+    ListIdentitiesRequest, ListIdentitiesResponse, ListPoliciesRequest, ListPoliciesResponse,
+    NodeSpec as NodeSpecMsg, PodRequest, RegisterNodeRequest,
 };
 use meshauth_proto::node::{Bundle, Entry, PolicyDocument};
 use meshauth_spiffe::SpiffeId;
@@ -98,6 +99,30 @@ fn new_entry(e: &Entry) -> Result<NewEntry, Status> {
     })
 }
 
+/// Parses an optional node address and pod range (empty: none).
+fn node_binding(
+    address: &str,
+    pod_range: &str,
+) -> Result<
+    (
+        Option<std::net::IpAddr>,
+        Option<meshauth_datastore::Ipv4Range>,
+    ),
+    Status,
+> {
+    let address = match address {
+        "" => None,
+        a => Some(a.parse().map_err(|_| {
+            Status::invalid_argument(format!("{a:?} is not an IP address (use e.g. 10.199.0.1)"))
+        })?),
+    };
+    let range = match pod_range {
+        "" => None,
+        r => Some(r.parse().map_err(|e: String| Status::invalid_argument(e))?),
+    };
+    Ok((address, range))
+}
+
 fn status(e: RegistryError) -> Status {
     status_of(e)
 }
@@ -136,6 +161,12 @@ impl Admin for AdminApi {
             s if s < 0 => return Err(Status::invalid_argument("token TTL must be positive")),
             s => Some(Duration::from_secs(s as u64)),
         };
+        if !r.address.is_empty() || !r.pod_range.is_empty() {
+            let (address, range) = node_binding(&r.address, &r.pod_range)?;
+            self.registry
+                .register_node(&node, address, range)
+                .map_err(status)?;
+        }
         let t = self
             .registry
             .create_join_token(&node, ttl, SystemTime::now())
@@ -286,10 +317,67 @@ impl Admin for AdminApi {
         &self,
         _r: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
-        let eps = self.registry.endpoints().map_err(status)?;
+        let pods = self.registry.pods().map_err(status)?;
         let nodes = self.registry.nodes().map_err(status)?;
         Ok(Response::new(ListEndpointsResponse {
-            endpoints: eps.iter().map(|e| endpoint_msg(e, &nodes)).collect(),
+            endpoints: pods.iter().map(|p| endpoint_msg(p, &nodes)).collect(),
+        }))
+    }
+
+    async fn create_pod(
+        &self,
+        r: Request<CreatePodRequest>,
+    ) -> Result<Response<meshauth_proto::node::Endpoint>, Status> {
+        let r = r.into_inner();
+        let node = node_name(&r.node)?;
+        let labels = meshauth_policy::Labels::from_pairs(
+            r.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
+        )
+        .map_err(invalid)?;
+        let namespace = if r.namespace.is_empty() {
+            "default"
+        } else {
+            r.namespace.as_str()
+        };
+        let pod = self
+            .registry
+            .create_pod(namespace, &r.name, labels, &node)
+            .map_err(status)?;
+        let nodes = self.registry.nodes().map_err(status)?;
+        Ok(Response::new(endpoint_msg(&pod, &nodes)))
+    }
+
+    async fn delete_pod(
+        &self,
+        r: Request<PodRequest>,
+    ) -> Result<Response<DeletePodResponse>, Status> {
+        let r = r.into_inner();
+        let namespace = if r.namespace.is_empty() {
+            "default"
+        } else {
+            r.namespace.as_str()
+        };
+        self.registry
+            .delete_pod(namespace, &r.name)
+            .map_err(status)?;
+        Ok(Response::new(DeletePodResponse {}))
+    }
+
+    async fn register_node(
+        &self,
+        r: Request<RegisterNodeRequest>,
+    ) -> Result<Response<NodeSpecMsg>, Status> {
+        let r = r.into_inner();
+        let node = node_name(&r.node_name)?;
+        let (address, range) = node_binding(&r.address, &r.pod_range)?;
+        let spec = self
+            .registry
+            .register_node(&node, address, range)
+            .map_err(status)?;
+        Ok(Response::new(NodeSpecMsg {
+            node_name: spec.name.to_string(),
+            address: spec.address.map(|a| a.to_string()).unwrap_or_default(),
+            pod_range: spec.pod_range.to_string(),
         }))
     }
 

@@ -45,6 +45,14 @@ pub enum DenyReason {
     EntryNotForNode,
     /// Identity without an endpoint on the caller's node.
     IdentityNotHosted,
+    /// A node reported a pod the control plane did not place on it.
+    PodNotPlacedHere,
+    /// A node reported a pod address outside its pod range.
+    AddressOutOfRange,
+    /// A node reported an address another pod or node has.
+    AddressInUse,
+    /// A node claimed an address other than the one bound to it.
+    NodeAddressMismatch,
     /// Unknown entry.
     EntryUnknown,
     /// CSR rejected.

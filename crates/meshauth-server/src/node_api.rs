@@ -9,12 +9,12 @@ use meshauth_ca::IssuedSvid;
 use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
-    AttestJoinTokenRequest, Bundle, ClusterNode, DeregisterEndpointRequest,
-    DeregisterEndpointResponse, Endpoint as EndpointMsg, Entry, Identity as IdentityMsg,
-    NodeSvidResponse, PolicyDocument, RegisterEndpointRequest, RegisterEndpointResponse,
-    RenewNodeSvidRequest, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
-    SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
-    SyncRequest, SyncResponse, UnsignedEntry,
+    AttestJoinTokenRequest, Bundle, ClusterNode, Endpoint as EndpointMsg, Entry,
+    Identity as IdentityMsg, NodeSvidResponse, PolicyDocument, RenewNodeSvidRequest,
+    ReportPodRequest, ReportPodResponse, Selector, SignIdentitySvidsRequest,
+    SignIdentitySvidsResponse, SignWorkloadSvidsRequest, SignWorkloadSvidsResponse,
+    SignedIdentitySvid, SignedSvid, SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest,
+    WithdrawPodResponse,
 };
 use meshauth_spiffe::X509Bundle;
 use tokio::sync::mpsc;
@@ -68,7 +68,11 @@ pub(crate) fn status_of(err: RegistryError) -> Status {
         | RegistryError::NotANode(_)
         | RegistryError::StaleNodeSvid { .. }
         | RegistryError::EntryNotForNode { .. }
-        | RegistryError::IdentityNotHosted { .. } => Status::permission_denied(msg),
+        | RegistryError::IdentityNotHosted { .. }
+        | RegistryError::PodNotPlacedHere { .. }
+        | RegistryError::AddressOutOfRange { .. }
+        | RegistryError::NodeAddressMismatch { .. } => Status::permission_denied(msg),
+        RegistryError::AddressInUse { .. } => Status::already_exists(msg),
         RegistryError::Store(StoreError::EntryNotFound(_) | StoreError::PolicyNotFound(_)) => {
             Status::not_found(msg)
         }
@@ -140,19 +144,34 @@ pub(crate) fn identity_msg(
 }
 
 pub(crate) fn endpoint_msg(
-    e: &meshauth_datastore::EndpointRecord,
+    p: &meshauth_datastore::PodRecord,
     nodes: &[meshauth_datastore::NodeRecord],
 ) -> EndpointMsg {
     EndpointMsg {
-        node: e.node.to_string(),
+        node: p.node.to_string(),
         node_id: nodes
             .iter()
-            .find(|n| n.name == e.node)
+            .find(|n| n.name == p.node)
             .map(|n| n.node_id.get())
             .unwrap_or(0),
-        name: e.name.clone(),
-        ipv4: e.ipv4.to_string(),
-        identity: e.identity.get(),
+        name: p.name.clone(),
+        ipv4: p
+            .runtime
+            .as_ref()
+            .map(|r| r.ipv4.to_string())
+            .unwrap_or_default(),
+        identity: p.identity.get(),
+        namespace: p.namespace.clone(),
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        interface: p
+            .runtime
+            .as_ref()
+            .map(|r| r.interface.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -166,7 +185,7 @@ fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
             .map(|(id, l)| identity_msg(*id, l))
             .collect(),
         endpoints: view
-            .endpoints
+            .pods
             .iter()
             .map(|e| endpoint_msg(e, &view.nodes))
             .collect(),
@@ -211,7 +230,13 @@ impl Node for NodeApi {
                 })?;
         let issued = self
             .registry
-            .attest_join_token(&req.token, &node, &req.csr, SystemTime::now())
+            .attest_join_token(
+                &req.token,
+                &node,
+                &req.csr,
+                peer.as_ref().map(|p| p.remote_addr.ip()),
+                SystemTime::now(),
+            )
             .map_err(|e| self.refuse("attest", peer.as_ref(), e))?;
         Ok(Response::new(node_svid_msg(&issued)))
     }
@@ -285,49 +310,40 @@ impl Node for NodeApi {
         Ok(Response::new(SignWorkloadSvidsResponse { svids, refused }))
     }
 
-    async fn register_endpoint(
+    async fn report_pod(
         &self,
-        request: Request<RegisterEndpointRequest>,
-    ) -> Result<Response<RegisterEndpointResponse>, Status> {
+        request: Request<ReportPodRequest>,
+    ) -> Result<Response<ReportPodResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
         let req = request.get_ref();
-        let labels = meshauth_policy::Labels::from_pairs(
-            req.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
-        )
-        .map_err(|e| {
-            self.refuse(
-                "register",
-                peer.as_ref(),
-                RegistryError::Invalid(e.to_string()),
-            )
-        })?;
         let ipv4 = req.ipv4.parse().map_err(|_| {
             self.refuse(
-                "register",
+                "report-pod",
                 peer.as_ref(),
                 RegistryError::Invalid(format!("{:?} is not an IPv4 address", req.ipv4)),
             )
         })?;
         let identity = self
             .registry
-            .register_endpoint(caller, &req.name, labels, ipv4)
-            .map_err(|e| self.refuse("register", peer.as_ref(), e))?;
-        Ok(Response::new(RegisterEndpointResponse {
+            .report_pod(caller, &req.namespace, &req.name, ipv4, &req.interface)
+            .map_err(|e| self.refuse("report-pod", peer.as_ref(), e))?;
+        Ok(Response::new(ReportPodResponse {
             identity: identity.get(),
         }))
     }
 
-    async fn deregister_endpoint(
+    async fn withdraw_pod(
         &self,
-        request: Request<DeregisterEndpointRequest>,
-    ) -> Result<Response<DeregisterEndpointResponse>, Status> {
+        request: Request<WithdrawPodRequest>,
+    ) -> Result<Response<WithdrawPodResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let req = request.get_ref();
         self.registry
-            .deregister_endpoint(caller, &request.get_ref().name)
-            .map_err(|e| self.refuse("deregister", peer.as_ref(), e))?;
-        Ok(Response::new(DeregisterEndpointResponse {}))
+            .withdraw_pod(caller, &req.namespace, &req.name)
+            .map_err(|e| self.refuse("withdraw-pod", peer.as_ref(), e))?;
+        Ok(Response::new(WithdrawPodResponse {}))
     }
 
     async fn sign_identity_svids(
@@ -368,6 +384,7 @@ impl Node for NodeApi {
             .authenticate_node(caller)
             .map_err(|e| self.refuse("sync", peer.as_ref(), e))?
             .name;
+        let claimed = !request.get_ref().node_address.is_empty();
         let address = match request.get_ref().node_address.as_str() {
             "" => peer.as_ref().map(|p| p.remote_addr.ip()),
             a => Some(a.parse().map_err(|_| {
@@ -380,7 +397,7 @@ impl Node for NodeApi {
         };
         if let Some(address) = address {
             self.registry
-                .set_node_address(&node, address)
+                .check_node_address(&node, address, claimed)
                 .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
         }
         let (tx, rx) = mpsc::channel(SYNC_BUFFER);

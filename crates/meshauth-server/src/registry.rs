@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
 use meshauth_datastore::{
-    EndpointRecord, EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord,
-    RegistrationEntry, Store, StoreError,
+    EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec,
+    PodRecord, PodRuntime, RegistrationEntry, Store, StoreError,
 };
 use meshauth_policy::{IdentityAllocator, IdentityId, Labels};
 use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
@@ -31,7 +31,15 @@ pub struct RegistryConfig {
     pub svid_ttl: Duration,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// Where nodes' pod ranges are allocated from (a /24 per node) when none was bound.
+    pub pod_cidr: Ipv4Range,
 }
+
+/// The default `--pod-cidr`.
+pub const DEFAULT_POD_CIDR: Ipv4Range = Ipv4Range {
+    base: std::net::Ipv4Addr::new(10, 200, 0, 0),
+    prefix: 16,
+};
 
 /// Why a request was refused. [`RegistryError::reason`] is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +90,46 @@ pub enum RegistryError {
         /// The caller.
         node: NodeName,
     },
+    /// A node reported a pod the control plane did not place on it.
+    #[error(
+        "pod {namespace}/{name} is not placed on node {node}: a node reports only pods the control plane placed on it"
+    )]
+    PodNotPlacedHere {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+        /// The caller.
+        node: NodeName,
+    },
+    /// A node reported a pod address outside its pod range.
+    #[error("address {ip} is outside node {node}'s pod range {range}")]
+    AddressOutOfRange {
+        /// The address.
+        ip: std::net::Ipv4Addr,
+        /// The caller.
+        node: NodeName,
+        /// Its range.
+        range: Ipv4Range,
+    },
+    /// A node reported an address another pod (or node) has.
+    #[error("address {ip} is already used by {by}")]
+    AddressInUse {
+        /// The address.
+        ip: std::net::Ipv4Addr,
+        /// Who has it.
+        by: String,
+    },
+    /// A node claimed an address other than the one bound to it.
+    #[error("node {node} claims address {claimed}, but {bound} is bound to it")]
+    NodeAddressMismatch {
+        /// The caller.
+        node: NodeName,
+        /// What it claimed.
+        claimed: std::net::IpAddr,
+        /// What is bound.
+        bound: std::net::IpAddr,
+    },
     /// Bad input in a request.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -105,6 +153,10 @@ impl RegistryError {
             RegistryError::StaleNodeSvid { .. } => DenyReason::StaleNodeSvid,
             RegistryError::EntryNotForNode { .. } => DenyReason::EntryNotForNode,
             RegistryError::IdentityNotHosted { .. } => DenyReason::IdentityNotHosted,
+            RegistryError::PodNotPlacedHere { .. } => DenyReason::PodNotPlacedHere,
+            RegistryError::AddressOutOfRange { .. } => DenyReason::AddressOutOfRange,
+            RegistryError::AddressInUse { .. } => DenyReason::AddressInUse,
+            RegistryError::NodeAddressMismatch { .. } => DenyReason::NodeAddressMismatch,
             RegistryError::Invalid(_) => DenyReason::InvalidRequest,
         }
     }
@@ -145,8 +197,8 @@ pub struct NodeView {
     pub entries: Vec<RegistrationEntry>,
     /// Every identity.
     pub identities: Vec<(IdentityId, Labels)>,
-    /// Every endpoint.
-    pub endpoints: Vec<EndpointRecord>,
+    /// Every pod: where the control plane placed it, and what its node reported.
+    pub pods: Vec<PodRecord>,
     /// Every node.
     pub nodes: Vec<NodeRecord>,
     /// Every policy document (name, YAML).
@@ -277,14 +329,17 @@ impl Registry {
     // --- node API ---
 
     /// First attestation with a join token.
+    /// `peer` is the address the node connects from: it is bound to the node unless an address
+    /// was bound already (with the token or `RegisterNode`).
     pub fn attest_join_token(
         &self,
         token: &str,
         node: &NodeName,
         csr: &[u8],
+        peer: Option<std::net::IpAddr>,
         now: SystemTime,
     ) -> Result<NodeSvid> {
-        let attested = self.attest_inner(token, node, csr, now)?;
+        let attested = self.attest_inner(token, node, csr, peer, now)?;
         // Refusals are counted where they are answered (`NodeApi::refuse`), as for every call.
         self.metrics.attestation_succeeded();
         Ok(attested)
@@ -295,6 +350,7 @@ impl Registry {
         token: &str,
         node: &NodeName,
         csr: &[u8],
+        peer: Option<std::net::IpAddr>,
         now: SystemTime,
     ) -> Result<NodeSvid> {
         // Refuse banned nodes before burning their token.
@@ -304,11 +360,16 @@ impl Registry {
         self.store.consume_join_token(token, node, now)?;
         let id = self.node_spiffe_id(node)?;
         let svid = self.ca().sign_csr(csr, &id, None, &[], now)?;
-        let record = self
+        let spec = self.bind_node(node, peer)?;
+        let mut record = self
             .store
             .record_attestation(node, &svid.serial, svid.not_after, now)?;
+        if let Some(address) = spec.address {
+            self.store.set_node_address(node, address)?;
+            record.address = Some(address);
+        }
         self.metrics.svid_issued(SvidKind::Node);
-        tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, "node attested with join token");
+        tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, address = ?spec.address, pod_range = %spec.pod_range, "node attested with join token");
         self.changed();
         Ok(NodeSvid {
             node: record,
@@ -426,44 +487,195 @@ impl Registry {
             parent_id: Some(parent),
             ..Default::default()
         })?;
+        // A banned node and its pods vanish from every agent's view: their addresses lose
+        // their identity (traffic from and to them drops) and every auth entry toward them is
+        // no longer justified (revoked at once).
+        let nodes: Vec<NodeRecord> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| !n.banned)
+            .collect();
+        let banned: std::collections::BTreeSet<NodeName> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.banned)
+            .map(|n| n.name)
+            .collect();
+        let pods = self
+            .store
+            .pods()?
+            .into_iter()
+            .filter(|p| !banned.contains(&p.node))
+            .collect();
         Ok(NodeView {
             bundle: self.bundle(now),
             entries,
             identities: self.store.identities()?,
-            endpoints: self.store.endpoints()?,
-            nodes: self.store.nodes()?,
+            pods,
+            nodes,
             policies: self.store.policies()?,
         })
     }
 
-    /// Records where other agents reach `node`.
-    pub fn set_node_address(&self, node: &NodeName, address: std::net::IpAddr) -> Result<()> {
-        if self.store.node(node)?.and_then(|n| n.address) != Some(address) {
-            self.store.set_node_address(node, address)?;
-            self.changed();
+    /// Checks the address a node claims for itself (or, with `claimed: false`, the address it
+    /// connects from) against the one bound to it. A node cannot move itself to another
+    /// address, least of all another node's.
+    pub fn check_node_address(
+        &self,
+        node: &NodeName,
+        address: std::net::IpAddr,
+        claimed: bool,
+    ) -> Result<()> {
+        let spec = self.bind_node(node, Some(address))?;
+        if !claimed {
+            if self.store.node(node)?.and_then(|n| n.address) != spec.address
+                && let Some(bound) = spec.address
+            {
+                self.store.set_node_address(node, bound)?;
+                self.changed();
+            }
+            return Ok(());
         }
-        Ok(())
+        let claimed = address;
+        match spec.address {
+            Some(bound) if bound != claimed => Err(RegistryError::NodeAddressMismatch {
+                node: node.clone(),
+                claimed,
+                bound,
+            }),
+            _ => {
+                if self.store.node(node)?.and_then(|n| n.address) != Some(claimed) {
+                    self.store.set_node_address(node, claimed)?;
+                    self.changed();
+                }
+                Ok(())
+            }
+        }
     }
 
-    // --- endpoints and identities ---
+    /// The spec bound to `node`, completing it: a pod range allocated from the pod CIDR if
+    /// none was bound, and `peer` as its address if none was bound yet.
+    fn bind_node(&self, node: &NodeName, peer: Option<std::net::IpAddr>) -> Result<NodeSpec> {
+        let specs = self.store.node_specs()?;
+        let mut spec = match specs.iter().find(|s| s.name == *node) {
+            Some(s) => s.clone(),
+            None => NodeSpec {
+                name: node.clone(),
+                address: None,
+                pod_range: self.allocate_pod_range(&specs)?,
+            },
+        };
+        let before = specs.iter().find(|s| s.name == *node).cloned();
+        // The address it connects from, when none was bound explicitly. Nodes behind one NAT
+        // (or on one loopback) share it; agents then cannot tell them apart by address and
+        // refuse to place a handshake from it (fail closed). Bind addresses explicitly for that.
+        if spec.address.is_none() {
+            spec.address = peer;
+        }
+        if before.as_ref() != Some(&spec) {
+            self.store.put_node_spec(&spec)?;
+            tracing::info!(node = %node, address = ?spec.address, pod_range = %spec.pod_range, "node bound");
+        }
+        Ok(spec)
+    }
 
-    /// Registers an endpoint of the calling node, allocating the identity of its labels.
-    pub fn register_endpoint(
-        &self,
-        caller: Option<&NodeCaller>,
-        name: &str,
-        labels: Labels,
-        ipv4: std::net::Ipv4Addr,
-    ) -> Result<IdentityId> {
-        let node = self.authenticate_node(caller)?;
-        if name.is_empty()
-            || name.len() > 253
-            || name.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
+    fn allocate_pod_range(&self, specs: &[NodeSpec]) -> Result<Ipv4Range> {
+        let cidr = self.config.pod_cidr;
+        if cidr.prefix > 24 {
             return Err(RegistryError::Invalid(format!(
-                "invalid endpoint name {name:?}"
+                "the pod CIDR {cidr} is too small for /24 node ranges"
             )));
         }
+        let count = 1u32 << (24 - u32::from(cidr.prefix));
+        (0..count)
+            .map(|i| Ipv4Range {
+                base: std::net::Ipv4Addr::from(u32::from(cidr.base) + (i << 8)),
+                prefix: 24,
+            })
+            .find(|r| !specs.iter().any(|s| s.pod_range.overlaps(*r)))
+            .ok_or_else(|| {
+                RegistryError::Invalid(format!("the pod CIDR {cidr} has no free /24 left"))
+            })
+    }
+
+    /// Binds a node's address and pod range (admin; before it attests, or to change them).
+    pub fn register_node(
+        &self,
+        node: &NodeName,
+        address: Option<std::net::IpAddr>,
+        pod_range: Option<Ipv4Range>,
+    ) -> Result<NodeSpec> {
+        let specs = self.store.node_specs()?;
+        let existing = specs.iter().find(|s| s.name == *node).cloned();
+        let pod_range = match (pod_range, &existing) {
+            (Some(r), _) => r,
+            (None, Some(e)) => e.pod_range,
+            (None, None) => self.allocate_pod_range(&specs)?,
+        };
+        if let Some(other) = specs
+            .iter()
+            .find(|s| s.name != *node && s.pod_range.overlaps(pod_range))
+        {
+            return Err(RegistryError::Invalid(format!(
+                "pod range {pod_range} overlaps node {}'s {}",
+                other.name, other.pod_range
+            )));
+        }
+        if let Some(ip) = address
+            && let Some(other) = specs
+                .iter()
+                .find(|s| s.name != *node && s.address == Some(ip))
+        {
+            return Err(RegistryError::Invalid(format!(
+                "address {ip} is bound to node {}",
+                other.name
+            )));
+        }
+        let spec = NodeSpec {
+            name: node.clone(),
+            address: address.or(existing.and_then(|e| e.address)),
+            pod_range,
+        };
+        self.store.put_node_spec(&spec)?;
+        if let Some(ip) = spec.address
+            && self.store.node(node)?.is_some()
+        {
+            self.store.set_node_address(node, ip)?;
+        }
+        tracing::info!(node = %node, address = ?spec.address, pod_range = %spec.pod_range, "node registered");
+        self.changed();
+        Ok(spec)
+    }
+
+    // --- pods (the orchestrator side) and what nodes report of them ---
+
+    fn check_pod_name(what: &str, name: &str) -> Result<()> {
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if ok {
+            Ok(())
+        } else {
+            Err(RegistryError::Invalid(format!(
+                "invalid pod {what} {name:?}: use lowercase letters, digits, '-' and '.' (at most 253)"
+            )))
+        }
+    }
+
+    /// Places a pod on a node (or re-places it), allocating the identity of its labels.
+    pub fn create_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: Labels,
+        node: &NodeName,
+    ) -> Result<PodRecord> {
+        Self::check_pod_name("namespace", namespace)?;
+        Self::check_pod_name("name", name)?;
         let identity = {
             let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
             let (id, new) = alloc
@@ -475,33 +687,129 @@ impl Registry {
             }
             id
         };
-        self.store.put_endpoint(&EndpointRecord {
-            node: node.name.clone(),
+        let pod = PodRecord {
+            namespace: namespace.to_owned(),
             name: name.to_owned(),
             labels,
-            ipv4,
+            node: node.clone(),
             identity,
-        })?;
-        tracing::info!(node = %node.name, endpoint = name, identity = %identity, ip = %ipv4, "endpoint registered");
+            runtime: None,
+        };
+        self.store.put_pod(&pod)?;
+        tracing::info!(pod = %format!("{namespace}/{name}"), node = %node, identity = %identity, "pod placed");
         self.changed();
-        Ok(identity)
+        Ok(self
+            .store
+            .pods()?
+            .into_iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .unwrap_or(pod))
     }
 
-    /// Removes an endpoint of the calling node.
-    pub fn deregister_endpoint(&self, caller: Option<&NodeCaller>, name: &str) -> Result<()> {
-        let node = self.authenticate_node(caller)?;
-        if !self.store.delete_endpoint(&node.name, name)? {
-            return Err(RegistryError::Invalid(format!(
-                "node {} has no endpoint {name:?}",
-                node.name
-            )));
+    /// Removes a pod from the control plane.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        if !self.store.delete_pod(namespace, name)? {
+            return Err(RegistryError::Invalid(format!("no pod {namespace}/{name}")));
         }
-        tracing::info!(node = %node.name, endpoint = name, "endpoint deregistered");
+        tracing::info!(pod = %format!("{namespace}/{name}"), "pod deleted");
         self.changed();
         Ok(())
     }
 
-    /// Signs identity SVIDs for the caller, only for identities with an endpoint on its node.
+    /// Records what the calling node reports of one of its pods: only for a pod the control
+    /// plane placed on it, with an address inside its pod range that no other pod or node has.
+    pub fn report_pod(
+        &self,
+        caller: Option<&NodeCaller>,
+        namespace: &str,
+        name: &str,
+        ipv4: std::net::Ipv4Addr,
+        interface: &str,
+    ) -> Result<IdentityId> {
+        let node = self.authenticate_node(caller)?;
+        if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+            return Err(RegistryError::Invalid(format!(
+                "invalid interface name {interface:?}"
+            )));
+        }
+        let pods = self.store.pods()?;
+        let pod = pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name && p.node == node.name)
+            .ok_or_else(|| RegistryError::PodNotPlacedHere {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                node: node.name.clone(),
+            })?;
+        let spec = self.bind_node(&node.name, None)?;
+        if !spec.pod_range.contains(ipv4) {
+            return Err(RegistryError::AddressOutOfRange {
+                ip: ipv4,
+                node: node.name.clone(),
+                range: spec.pod_range,
+            });
+        }
+        if let Some(other) = pods.iter().find(|p| {
+            !(p.namespace == namespace && p.name == name)
+                && p.runtime.as_ref().is_some_and(|r| r.ipv4 == ipv4)
+        }) {
+            return Err(RegistryError::AddressInUse {
+                ip: ipv4,
+                by: format!("pod {}/{}", other.namespace, other.name),
+            });
+        }
+        if let Some(n) = self
+            .store
+            .node_specs()?
+            .into_iter()
+            .find(|s| s.address == Some(std::net::IpAddr::V4(ipv4)))
+        {
+            return Err(RegistryError::AddressInUse {
+                ip: ipv4,
+                by: format!("node {}", n.name),
+            });
+        }
+        let runtime = PodRuntime {
+            ipv4,
+            interface: interface.to_owned(),
+        };
+        if pod.runtime.as_ref() != Some(&runtime) {
+            self.store
+                .set_pod_runtime(namespace, name, Some(&runtime))?;
+            tracing::info!(node = %node.name, pod = %format!("{namespace}/{name}"), ip = %ipv4, interface, "pod reported");
+            self.changed();
+        }
+        Ok(pod.identity)
+    }
+
+    /// Forgets what the calling node reported of one of its pods.
+    pub fn withdraw_pod(
+        &self,
+        caller: Option<&NodeCaller>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<()> {
+        let node = self.authenticate_node(caller)?;
+        let placed_here = self
+            .store
+            .pods()?
+            .iter()
+            .any(|p| p.namespace == namespace && p.name == name && p.node == node.name);
+        if !placed_here {
+            return Err(RegistryError::PodNotPlacedHere {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                node: node.name.clone(),
+            });
+        }
+        self.store.set_pod_runtime(namespace, name, None)?;
+        tracing::info!(node = %node.name, pod = %format!("{namespace}/{name}"), "pod withdrawn");
+        self.changed();
+        Ok(())
+    }
+
+    /// Signs identity SVIDs for the caller, only for identities of pods the control plane placed
+    /// on its node.
     pub fn sign_identity_svids(
         &self,
         caller: Option<&NodeCaller>,
@@ -511,10 +819,10 @@ impl Registry {
         let node = self.authenticate_node(caller)?;
         let hosted: std::collections::BTreeSet<IdentityId> = self
             .store
-            .endpoints()?
+            .pods()?
             .into_iter()
-            .filter(|e| e.node == node.name)
-            .map(|e| e.identity)
+            .filter(|p| p.node == node.name)
+            .map(|p| p.identity)
             .collect();
         let mut out = Vec::with_capacity(csrs.len());
         for (identity, csr) in csrs {
@@ -539,9 +847,14 @@ impl Registry {
         Ok(self.store.identities()?)
     }
 
-    /// Every endpoint.
-    pub fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
-        Ok(self.store.endpoints()?)
+    /// Every pod.
+    pub fn pods(&self) -> Result<Vec<PodRecord>> {
+        Ok(self.store.pods()?)
+    }
+
+    /// Every node spec (address and pod range bound to each node).
+    pub fn node_specs(&self) -> Result<Vec<NodeSpec>> {
+        Ok(self.store.node_specs()?)
     }
 
     // --- policies ---

@@ -74,6 +74,8 @@ pub struct ServerConfig {
     pub svid_ttl: Duration,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// Where nodes' pod ranges are allocated from (a /24 each) when none is bound to them.
+    pub pod_cidr: meshauth_datastore::Ipv4Range,
 }
 
 /// A server whose store is open and whose listeners are bound.
@@ -108,6 +110,7 @@ impl Server {
                 ca_ttl: config.ca_ttl,
                 svid_ttl: config.svid_ttl,
                 join_token_ttl: config.join_token_ttl,
+                pod_cidr: config.pod_cidr,
             },
             store,
             Metrics::new(),

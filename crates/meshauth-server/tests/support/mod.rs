@@ -40,6 +40,7 @@ pub fn config(dir: &Path, ca_ttl: Duration, svid_ttl: Duration) -> ServerConfig 
         ca_ttl,
         svid_ttl,
         join_token_ttl: Duration::from_secs(600),
+        pod_cidr: meshauth_server::registry::DEFAULT_POD_CIDR,
     }
 }
 
