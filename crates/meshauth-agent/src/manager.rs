@@ -126,14 +126,14 @@ fn cluster_of(
                 }
             },
         };
-        let labels =
-            match Labels::from_pairs(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone()))) {
-                Ok(l) => l,
-                Err(err) => {
-                    tracing::warn!(pod = %e.name, error = %err, "ignoring a pod with invalid labels");
-                    continue;
-                }
-            };
+        let labels = match Labels::from_pairs(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))
+        {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::warn!(pod = %e.name, error = %err, "ignoring a pod with invalid labels");
+                continue;
+            }
+        };
         out.endpoints.push(crate::cache::ClusterEndpoint {
             node: e.node.clone(),
             node_id: NodeId::new(e.node_id),
@@ -315,24 +315,34 @@ impl Manager {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            let started = std::time::Instant::now();
             let outcome = tokio::select! {
                 r = self.session() => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             self.metrics.set_connected(false);
             self.publish(|s| s.connected = false);
+            // A session that ended quickly, cleanly or not, backs off like a failure: a server
+            // that accepts and drops us (or refuses us) is never redialed in a tight loop.
+            if started.elapsed() >= BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
             let delay = match outcome {
                 Ok(()) => {
-                    backoff = BACKOFF_MIN;
-                    Duration::ZERO
+                    tracing::info!(
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "the server ended the sync stream; reconnecting"
+                    );
+                    backoff
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "lost the server; serving cached SVIDs");
-                    let d = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    d
+                    backoff
                 }
             };
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            // ±20 % jitter, so that nodes cut off together do not return together.
+            let delay = delay.mul_f64(rand::rng().random_range(0.8..1.2));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|s| *s) => return,

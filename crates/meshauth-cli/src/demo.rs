@@ -250,15 +250,18 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         )?;
         sockets.push(socket);
     }
-    wait_until(Duration::from_secs(40), "12 pods reported by their nodes", || {
+    let reported = || {
         cli(&["pod", "list", "-o", "json"])
             .ok()
             .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
             .and_then(|v| {
-                v.as_array()
-                    .map(|a| a.iter().filter(|p| p["reported"] == true).count() == 12)
+                let pods = v.as_array()?;
+                Some(pods.iter().filter(|p| p["reported"] == true).count())
             })
-            .unwrap_or(false)
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(40), "12 pods reported", || {
+        reported() == 12
     })?;
 
     say(out, "HTTP responders in the demodeployment pods");
