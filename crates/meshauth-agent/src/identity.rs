@@ -1,13 +1,18 @@
 //! The node's identity on disk: its key, its node SVID and the latest trust bundle.
 //!
-//! Files in the data dir (mode 0700): `node.key` (PKCS#8 PEM, 0600), `node.crt` (PEM chain),
-//! `bundle.pem` (the latest bundle from the server), `node.json` (name and numeric id). Writes go
-//! to a temporary file first and are renamed into place, so a crash never leaves half a key.
+//! Files in the data dir: `node.key` (PKCS#8 PEM, 0600), `node.crt` (PEM chain), `bundle.pem`
+//! (the latest bundle from the server), `node.json` (name and numeric id), `meshauth.lock` (held
+//! by the running agent). The directory is created with mode 0700, or must already be this
+//! user's and not writable by group or others; it is never chmodded. Each write goes to a fresh
+//! temporary file with a unique name, given its mode before any data is written, synced, then
+//! renamed into place: a crash never leaves half a key, and a temporary file left by an
+//! interrupted write is never reused, so it cannot give a key a wider mode.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -57,10 +62,11 @@ impl std::fmt::Debug for NodeSvid {
     }
 }
 
-/// The data dir's files.
+/// The data dir's files, and its lock (shared by the clones; released when the last goes).
 #[derive(Debug, Clone)]
 pub struct DataDir {
     dir: PathBuf,
+    _lock: Arc<meshauth_telemetry::DataDirLock>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -70,15 +76,15 @@ struct NodeFile {
 }
 
 impl DataDir {
-    /// Creates the directory (0700) if needed.
+    /// Creates the directory (mode 0700), or checks the existing one (this user's, not writable
+    /// by group or others; never chmodded, so `--data-dir /tmp` is refused rather than made
+    /// 0700), and locks it: a second agent on the same directory fails here, naming the
+    /// directory and the pid of the first.
     pub fn open(dir: &Path) -> anyhow::Result<DataDir> {
-        fs::create_dir_all(dir).with_context(|| {
-            format!("cannot create data dir {} (use --data-dir)", dir.display())
-        })?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
+        let lock = meshauth_telemetry::lock_data_dir(dir, "--data-dir")?;
         Ok(DataDir {
             dir: dir.to_owned(),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -183,22 +189,106 @@ fn certs_pem(chain: &[CertificateDer<'_>]) -> String {
         .collect()
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+/// Replaces `path` with `data`, atomically, as a file of mode `mode`.
+///
+/// The temporary file is new (`O_EXCL`, random name, in `path`'s directory, created 0600) and is
+/// given `mode` before anything is written to it, so neither a stale temporary file nor an
+/// existing `path` lends its mode to the result; it is synced before the rename, and removed if
+/// any step fails.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let written = tmp
+        .as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| tmp.write_all(data))
+        .and_then(|()| tmp.as_file().sync_all());
+    written.with_context(|| format!("cannot write {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot replace {}", path.display()))?;
+    // The rename is durable once the directory is.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
 /// A private key of the form the TLS stack takes.
 pub fn private_key(key: &PrivatePkcs8KeyDer<'_>) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(key.clone_key())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_key_is_0600_whatever_an_interrupted_write_left_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::open(&tmp.path().join("agent")).unwrap();
+        // What the old shared temporary file looked like after an interrupted node.crt write,
+        // and a key file that an earlier version left too wide.
+        for stale in ["node.tmp", "node.key"] {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(data.path(stale))
+                .unwrap();
+            fs::set_permissions(data.path(stale), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        write_atomic(&data.path("node.key"), b"secret", 0o600).unwrap();
+        assert_eq!(mode(&data.path("node.key")), 0o600);
+        assert_eq!(fs::read(data.path("node.key")).unwrap(), b"secret");
+        assert_eq!(mode(&data.path("node.tmp")), 0o644, "not reused");
+        write_atomic(&data.path("node.crt"), b"public", 0o644).unwrap();
+        assert_eq!(mode(&data.path("node.crt")), 0o644);
+        // No temporary file is left behind.
+        let mut names: Vec<_> = fs::read_dir(&data.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["meshauth.lock", "node.crt", "node.key", "node.tmp"]);
+    }
+
+    #[test]
+    fn a_second_agent_on_the_data_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::open(tmp.path()).unwrap();
+        let err = DataDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another meshauth process"), "{err}");
+        assert!(err.contains(&tmp.path().display().to_string()), "{err}");
+        // A clone shares the lock; the lock goes with the last of them.
+        let clone = data.clone();
+        drop(data);
+        assert!(DataDir::open(tmp.path()).is_err());
+        drop(clone);
+        DataDir::open(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn a_world_writable_data_dir_is_refused_not_chmodded() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = DataDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        assert_eq!(mode(tmp.path()), 0o1777);
+    }
 }

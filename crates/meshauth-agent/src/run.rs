@@ -33,8 +33,9 @@ pub mod defaults {
     pub const METRICS_LISTEN: &str = "127.0.0.1:9091";
 }
 
-/// Everything `meshauth agent run` configures.
-#[derive(Debug, Clone)]
+/// Everything `meshauth agent run` configures. Its `Debug` shows whether a join token is set,
+/// never the token.
+#[derive(Clone)]
 pub struct AgentConfig {
     /// This node's name.
     pub node_name: String,
@@ -42,7 +43,7 @@ pub struct AgentConfig {
     pub server: String,
     /// The trust domain.
     pub trust_domain: TrustDomain,
-    /// Single-use token for the first attestation.
+    /// Single-use token for the first attestation (a secret: redacted in `Debug`).
     pub join_token: Option<String>,
     /// PEM bundle to trust the server with on first contact.
     pub trust_bundle: PathBuf,
@@ -56,6 +57,66 @@ pub struct AgentConfig {
     pub metrics_listen: SocketAddr,
     /// Enforce network policy on this node's pods (datapath, auth manager, handshakes).
     pub enforce: Option<EnforceSettings>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out (or leak) unnoticed.
+        let AgentConfig {
+            node_name,
+            server,
+            trust_domain,
+            join_token,
+            trust_bundle,
+            data_dir,
+            workload_socket,
+            admin_socket,
+            metrics_listen,
+            enforce,
+        } = self;
+        f.debug_struct("AgentConfig")
+            .field("node_name", node_name)
+            .field("server", server)
+            .field("trust_domain", trust_domain)
+            .field("join_token", &join_token.as_ref().map(|_| "<redacted>"))
+            .field("trust_bundle", trust_bundle)
+            .field("data_dir", data_dir)
+            .field("workload_socket", workload_socket)
+            .field("admin_socket", admin_socket)
+            .field("metrics_listen", metrics_listen)
+            .field("enforce", enforce)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod config_debug_tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    #[test]
+    fn debug_never_shows_the_join_token() {
+        let config = super::AgentConfig {
+            node_name: "n1".into(),
+            server: "127.0.0.1:8081".into(),
+            trust_domain: "test.local".parse().unwrap(),
+            join_token: Some("s3cr3t-t0ken".into()),
+            trust_bundle: "/b.pem".into(),
+            data_dir: "/d".into(),
+            workload_socket: "/w.sock".into(),
+            admin_socket: "/a.sock".into(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            enforce: None,
+        };
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+            assert!(shown.contains("\"n1\""), "{shown}");
+        }
+        assert!(format!("{config:?}").contains("join_token: Some(\"<redacted>\")"));
+    }
 }
 
 /// Makes the endpoint source (again, when enforcement restarts after a failure).

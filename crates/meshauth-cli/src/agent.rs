@@ -24,7 +24,8 @@ enum Sub {
     /// Run the node agent: attest (join token on first start), keep SVIDs fresh, serve the
     /// SPIFFE Workload API.
     ///
-    /// First start: meshauth agent run --node n1 --join-token TOKEN --trust-bundle bundle.pem
+    /// First start: meshauth agent run --node n1 --join-token-file TOKEN_FILE --trust-bundle
+    /// bundle.pem
     /// Later starts re-use the node SVID kept in --data-dir; no token is needed.
     Run(Box<RunArgs>),
     /// Ask a running agent whether it is healthy and ready; exits non-zero, naming what is not
@@ -107,8 +108,13 @@ struct RunArgs {
     /// Trust domain.
     #[arg(long, default_value = defaults::TRUST_DOMAIN)]
     trust_domain: TrustDomain,
-    /// Single-use join token for the first start (`meshauth token generate --node NAME`).
-    #[arg(long, env = "MESHAUTH_JOIN_TOKEN", hide_env_values = true)]
+    /// File holding the single-use join token for the first start, e.g. `(umask 077; meshauth
+    /// token generate --node NAME > FILE)`. Or set MESHAUTH_JOIN_TOKEN in the environment.
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
+    /// Discouraged: any local user can read a token given on the command line (in
+    /// /proc/<pid>/cmdline) and spend it first. Use --join-token-file or MESHAUTH_JOIN_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
     join_token: Option<String>,
     /// PEM bundle used to verify the server on first contact (`meshauth bundle show`).
     #[arg(long, default_value = "/etc/meshauth/bundle.pem")]
@@ -156,12 +162,45 @@ impl meshauth_agent::endpoints::EndpointSource for FailedSource {
     }
 }
 
+/// The environment variable that may hold the join token (read only when no flag gives one).
+const JOIN_TOKEN_ENV: &str = "MESHAUTH_JOIN_TOKEN";
+
+/// The join token: from `--join-token-file`, else `--join-token` (with a warning), else the
+/// environment. Never logged.
+fn join_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    if let Some(path) = &args.join_token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --join-token-file {}", path.display()))?;
+        let token = text.trim();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "--join-token-file {} is empty (write the output of `meshauth token generate --node {}` to it)",
+            path.display(),
+            args.node
+        );
+        return Ok(Some(token.to_owned()));
+    }
+    if let Some(token) = &args.join_token {
+        tracing::warn!(
+            "--join-token puts the token where any local user can read it (/proc/<pid>/cmdline) \
+             and spend it first; use --join-token-file or {JOIN_TOKEN_ENV}"
+        );
+        return Ok(Some(token.clone()));
+    }
+    Ok(std::env::var(JOIN_TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}
+
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let join_token = join_token(&args)?;
     let config = AgentConfig {
         node_name: args.node.to_string(),
         server: args.server,
         trust_domain: args.trust_domain,
-        join_token: args.join_token,
+        join_token,
         trust_bundle: args.trust_bundle,
         data_dir: args.data_dir,
         workload_socket: args.workload_socket,

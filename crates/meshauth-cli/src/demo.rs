@@ -218,6 +218,19 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         ])?
         .trim()
         .to_string();
+        // In a file of mode 0600, not on the agent's command line (readable by every user).
+        let token_file = w(&format!("{node}.token"));
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token_file)
+                .and_then(|mut f| f.write_all(token.as_bytes()))
+                .with_context(|| format!("cannot write {token_file}"))?;
+        }
         let socket = w(&format!("{node}-agent.sock"));
         spawn(
             &mut running,
@@ -231,8 +244,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 TRUST_DOMAIN,
                 "--server",
                 &server,
-                "--join-token",
-                &token,
+                "--join-token-file",
+                &token_file,
                 "--trust-bundle",
                 &w("bundle.pem"),
                 "--data-dir",

@@ -135,26 +135,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
         }
         if let (Some(dir), Some((svid, chain, _))) = (write, listed.first()) {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let pem = |label: &str, der: &[u8]| pem_block(label, der);
-            let certs: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-            std::fs::write(dir.join("svid.pem"), certs)?;
-            write_private(
-                &dir.join("svid.key"),
-                pem("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
-            )?;
-            let bundle: String = split_der(&svid.bundle)?
-                .iter()
-                .map(|c| pem("CERTIFICATE", c))
-                .collect();
-            std::fs::write(dir.join("bundle.pem"), bundle)?;
-            // Check that what was written reads back.
-            CertificateDer::pem_file_iter(dir.join("svid.pem"))?.collect::<Result<Vec<_>, _>>()?;
-            eprintln!(
-                "wrote svid.pem, svid.key (0600) and bundle.pem to {}",
-                dir.display()
-            );
+            write_svid_files(&dir, chain, &svid.x509_svid_key, &svid.bundle)?;
         }
         Ok(())
     })
@@ -172,17 +153,44 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
+/// Writes `svid.pem` (0644), `svid.key` (0600) and `bundle.pem` (0644) into `dir`.
+///
+/// A missing `dir` (and its missing parents) is created with mode 0700; an existing one keeps
+/// its mode (it is the user's). Each file is replaced atomically through a fresh temporary file
+/// that has its mode before any data is written ([`meshauth_agent::identity::write_atomic`]):
+/// an existing `svid.key` of a wider mode, or a temporary file left by an interrupted run,
+/// never makes the key readable.
+fn write_svid_files(
+    dir: &std::path::Path,
+    chain: &[CertificateDer<'_>],
+    key_der: &[u8],
+    bundle_der: &[u8],
+) -> anyhow::Result<()> {
+    use meshauth_agent::identity::write_atomic;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let certs: String = chain.iter().map(|c| pem_block("CERTIFICATE", c)).collect();
+    let bundle: String = split_der(bundle_der)?
+        .iter()
+        .map(|c| pem_block("CERTIFICATE", c))
+        .collect();
+    write_atomic(
+        &dir.join("svid.key"),
+        pem_block("PRIVATE KEY", key_der).as_bytes(),
+        0o600,
+    )?;
+    write_atomic(&dir.join("svid.pem"), certs.as_bytes(), 0o644)?;
+    write_atomic(&dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
+    // Check that what was written reads back.
+    CertificateDer::pem_file_iter(dir.join("svid.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    eprintln!(
+        "wrote svid.pem, svid.key (0600) and bundle.pem to {}",
+        dir.display()
+    );
     Ok(())
 }
 

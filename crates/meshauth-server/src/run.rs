@@ -4,7 +4,6 @@
 //! into the background) and returns the bound addresses; [`Server::serve`] runs the tasks.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -60,7 +59,8 @@ const ALPN_H2: &[u8] = b"h2";
 pub struct ServerConfig {
     /// The trust domain served.
     pub trust_domain: TrustDomain,
-    /// Where the SQLite file lives (created 0700).
+    /// Where the SQLite file lives: created with mode 0700, or an existing directory of this user
+    /// that no one else may write in (never chmodded); locked by one server at a time.
     pub data_dir: PathBuf,
     /// Node API (gRPC over mutual TLS).
     pub listen: SocketAddr,
@@ -89,6 +89,8 @@ pub struct Server {
     own: SharedCertifiedKey,
     own_id: SpiffeId,
     own_expiry: (SystemTime, SystemTime),
+    /// Held while the server runs, so that a second server on the same data dir refuses to start.
+    data_lock: meshauth_telemetry::DataDirLock,
 }
 
 /// The SPIFFE ID the server presents to agents: `spiffe://<td>/meshauth/server`.
@@ -101,7 +103,7 @@ pub fn server_spiffe_id(td: &TrustDomain) -> anyhow::Result<SpiffeId> {
 impl Server {
     /// Opens the store, loads or creates the CA, issues the server's own SVID and binds.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
-        create_private_dir(&config.data_dir)?;
+        let data_lock = open_data_dir(&config.data_dir)?;
         let store = meshauth_datastore::Store::open(&config.data_dir.join("meshauth.db"))?;
         let now = SystemTime::now();
         let registry = Arc::new(Registry::open(
@@ -157,6 +159,7 @@ impl Server {
             own,
             own_id,
             own_expiry: (now, not_after),
+            data_lock,
         })
     }
 
@@ -196,6 +199,7 @@ impl Server {
             own,
             own_id,
             own_expiry,
+            data_lock: _data_lock,
         } = self;
         let readiness = Readiness::new();
         let ticker = Ticker::new(
@@ -490,12 +494,12 @@ fn issue_own_svid(registry: &Registry, id: &SpiffeId, now: SystemTime) -> anyhow
     Ok((svid.chain, key, svid.not_after))
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data dir {} (use --data-dir)", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
-    Ok(())
+/// Creates the data dir (mode 0700), or checks the existing one (it must be this user's and not
+/// writable by group or others; it is never chmodded, so `--data-dir /tmp` is refused, not made
+/// 0700), and locks it for this process: a second server on the same directory fails here,
+/// naming the directory and the pid of the first.
+fn open_data_dir(dir: &Path) -> anyhow::Result<meshauth_telemetry::DataDirLock> {
+    Ok(meshauth_telemetry::lock_data_dir(dir, "--data-dir")?)
 }
 
 #[cfg(test)]
