@@ -198,6 +198,12 @@ fn flow_record(
         },
         tcp_flags: u32::from(e.tcp_flags),
         latency_us: 0,
+        sport: u32::from(e.sport),
+        direction: match e.direction {
+            meshauth_policy::Direction::Egress => "EGRESS",
+            meshauth_policy::Direction::Ingress => "INGRESS",
+        }
+        .into(),
     }
 }
 

@@ -15,6 +15,8 @@ use anyhow::{Context, bail};
 use meshauth_lab::Lab;
 
 use crate::common::Output;
+use crate::observe::hubble;
+use meshauth_proto::agent::Flow;
 
 /// The walkthrough's three policies.
 const POLICIES: &str = include_str!("../../meshauth-policy/tests/fixtures/walkthrough.yaml");
@@ -79,6 +81,191 @@ import http.server
 http.server.SimpleHTTPRequestHandler.protocol_version = "HTTP/1.1"
 http.server.ThreadingHTTPServer(("0.0.0.0", 80), http.server.SimpleHTTPRequestHandler).serve_forever()
 "#;
+
+/// The walkthrough's outcome of each request: HTTP status, 0 for no response.
+const EXPECTED: [(&str, u16); 4] = [
+    ("client1-2", 200),
+    ("client2-2", 200),
+    ("client3-2", 0),
+    ("client2-2 (again)", 200),
+];
+
+fn status_text(code: u16) -> String {
+    if code == 0 {
+        "no response".into()
+    } else {
+        format!("HTTP {code}")
+    }
+}
+
+/// The flows of `pod`'s connections to demodeployment-1.
+fn flows_of<'a>(flows: &'a [Flow], pod: &str) -> impl Iterator<Item = &'a Flow> + use<'a> {
+    let pod = pod.to_owned();
+    flows
+        .iter()
+        .filter(move |f| f.kind == "flow" && f.src_pod == pod && f.dst_pod == "demodeployment-1")
+}
+
+/// What happened, told from the statuses, flows and auth entries observed (never assumed), and
+/// how the requests' results differed from the walkthrough's.
+fn story(
+    results: &[(&str, u16, u64)],
+    flows: &[Flow],
+    auth: &[serde_json::Value],
+) -> (Vec<String>, Vec<String>) {
+    let mut lines = Vec::new();
+    let mut differences = Vec::new();
+    for (i, (client, want)) in EXPECTED.iter().enumerate() {
+        match results.get(i) {
+            Some((c, got, _)) if c == client && got == want => {}
+            Some((c, got, _)) => differences.push(format!(
+                "{c}: the walkthrough expects {}, got {}",
+                status_text(*want),
+                status_text(*got)
+            )),
+            None => differences.push(format!("{client}: no request was made")),
+        }
+    }
+    let status = |i: usize| results.get(i).map(|r| r.1).unwrap_or(0);
+    let dropped = |pod: &str, reason: &str| -> Vec<&Flow> {
+        flows_of(flows, pod)
+            .filter(|f| f.verdict == "DROPPED" && f.reason.starts_with(reason))
+            .collect()
+    };
+    let forwarded = |pod: &str| {
+        flows_of(flows, pod)
+            .filter(|f| f.verdict == "FORWARDED")
+            .count()
+    };
+
+    // client1: allowed by policy.
+    let n = forwarded("client1-2");
+    lines.push(match (status(0), n) {
+        (200, n) if n > 0 => {
+            format!("client1 is allowed by policy: {n} forwarded flow(s), HTTP 200.")
+        }
+        (code, n) => format!(
+            "client1: {} with {n} forwarded flow(s) recorded.",
+            status_text(code)
+        ),
+    });
+
+    // client2: allowed with authentication required.
+    let auth_drops = dropped("client2-2", "authentication required");
+    if let Some(first) = auth_drops.first() {
+        lines.push(format!(
+            "client2 needs mutual authentication: its first SYN was dropped for authentication \
+             on {} ({} SYN(s) dropped so).",
+            first.node,
+            auth_drops.len()
+        ));
+    } else {
+        lines.push("client2: no SYN of it was dropped for authentication.".into());
+    }
+    let pair = |f: &Flow| {
+        let apps = [
+            f.src_labels.get("app").map(String::as_str),
+            f.dst_labels.get("app").map(String::as_str),
+        ];
+        apps.contains(&Some("client2")) && apps.contains(&Some("demodeployment"))
+    };
+    let handshakes: Vec<&Flow> = flows
+        .iter()
+        .filter(|f| f.kind == "auth" && f.verdict == "SUCCEEDED" && pair(f))
+        .collect();
+    let failed = flows
+        .iter()
+        .filter(|f| f.kind == "auth" && f.verdict == "FAILED" && pair(f))
+        .count();
+    match handshakes.iter().find(|f| f.latency_us > 0) {
+        Some(h) => lines.push(format!(
+            "The agent on {} authenticated demodeployment <-> client2 in {:.1} ms \
+             ({} successful handshake record(s){}).",
+            h.node,
+            h.latency_us as f64 / 1000.0,
+            handshakes.len(),
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        )),
+        None if handshakes.is_empty() => {
+            lines.push("No handshake of demodeployment <-> client2 was recorded.".into())
+        }
+        None => lines.push(format!(
+            "{} handshake record(s) of demodeployment <-> client2.",
+            handshakes.len()
+        )),
+    }
+    let mut holders: Vec<&str> = auth
+        .iter()
+        .filter(|e| {
+            let apps = [
+                e["local"]["labels"]["app"].as_str(),
+                e["remote"]["labels"]["app"].as_str(),
+            ];
+            apps.contains(&Some("client2")) && apps.contains(&Some("demodeployment"))
+        })
+        .filter_map(|e| e["node"].as_str())
+        .collect();
+    holders.sort();
+    holders.dedup();
+    if holders.is_empty() {
+        lines.push("No node holds an auth entry for the pair.".into());
+    } else {
+        lines.push(format!(
+            "The auth entry for the pair is on {}.",
+            holders.join(", ")
+        ));
+    }
+    if let Some(first) = auth_drops.first() {
+        // The same program (node, direction) letting a SYN through, after the drop.
+        let passed = flows_of(flows, "client2-2").find(|f| {
+            f.verdict == "FORWARDED"
+                && f.node == first.node
+                && f.direction == first.direction
+                && f.time_unix_ms >= first.time_unix_ms
+        });
+        match passed {
+            Some(p) => lines.push(format!(
+                "A retransmitted SYN passed {} ms after the drop; client2's first request: {} \
+                 in {} ms.",
+                p.time_unix_ms - first.time_unix_ms,
+                status_text(status(1)),
+                results.get(1).map(|r| r.2).unwrap_or(0)
+            )),
+            None => lines.push("No SYN of client2 passed after the drop.".into()),
+        }
+    }
+    if let Some((_, code, ms)) = results.get(3) {
+        lines.push(format!(
+            "client2 again: {} in {ms} ms{}.",
+            status_text(*code),
+            if auth_drops.len() <= 1 && *code == 200 {
+                ", the pair being authenticated already"
+            } else {
+                ""
+            }
+        ));
+    }
+
+    // client3: no policy allows it.
+    let denied = dropped("client3-2", "policy denied");
+    lines.push(if denied.is_empty() {
+        format!(
+            "client3: {}, and no drop of it was recorded.",
+            status_text(status(2))
+        )
+    } else {
+        format!(
+            "client3 is denied by policy: {} SYN(s) dropped (policy denied), {}.",
+            denied.len(),
+            status_text(status(2))
+        )
+    });
+    (lines, differences)
+}
 
 const GET: &str = r#"
 import sys, time, urllib.request
@@ -312,6 +499,11 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(20), "client1 to be allowed", || {
         get("client1-2", "1").is_ok_and(|(code, _)| code == 200)
     })?;
+    // The datapath flows shown and told are those from here on (not client1's wait above).
+    let requests_from_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     let mut results = Vec::new();
     for client in ["client1-2", "client2-2", "client3-2"] {
         let (code, ms) = get(client, "5")?;
@@ -330,6 +522,15 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             auth.extend(v);
         }
     }
+    // The flows as `hubble observe` would show them, from the agents' flow logs.
+    let agent_sockets: Vec<PathBuf> = sockets.iter().map(PathBuf::from).collect();
+    let mut flows = Vec::new();
+    crate::common::block_on(async {
+        flows = crate::observe::collect(&agent_sockets).await?;
+        flows.retain(|f| f.kind == "auth" || f.time_unix_ms >= requests_from_ms);
+        Ok(())
+    })?;
+    let (lines, differences) = story(&results, &flows, &auth);
 
     match out {
         Output::Json => println!(
@@ -337,6 +538,9 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             serde_json::json!({
                 "requests": results.iter().map(|(c, code, ms)| serde_json::json!({"from": c, "to": "demodeployment-1", "status": code, "ms": ms})).collect::<Vec<_>>(),
                 "auth": auth,
+                "flows": flows.iter().map(hubble::flow_json).collect::<Vec<_>>(),
+                "story": lines,
+                "differences": differences,
             })
         ),
         Output::Text => {
@@ -361,17 +565,30 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     e["seconds_left"]
                 );
             }
+            for client in ["client1", "client2", "client3"] {
+                println!();
+                println!("hubble observe --to-label app=demodeployment --from-label app={client}:");
+                let pod = format!("{client}-2");
+                let mut any = false;
+                for f in flows_of(&flows, &pod) {
+                    println!("  {}", hubble::flow_line(f));
+                    any = true;
+                }
+                if !any {
+                    println!("  (no flows of {pod})");
+                }
+            }
             println!();
-            println!(
-                "client1 is allowed by policy; client2 needs mutual authentication: its first"
-            );
-            println!(
-                "SYN was dropped, the agents on n1 and n2 ran a TLS 1.3 handshake with the two"
-            );
-            println!(
-                "identities' SVIDs, wrote the auth entry on both nodes, and the retransmitted SYN"
-            );
-            println!("passed; client3 is denied.");
+            for l in &lines {
+                println!("{l}");
+            }
+            if !differences.is_empty() {
+                println!();
+                println!("differences from the walkthrough:");
+                for d in &differences {
+                    println!("  {d}");
+                }
+            }
             if cmd.keep {
                 println!();
                 println!("kept running; explore with:");
@@ -390,6 +607,12 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if !differences.is_empty() {
+        bail!(
+            "the demo differed from the walkthrough: {}",
+            differences.join("; ")
+        );
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `meshauth observe`: flows and auth events from the agents, in the style of `hubble observe`.
+//! `meshauth observe`: flows and auth events from the agents, in the style of `hubble observe`
+//! (its one-line text, and its JSON field names: see [`hubble`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use meshauth_proto::agent::{Flow, WatchFlowsRequest};
 use tokio_stream::StreamExt;
 
 use crate::common::{Output, agent_client, block_on, rpc};
+
+pub(crate) mod hubble;
 
 /// Observe options.
 #[derive(Debug, clap::Args)]
@@ -49,110 +52,22 @@ fn has_all(labels: &HashMap<String, String>, want: &[(String, String)]) -> bool 
     want.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn labels_text(l: &HashMap<String, String>) -> String {
-    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    v.sort();
-    v.join(",")
-}
-
-fn time_text(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-fn tcp_flags(f: u32) -> String {
-    let names = [
-        (0x02, "SYN"),
-        (0x10, "ACK"),
-        (0x01, "FIN"),
-        (0x04, "RST"),
-        (0x08, "PSH"),
-    ];
-    names
-        .iter()
-        .filter(|(b, _)| f & b != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn print_text(f: &Flow) {
-    let who = |pod: &str, id: u32, labels: &HashMap<String, String>| {
-        let name = if pod.is_empty() {
-            "?".to_string()
-        } else {
-            pod.to_string()
-        };
-        format!("{name} (ID:{id} {})", labels_text(labels))
-    };
-    if f.kind == "auth" {
-        let latency = if f.latency_us > 0 {
-            format!(" in {:.1} ms", f.latency_us as f64 / 1000.0)
-        } else {
-            String::new()
-        };
-        let reason = if f.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", f.reason)
-        };
-        out!(
-            "{} {}: auth ID:{} {} <-> ID:{} {} handshake {}{}{}",
-            time_text(f.time_unix_ms),
-            f.node,
-            f.src_identity,
-            labels_text(&f.src_labels),
-            f.dst_identity,
-            labels_text(&f.dst_labels),
-            f.verdict,
-            latency,
-            reason
-        );
-        return;
-    }
-    let reason = match f.reason.as_str() {
-        "" => String::new(),
-        r => {
-            let mut c = r.chars();
-            format!(
-                " ({}{})",
-                c.next()
-                    .map(|x| x.to_uppercase().to_string())
-                    .unwrap_or_default(),
-                c.as_str()
-            )
+/// Every record the agents at `sockets` hold, oldest first.
+pub(crate) async fn collect(sockets: &[PathBuf]) -> anyhow::Result<Vec<Flow>> {
+    let mut all = Vec::new();
+    for socket in sockets {
+        let mut client = agent_client(socket).await?;
+        let mut stream = client
+            .watch_flows(WatchFlowsRequest { follow: false })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        while let Some(f) = stream.next().await {
+            all.push(f.map_err(rpc)?);
         }
-    };
-    let flags = if f.protocol == "TCP" {
-        format!(" (TCP Flags: {})", tcp_flags(f.tcp_flags))
-    } else {
-        String::new()
-    };
-    out!(
-        "{} {}: {} -> {}:{} {} {}{}{}",
-        time_text(f.time_unix_ms),
-        f.node,
-        who(&f.src_pod, f.src_identity, &f.src_labels),
-        who(&f.dst_pod, f.dst_identity, &f.dst_labels),
-        f.dport,
-        f.protocol,
-        f.verdict,
-        reason,
-        flags
-    );
-}
-
-fn print_json(f: &Flow) {
-    out!(
-        "{}",
-        serde_json::json!({
-            "time": time_text(f.time_unix_ms), "node": f.node, "kind": f.kind,
-            "source": {"ip": f.src_ip, "pod": f.src_pod, "identity": f.src_identity, "labels": f.src_labels},
-            "destination": {"ip": f.dst_ip, "pod": f.dst_pod, "identity": f.dst_identity, "labels": f.dst_labels, "port": f.dport},
-            "protocol": f.protocol, "verdict": f.verdict, "reason": f.reason, "tcp_flags": f.tcp_flags,
-            "latency_us": f.latency_us,
-        })
-    );
+    }
+    all.sort_by_key(|f| f.time_unix_ms);
+    Ok(all)
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -183,8 +98,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 && cmd.verdict.as_ref().is_none_or(|v| *v == f.verdict)
         };
         let print = |f: &Flow| match cmd.output {
-            Output::Json => print_json(f),
-            Output::Text => print_text(f),
+            Output::Json => out!("{}", hubble::flow_json(f)),
+            Output::Text => out!("{}", hubble::flow_line(f)),
         };
         if cmd.follow {
             while let Some(f) = rx.recv().await {

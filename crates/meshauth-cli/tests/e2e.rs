@@ -100,12 +100,18 @@ fn demo_replays_the_walkthrough() {
             .collect()
     };
     let flows = observe(&["--to-label", "app=demodeployment"]);
+    // Hubble's flow JSON (`hubble observe -o json`); meshauth's extras under extensions.
+    let has_label = |v: &serde_json::Value, label: &str| {
+        v["labels"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x == label))
+    };
     let seen = |app: &str, verdict: &str, reason: &str| {
         flows.iter().any(|f| {
-            f["kind"] == "flow"
-                && f["source"]["labels"]["app"] == app
-                && f["verdict"] == verdict
-                && f["reason"] == reason
+            f["flow"]["Type"] == "L3_L4"
+                && has_label(&f["flow"]["source"], &format!("k8s:app={app}"))
+                && f["flow"]["verdict"] == verdict
+                && f["flow"]["extensions"]["meshauth"]["reason"] == reason
         })
     };
     assert!(seen("client2", "DROPPED", "authentication required"));
@@ -114,14 +120,23 @@ fn demo_replays_the_walkthrough() {
     assert!(seen("client3", "DROPPED", "policy denied"));
     let handshakes = observe(&["--verdict", "SUCCEEDED"]);
     assert!(
-        handshakes.iter().any(|f| f["kind"] == "auth"
-            && f["node"] == "n1"
-            && f["source"]["labels"]["app"] == "demodeployment"
-            && f["destination"]["labels"]["app"] == "client2"
-            && f["latency_us"].as_u64().unwrap() > 0),
+        handshakes
+            .iter()
+            .any(|f| f["flow"]["Type"] == "meshauth_auth"
+                && f["node_name"] == "n1"
+                && has_label(&f["flow"]["source"], "k8s:app=demodeployment")
+                && has_label(&f["flow"]["destination"], "k8s:app=client2")
+                && f["flow"]["extensions"]["meshauth"]["latency_us"]
+                    .as_u64()
+                    .unwrap()
+                    > 0),
         "the initiator (n1) reports the handshake with its latency: {handshakes:?}"
     );
-    assert!(handshakes.iter().all(|f| f["verdict"] == "SUCCEEDED"));
+    assert!(
+        handshakes
+            .iter()
+            .all(|f| f["flow"]["extensions"]["meshauth"]["handshake"] == "SUCCEEDED")
+    );
 
     // The entries are in the kernel's auth maps of both nodes.
     for node in ["n1", "n2"] {
@@ -425,7 +440,7 @@ print(ok, fail)
     let initiated = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|f| f["reason"] == "")
+        .filter(|f| f["flow"]["extensions"]["meshauth"]["reason"] == "")
         .count();
     assert!(
         initiated >= 2,

@@ -305,8 +305,8 @@ fn the_kernel_does_what_policy_trace_says_within_a_second_of_each_change() {
     );
     let failed = observe(&["--verdict", "FAILED"]);
     assert!(
-        failed.iter().any(|f| f["kind"] == "auth"
-            && f["reason"]
+        failed.iter().any(|f| f["flow"]["Type"] == "meshauth_auth"
+            && f["flow"]["extensions"]["meshauth"]["reason"]
                 .as_str()
                 .unwrap_or("")
                 .contains("TestAlwaysFail")),
@@ -385,9 +385,13 @@ fn the_kernel_does_what_policy_trace_says_within_a_second_of_each_change() {
     }
     let dropped = observe(&["--verdict", "DROPPED"]);
     assert!(
-        dropped.iter().any(|f| f["kind"] == "flow"
-            && f["source"]["labels"]["app"] == "client3"
-            && f["destination"]["labels"]["app"] == "demodeployment"),
+        dropped.iter().any(|f| f["flow"]["Type"] == "L3_L4"
+            && f["flow"]["source"]["labels"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x == "k8s:app=client3"))
+            && f["flow"]["destination"]["labels"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x == "k8s:app=demodeployment"))),
         "{dropped:?}"
     );
     lab.down().unwrap();
