@@ -8,6 +8,7 @@ packages=(
   clang-16 llvm-16 libbpf-dev bpftool libelf-dev pkg-config   # eBPF C programs
   protobuf-compiler libprotobuf-dev                            # gRPC definitions
   iproute2 iputils-ping iperf3 sockperf                        # lab and benchmarks
+  iptables                                                     # the agent's hold queue rule (NFQUEUE)
 )
 
 missing=()

@@ -82,6 +82,11 @@ pub struct EnforceConfig {
     pub metrics: crate::metrics::Metrics,
     /// Where enforcement says whether it is in force.
     pub status: watch::Sender<EnforceStatus>,
+    /// Hold packets of pairs being authenticated (instead of dropping them), with these bounds.
+    pub hold: Option<crate::hold::HoldLimits>,
+    /// Authenticate the pairs policy requires before their first packet, at most this many
+    /// per change (`None`: only on demand).
+    pub pre_authenticate: Option<usize>,
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
@@ -185,13 +190,16 @@ fn flow_record(
         dst_labels,
         dport: u32::from(e.dport),
         protocol: protocol_name(e.protocol),
-        verdict: if e.drop.is_some() {
+        verdict: if e.held {
+            "HELD"
+        } else if e.drop.is_some() {
             "DROPPED"
         } else {
             "FORWARDED"
         }
         .into(),
         reason: match e.drop {
+            None if e.held => "authentication required".to_owned(),
             Some(r) if e.established => format!("{r} (established flow re-checked)"),
             Some(r) => r.to_string(),
             None => String::new(),
@@ -362,6 +370,15 @@ async fn run_inner(
         .send(Err("enforcement is starting: nothing applied yet".into()));
     let mut dp = Datapath::load(&config.pin_dir).context("cannot load the datapath")?;
     let mut events = dp.take_events()?;
+    match config.hold {
+        Some(_) => {
+            crate::hold::install_rule().context("cannot install the hold queue's rule")?;
+            dp.set_auth_miss_action(meshauth_datapath::AuthMissAction::Mark(
+                crate::hold::HOLD_MARK,
+            ))?;
+        }
+        None => dp.set_auth_miss_action(meshauth_datapath::AuthMissAction::Drop)?,
+    }
     // Entries a previous run of this agent wrote are still in the pinned map: track them.
     let inherited = dp.auth_entries()?;
     let driver: SharedDriver = Arc::new(Mutex::new(
@@ -412,9 +429,38 @@ async fn run_inner(
             })?;
     let (acc_tx, mut acc_rx) = mpsc::channel(256);
     let (fail_tx, mut fail_rx) = mpsc::channel(256);
+    // The hold queue, on its own thread: it learns each handshake's outcome from here.
+    let hold_tx = match config.hold {
+        Some(limits) => Some(crate::hold::start(
+            limits,
+            Arc::clone(&driver),
+            auth.clone(),
+            config.flows.clone(),
+            config.node_name.clone(),
+            config.metrics.clone(),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     tokio::spawn(
         handshaker
             .clone()
+            .with_accept_hook({
+                // The responder's entry exists before the initiator hears "OK" (and releases
+                // what it held toward us).
+                let auth = auth.clone();
+                Arc::new(move |a: &meshauth_auth::Authenticated| {
+                    auth.record(
+                        AuthKey {
+                            local: a.local,
+                            remote: a.remote,
+                            remote_node: a.remote_node,
+                            auth_type: AuthType::Required,
+                        },
+                        a.expires,
+                    );
+                })
+            })
             .serve(listener, acc_tx, fail_tx, shutdown.clone()),
     );
     {
@@ -439,7 +485,8 @@ async fn run_inner(
                     0,
                 ));
                 metrics.handshake(Role::Responder, HandshakeResult::Success, None);
-                auth.record(key, a.expires);
+                // Written by the accept hook already; this only refreshes the tracking.
+                let _ = (&auth, key);
             }
         });
         let (flows, node) = (config.flows.clone(), config.node_name.clone());
@@ -462,6 +509,10 @@ async fn run_inner(
         let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(o) = outcome_rx.recv().await {
+                if let Some(tx) = &hold_tx {
+                    // Full: the hold thread also polls the auth map for its pairs.
+                    let _ = tx.try_send((o.key, o.result.is_ok()));
+                }
                 if let Err(Reason::TestAlwaysFail) = o.result {
                     metrics.handshake(Role::Initiator, Reason::TestAlwaysFail.into(), None);
                     flows.push(auth_record(
@@ -567,6 +618,7 @@ async fn run_inner(
             &snapshot,
             list,
             &config.node_name,
+            config.pre_authenticate,
         )
         .await
         {
@@ -634,6 +686,7 @@ async fn reconcile(
     snapshot: &Snapshot,
     list: EndpointList,
     node_name: &str,
+    pre_authenticate: Option<usize>,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let Some(cluster) = snapshot.cluster.as_deref() else {
@@ -878,6 +931,15 @@ async fn reconcile(
     let revoked = auth.revoke(|k| !justification.justified(k));
     if revoked > 0 {
         tracing::info!(revoked, "auth entries revoked: no longer justified");
+    }
+    // Pre-authentication: pairs policy requires are authenticated before their first packet
+    // (the auth manager's queue and workers bound the rate; its backoff bounds retries).
+    if let Some(max) = pre_authenticate {
+        let existing: BTreeSet<AuthKey> = auth.entries().into_iter().map(|(k, _)| k).collect();
+        let now = SystemTime::now();
+        for key in crate::plan::pre_authenticate(&justification, &existing, max) {
+            auth.request(key, now);
+        }
     }
     Ok(problems)
 }

@@ -14,6 +14,7 @@
 //! - [`endpoints`]: [`endpoints::EndpointSource`], where the node's pods come from.
 //! - [`plan`]: what the datapath should hold and which auth entries are justified (pure);
 //!   [`driver`]: makes the datapath so, through [`driver::DatapathOps`].
+//! - [`hold`]: the node-side queue that holds packets of pairs being authenticated.
 //! - [`enforce`]: the loop: datapath, policy, identity SVIDs, auth manager, handshake server.
 //! - [`flows`]: the flow log behind `meshauth observe`.
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
@@ -30,6 +31,7 @@ pub mod driver;
 pub mod endpoints;
 pub mod enforce;
 pub mod flows;
+pub mod hold;
 pub mod identity;
 pub mod manager;
 pub mod metrics;

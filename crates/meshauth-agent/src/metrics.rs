@@ -192,6 +192,24 @@ fn mirror(c: &Counter, total: u64) {
     c.inc_by(total.saturating_sub(c.get()));
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HoldLabels {
+    reason: HoldDropLabel,
+}
+
+/// Why a held packet was dropped.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum HoldDropLabel {
+    /// Its pair did not authenticate in time.
+    Timeout,
+    /// Its pair's handshake failed.
+    AuthFailed,
+    /// The queue was full.
+    Overflow,
+    /// No held flow matched it.
+    Unknown,
+}
+
 /// Handles to the agent's metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -215,6 +233,10 @@ pub struct Metrics {
     datapath_drops: Family<DropLabels, Counter>,
     datapath_forwarded: Family<DirectionLabels, Counter>,
     datapath_events_lost: Counter,
+    hold_released: Counter,
+    hold_dropped: Family<HoldLabels, Counter>,
+    hold_waiting: Gauge,
+    hold_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Metrics {
@@ -343,8 +365,38 @@ impl Metrics {
             "Datapath events (flows, auth-required signals) the ring buffer had no room for",
             datapath_events_lost.clone(),
         );
+        let hold_released = Counter::default();
+        r.register(
+            "hold_released_packets",
+            "Held packets released after their pair authenticated",
+            hold_released.clone(),
+        );
+        let hold_dropped = Family::<HoldLabels, Counter>::default();
+        r.register(
+            "hold_dropped_packets",
+            "Held packets dropped, by reason",
+            hold_dropped.clone(),
+        );
+        let hold_waiting = Gauge::default();
+        r.register(
+            "hold_waiting_packets",
+            "Packets waiting in the hold queue",
+            hold_waiting.clone(),
+        );
+        let hold_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+        );
+        r.register(
+            "hold_duration_seconds",
+            "How long the first held packet of a pair waited for its release",
+            hold_seconds.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
+            hold_released,
+            hold_dropped,
+            hold_waiting,
+            hold_seconds,
             datapath_drops,
             datapath_forwarded,
             datapath_events_lost,
@@ -439,6 +491,30 @@ impl Metrics {
             mirror(&self.datapath_forwarded.get_or_create(&labels), *n);
         }
         mirror(&self.datapath_events_lost, s.events_lost);
+    }
+
+    pub(crate) fn hold_released(&self, n: u64, waited: std::time::Duration) {
+        self.hold_released.inc_by(n);
+        if !waited.is_zero() {
+            self.hold_seconds.observe(waited.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn hold_dropped(&self, reason: crate::hold::HoldDrop, n: u64) {
+        use crate::hold::HoldDrop as D;
+        let reason = match reason {
+            D::Timeout => HoldDropLabel::Timeout,
+            D::AuthFailed => HoldDropLabel::AuthFailed,
+            D::Overflow => HoldDropLabel::Overflow,
+            D::Unknown => HoldDropLabel::Unknown,
+        };
+        self.hold_dropped
+            .get_or_create(&HoldLabels { reason })
+            .inc_by(n);
+    }
+
+    pub(crate) fn hold_waiting(&self, n: usize) {
+        self.hold_waiting.set(n as i64);
     }
 
     pub(crate) fn workload_api(&self, result: ApiResult) {

@@ -171,6 +171,37 @@ pub fn justification<'a>(
     }
 }
 
+/// The pairs to authenticate ahead of their first packet: every pair some local endpoint's
+/// policy requires authentication with, for every node the peer identity is placed on, that
+/// has no entry yet; at most `max`. Never a pair policy does not require.
+pub fn pre_authenticate(
+    j: &Justification,
+    existing: &BTreeSet<AuthKey>,
+    max: usize,
+) -> Vec<AuthKey> {
+    let mut out = Vec::new();
+    for (local, remote) in &j.required_here {
+        for (id, node) in j.placed.range((*remote, NodeId::new(0))..) {
+            if id != remote {
+                break;
+            }
+            let key = AuthKey {
+                local: *local,
+                remote: *remote,
+                remote_node: *node,
+                auth_type: AuthType::Required,
+            };
+            if !existing.contains(&key) {
+                out.push(key);
+                if out.len() >= max {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +274,44 @@ mod tests {
         // No compiled entries: nothing allowed.
         let d = plan(&cluster, &local, |_| None);
         assert!(d.endpoints[&7].entries.is_empty());
+    }
+
+    #[test]
+    fn pairs_policy_requires_are_authenticated_ahead_and_no_others() {
+        let j = Justification {
+            local: BTreeSet::from([IdentityId::new(300)]),
+            placed: BTreeSet::from([
+                (IdentityId::new(301), NodeId::new(2)),
+                (IdentityId::new(301), NodeId::new(3)),
+                (IdentityId::new(302), NodeId::new(2)),
+            ]),
+            required_here: BTreeSet::from([(IdentityId::new(300), IdentityId::new(301))]),
+            required_by_peer: BTreeSet::new(),
+        };
+        let key = |node: u32| AuthKey {
+            local: IdentityId::new(300),
+            remote: IdentityId::new(301),
+            remote_node: NodeId::new(node),
+            auth_type: AuthType::Required,
+        };
+        assert_eq!(
+            pre_authenticate(&j, &BTreeSet::new(), 10),
+            vec![key(2), key(3)]
+        );
+        assert_eq!(
+            pre_authenticate(&j, &BTreeSet::from([key(2)]), 10),
+            vec![key(3)]
+        );
+        assert_eq!(
+            pre_authenticate(&j, &BTreeSet::new(), 1).len(),
+            1,
+            "bounded"
+        );
+        assert!(
+            pre_authenticate(&j, &BTreeSet::new(), 10)
+                .iter()
+                .all(|k| j.justified(k))
+        );
     }
 
     #[test]

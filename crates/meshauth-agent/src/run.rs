@@ -133,6 +133,10 @@ pub struct EnforceSettings {
     pub node_address: Option<std::net::IpAddr>,
     /// Auth manager sizes (queue, workers, re-authentication margin, retry backoff).
     pub auth: meshauth_auth::ManagerConfig,
+    /// Hold packets of pairs being authenticated instead of dropping them (`None`: drop).
+    pub hold: Option<crate::hold::HoldLimits>,
+    /// Authenticate required pairs ahead of their first packet, at most this many per change.
+    pub pre_authenticate: Option<usize>,
 }
 
 impl std::fmt::Debug for EnforceSettings {
@@ -141,6 +145,7 @@ impl std::fmt::Debug for EnforceSettings {
             .field("pin_dir", &self.pin_dir)
             .field("node_address", &self.node_address)
             .field("auth", &self.auth)
+            .field("hold", &self.hold)
             .finish_non_exhaustive()
     }
 }
@@ -350,6 +355,8 @@ impl Agent {
                             flows,
                             metrics,
                             status,
+                            hold: settings.hold,
+                            pre_authenticate: settings.pre_authenticate,
                         };
                         crate::enforce::run(cfg, manager, (settings.source)(), stop).await
                     }

@@ -212,7 +212,13 @@ pub struct Handshaker {
     svids: LocalSvids,
     placement: Arc<dyn Placement>,
     timeouts: Timeouts,
+    on_accept: Option<AcceptHook>,
 }
+
+/// Called by the responder with every pair it is about to accept, before it tells the
+/// initiator: what the responder's side must hold (its auth entry) exists before the
+/// initiator releases any packet toward it.
+pub type AcceptHook = Arc<dyn Fn(&Authenticated) + Send + Sync>;
 
 impl std::fmt::Debug for Handshaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -264,7 +270,14 @@ impl Handshaker {
             svids,
             placement,
             timeouts,
+            on_accept: None,
         }
+    }
+
+    /// Runs `hook` for every pair this responder accepts, before the initiator hears of it.
+    pub fn with_accept_hook(mut self, hook: AcceptHook) -> Self {
+        self.on_accept = Some(hook);
+        self
     }
 
     /// Authenticates `local` (hosted here) with `remote` (hosted on the node at `peer`),
@@ -528,17 +541,21 @@ impl Handshaker {
             .svids
             .get(local)
             .ok_or_else(|| fail(Reason::NoLocalSvid, format!("no SVID for identity {local}")))?;
+        let accepted = Authenticated {
+            local,
+            remote: peer_id,
+            remote_node: node,
+            expires: own.not_after.min(peer_expiry),
+        };
+        if let Some(hook) = &self.on_accept {
+            hook(&accepted);
+        }
         tls.write_all(&[STATUS_OK])
             .await
             .map_err(|e| fail(Reason::Io, e))?;
         let _ = tls.flush().await;
         let _ = tls.shutdown().await;
-        Ok(Authenticated {
-            local,
-            remote: peer_id,
-            remote_node: node,
-            expires: own.not_after.min(peer_expiry),
-        })
+        Ok(accepted)
     }
 }
 

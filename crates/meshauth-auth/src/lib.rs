@@ -17,7 +17,8 @@ pub mod handshake;
 pub mod manager;
 
 pub use handshake::{
-    AuthError, Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason, Timeouts,
+    AcceptHook, AuthError, Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason,
+    Timeouts,
 };
 pub use manager::{
     AuthManager, AuthTable, Authenticator, Clock, ManagerConfig, ManagerHooks, ManagerStats,

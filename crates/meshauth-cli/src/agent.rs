@@ -144,6 +144,15 @@ struct RunArgs {
     /// (the datapath signals again).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     auth_queue: u32,
+    /// Drop the packets of pairs not authenticated yet (the sender retransmits) instead of
+    /// holding them in the node's queue until the pair has authenticated.
+    #[arg(long)]
+    no_hold: bool,
+    /// Authenticate the pairs policy requires ahead of their first packet (every identity
+    /// placed anywhere that a local endpoint's policy requires authentication with), at most
+    /// 4096 per change, instead of on the first packet only.
+    #[arg(long)]
+    pre_authenticate: bool,
     /// Handshakes run concurrently.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     auth_workers: u32,
@@ -218,6 +227,8 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
                 })
             },
             node_address: args.node_address,
+            hold: (!args.no_hold).then(meshauth_agent::hold::HoldLimits::default),
+            pre_authenticate: args.pre_authenticate.then_some(4096),
             auth: meshauth_auth::ManagerConfig {
                 queue: args.auth_queue as usize,
                 workers: args.auth_workers as usize,

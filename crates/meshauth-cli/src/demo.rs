@@ -38,6 +38,10 @@ pub(crate) struct Cmd {
     /// SVID lifetime (node and identity SVIDs); short ones show rotation and re-authentication.
     #[arg(long, value_parser = crate::common::parse_duration, default_value = "1h")]
     svid_ttl: std::time::Duration,
+    /// Agents authenticate the pairs policy requires before their first packet
+    /// (`agent run --pre-authenticate`): client2's first request needs no retransmission.
+    #[arg(long)]
+    pre_authenticate: bool,
 }
 
 struct Running {
@@ -419,33 +423,37 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {token_file}"))?;
         }
         let socket = w(&format!("{node}-agent.sock"));
+        let mut agent_args = s(&[
+            "agent",
+            "run",
+            "--node",
+            &node,
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--server",
+            &server,
+            "--join-token-file",
+            &token_file,
+            "--trust-bundle",
+            &w("bundle.pem"),
+            "--data-dir",
+            &w(&node),
+            "--workload-socket",
+            &w(&format!("{node}-workload.sock")),
+            "--agent-socket",
+            &socket,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--lab",
+            &cmd.lab,
+        ]);
+        if cmd.pre_authenticate {
+            agent_args.push("--pre-authenticate".into());
+        }
         spawn(
             &mut running,
             &format!("{}-{node}", cmd.lab),
-            s(&[
-                "agent",
-                "run",
-                "--node",
-                &node,
-                "--trust-domain",
-                TRUST_DOMAIN,
-                "--server",
-                &server,
-                "--join-token-file",
-                &token_file,
-                "--trust-bundle",
-                &w("bundle.pem"),
-                "--data-dir",
-                &w(&node),
-                "--workload-socket",
-                &w(&format!("{node}-workload.sock")),
-                "--agent-socket",
-                &socket,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--lab",
-                &cmd.lab,
-            ]),
+            agent_args,
             &format!("agent-{node}.log"),
         )?;
         sockets.push(socket);

@@ -25,6 +25,7 @@
 /* Event verdicts and drop reasons. */
 #define MA_EV_FORWARDED 0
 #define MA_EV_DROPPED 1
+#define MA_EV_HELD 2 /* marked for the node's hold queue until the pair authenticates */
 #define MA_REASON_NONE 0
 #define MA_REASON_POLICY_DENIED 1
 #define MA_REASON_AUTH_REQUIRED 2

@@ -398,7 +398,7 @@ static __always_inline int hold(struct __sk_buff *skb, const struct flow *f, __u
 {
 	skb->mark = mark;
 	count(direction, MA_REASON_AUTH_REQUIRED);
-	emit(skb, f, MA_EV_DROPPED, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, ak, flags);
+	emit(skb, f, MA_EV_HELD, MA_REASON_AUTH_REQUIRED, src_id, dst_id, direction, ak, flags);
 	return TC_ACT_OK;
 }
 
@@ -455,11 +455,12 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 			emit(skb, f, MA_EV_FORWARDED, MA_REASON_NONE, src_id, dst_id, direction, 0, 0);
 		return TC_ACT_OK;
 	}
-	if (d.reason == MA_REASON_AUTH_REQUIRED && !is_reply && cfg &&
-	    cfg->auth_miss_action == MA_AUTH_MISS_MARK) {
-		/* Hold path: a node-side rule queues marked packets until the pair is authenticated.
-		 * The flow is tracked as held: its packets and replies pass only once the auth entry
-		 * exists. */
+	if (d.reason == MA_REASON_AUTH_REQUIRED && !is_reply && direction == MA_DIR_EGRESS &&
+	    cfg && cfg->auth_miss_action == MA_AUTH_MISS_MARK) {
+		/* Hold path, for what a pod sends only (a packet marked on its way into a pod would
+		 * reach the pod: no node-side hook follows): a node-side rule queues marked packets
+		 * until the pair is authenticated. The flow is tracked as held: its packets and
+		 * replies pass only once the auth entry exists. */
 		ct_store(ct, orig, orig_dir, ep, cfg, &d.ak, MA_CT_HELD, now);
 		return hold(skb, f, src_id, dst_id, direction, &d.ak, cfg->hold_mark, evf);
 	}

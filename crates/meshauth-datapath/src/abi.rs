@@ -23,6 +23,7 @@ pub(crate) mod c {
     pub(crate) const AUTH_ALWAYS_FAIL: u8 = 2;
     pub(crate) const EV_FORWARDED: u8 = 0;
     pub(crate) const EV_DROPPED: u8 = 1;
+    pub(crate) const EV_HELD: u8 = 2;
     pub(crate) const REASON_NONE: u8 = 0;
     pub(crate) const REASON_POLICY_DENIED: u8 = 1;
     pub(crate) const REASON_AUTH_REQUIRED: u8 = 2;
@@ -292,6 +293,7 @@ mod tests {
             "MA_AUTH_ALWAYS_FAIL" => AUTH_ALWAYS_FAIL.into(),
             "MA_EV_FORWARDED" => EV_FORWARDED.into(),
             "MA_EV_DROPPED" => EV_DROPPED.into(),
+            "MA_EV_HELD" => EV_HELD.into(),
             "MA_REASON_NONE" => REASON_NONE.into(),
             "MA_REASON_POLICY_DENIED" => REASON_POLICY_DENIED.into(),
             "MA_REASON_AUTH_REQUIRED" => REASON_AUTH_REQUIRED.into(),

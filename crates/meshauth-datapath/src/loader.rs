@@ -634,6 +634,46 @@ impl Datapath {
             .collect())
     }
 
+    /// The auth key of a flow the datapath holds (marked for the hold queue), by the packet's
+    /// addresses, ports and protocol as the pod sent it; `None` when it is not held.
+    pub fn held_flow(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        protocol: u8,
+    ) -> Result<Option<AuthKey>> {
+        let m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
+            HashMap::try_from(self.map("ma_conntrack")?)?;
+        let key = abi::CtKey {
+            saddr: src.octets(),
+            daddr: dst.octets(),
+            sport,
+            dport,
+            protocol,
+            direction: c::DIR_EGRESS,
+            pad: 0,
+        };
+        match m.get(&key, 0) {
+            Ok(v) if v.flags & c::CT_HELD != 0 => Ok(from_abi_auth_key(&v.auth_key)),
+            Ok(_) => Ok(None),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether `key` has a live auth entry now.
+    pub fn auth_live(&mut self, key: AuthKey) -> Result<bool> {
+        let m: HashMap<&mut MapData, abi::AuthKey, abi::AuthValue> =
+            HashMap::try_from(self.map("ma_auth")?)?;
+        match m.get(&auth_key(key), 0) {
+            Ok(v) => Ok(v.expires_ns > boot_time_ns()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Number of conntrack entries (for tests and metrics).
     pub fn conntrack_len(&mut self) -> Result<usize> {
         let m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
@@ -799,11 +839,12 @@ fn decode(e: &abi::Event) -> Option<FlowEvent> {
         dport: e.dport,
         protocol: e.protocol,
         tcp_flags: e.tcp_flags,
-        drop: if e.verdict == c::EV_FORWARDED {
-            None
-        } else {
+        drop: if e.verdict == c::EV_DROPPED {
             Some(DropReason::from_raw(e.reason)?)
+        } else {
+            None
         },
+        held: e.verdict == c::EV_HELD,
         src_identity: IdentityId::new(e.src_identity),
         dst_identity: IdentityId::new(e.dst_identity),
         ifindex: e.ifindex,

@@ -176,8 +176,10 @@ pub struct FlowEvent {
     pub protocol: u8,
     /// TCP flags (TCP only).
     pub tcp_flags: u8,
-    /// `None` when forwarded.
+    /// `None` when forwarded (or held).
     pub drop: Option<DropReason>,
+    /// Marked for the node's hold queue: it waits there until its pair authenticates.
+    pub held: bool,
     /// Source identity (0 when unknown).
     pub src_identity: IdentityId,
     /// Destination identity (0 when unknown).

@@ -356,9 +356,8 @@ fn authentication_required_granted_and_expired_for_tcp_udp_icmp() {
         !c.tcp("a", &b, 8080),
         "the SYN leaves marked, the SYN-ACK waits for authentication"
     );
-    let e = wait_event(&mut events, |e| {
-        e.protocol == 6 && e.drop == Some(DropReason::AuthenticationRequired)
-    });
+    let e = wait_event(&mut events, |e| e.protocol == 6 && e.held);
+    assert_eq!(e.drop, None, "held, not dropped");
     assert_eq!(e.auth_key, Some(key));
     c.n1()
         .insert_auth(key, SystemTime::now() + Duration::from_secs(60))

@@ -1,0 +1,603 @@
+//! Hold, don't drop: the node-side queue for packets of pairs still being authenticated.
+//!
+//! The datapath marks such a packet ([`HOLD_MARK`]) instead of dropping it, and tracks its flow
+//! as held. A netfilter rule in the node's network namespace ([`install_rule`]) sends marked
+//! packets that the node forwards to NFQUEUE [`QUEUE`], without bypass: with no agent
+//! listening they are dropped (fail closed). This module reads the queue: each packet waits under its pair's
+//! auth key (read from the held flow's conntrack entry) and is released, in order, as soon as
+//! the pair has a live auth entry; after [`HoldLimits::timeout`], when the handshake failed, or
+//! when its pair's queue is full, it is dropped and counted.
+//!
+//! Why NFQUEUE: the packet has left the pod and the tc program already decided it; holding it
+//! in the kernel's queue needs no copy into a device the agent owns and re-injects it where it
+//! was, for every IP protocol alike. A BPF redirect to a TUN device would hold the same way but
+//! needs the agent to re-inject the packet itself.
+//!
+//! The decisions (what to release, what to drop) are in [`Holder`], which does no I/O and is
+//! tested without root; [`run`] wires it to the queue and the datapath.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use meshauth_policy::AuthKey;
+
+/// The mark the datapath sets on held packets (`AuthMissAction::Mark`).
+pub const HOLD_MARK: u32 = 0x4d41_0001;
+/// The NFQUEUE number the node's rule sends them to.
+pub const QUEUE: u16 = 4250;
+
+/// Bounds of the hold queue.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldLimits {
+    /// Packets one pair may have waiting.
+    pub packets_per_pair: usize,
+    /// Bytes one pair may have waiting.
+    pub bytes_per_pair: usize,
+    /// Packets waiting in all.
+    pub packets_total: usize,
+    /// How long a packet may wait.
+    pub timeout: Duration,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        HoldLimits {
+            packets_per_pair: 64,
+            bytes_per_pair: 256 * 1024,
+            packets_total: 4096,
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Why a held packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HoldDrop {
+    /// Its pair did not authenticate within the timeout.
+    Timeout,
+    /// Its pair's handshake failed.
+    AuthFailed,
+    /// Its pair's queue (or the whole queue) was full.
+    Overflow,
+    /// No held flow matches it (not from a held pair, or unparsable).
+    Unknown,
+}
+
+/// What to do with held packets now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<P> {
+    /// Let them continue, in this order; with how long the first one waited.
+    Release(AuthKey, Vec<P>, Duration),
+    /// Drop them, for this reason.
+    Drop(Vec<P>, HoldDrop),
+}
+
+struct Waiting<P> {
+    packets: VecDeque<(P, usize, Instant)>,
+    bytes: usize,
+}
+
+/// The hold queue's state: packets waiting per pair. `P` is the queue's packet handle.
+pub struct Holder<P> {
+    limits: HoldLimits,
+    pairs: HashMap<AuthKey, Waiting<P>>,
+    total: usize,
+    /// Counters by reason.
+    pub dropped: BTreeMap<HoldDrop, u64>,
+    /// Packets released after waiting.
+    pub released: u64,
+}
+
+impl<P> Holder<P> {
+    /// An empty queue.
+    pub fn new(limits: HoldLimits) -> Self {
+        Holder {
+            limits,
+            pairs: HashMap::new(),
+            total: 0,
+            dropped: BTreeMap::new(),
+            released: 0,
+        }
+    }
+
+    /// How many packets wait.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The pairs with packets waiting.
+    pub fn pairs(&self) -> Vec<AuthKey> {
+        self.pairs.keys().copied().collect()
+    }
+
+    fn count(&mut self, reason: HoldDrop, n: usize) {
+        *self.dropped.entry(reason).or_default() += n as u64;
+    }
+
+    /// A packet of `key` arrives (`None`: no held flow matches it); `live`: whether the pair
+    /// is authenticated already (then it passes at once).
+    pub fn arrive(
+        &mut self,
+        key: Option<AuthKey>,
+        packet: P,
+        len: usize,
+        live: bool,
+        now: Instant,
+    ) -> Option<Decision<P>> {
+        let Some(key) = key else {
+            self.count(HoldDrop::Unknown, 1);
+            return Some(Decision::Drop(vec![packet], HoldDrop::Unknown));
+        };
+        if live && !self.pairs.contains_key(&key) {
+            self.released += 1;
+            return Some(Decision::Release(key, vec![packet], Duration::ZERO));
+        }
+        let limits = self.limits;
+        let w = self.pairs.entry(key).or_insert_with(|| Waiting {
+            packets: VecDeque::new(),
+            bytes: 0,
+        });
+        if w.packets.len() >= limits.packets_per_pair
+            || w.bytes + len > limits.bytes_per_pair
+            || self.total >= limits.packets_total
+        {
+            self.count(HoldDrop::Overflow, 1);
+            return Some(Decision::Drop(vec![packet], HoldDrop::Overflow));
+        }
+        w.packets.push_back((packet, len, now));
+        w.bytes += len;
+        self.total += 1;
+        if live {
+            return self.authenticated(key, now);
+        }
+        None
+    }
+
+    /// `key` has authenticated: its packets go, in order.
+    pub fn authenticated(&mut self, key: AuthKey, now: Instant) -> Option<Decision<P>> {
+        let w = self.pairs.remove(&key)?;
+        self.total -= w.packets.len();
+        let waited = w
+            .packets
+            .front()
+            .map(|(_, _, t)| now.saturating_duration_since(*t))
+            .unwrap_or_default();
+        self.released += w.packets.len() as u64;
+        Some(Decision::Release(
+            key,
+            w.packets.into_iter().map(|(p, _, _)| p).collect(),
+            waited,
+        ))
+    }
+
+    /// `key`'s handshake failed: its packets are dropped.
+    pub fn failed(&mut self, key: AuthKey) -> Option<Decision<P>> {
+        let w = self.pairs.remove(&key)?;
+        self.total -= w.packets.len();
+        self.count(HoldDrop::AuthFailed, w.packets.len());
+        Some(Decision::Drop(
+            w.packets.into_iter().map(|(p, _, _)| p).collect(),
+            HoldDrop::AuthFailed,
+        ))
+    }
+
+    /// Drops what waited longer than the timeout.
+    pub fn expire(&mut self, now: Instant) -> Vec<Decision<P>> {
+        let timeout = self.limits.timeout;
+        let mut expired = Vec::new();
+        let mut empty = Vec::new();
+        for (key, w) in self.pairs.iter_mut() {
+            let mut gone = Vec::new();
+            while let Some((_, len, t)) = w.packets.front() {
+                if now.saturating_duration_since(*t) < timeout {
+                    break;
+                }
+                w.bytes -= *len;
+                if let Some((p, _, _)) = w.packets.pop_front() {
+                    gone.push(p);
+                }
+            }
+            if !gone.is_empty() {
+                expired.push(gone);
+            }
+            if w.packets.is_empty() {
+                empty.push(*key);
+            }
+        }
+        for k in empty {
+            self.pairs.remove(&k);
+        }
+        let mut out = Vec::new();
+        for gone in expired {
+            self.total -= gone.len();
+            self.count(HoldDrop::Timeout, gone.len());
+            out.push(Decision::Drop(gone, HoldDrop::Timeout));
+        }
+        out
+    }
+}
+
+/// The flow of an IPv4 packet as the datapath keys held flows: addresses, ports (the echo id
+/// for ICMP) and protocol. `None` for what is not IPv4 or too short.
+pub fn flow_of(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, u8)> {
+    let v_ihl = *packet.first()?;
+    if v_ihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(v_ihl & 0x0f) * 4;
+    let protocol = *packet.get(9)?;
+    let src = Ipv4Addr::new(*packet.get(12)?, packet[13], packet[14], packet[15]);
+    let dst = Ipv4Addr::new(*packet.get(16)?, packet[17], packet[18], packet[19]);
+    let l4 = packet.get(ihl..)?;
+    let be = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?])) };
+    let (sport, dport) = match protocol {
+        6 | 17 | 132 => (be(0)?, be(2)?),
+        1 => {
+            let id = be(4)?;
+            (id, id)
+        }
+        _ => (0, 0),
+    };
+    Some((src, dst, sport, dport, protocol))
+}
+
+/// Installs the rule that sends marked packets the node forwards to the queue, in the calling
+/// thread's network namespace (idempotent). No `--queue-bypass`: with no agent reading the
+/// queue, held packets are dropped.
+///
+/// The rule is an iptables (legacy) `NFQUEUE` target: kernels without nftables' queue
+/// expression (`CONFIG_NFT_QUEUE`, absent on this project's machines) still have the xtables
+/// target.
+pub fn install_rule() -> std::io::Result<()> {
+    let mark = format!("{HOLD_MARK:#x}");
+    let queue = QUEUE.to_string();
+    let rule = |op: &str| -> Vec<String> {
+        [
+            "-w",
+            op,
+            "FORWARD",
+            "-m",
+            "mark",
+            "--mark",
+            &mark,
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            &queue,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |args: Vec<String>| -> std::io::Result<std::process::Output> {
+        std::process::Command::new("iptables-legacy")
+            .args(&args)
+            .output()
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot run iptables-legacy ({e}): install the Debian package iptables"
+                    ),
+                )
+            })
+    };
+    if run(rule("-C"))?.status.success() {
+        return Ok(());
+    }
+    let out = run(rule("-I"))?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "iptables-legacy refused the hold rule: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+type SharedDriver =
+    std::sync::Arc<std::sync::Mutex<crate::driver::Driver<meshauth_datapath::Datapath>>>;
+
+/// Starts the hold queue's thread; returns where to tell it each handshake's outcome.
+pub fn start<T: meshauth_auth::AuthTable>(
+    limits: HoldLimits,
+    driver: SharedDriver,
+    auth: meshauth_auth::AuthManager<T>,
+    flows: crate::flows::FlowLog,
+    node: String,
+    metrics: crate::metrics::Metrics,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<std::sync::mpsc::SyncSender<(AuthKey, bool)>> {
+    let mut queue = nfq::Queue::open()?;
+    queue.bind(QUEUE)?;
+    // Never accept when the queue is full: drop (fail closed).
+    queue.set_fail_open(QUEUE, false)?;
+    queue.set_queue_max_len(QUEUE, 8192)?;
+    queue.set_nonblocking(true);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(AuthKey, bool)>(4096);
+    std::thread::Builder::new()
+        .name("meshauth-hold".into())
+        .spawn(move || {
+            let ctx = Ctx {
+                driver,
+                flows,
+                node,
+                metrics,
+            };
+            run(limits, queue, rx, &ctx, &auth, &stop)
+        })?;
+    Ok(tx)
+}
+
+struct Ctx {
+    driver: SharedDriver,
+    flows: crate::flows::FlowLog,
+    node: String,
+    metrics: crate::metrics::Metrics,
+}
+
+impl Ctx {
+    fn dp<R>(&self, f: impl FnOnce(&mut meshauth_datapath::Datapath) -> R) -> R {
+        let mut d = self.driver.lock().unwrap_or_else(|p| p.into_inner());
+        f(d.datapath())
+    }
+
+    fn record(&self, key: Option<AuthKey>, packet: &[u8], verdict: &str, reason: String) {
+        let Some((src, dst, _, dport, proto)) = flow_of(packet) else {
+            return;
+        };
+        self.flows.push(meshauth_proto::agent::Flow {
+            time_unix_ms: crate::flows::now_ms(),
+            node: self.node.clone(),
+            kind: "flow".into(),
+            src_ip: src.to_string(),
+            dst_ip: dst.to_string(),
+            src_identity: key.map_or(0, |k| k.local.get()),
+            dst_identity: key.map_or(0, |k| k.remote.get()),
+            dport: u32::from(dport),
+            protocol: match meshauth_policy::Protocol::from_number(proto) {
+                Some(p) => format!("{p:?}").to_uppercase(),
+                None => proto.to_string(),
+            },
+            verdict: verdict.into(),
+            reason,
+            ..Default::default()
+        });
+    }
+}
+
+fn settle(queue: &mut nfq::Queue, ctx: &Ctx, d: Decision<nfq::Message>) {
+    match d {
+        Decision::Release(key, packets, waited) => {
+            let n = packets.len();
+            for (i, mut m) in packets.into_iter().enumerate() {
+                if i == 0 && !waited.is_zero() {
+                    ctx.record(
+                        Some(key),
+                        m.get_payload(),
+                        "FORWARDED",
+                        format!(
+                            "held {} ms, released after authentication",
+                            waited.as_millis()
+                        ),
+                    );
+                }
+                m.set_verdict(nfq::Verdict::Accept);
+                if let Err(e) = queue.verdict(m) {
+                    tracing::warn!(error = %e, "cannot release a held packet");
+                }
+            }
+            ctx.metrics.hold_released(n as u64, waited);
+        }
+        Decision::Drop(packets, reason) => {
+            let n = packets.len();
+            for (i, mut m) in packets.into_iter().enumerate() {
+                if i == 0 {
+                    ctx.record(
+                        None,
+                        m.get_payload(),
+                        "DROPPED",
+                        format!("hold: {reason:?}"),
+                    );
+                }
+                m.set_verdict(nfq::Verdict::Drop);
+                if let Err(e) = queue.verdict(m) {
+                    tracing::warn!(error = %e, "cannot drop a held packet");
+                }
+            }
+            ctx.metrics.hold_dropped(reason, n as u64);
+        }
+    }
+}
+
+fn run<T: meshauth_auth::AuthTable>(
+    limits: HoldLimits,
+    mut queue: nfq::Queue,
+    outcomes: std::sync::mpsc::Receiver<(AuthKey, bool)>,
+    ctx: &Ctx,
+    auth: &meshauth_auth::AuthManager<T>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    let mut holder: Holder<nfq::Message> = Holder::new(limits);
+    let mut last_poll = Instant::now();
+    while !*stop.borrow() {
+        let now = Instant::now();
+        while let Ok((key, ok)) = outcomes.try_recv() {
+            let d = if ok {
+                holder.authenticated(key, now)
+            } else {
+                holder.failed(key)
+            };
+            if let Some(d) = d {
+                settle(&mut queue, ctx, d);
+            }
+        }
+        // Pairs authenticated by the peer's handshake (we were the responder) show up only in
+        // the auth map.
+        if !holder.is_empty() && now.duration_since(last_poll) >= Duration::from_millis(5) {
+            last_poll = now;
+            for key in holder.pairs() {
+                if ctx.dp(|d| d.auth_live(key)).unwrap_or(false)
+                    && let Some(d) = holder.authenticated(key, now)
+                {
+                    settle(&mut queue, ctx, d);
+                }
+            }
+        }
+        for d in holder.expire(now) {
+            settle(&mut queue, ctx, d);
+        }
+        let mut got = false;
+        for _ in 0..64 {
+            match queue.recv() {
+                Ok(msg) => {
+                    got = true;
+                    let payload = msg.get_payload();
+                    let len = payload.len();
+                    let key = flow_of(payload).and_then(|(s, d, sp, dp, p)| {
+                        ctx.dp(|x| x.held_flow(s, d, sp, dp, p)).ok().flatten()
+                    });
+                    let live = key.is_some_and(|k| ctx.dp(|d| d.auth_live(k)).unwrap_or(false));
+                    if let Some(k) = key
+                        && !live
+                    {
+                        auth.request(k, std::time::SystemTime::now());
+                    }
+                    if let Some(d) = holder.arrive(key, msg, len, live, Instant::now()) {
+                        settle(&mut queue, ctx, d);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the hold queue failed");
+                    break;
+                }
+            }
+        }
+        ctx.metrics.hold_waiting(holder.len());
+        if !got {
+            // Idle: a short sleep (a held packet waits at most this long for its release).
+            std::thread::sleep(Duration::from_millis(if holder.is_empty() { 5 } else { 1 }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshauth_policy::{AuthType, IdentityId, NodeId};
+
+    fn key(remote: u32) -> AuthKey {
+        AuthKey {
+            local: IdentityId::new(300),
+            remote: IdentityId::new(remote),
+            remote_node: NodeId::new(2),
+            auth_type: AuthType::Required,
+        }
+    }
+
+    #[test]
+    fn packets_wait_per_pair_and_leave_in_order() {
+        let mut h = Holder::new(HoldLimits::default());
+        let t0 = Instant::now();
+        assert!(h.arrive(Some(key(1)), 1, 60, false, t0).is_none());
+        assert!(h.arrive(Some(key(1)), 2, 60, false, t0).is_none());
+        assert!(h.arrive(Some(key(2)), 3, 60, false, t0).is_none());
+        assert_eq!(h.len(), 3);
+        let later = t0 + Duration::from_millis(7);
+        match h.authenticated(key(1), later) {
+            Some(Decision::Release(k, ps, waited)) => {
+                assert_eq!(
+                    (k, ps, waited),
+                    (key(1), vec![1, 2], Duration::from_millis(7))
+                );
+            }
+            other => panic!("{:?}", other.is_some()),
+        }
+        assert_eq!(h.len(), 1);
+        assert_eq!(
+            h.failed(key(2)),
+            Some(Decision::Drop(vec![3], HoldDrop::AuthFailed))
+        );
+        assert!(h.is_empty());
+        assert_eq!(h.dropped[&HoldDrop::AuthFailed], 1);
+        // Already authenticated: passes at once; unknown: dropped.
+        assert_eq!(
+            h.arrive(Some(key(3)), 4, 60, true, t0),
+            Some(Decision::Release(key(3), vec![4], Duration::ZERO))
+        );
+        assert_eq!(
+            h.arrive(None, 5, 60, false, t0),
+            Some(Decision::Drop(vec![5], HoldDrop::Unknown))
+        );
+    }
+
+    #[test]
+    fn queues_are_bounded_and_packets_time_out() {
+        let limits = HoldLimits {
+            packets_per_pair: 2,
+            bytes_per_pair: 1000,
+            packets_total: 3,
+            timeout: Duration::from_secs(1),
+        };
+        let mut h = Holder::new(limits);
+        let t0 = Instant::now();
+        assert!(h.arrive(Some(key(1)), 1, 10, false, t0).is_none());
+        assert!(h.arrive(Some(key(1)), 2, 10, false, t0).is_none());
+        assert_eq!(
+            h.arrive(Some(key(1)), 3, 10, false, t0),
+            Some(Decision::Drop(vec![3], HoldDrop::Overflow)),
+            "per pair"
+        );
+        assert_eq!(
+            h.arrive(Some(key(2)), 4, 2000, false, t0),
+            Some(Decision::Drop(vec![4], HoldDrop::Overflow)),
+            "bytes"
+        );
+        assert!(h.arrive(Some(key(2)), 5, 10, false, t0).is_none());
+        assert_eq!(
+            h.arrive(Some(key(3)), 6, 10, false, t0),
+            Some(Decision::Drop(vec![6], HoldDrop::Overflow)),
+            "total"
+        );
+        assert_eq!(h.dropped[&HoldDrop::Overflow], 3);
+        let drops = h.expire(t0 + Duration::from_millis(999));
+        assert!(drops.is_empty());
+        let drops = h.expire(t0 + Duration::from_secs(1));
+        assert_eq!(drops.len(), 2);
+        assert!(h.is_empty());
+        assert_eq!(h.dropped[&HoldDrop::Timeout], 3);
+    }
+
+    #[test]
+    fn flows_are_read_as_the_datapath_keys_them() {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 200, 1, 10]);
+        p[16..20].copy_from_slice(&[10, 200, 2, 10]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&80u16.to_be_bytes());
+        assert_eq!(
+            flow_of(&p),
+            Some((
+                "10.200.1.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                "10.200.2.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                40000,
+                80,
+                6
+            ))
+        );
+        p[9] = 1;
+        p[24..26].copy_from_slice(&77u16.to_be_bytes());
+        assert_eq!(flow_of(&p).map(|f| (f.2, f.3)), Some((77, 77)));
+        assert_eq!(flow_of(&p[..10]), None);
+        assert_eq!(flow_of(&[0x60; 40]), None, "IPv6");
+    }
+}
