@@ -468,7 +468,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             })
             .unwrap_or(0)
     };
-    wait_until(Duration::from_secs(40), "12 pods reported", || {
+    wait_until(Duration::from_secs(60), "12 pods reported", || {
         reported() == 12
     })?;
 
@@ -504,7 +504,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
         ))
     };
-    wait_until(Duration::from_secs(20), "client1 to be allowed", || {
+    wait_until(Duration::from_secs(60), "client1 to be allowed", || {
         get("client1-2", "1").is_ok_and(|(code, _)| code == 200)
     })?;
     // The datapath flows shown and told are those from here on (not client1's wait above).
