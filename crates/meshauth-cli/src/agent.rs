@@ -115,7 +115,7 @@ struct RunArgs {
     /// Discouraged: any local user can read a token given on the command line (in
     /// /proc/<pid>/cmdline) and spend it first. Use --join-token-file or MESHAUTH_JOIN_TOKEN.
     #[arg(long, value_name = "TOKEN")]
-    join_token: Option<String>,
+    join_token: Option<JoinToken>,
     /// PEM bundle used to verify the server on first contact (`meshauth bundle show`).
     #[arg(long, default_value = "/etc/meshauth/bundle.pem")]
     trust_bundle: PathBuf,
@@ -171,6 +171,25 @@ impl meshauth_agent::endpoints::EndpointSource for FailedSource {
     }
 }
 
+/// A join token given on the command line; `Debug` (of `RunArgs`, of the whole command line)
+/// never shows it.
+#[derive(Clone)]
+struct JoinToken(String);
+
+impl std::str::FromStr for JoinToken {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(JoinToken(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
+}
+
 /// The environment variable that may hold the join token (read only when no flag gives one).
 const JOIN_TOKEN_ENV: &str = "MESHAUTH_JOIN_TOKEN";
 
@@ -195,7 +214,7 @@ fn join_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
             "--join-token puts the token where any local user can read it (/proc/<pid>/cmdline) \
              and spend it first; use --join-token-file or {JOIN_TOKEN_ENV}"
         );
-        return Ok(Some(token.clone()));
+        return Ok(Some(token.0.clone()));
     }
     Ok(std::env::var(JOIN_TOKEN_ENV)
         .ok()
@@ -476,5 +495,41 @@ fn print_agents(agents: &[Agent], output: Output) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod join_token_tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: super::RunArgs,
+    }
+
+    #[test]
+    fn the_parsed_command_line_never_shows_the_token() {
+        use clap::Parser as _;
+        let cli =
+            Cli::try_parse_from(["meshauth", "--node", "n1", "--join-token", "s3cr3t"]).unwrap();
+        assert_eq!(cli.run.join_token.as_ref().unwrap().0, "s3cr3t");
+        for shown in [format!("{cli:?}"), format!("{cli:#?}")] {
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        let both = Cli::try_parse_from([
+            "meshauth",
+            "--node",
+            "n1",
+            "--join-token",
+            "a",
+            "--join-token-file",
+            "/f",
+        ]);
+        assert!(both.is_err(), "one source of the token at a time");
     }
 }
