@@ -19,3 +19,7 @@ export MESHAUTH_PYTHON="$PWD/target/py-venv/bin/python"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+
+# Coverage-guided fuzzing (AFL++ via cargo-afl, installed if missing): a short run of every
+# target on its seed corpus; any crash fails. Long runs and figures: docs/fuzzing.md.
+./scripts/fuzz.sh --seconds 15
