@@ -116,7 +116,7 @@ impl DataDir {
             .with_context(|| format!("cannot parse {}", meta_path.display()))?;
         let verified = meshauth_spiffe::validate_x509_svid(&chain, bundle, now).with_context(|| {
             format!(
-                "the saved node SVID in {} is no longer valid; attest again with a new --join-token",
+                "the saved node SVID in {} is no longer valid; attest again with a new join token (--join-token-file)",
                 crt_path.display()
             )
         })?;
