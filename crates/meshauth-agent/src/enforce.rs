@@ -583,6 +583,9 @@ async fn run_inner(
                 _ = tokio::time::sleep_until(retry) => dirty = true,
                 _ = tick.tick() => {
                     let now = SystemTime::now();
+                    if let (Some(max), Some(j)) = (config.pre_authenticate, &state.justification) {
+                        request_missing(&auth, j, max);
+                    }
                     auth.tick(now);
                     let entries = auth.entries();
                     let stats = auth.stats();
@@ -659,6 +662,8 @@ struct LoopState {
     registered: BTreeMap<String, BoundEndpoint>,
     /// Endpoints running here that the control plane did not place here (logged once).
     unplaced: BTreeSet<String>,
+    /// What justified auth entries at the last reconcile (kept for pre-authentication).
+    justification: Option<crate::plan::Justification>,
 }
 
 fn peer_name(id: IdentityId) -> String {
@@ -933,13 +938,24 @@ async fn reconcile(
         tracing::info!(revoked, "auth entries revoked: no longer justified");
     }
     // Pre-authentication: pairs policy requires are authenticated before their first packet
-    // (the auth manager's queue and workers bound the rate; its backoff bounds retries).
+    // (the auth manager's queue and workers bound the rate; its backoff bounds retries). The
+    // tick asks again for the ones still missing, so a failed attempt is retried on schedule.
     if let Some(max) = pre_authenticate {
-        let existing: BTreeSet<AuthKey> = auth.entries().into_iter().map(|(k, _)| k).collect();
-        let now = SystemTime::now();
-        for key in crate::plan::pre_authenticate(&justification, &existing, max) {
-            auth.request(key, now);
-        }
+        request_missing(auth, &justification, max);
+        st.justification = Some(justification);
     }
     Ok(problems)
+}
+
+/// Asks the auth manager for the pairs policy requires that have no entry yet.
+fn request_missing(
+    auth: &AuthManager<DatapathTable>,
+    justification: &crate::plan::Justification,
+    max: usize,
+) {
+    let existing: BTreeSet<AuthKey> = auth.entries().into_iter().map(|(k, _)| k).collect();
+    let now = SystemTime::now();
+    for key in crate::plan::pre_authenticate(justification, &existing, max) {
+        auth.request(key, now);
+    }
 }

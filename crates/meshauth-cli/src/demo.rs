@@ -507,6 +507,31 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(60), "client1 to be allowed", || {
         get("client1-2", "1").is_ok_and(|(code, _)| code == 200)
     })?;
+    if cmd.pre_authenticate {
+        // Pre-authentication runs in the background; the walkthrough's requests start once
+        // n1 holds the pair client2-2 will use (demodeployment-1 <-> client2 on n2).
+        let n1 = sockets.first().cloned().unwrap_or_default();
+        wait_until(
+            Duration::from_secs(60),
+            "the agents to pre-authenticate client2",
+            || {
+                Command::new(&exe)
+                    .args(["auth", "list", "-o", "json", "--agent-socket", &n1])
+                    .output()
+                    .ok()
+                    .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                    .and_then(|v| {
+                        let entries = v.as_array()?;
+                        Some(entries.iter().any(|e| {
+                            e["local"]["labels"]["app"] == "demodeployment"
+                                && e["remote"]["labels"]["app"] == "client2"
+                                && e["remote"]["node"] == "n2"
+                        }))
+                    })
+                    .unwrap_or(false)
+            },
+        )?;
+    }
     // The datapath flows shown and told are those from here on (not client1's wait above).
     let requests_from_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
