@@ -464,7 +464,6 @@ async fn run_inner(
             .serve(listener, acc_tx, fail_tx, shutdown.clone()),
     );
     {
-        let auth = auth.clone();
         let (flows, acc_view, node) =
             (config.flows.clone(), view.clone(), config.node_name.clone());
         let metrics = config.metrics.clone();
@@ -484,9 +483,8 @@ async fn run_inner(
                     "responder".into(),
                     0,
                 ));
+                // The entry itself was written by the accept hook, before the initiator heard.
                 metrics.handshake(Role::Responder, HandshakeResult::Success, None);
-                // Written by the accept hook already; this only refreshes the tracking.
-                let _ = (&auth, key);
             }
         });
         let (flows, node) = (config.flows.clone(), config.node_name.clone());
