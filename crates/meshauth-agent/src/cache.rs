@@ -115,8 +115,6 @@ pub struct ClusterEndpoint {
     pub namespace: String,
     /// Its name.
     pub name: String,
-    /// Its labels (from the control plane).
-    pub labels: meshauth_policy::Labels,
     /// Its address, once its node reported it.
     pub ipv4: Option<std::net::Ipv4Addr>,
     /// The node-side interface its node reported.

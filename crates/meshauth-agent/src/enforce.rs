@@ -45,19 +45,22 @@ pub use crate::endpoints::{EndpointList, EndpointSource, LocalEndpoint};
 /// `Err` with what is wrong otherwise.
 pub type EnforceStatus = Result<(), String>;
 
-/// The auth entries this node holds, published by enforcement for the admin API.
+/// The auth entries this node holds, for the admin API: enforcement points it at its auth
+/// manager, which is read only when asked (no copy is kept or refreshed on a timer).
 #[derive(Debug, Clone, Default)]
-pub struct AuthEntries(Arc<RwLock<Vec<(AuthKey, SystemTime)>>>);
+pub struct AuthEntries(Arc<RwLock<Option<meshauth_auth::EntriesReader>>>);
 
 impl AuthEntries {
-    /// The entries, sorted.
+    /// The entries, sorted (none while enforcement is not running).
     pub fn get(&self) -> Vec<(AuthKey, SystemTime)> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let reader = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut entries = reader.map(|r| r.read()).unwrap_or_default();
+        entries.sort_unstable();
+        entries
     }
 
-    fn set(&self, mut entries: Vec<(AuthKey, SystemTime)>) {
-        entries.sort();
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = entries;
+    fn set(&self, reader: meshauth_auth::EntriesReader) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(reader);
     }
 }
 
@@ -74,7 +77,7 @@ pub struct EnforceConfig {
     pub handshake_port: u16,
     /// Auth manager sizes.
     pub manager: ManagerConfig,
-    /// Where the current auth entries are published.
+    /// Where the admin API reads the auth entries from (pointed at the auth manager).
     pub published: AuthEntries,
     /// Where flows and auth events are recorded.
     pub flows: crate::flows::FlowLog,
@@ -335,7 +338,7 @@ impl Authenticator for Dialer {
 }
 
 /// How often the auth manager is ticked (re-authentication, retries, sweep) and the auth
-/// entries and datapath counters are published.
+/// gauges and datapath counters are exported.
 const TICK: Duration = Duration::from_secs(1);
 /// How often idle tracked flows are swept from the conntrack map.
 const CT_SWEEP: Duration = Duration::from_secs(30);
@@ -413,9 +416,11 @@ async fn run_inner(
         DatapathTable(Arc::clone(&driver)),
     );
     let now = SystemTime::now();
+    auth.reserve(inherited.len());
     for (key, expires) in inherited.into_iter().filter(|(_, e)| *e > now) {
         auth.adopt(key, expires);
     }
+    config.published.set(auth.entries_reader());
 
     // Handshake server: entries written for the pairs peers authenticate with us.
     let listener =
@@ -442,6 +447,7 @@ async fn run_inner(
         )?),
         None => None,
     };
+    let hold_for_events = hold_tx.clone();
     tokio::spawn(
         handshaker
             .clone()
@@ -507,9 +513,9 @@ async fn run_inner(
         let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(o) = outcome_rx.recv().await {
-                if let Some(tx) = &hold_tx {
-                    // Full: the hold thread also polls the auth map for its pairs.
-                    let _ = tx.try_send((o.key, o.result.is_ok()));
+                if let Some(hold) = &hold_tx {
+                    // Dropped when full: the hold thread also polls the auth map for its pairs.
+                    hold.outcome(o.key, o.result.is_ok());
                 }
                 if let Err(Reason::TestAlwaysFail) = o.result {
                     metrics.handshake(Role::Initiator, Reason::TestAlwaysFail.into(), None);
@@ -534,11 +540,17 @@ async fn run_inner(
             (config.flows.clone(), view.clone(), config.node_name.clone());
         let auth = auth.clone();
         let stop = shutdown.clone();
+        let hold = hold_for_events;
         std::thread::Builder::new()
             .name("meshauth-events".into())
             .spawn(move || {
                 while !*stop.borrow() {
                     if let Some(e) = events.next_event(Duration::from_millis(500)) {
+                        if e.held
+                            && let Some(h) = &hold
+                        {
+                            h.marked();
+                        }
                         flows.push(flow_record(&ev_node, &ev_view, &e));
                         if let Some(key) = e.auth_key {
                             auth.request(key, SystemTime::now());
@@ -585,12 +597,10 @@ async fn run_inner(
                         request_missing(&auth, j, max);
                     }
                     auth.tick(now);
-                    let entries = auth.entries();
                     let stats = auth.stats();
                     config
                         .metrics
-                        .auth_state(entries.len(), auth.pending(), stats.overflow, stats.revoked);
-                    config.published.set(entries);
+                        .auth_state(auth.len(), auth.pending(), stats.overflow, stats.revoked);
                     let sweep = last_sweep.elapsed() >= CT_SWEEP;
                     let mut d = lock(&driver);
                     if let Ok(s) = d.datapath().stats() {
@@ -732,9 +742,16 @@ async fn reconcile(
             }
             continue;
         };
+        let Some(labels) = cluster.identities.get(&pod.identity) else {
+            problems.push(format!(
+                "pod {key}: its identity {} is not in the cluster view yet",
+                pod.identity
+            ));
+            continue;
+        };
         let reported = pod.ipv4 == Some(ep.ipv4) && pod.interface == ep.host_veth;
         let bound = st.registered.get(key).is_some_and(|b| {
-            b.endpoint == *ep && b.identity == pod.identity && b.labels == pod.labels
+            b.endpoint == *ep && b.identity == pod.identity && b.labels == *labels
         });
         if reported && bound {
             continue;
@@ -763,13 +780,13 @@ async fn reconcile(
                 continue;
             }
         }
-        st.compiler.set_endpoint(key, pod.labels.clone());
+        st.compiler.set_endpoint(key, labels.clone());
         st.registered.insert(
             key.clone(),
             BoundEndpoint {
                 endpoint: ep.clone(),
                 identity: pod.identity,
-                labels: pod.labels.clone(),
+                labels: labels.clone(),
             },
         );
         tracing::info!(pod = %key, identity = %pod.identity, ip = %ep.ipv4, "endpoint enforced");
@@ -914,8 +931,7 @@ async fn reconcile(
 
     // Revocation: entries whose local identity left this node, whose peer identity is no longer
     // where the entry says, or that no policy of either side requires any more.
-    let entries = auth.entries();
-    let peer_ids: BTreeSet<IdentityId> = entries.iter().map(|(k, _)| k.remote).collect();
+    let peer_ids: BTreeSet<IdentityId> = auth.remote_identities();
     let peer_names: BTreeSet<String> = peer_ids.iter().map(|id| peer_name(*id)).collect();
     for stale in st.peer_names.difference(&peer_names) {
         st.peers.remove_endpoint(stale);
@@ -951,9 +967,9 @@ fn request_missing(
     justification: &crate::plan::Justification,
     max: usize,
 ) {
-    let existing: BTreeSet<AuthKey> = auth.entries().into_iter().map(|(k, _)| k).collect();
+    let missing = auth.with_entries(|has| crate::plan::pre_authenticate(justification, has, max));
     let now = SystemTime::now();
-    for key in crate::plan::pre_authenticate(justification, &existing, max) {
+    for key in missing {
         auth.request(key, now);
     }
 }

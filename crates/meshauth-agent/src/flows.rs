@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 /// How many records the ring keeps.
 const RING: usize = 1000;
 /// How many records a slow follower may lag before it skips ahead.
-const FOLLOW_BUFFER: usize = 1024;
+const FOLLOW_BUFFER: usize = 256;
 
 /// The log; cheap to clone.
 #[derive(Clone)]
@@ -29,7 +29,8 @@ impl std::fmt::Debug for FlowLog {
 impl Default for FlowLog {
     fn default() -> Self {
         FlowLog {
-            ring: Arc::new(Mutex::new(VecDeque::with_capacity(RING))),
+            // Grows as records come (an idle node keeps none).
+            ring: Arc::new(Mutex::new(VecDeque::new())),
             tx: broadcast::channel(FOLLOW_BUFFER).0,
         }
     }
@@ -51,9 +52,12 @@ impl FlowLog {
             if ring.len() == RING {
                 ring.pop_front();
             }
-            ring.push_back(flow.clone());
+            // Only followers need a copy: the channel keeps what it was sent until overwritten.
+            if self.tx.receiver_count() > 0 {
+                let _ = self.tx.send(flow.clone());
+            }
+            ring.push_back(flow);
         }
-        let _ = self.tx.send(flow);
     }
 
     /// The records in the ring, oldest first, and a receiver for what follows.

@@ -304,7 +304,41 @@ pub fn install_rule() -> std::io::Result<()> {
 type SharedDriver =
     std::sync::Arc<std::sync::Mutex<crate::driver::Driver<meshauth_datapath::Datapath>>>;
 
-/// Starts the hold queue's thread; returns where to tell it each handshake's outcome.
+/// What the hold thread is told.
+enum Signal {
+    /// A handshake's outcome for a pair.
+    Outcome(AuthKey, bool),
+    /// The datapath marked a packet to hold: it is on its way to the queue.
+    Marked,
+}
+
+/// Where the hold thread is told of handshake outcomes and of packets the datapath marked.
+/// Never blocks: a full channel drops the signal (the thread also polls the auth map while it
+/// holds packets, and wakes on its own every [`IDLE_WAIT`]).
+#[derive(Clone)]
+pub struct HoldHandle(std::sync::mpsc::SyncSender<Signal>);
+
+impl HoldHandle {
+    /// A handshake for `key` ended (`ok`: authenticated).
+    pub fn outcome(&self, key: AuthKey, ok: bool) {
+        let _ = self.0.try_send(Signal::Outcome(key, ok));
+    }
+
+    /// The datapath reported a held packet (its event): wake the thread to read the queue.
+    pub fn marked(&self) {
+        let _ = self.0.try_send(Signal::Marked);
+    }
+}
+
+/// How long the hold thread sleeps when it holds nothing and hears nothing. A packet marked
+/// while its event was lost (ring buffer full) waits at most this long to be read.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// After a marked-packet signal, how long the thread keeps polling the queue every
+/// millisecond (the event can arrive before the packet reaches the queue).
+const MARKED_WINDOW: Duration = Duration::from_millis(50);
+
+/// Starts the hold queue's thread; returns where to tell it each handshake's outcome and each
+/// packet the datapath marked.
 pub fn start<T: meshauth_auth::AuthTable>(
     limits: HoldLimits,
     driver: SharedDriver,
@@ -313,14 +347,14 @@ pub fn start<T: meshauth_auth::AuthTable>(
     node: String,
     metrics: crate::metrics::Metrics,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<std::sync::mpsc::SyncSender<(AuthKey, bool)>> {
+) -> std::io::Result<HoldHandle> {
     let mut queue = nfq::Queue::open()?;
     queue.bind(QUEUE)?;
     // Never accept when the queue is full: drop (fail closed).
     queue.set_fail_open(QUEUE, false)?;
     queue.set_queue_max_len(QUEUE, 8192)?;
     queue.set_nonblocking(true);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(AuthKey, bool)>(4096);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Signal>(4096);
     std::thread::Builder::new()
         .name("meshauth-hold".into())
         .spawn(move || {
@@ -332,7 +366,7 @@ pub fn start<T: meshauth_auth::AuthTable>(
             };
             run(limits, queue, rx, &ctx, &auth, &stop)
         })?;
-    Ok(tx)
+    Ok(HoldHandle(tx))
 }
 
 struct Ctx {
@@ -419,16 +453,25 @@ fn settle(queue: &mut nfq::Queue, ctx: &Ctx, d: Decision<nfq::Message>) {
 fn run<T: meshauth_auth::AuthTable>(
     limits: HoldLimits,
     mut queue: nfq::Queue,
-    outcomes: std::sync::mpsc::Receiver<(AuthKey, bool)>,
+    signals: std::sync::mpsc::Receiver<Signal>,
     ctx: &Ctx,
     auth: &meshauth_auth::AuthManager<T>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) {
     let mut holder: Holder<nfq::Message> = Holder::new(limits);
     let mut last_poll = Instant::now();
+    let mut active_until = Instant::now();
+    let mut waiting: Option<Signal> = None;
     while !*stop.borrow() {
         let now = Instant::now();
-        while let Ok((key, ok)) = outcomes.try_recv() {
+        for signal in waiting.take().into_iter().chain(signals.try_iter()) {
+            let (key, ok) = match signal {
+                Signal::Outcome(key, ok) => (key, ok),
+                Signal::Marked => {
+                    active_until = now + MARKED_WINDOW;
+                    continue;
+                }
+            };
             let d = if ok {
                 holder.authenticated(key, now)
             } else {
@@ -481,9 +524,20 @@ fn run<T: meshauth_auth::AuthTable>(
             }
         }
         ctx.metrics.hold_waiting(holder.len());
-        if !got {
-            // Idle: a short sleep (a held packet waits at most this long for its release).
-            std::thread::sleep(Duration::from_millis(if holder.is_empty() { 5 } else { 1 }));
+        if got {
+            continue;
+        }
+        if holder.is_empty() && Instant::now() >= active_until {
+            // Idle: sleep until a signal (a marked packet, an outcome) or IDLE_WAIT.
+            match signals.recv_timeout(IDLE_WAIT) {
+                Ok(signal) => waiting = Some(signal),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            // Holding, or a marked packet is on its way: a held packet waits at most this long
+            // for its release.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -126,20 +126,13 @@ fn cluster_of(
                 }
             },
         };
-        let labels = match Labels::from_pairs(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))
-        {
-            Ok(l) => l,
-            Err(err) => {
-                tracing::warn!(pod = %e.name, error = %err, "ignoring a pod with invalid labels");
-                continue;
-            }
-        };
+        // A pod's labels are its identity's (the server allocates identities by label set):
+        // they are kept once, with the identity, not with each of thousands of pods.
         out.endpoints.push(crate::cache::ClusterEndpoint {
             node: e.node.clone(),
             node_id: NodeId::new(e.node_id),
             namespace: e.namespace.clone(),
             name: e.name.clone(),
-            labels,
             ipv4,
             interface: e.interface.clone(),
             identity: IdentityId::new(e.identity),

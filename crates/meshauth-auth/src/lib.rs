@@ -21,6 +21,6 @@ pub use handshake::{
     Timeouts,
 };
 pub use manager::{
-    AuthManager, AuthTable, Authenticator, Clock, ManagerConfig, ManagerHooks, ManagerStats,
-    ManualClock, Outcome, RetryState, TableError,
+    AuthManager, AuthTable, Authenticator, Clock, EntriesReader, ManagerConfig, ManagerHooks,
+    ManagerStats, ManualClock, Outcome, RetryState, TableError,
 };

@@ -244,11 +244,36 @@ fn backoff(min: Duration, max: Duration, attempts: u32) -> Duration {
         .min(max)
 }
 
-/// A written entry: when it expires, and when to re-authenticate it.
+/// A written entry: when it expires, and when to re-authenticate it, in milliseconds since
+/// the Unix epoch (16 bytes instead of two 16-byte `SystemTime`s: a node may track 100,000
+/// entries).
 #[derive(Clone, Copy)]
 struct Tracked {
-    expires: SystemTime,
-    renew_at: SystemTime,
+    expires_ms: u64,
+    renew_at_ms: u64,
+}
+
+impl Tracked {
+    fn expires(self) -> SystemTime {
+        from_ms(self.expires_ms)
+    }
+
+    fn renew_at(self) -> SystemTime {
+        from_ms(self.renew_at_ms)
+    }
+}
+
+/// Milliseconds since the Unix epoch, rounded down (so an entry is taken to expire up to a
+/// millisecond early, never late); 0 before the epoch.
+fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 struct State<T> {
@@ -270,6 +295,23 @@ struct Inner<T> {
     config: ManagerConfig,
     clock: Clock,
     outcomes: Option<mpsc::Sender<Outcome>>,
+}
+
+/// Reads a manager's entries on demand (see [`AuthManager::entries_reader`]).
+#[derive(Clone)]
+pub struct EntriesReader(Arc<dyn Fn() -> Vec<(AuthKey, SystemTime)> + Send + Sync>);
+
+impl EntriesReader {
+    /// The manager's entries now, with their expiry, in no particular order.
+    pub fn read(&self) -> Vec<(AuthKey, SystemTime)> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for EntriesReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntriesReader")
+    }
 }
 
 /// The auth manager; cheap to clone. Its workers end when the last clone is dropped.
@@ -307,7 +349,13 @@ impl<T: AuthTable> Inner<T> {
         let life = expires.duration_since(now).unwrap_or_default();
         let margin = self.config.reauth_margin.min(life / 3);
         let renew_at = expires.checked_sub(margin).unwrap_or(expires);
-        st.entries.insert(key, Tracked { expires, renew_at });
+        st.entries.insert(
+            key,
+            Tracked {
+                expires_ms: to_ms(expires),
+                renew_at_ms: to_ms(renew_at),
+            },
+        );
     }
 
     /// Writes an authenticated entry to the table and tracks it.
@@ -455,7 +503,7 @@ impl<T: AuthTable> AuthManager<T> {
         if st.pending.contains(&key) {
             return;
         }
-        if st.entries.get(&key).is_some_and(|e| now < e.renew_at) {
+        if st.entries.get(&key).is_some_and(|e| now < e.renew_at()) {
             return;
         }
         if let Some(r) = st.retry.get_mut(&key) {
@@ -509,6 +557,12 @@ impl<T: AuthTable> AuthManager<T> {
         true
     }
 
+    /// Makes room for `additional` more entries at once (before adopting many: one allocation
+    /// instead of a table that doubles, and frees, its way up).
+    pub fn reserve(&self, additional: usize) {
+        self.inner.lock().entries.reserve(additional);
+    }
+
     /// Takes over an entry already in the table (written before a restart): it is tracked,
     /// re-authenticated and revoked like the others. Returns whether it was adopted: a
     /// `test-always-fail` entry is refused and removed from the table.
@@ -533,11 +587,12 @@ impl<T: AuthTable> AuthManager<T> {
     pub fn tick(&self, now: SystemTime) {
         let mut st = self.inner.lock();
         let st = &mut *st;
+        let now_ms = to_ms(now);
 
         let expired: Vec<AuthKey> = st
             .entries
             .iter()
-            .filter(|(_, e)| e.expires <= now)
+            .filter(|(_, e)| e.expires_ms <= now_ms)
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
@@ -551,7 +606,7 @@ impl<T: AuthTable> AuthManager<T> {
         let renew: Vec<AuthKey> = st
             .entries
             .iter()
-            .filter(|(_, e)| e.renew_at <= now)
+            .filter(|(_, e)| e.renew_at_ms <= now_ms)
             .map(|(k, _)| *k)
             .collect();
         for key in renew {
@@ -623,13 +678,54 @@ impl<T: AuthTable> AuthManager<T> {
         self.inner.lock().retry.get(key).copied()
     }
 
+    /// How many entries are written.
+    pub fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+
+    /// Whether no entry is written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` with a test of whether a key has an entry, under the manager's lock: no copy of
+    /// the entries is made. `f` must not call the manager.
+    pub fn with_entries<R>(&self, f: impl FnOnce(&dyn Fn(&AuthKey) -> bool) -> R) -> R {
+        let st = self.inner.lock();
+        f(&|k: &AuthKey| st.entries.contains_key(k))
+    }
+
+    /// The remote identities that have at least one entry.
+    pub fn remote_identities(&self) -> std::collections::BTreeSet<meshauth_policy::IdentityId> {
+        self.inner.lock().entries.keys().map(|k| k.remote).collect()
+    }
+
+    /// A reader of the entries for whoever shows them (the agent's admin API): it copies them
+    /// only when called, and finds none once the manager is gone (it keeps no workers alive).
+    pub fn entries_reader(&self) -> EntriesReader
+    where
+        T: Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        EntriesReader(Arc::new(move || {
+            weak.upgrade().map_or_else(Vec::new, |inner| {
+                inner
+                    .lock()
+                    .entries
+                    .iter()
+                    .map(|(k, e)| (*k, e.expires()))
+                    .collect()
+            })
+        }))
+    }
+
     /// The entries written, with their expiry.
     pub fn entries(&self) -> Vec<(AuthKey, SystemTime)> {
         self.inner
             .lock()
             .entries
             .iter()
-            .map(|(k, e)| (*k, e.expires))
+            .map(|(k, e)| (*k, e.expires()))
             .collect()
     }
 
@@ -1163,5 +1259,35 @@ mod tests {
         assert!(h.m.record(key(400), start));
         h.m.tick(start);
         h.m.tick(end);
+    }
+
+    #[tokio::test]
+    async fn entries_are_read_without_a_copy_and_the_reader_keeps_no_manager_alive() {
+        let h = harness(config(), false, 16, ttl(secs(600)));
+        h.m.reserve(2);
+        assert!(h.m.is_empty());
+        assert!(h.m.record(key(200), t0() + secs(600)));
+        assert!(h.m.adopt(key(201), t0() + secs(300)));
+        assert_eq!(h.m.len(), 2);
+        let has = h.m.with_entries(|has| (has(&key(200)), has(&key(202))));
+        assert_eq!(has, (true, false));
+        assert_eq!(
+            h.m.remote_identities().into_iter().collect::<Vec<_>>(),
+            vec![IdentityId::new(200), IdentityId::new(201)]
+        );
+        let reader = h.m.entries_reader();
+        let mut read = reader.read();
+        read.sort();
+        assert_eq!(
+            read,
+            vec![(key(200), t0() + secs(600)), (key(201), t0() + secs(300))]
+        );
+        // Times are kept to the millisecond, rounded down: never later than the certificate.
+        assert!(h.m.record(key(203), t0() + Duration::from_micros(1_500)));
+        let e = h.m.entries().into_iter().find(|(k, _)| *k == key(203));
+        assert_eq!(e, Some((key(203), t0() + Duration::from_millis(1))));
+        // Once the last handle is gone, the workers end and drop the manager's state.
+        drop(h);
+        until(|| reader.read().is_empty()).await;
     }
 }

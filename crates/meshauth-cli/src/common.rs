@@ -182,8 +182,15 @@ pub(crate) async fn agent_client(
             path.display()
         )
     })?;
-    Ok(meshauth_proto::agent::agent_admin_client::AgentAdminClient::new(channel))
+    // `auth list` of a node holding 100,000 entries is about 7 MB: above tonic's 4 MiB default.
+    Ok(
+        meshauth_proto::agent::agent_admin_client::AgentAdminClient::new(channel)
+            .max_decoding_message_size(AGENT_REPLY_LIMIT),
+    )
 }
+
+/// The largest reply the CLI takes from an agent's admin socket.
+const AGENT_REPLY_LIMIT: usize = 64 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests {
