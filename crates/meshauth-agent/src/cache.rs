@@ -98,8 +98,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
     /// Every policy, parsed.
     pub policies: Vec<meshauth_policy::Policy>,
-    /// Policies this agent could not parse (name → why): their last good version, if any, is
-    /// in `policies`, and enforcement reports not-ready naming them.
+    /// Policies this agent could not parse (key, `namespace/name` or `name`, → why): their
+    /// last good version, if any, is in `policies`, and enforcement reports not-ready naming
+    /// them.
     pub policy_errors: BTreeMap<String, String>,
 }
 
@@ -115,7 +116,8 @@ pub struct ClusterEndpoint {
     pub namespace: String,
     /// Its name.
     pub name: String,
-    /// Its labels (from the control plane).
+    /// Its labels (from the control plane), without its namespace (the identity's labels add
+    /// it: see [`ClusterEndpoint::identity_labels`]).
     pub labels: meshauth_policy::Labels,
     /// Its address, once its node reported it.
     pub ipv4: Option<std::net::Ipv4Addr>,
@@ -123,6 +125,21 @@ pub struct ClusterEndpoint {
     pub interface: String,
     /// Its identity.
     pub identity: meshauth_policy::IdentityId,
+}
+
+impl ClusterEndpoint {
+    /// The labels policies select it by: its identity's labels as the server allocated them
+    /// (its labels in its namespace), or, for an identity `identities` does not hold, its
+    /// labels with its namespace added. `Err` names a namespace that is not a DNS-1123 label.
+    pub fn identity_labels(
+        &self,
+        identities: &BTreeMap<meshauth_policy::IdentityId, meshauth_policy::Labels>,
+    ) -> Result<meshauth_policy::Labels, meshauth_policy::labels::LabelError> {
+        match identities.get(&self.identity) {
+            Some(l) => Ok(l.clone()),
+            None => self.labels.clone().with_namespace(&self.namespace),
+        }
+    }
 }
 
 impl Snapshot {

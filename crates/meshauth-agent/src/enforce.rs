@@ -25,7 +25,7 @@ use meshauth_auth::{
     ManagerHooks, Outcome, Placement, Reason, TableError, Timeouts,
 };
 use meshauth_datapath::Datapath;
-use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId};
+use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId, Policy, PolicyKey};
 use meshauth_proto::node::{
     IdentityCsr, ReportPodRequest, SignIdentitySvidsRequest, WithdrawPodRequest,
 };
@@ -654,7 +654,7 @@ struct LoopState {
     /// be what requires authentication with us.
     peers: Compiler,
     peer_names: BTreeSet<String>,
-    applied_policies: BTreeSet<String>,
+    applied_policies: BTreeSet<PolicyKey>,
     identities: BTreeSet<IdentityId>,
     renew_at: BTreeMap<IdentityId, SystemTime>,
     registered: BTreeMap<String, BoundEndpoint>,
@@ -732,10 +732,21 @@ async fn reconcile(
             }
             continue;
         };
+        // Policies select it by its labels in its namespace (its identity's labels).
+        let labels = match pod.identity_labels(&cluster.identities) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("pod {key}: {e}: not enforced"));
+                st.registered.remove(key);
+                st.compiler.remove_endpoint(key);
+                continue;
+            }
+        };
         let reported = pod.ipv4 == Some(ep.ipv4) && pod.interface == ep.host_veth;
-        let bound = st.registered.get(key).is_some_and(|b| {
-            b.endpoint == *ep && b.identity == pod.identity && b.labels == pod.labels
-        });
+        let bound = st
+            .registered
+            .get(key)
+            .is_some_and(|b| b.endpoint == *ep && b.identity == pod.identity && b.labels == labels);
         if reported && bound {
             continue;
         }
@@ -763,13 +774,13 @@ async fn reconcile(
                 continue;
             }
         }
-        st.compiler.set_endpoint(key, pod.labels.clone());
+        st.compiler.set_endpoint(key, labels.clone());
         st.registered.insert(
             key.clone(),
             BoundEndpoint {
                 endpoint: ep.clone(),
                 identity: pod.identity,
-                labels: pod.labels.clone(),
+                labels,
             },
         );
         tracing::info!(pod = %key, identity = %pod.identity, ip = %ep.ipv4, "endpoint enforced");
@@ -820,16 +831,18 @@ async fn reconcile(
         st.peers.set_identity(*id, labels.clone());
     }
     st.identities = ids;
-    let names: BTreeSet<String> = cluster.policies.iter().map(|p| p.name.clone()).collect();
+    // Policies are keyed by `namespace/name` (or `name` for a clusterwide policy): the same
+    // name in two namespaces is two policies, and removing one leaves the other.
+    let keys: BTreeSet<PolicyKey> = cluster.policies.iter().map(Policy::key).collect();
     for p in &cluster.policies {
         st.compiler.set_policy(p.clone());
         st.peers.set_policy(p.clone());
     }
-    for stale in st.applied_policies.difference(&names) {
-        st.compiler.remove_policy(stale);
-        st.peers.remove_policy(stale);
+    for stale in st.applied_policies.difference(&keys) {
+        st.compiler.remove_policy_key(stale);
+        st.peers.remove_policy_key(stale);
     }
-    st.applied_policies = names;
+    st.applied_policies = keys;
 
     // Plan and apply.
     let desired = crate::plan::plan(cluster, &st.registered, |n| st.compiler.entries(n));

@@ -18,7 +18,7 @@ pub struct BoundEndpoint {
     pub endpoint: LocalEndpoint,
     /// Its identity (from the control plane).
     pub identity: IdentityId,
-    /// Its labels (from the control plane).
+    /// The labels policies select it by: its identity's (its labels in its namespace).
     pub labels: meshauth_policy::Labels,
 }
 

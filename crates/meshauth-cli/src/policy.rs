@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use meshauth_policy::labels::check_namespace;
+use meshauth_policy::policy::DEFAULT_NAMESPACE;
 use meshauth_policy::{
-    AuthType, DirectionVerdict, Labels, Policy, Protocol, Verdict, parse_policies, trace,
+    AuthType, DirectionVerdict, Labels, Policy, PolicyKey, Protocol, Verdict, parse_policies_in,
+    trace,
 };
 
 use crate::common::{AdminSocket, Output, block_on, rpc};
@@ -24,13 +27,24 @@ enum Sub {
         /// Policy files: `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
         #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
+        /// The namespace of the CiliumNetworkPolicy documents without metadata.namespace (as
+        /// `kubectl apply -n`); those that name one keep it.
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
         #[command(flatten)]
         socket: AdminSocket,
     },
-    /// Delete a policy from the server.
+    /// Delete a policy from the server, by key: `namespace/name` for a CiliumNetworkPolicy
+    /// (or `-n namespace name`), `name` for a CiliumClusterwideNetworkPolicy (a bare name with
+    /// no clusterwide policy of that name means `default/name`).
+    ///
+    /// Example: meshauth policy delete default/demo1-allow-client1
     Delete {
-        /// The policy's metadata.name.
-        name: String,
+        /// The policy's key (`namespace/name` or `name`), or its name with `-n`.
+        key: String,
+        /// The namespace of the CiliumNetworkPolicy named KEY.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[command(flatten)]
         socket: AdminSocket,
     },
@@ -80,14 +94,47 @@ fn parse_dport(s: &str) -> Result<(u16, Protocol), String> {
 }
 
 fn load(files: &[PathBuf]) -> anyhow::Result<Vec<Policy>> {
+    load_in(files, DEFAULT_NAMESPACE)
+}
+
+/// The policies of `files`, CiliumNetworkPolicies without a namespace in `namespace`.
+fn load_in(files: &[PathBuf], namespace: &str) -> anyhow::Result<Vec<Policy>> {
     let mut all = Vec::new();
     for f in files {
         let text =
             std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let policies = parse_policies(&text).with_context(|| format!("{}", f.display()))?;
+        let policies =
+            parse_policies_in(&text, namespace).with_context(|| format!("{}", f.display()))?;
         all.extend(policies);
     }
     Ok(all)
+}
+
+/// The key `delete` names: KEY, or NAME in namespace `-n`.
+fn delete_key(key: &str, namespace: Option<&str>) -> anyhow::Result<String> {
+    match namespace {
+        None => {
+            key.parse::<PolicyKey>().map_err(anyhow::Error::msg)?;
+            Ok(key.to_owned())
+        }
+        Some(_) if key.contains('/') => anyhow::bail!(
+            "{key:?} is already a key (namespace/name): drop -n, or give only the name with -n"
+        ),
+        Some(ns) => {
+            check_namespace(ns)?;
+            let k = format!("{ns}/{key}");
+            k.parse::<PolicyKey>().map_err(anyhow::Error::msg)?;
+            Ok(k)
+        }
+    }
+}
+
+/// A label set as an endpoint of the trace: in namespace `default` unless it names one.
+fn in_namespace(labels: Labels) -> anyhow::Result<Labels> {
+    if labels.namespace().is_some() {
+        return Ok(labels);
+    }
+    Ok(labels.with_namespace(DEFAULT_NAMESPACE)?)
 }
 
 fn verdict_word(v: Verdict) -> &'static str {
@@ -139,9 +186,14 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd.command {
-        Sub::Apply { files, socket } => {
+        Sub::Apply {
+            files,
+            namespace,
+            socket,
+        } => {
+            check_namespace(&namespace)?;
             // Validate locally first: the error names the file.
-            load(&files)?;
+            load_in(&files, &namespace)?;
             let mut yaml = String::new();
             for f in &files {
                 yaml.push_str(
@@ -153,7 +205,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             block_on(async move {
                 let mut c = socket.connect().await?;
                 let names = c
-                    .apply_policies(meshauth_proto::admin::ApplyPoliciesRequest { yaml })
+                    .apply_policies(meshauth_proto::admin::ApplyPoliciesRequest { yaml, namespace })
                     .await
                     .map_err(rpc)?
                     .into_inner()
@@ -164,14 +216,21 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(())
             })?;
         }
-        Sub::Delete { name, socket } => block_on(async move {
-            let mut c = socket.connect().await?;
-            c.delete_policy(meshauth_proto::admin::DeletePolicyRequest { name: name.clone() })
-                .await
-                .map_err(rpc)?;
-            out!("deleted policy {name}");
-            Ok(())
-        })?,
+        Sub::Delete {
+            key,
+            namespace,
+            socket,
+        } => {
+            let key = delete_key(&key, namespace.as_deref())?;
+            block_on(async move {
+                let mut c = socket.connect().await?;
+                c.delete_policy(meshauth_proto::admin::DeletePolicyRequest { name: key.clone() })
+                    .await
+                    .map_err(rpc)?;
+                out!("deleted policy {key}");
+                Ok(())
+            })?
+        }
         Sub::List { socket, output } => block_on(async move {
             let mut c = socket.connect().await?;
             let list = c
@@ -185,16 +244,31 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     "{}",
                     serde_json::Value::from(
                         list.iter()
-                            .map(|p| serde_json::json!({"name": p.name, "yaml": p.yaml}))
+                            .map(|p| {
+                                let name = p.name.rsplit('/').next().unwrap_or(&p.name);
+                                serde_json::json!({
+                                    "key": p.name,
+                                    "namespace": (!p.namespace.is_empty()).then_some(&p.namespace),
+                                    "name": name,
+                                    "yaml": p.yaml,
+                                })
+                            })
                             .collect::<Vec<_>>()
                     )
                 ),
                 Output::Text => {
                     if list.is_empty() {
                         out!("no policies");
+                    } else {
+                        out!("{:<48} {:<20} KIND", "KEY", "NAMESPACE");
                     }
                     for p in &list {
-                        out!("{}", p.name);
+                        let (ns, kind) = if p.namespace.is_empty() {
+                            ("(clusterwide)", "CiliumClusterwideNetworkPolicy")
+                        } else {
+                            (p.namespace.as_str(), "CiliumNetworkPolicy")
+                        };
+                        out!("{:<48} {:<20} {kind}", p.name, ns);
                     }
                 }
             }
@@ -212,7 +286,13 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             output,
         } => {
             let policies = load(&files)?;
-            let t = trace(&policies, &src, &dst, protocol, port);
+            let t = trace(
+                &policies,
+                &in_namespace(src.clone())?,
+                &in_namespace(dst.clone())?,
+                protocol,
+                port,
+            );
             match output {
                 Output::Json => out!(
                     "{}",

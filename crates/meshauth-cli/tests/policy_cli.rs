@@ -48,13 +48,17 @@ fn trace_the_walkthrough() {
     );
     assert_eq!(
         t["ingress"]["decided_by"][0],
-        "demo1-allow-client1/ingress[0]"
+        "default/demo1-allow-client1/ingress[0]"
     );
     let t = trace("app=client2");
     assert_eq!(
         (t["verdict"].as_str(), t["auth"].as_str()),
         (Some("allowed"), Some("required"))
     );
+    // Labels without a namespace are in `default`; the walkthrough's policies select nothing
+    // in another namespace.
+    let t = trace("app=client1,io.kubernetes.pod.namespace=other");
+    assert_eq!(t["verdict"].as_str(), Some("denied"), "{t}");
     let t = trace("app=client3");
     assert_eq!(
         (t["verdict"].as_str(), t["auth"].as_str()),
@@ -65,9 +69,9 @@ fn trace_the_walkthrough() {
     assert_eq!(
         t["ingress"]["selected_by"],
         serde_json::json!([
-            "demo1-allow-client1",
-            "demo1-allow-client2-auth",
-            "demo1-default-deny"
+            "default/demo1-allow-client1",
+            "default/demo1-allow-client2-auth",
+            "default/demo1-default-deny"
         ])
     );
     assert_eq!(t["ingress"]["decided_by"], serde_json::json!([]));

@@ -35,8 +35,12 @@ fn peer_rule(ingress: bool, allow: bool) -> impl Strategy<Value = String> {
     let peers = prop_oneof![
         prop::sample::select(vec!["a", "b", "c"])
             .prop_map(move |app| format!("{eps}: [{{matchLabels: {{app: {app}}}}}]")),
+        // Across namespaces: the selector names the namespace label itself.
+        prop::sample::select(vec!["a", "b"]).prop_map(move |app| format!(
+            "{eps}: [{{matchLabels: {{app: {app}, k8s:io.kubernetes.pod.namespace: other}}}}]"
+        )),
         Just(format!("{eps}: [{{}}]")),
-        prop::sample::select(vec!["all", "world", "cluster", "host"])
+        prop::sample::select(vec!["all", "world", "cluster", "host", "remote-node"])
             .prop_map(move |e| format!("{ents}: [{e}]")),
     ];
     let port = prop_oneof![
@@ -85,17 +89,26 @@ fn section(name: &'static str) -> impl Strategy<Value = String> {
     })
 }
 
+/// A policy: a `CiliumNetworkPolicy` in `default` (no metadata.namespace) or in `other`, or a
+/// `CiliumClusterwideNetworkPolicy`.
 fn policy(i: usize) -> impl Strategy<Value = String> {
     (
+        prop::sample::select(vec![
+            "CiliumNetworkPolicy\nmetadata: {name: p}",
+            "CiliumNetworkPolicy\nmetadata: {name: p}",
+            "CiliumNetworkPolicy\nmetadata: {name: p, namespace: other}",
+            "CiliumClusterwideNetworkPolicy\nmetadata: {name: p}",
+        ]),
         prop::sample::select(vec!["{matchLabels: {app: a}}", "{}", "{matchLabels: {app: b}}"]),
         section("ingress"),
         section("ingressDeny"),
         section("egress"),
         section("egressDeny"),
     )
-        .prop_map(move |(sel, i1, i2, e1, e2)| {
+        .prop_map(move |(kind, sel, i1, i2, e1, e2)| {
+            let kind = kind.replace("name: p", &format!("name: p{i}"));
             format!(
-                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {sel}\n{i1}{i2}{e1}{e2}"
+                "apiVersion: cilium.io/v2\nkind: {kind}\nspec:\n  endpointSelector: {sel}\n{i1}{i2}{e1}{e2}"
             )
         })
 }
@@ -106,18 +119,33 @@ fn policies() -> impl Strategy<Value = String> {
         .prop_map(|docs| docs.join("---\n"))
 }
 
+/// Workload identities as the server allocates them: labels in a namespace. 256-258 are
+/// app=a, b, c in `default`; 259 and 260 app=a and b in `other` (the same labels, other
+/// identities).
 fn identities() -> BTreeMap<IdentityId, Labels> {
-    ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, app)| {
-            (
-                IdentityId::new(256 + i as u32),
-                format!("app={app}").parse().unwrap(),
-            )
-        })
-        .collect()
+    [
+        ("a", "default"),
+        ("b", "default"),
+        ("c", "default"),
+        ("a", "other"),
+        ("b", "other"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (app, ns))| (IdentityId::new(256 + i as u32), labels(app, ns)))
+    .collect()
 }
+
+fn labels(app: &str, namespace: &str) -> Labels {
+    format!("app={app}")
+        .parse::<Labels>()
+        .unwrap()
+        .with_namespace(namespace)
+        .unwrap()
+}
+
+/// The endpoints whose entries are checked.
+const ENDPOINTS: [(&str, &str); 3] = [("a", "default"), ("b", "default"), ("a", "other")];
 
 /// A query: direction, remote identity, protocol, port.
 type Query = (Direction, IdentityId, Protocol, u16);
@@ -125,7 +153,8 @@ type Query = (Direction, IdentityId, Protocol, u16);
 fn queries() -> impl Strategy<Value = Vec<Query>> {
     let q = (
         prop::sample::select(vec![Direction::Ingress, Direction::Egress]),
-        prop::sample::select(vec![256u32, 257, 258, 1, 2, 999]).prop_map(IdentityId::new),
+        prop::sample::select(vec![256u32, 257, 258, 259, 260, 1, 2, 6, 999])
+            .prop_map(IdentityId::new),
         prop::sample::select(vec![
             Protocol::Tcp,
             Protocol::Udp,
@@ -221,9 +250,9 @@ fn old_layout(entries: &[PolicyEntry], (d, r, p, port): Query) -> Decision {
 fn agrees(model: Model, yaml: &str, queries: &[Query]) -> Result<(), TestCaseError> {
     let policies = parse_policies(yaml).map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
     let ids = identities();
-    for endpoint in ["app=a", "app=b"] {
-        let labels: Labels = endpoint.parse().unwrap();
-        let entries = compile_endpoint(&policies, &ids, &labels);
+    for (app, ns) in ENDPOINTS {
+        let endpoint = format!("{app}/{ns}");
+        let entries = compile_endpoint(&policies, &ids, &labels(app, ns));
         let kernel = model(&entries);
         for q in queries {
             let (d, r, p, port) = *q;
@@ -282,7 +311,7 @@ fn broad_deny_beside_narrow_allow_is_denied_by_the_kernel_model() {
     let entries = compile_endpoint(
         &parse_policies(yaml).unwrap(),
         &identities(),
-        &"app=a".parse().unwrap(),
+        &labels("a", "default"),
     );
     assert_eq!(current_layout(&entries)(q), Decision::DENY);
     assert_eq!(
@@ -294,4 +323,33 @@ fn broad_deny_beside_narrow_allow_is_denied_by_the_kernel_model() {
         lookup(&entries, q.0, q.1, q.2, q.3),
         (Verdict::Deny, AuthType::None)
     );
+}
+
+/// The property is about policies that select something: the generator's policies do select
+/// the endpoints and name their peers through namespaced identities (were the identities
+/// without their namespace, no `CiliumNetworkPolicy` would select anything and every endpoint
+/// would allow everything, which the kernel model trivially agrees with).
+#[test]
+fn the_generated_policies_select_endpoints_in_their_namespace() {
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p0}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - {fromEndpoints: [{matchLabels: {app: b}}]}\n";
+    let policies = parse_policies(yaml).unwrap();
+    let ids = identities();
+    let here = compile_endpoint(&policies, &ids, &labels("a", "default"));
+    let remotes: Vec<Option<IdentityId>> = here
+        .iter()
+        .filter(|e| e.direction == Direction::Ingress)
+        .map(|e| e.remote)
+        .collect();
+    assert_eq!(remotes, [Some(IdentityId::new(257))], "b of default only");
+    let elsewhere = compile_endpoint(&policies, &ids, &labels("a", "other"));
+    assert!(
+        elsewhere.iter().all(|e| e.remote.is_none()),
+        "the policy of default does not select a of other: {elsewhere:?}"
+    );
+    // b of other, the same labels as 257, is denied where 257 is allowed.
+    let keys = policy_keys(&here);
+    for (remote, want) in [(257, Verdict::Allow), (260, Verdict::Deny)] {
+        let got = kernel_lookup(&keys, Direction::Ingress, IdentityId::new(remote), 6, 80);
+        assert_eq!(got.verdict, want, "from {remote}");
+    }
 }

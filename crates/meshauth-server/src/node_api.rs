@@ -10,11 +10,10 @@ use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
     AttestJoinTokenRequest, Bundle, ClusterNode, Endpoint as EndpointMsg, Entry,
-    Identity as IdentityMsg, NodeSvidResponse, PolicyDocument, RenewNodeSvidRequest,
-    ReportPodRequest, ReportPodResponse, Selector, SignIdentitySvidsRequest,
-    SignIdentitySvidsResponse, SignWorkloadSvidsRequest, SignWorkloadSvidsResponse,
-    SignedIdentitySvid, SignedSvid, SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest,
-    WithdrawPodResponse,
+    Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
+    ReportPodResponse, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
+    SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
+    SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest, WithdrawPodResponse,
 };
 use meshauth_spiffe::X509Bundle;
 use tokio::sync::mpsc;
@@ -202,10 +201,7 @@ fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
         policies: view
             .policies
             .iter()
-            .map(|(name, yaml)| PolicyDocument {
-                name: name.clone(),
-                yaml: yaml.clone(),
-            })
+            .map(|(key, yaml)| crate::admin_api::policy_document(key.clone(), yaml.clone()))
             .collect(),
     }
 }
