@@ -2,7 +2,9 @@
 //! policies are compiled, planned into the exact policy map keys the loader writes
 //! ([`policy_keys`]), and a model of the C program's lookup over those keys
 //! ([`kernel_lookup`]) must answer every query as [`meshauth_policy::lookup`] does, verdict and
-//! auth type alike.
+//! auth type alike. Policies are in namespaces (CiliumNetworkPolicies of `default` and `other`,
+//! clusterwide policies), identities carry their namespace label, rules name ports, ICMP types
+//! (`icmps`: the type is the port of ICMP queries) or entities.
 //!
 //! `the_old_key_layout_is_caught` runs the same property against the layout the loader wrote
 //! before (every entry as its own prefixes; the kernel taking "deny anywhere" and the maximum
@@ -45,6 +47,9 @@ fn peer_rule(ingress: bool, allow: bool) -> impl Strategy<Value = String> {
     ];
     let port = prop_oneof![
         Just(String::new()),
+        // ICMP types: in the port field of compiled entries and of the kernel's lookup.
+        prop::sample::select(vec!["0", "3", "8", "13", "EchoReply", "255"])
+            .prop_map(|t| format!(", icmps: [{{fields: [{{type: {t}, family: IPv4}}]}}]")),
         (
             prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP", "ANY"]),
             prop::sample::select(vec![0u16, 1, 22, 53, 80, 443, 1024, 8080]),
@@ -147,7 +152,7 @@ fn labels(app: &str, namespace: &str) -> Labels {
 /// The endpoints whose entries are checked.
 const ENDPOINTS: [(&str, &str); 3] = [("a", "default"), ("b", "default"), ("a", "other")];
 
-/// A query: direction, remote identity, protocol, port.
+/// A query: direction, remote identity, protocol, port (for ICMP, the ICMP type).
 type Query = (Direction, IdentityId, Protocol, u16);
 
 fn queries() -> impl Strategy<Value = Vec<Query>> {
@@ -167,7 +172,17 @@ fn queries() -> impl Strategy<Value = Vec<Query>> {
             ]),
             any::<u16>(),
         ],
-    );
+        prop_oneof![prop::sample::select(vec![0u8, 3, 8, 13, 255]), any::<u8>()],
+    )
+        .prop_map(|(d, r, p, port, icmp_type)| {
+            // An ICMP packet's "port" is its type, 0 to 255.
+            let port = if p == Protocol::Icmp {
+                u16::from(icmp_type)
+            } else {
+                port
+            };
+            (d, r, p, port)
+        });
     prop::collection::vec(q, 64)
 }
 
