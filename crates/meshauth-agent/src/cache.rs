@@ -96,6 +96,8 @@ pub struct ClusterState {
     pub endpoints: Vec<ClusterEndpoint>,
     /// Every node: name → (id, handshake address).
     pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
+    /// The pod range bound to each node (name → range), for the nodes that have one.
+    pub pod_ranges: BTreeMap<String, meshauth_policy::Cidr>,
     /// Every policy, parsed.
     pub policies: Vec<meshauth_policy::Policy>,
     /// Policies this agent could not parse (key, `namespace/name` or `name`, → why): their

@@ -619,6 +619,7 @@ async fn run_inner(
             &snapshot,
             list,
             &config.node_name,
+            config.node_address,
             config.pre_authenticate,
         )
         .await
@@ -689,6 +690,7 @@ async fn reconcile(
     snapshot: &Snapshot,
     list: EndpointList,
     node_name: &str,
+    node_address: IpAddr,
     pre_authenticate: Option<usize>,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
@@ -844,8 +846,22 @@ async fn reconcile(
     }
     st.applied_policies = keys;
 
-    // Plan and apply.
-    let desired = crate::plan::plan(cluster, &st.registered, |n| st.compiler.entries(n));
+    // Plan and apply. The ipcache: pods, nodes (this one is the host), pod ranges (no
+    // identity) and the CIDR prefixes the policies name (outside the cluster, with the world).
+    let addressing = crate::plan::Addressing {
+        node: node_name.to_owned(),
+        host: match node_address {
+            IpAddr::V4(a) => vec![a],
+            IpAddr::V6(_) => vec![],
+        },
+        cidrs: st.compiler.cidr_identities().ipcache_entries(),
+    };
+    let desired = crate::plan::plan(
+        cluster,
+        &st.registered,
+        |n| st.compiler.entries(n),
+        &addressing,
+    );
     for ip in &desired.conflicts {
         problems.push(format!(
             "address {ip} is claimed by endpoints of different identities: left out of the ipcache"

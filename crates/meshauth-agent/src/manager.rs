@@ -150,6 +150,16 @@ fn cluster_of(
             n.name.clone(),
             (NodeId::new(n.node_id), n.address.parse().ok()),
         );
+        if !n.pod_range.is_empty() {
+            match meshauth_policy::Cidr::parse_prefix(&n.pod_range) {
+                Ok(r) => {
+                    out.pod_ranges.insert(n.name.clone(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %n.name, error = %e, "ignoring a node's invalid pod range")
+                }
+            }
+        }
     }
     for p in policies {
         // `p.name` is the policy's key (`namespace/name`, or `name` for a clusterwide policy).

@@ -77,8 +77,8 @@ struct ma_ipcache_key {
 };
 
 struct ma_ipcache_value {
-	__u32 identity;
-	__u32 node_id; /* 0: this node */
+	__u32 identity; /* 0: no identity (dropped as MA_REASON_NO_IDENTITY, as a miss is) */
+	__u32 node_id;  /* 0: this node */
 };
 
 /* policy: LPM trie over 96 data bits; the first 80 must match exactly, the port is a prefix.

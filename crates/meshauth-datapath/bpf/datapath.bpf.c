@@ -328,15 +328,17 @@ static __always_inline void decide(const struct flow *f, const struct ma_endpoin
 	struct ma_ipcache_value *remote = ipcache_lookup(remote_addr);
 	d->src_id = direction == MA_DIR_EGRESS ? ep->identity : 0;
 	d->dst_id = direction == MA_DIR_EGRESS ? 0 : ep->identity;
-	if (!remote) {
+	/* No entry, or the entry of an address inside the cluster that nothing has (a pod range
+	 * without the pod, an address two pods claim): identity 0, never allowed. */
+	if (!remote || remote->identity == 0) {
 		d->reason = MA_REASON_NO_IDENTITY;
 		return;
 	}
 	__u32 remote_id = remote->identity;
-	if (direction == MA_DIR_EGRESS)
-		d->dst_id = remote_id;
-	else
-		d->src_id = remote_id;
+	/* Both fields written (not one chosen by direction: clang would compute the field's
+	 * address with a bitwise or, which the verifier refuses on a stack pointer). */
+	d->src_id = direction == MA_DIR_EGRESS ? ep->identity : remote_id;
+	d->dst_id = direction == MA_DIR_EGRESS ? remote_id : ep->identity;
 	__u8 auth = MA_AUTH_NONE;
 	if (policy_lookup(ep->endpoint_id, direction, remote_id, f, &auth) != MA_VERDICT_ALLOW) {
 		d->reason = MA_REASON_POLICY_DENIED;

@@ -1004,3 +1004,84 @@ fn icmp_types_decide_and_echo_replies_pass_as_replies() {
     );
     assert!(c.n2().stats().unwrap().forwarded[&Direction::Ingress] > before);
 }
+
+#[test]
+fn the_ipcache_is_a_longest_prefix_match_and_identity_0_has_no_identity() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("nsipc", &[]);
+    let b = c.b.clone();
+    let cidr_id = IdentityId::new(IdentityId::FIRST_LOCAL);
+    let icmp_to = |remote: IdentityId| PolicyEntry {
+        direction: Direction::Egress,
+        remote: Some(remote),
+        protocol: Some(Protocol::Icmp),
+        ports: PortRange::ANY,
+        verdict: Verdict::Allow,
+        auth: AuthType::None,
+    };
+    // a may ping the world only; b accepts anything from a.
+    c.n1()
+        .set_policy(EndpointId(1), &[icmp_to(IdentityId::WORLD)])
+        .unwrap();
+    c.n2()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Ingress,
+                A_ID,
+                None,
+                PortRange::ANY,
+                AuthType::None,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n1().take_events().unwrap();
+    // On n1, b's address leaves the cluster: the world is 0.0.0.0/0, and 10.200.2.0/24 (b's
+    // node's pod range) has no identity.
+    c.n1().remove_ipcache(b.ip, 32).unwrap();
+    c.n1()
+        .set_ipcache(
+            "0.0.0.0".parse().unwrap(),
+            0,
+            IdentityId::WORLD,
+            NodeId::new(0),
+        )
+        .unwrap();
+    c.n1()
+        .set_ipcache(
+            "10.200.2.0".parse().unwrap(),
+            24,
+            IdentityId::UNKNOWN,
+            NodeId::new(2),
+        )
+        .unwrap();
+    assert!(!c.ping("a", &b), "inside a pod range without a pod");
+    let e = wait_event(&mut events, |e| e.protocol == 1 && e.drop.is_some());
+    assert_eq!(e.drop, Some(DropReason::NoIdentity));
+    // Without the pod range's entry, b's address is the world's: allowed.
+    c.n1()
+        .remove_ipcache("10.200.2.0".parse().unwrap(), 24)
+        .unwrap();
+    assert!(c.ping("a", &b), "the world is allowed");
+    // A CIDR prefix of a policy takes its addresses from the world: a longer match, another
+    // identity, which a's policy does not allow until it names it.
+    c.n1()
+        .set_ipcache("10.200.0.0".parse().unwrap(), 16, cidr_id, NodeId::new(0))
+        .unwrap();
+    c.n1().set_ipcache_generation(1).unwrap();
+    assert!(!c.ping("a", &b), "the prefix's identity is not the world");
+    let e = wait_event(&mut events, |e| {
+        e.protocol == 1 && e.drop == Some(DropReason::PolicyDenied)
+    });
+    assert_eq!(e.dst_identity, cidr_id);
+    c.n1()
+        .set_policy(EndpointId(1), &[icmp_to(cidr_id)])
+        .unwrap();
+    assert!(c.ping("a", &b), "allowed by the prefix's identity");
+    // b's own /32 is longer still: b's identity, which a may not reach.
+    c.n1().set_ipcache(b.ip, 32, B_ID, NodeId::new(2)).unwrap();
+    c.n1().set_ipcache_generation(2).unwrap();
+    assert!(!c.ping("a", &b), "the pod's /32 wins");
+}

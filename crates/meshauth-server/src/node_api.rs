@@ -196,6 +196,12 @@ fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
                 name: n.name.to_string(),
                 node_id: n.node_id.get(),
                 address: n.address.map(|a| a.to_string()).unwrap_or_default(),
+                pod_range: view
+                    .node_specs
+                    .iter()
+                    .find(|s| s.name == n.name)
+                    .map(|s| s.pod_range.to_string())
+                    .unwrap_or_default(),
             })
             .collect(),
         policies: view

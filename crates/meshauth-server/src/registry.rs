@@ -203,6 +203,8 @@ pub struct NodeView {
     pub pods: Vec<PodRecord>,
     /// Every node.
     pub nodes: Vec<NodeRecord>,
+    /// The address and pod range bound to each node.
+    pub node_specs: Vec<NodeSpec>,
     /// Every policy document (key, YAML).
     pub policies: Vec<(String, String)>,
 }
@@ -518,6 +520,7 @@ impl Registry {
             identities: self.store.identities()?,
             pods,
             nodes,
+            node_specs: self.store.node_specs()?,
             policies: self.store.policies()?,
         })
     }
