@@ -6,8 +6,8 @@ use anyhow::Context;
 use meshauth_policy::labels::check_namespace;
 use meshauth_policy::policy::DEFAULT_NAMESPACE;
 use meshauth_policy::{
-    AuthType, DirectionVerdict, Labels, Policy, PolicyKey, Protocol, Verdict, parse_policies_in,
-    trace,
+    AuthType, DirectionVerdict, Labels, PeerSpec, Policy, PolicyKey, Protocol, RuleRef, Verdict,
+    parse_policies_in, trace_peers,
 };
 
 use crate::common::{AdminSocket, Output, block_on, rpc};
@@ -62,27 +62,142 @@ enum Sub {
         #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
     },
-    /// Show whether SRC may reach DST on a port, what authentication it needs, and which rules
-    /// decided: the source's egress and the destination's ingress.
+    /// Show whether SRC may reach DST on a port, what authentication it needs, and which
+    /// policies (by key) and rules decided: the source's egress and the destination's ingress
+    /// (a side that is not a pod enforces nothing).
+    ///
+    /// SRC and DST are labels (`app=web`, in namespace default unless they name
+    /// `io.kubernetes.pod.namespace`), a pod of the server (`pod:NAME` or `pod:NAMESPACE/NAME`:
+    /// its labels in its namespace), an entity (`world`, `host`, `remote-node`, `unmanaged`), an
+    /// address outside the cluster (`192.0.2.1`) or a CIDR prefix (`192.0.2.0/24`: the
+    /// identity of a prefix policies name). Without -f, the server's policies are traced.
     ///
     /// Example: meshauth policy trace -f demo.yaml --src app=client2 --dst app=demodeployment --dport 80/TCP
     Trace {
-        /// Policy files: `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
-        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
+        /// Policy files: `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`; none: the server's
+        /// policies.
+        #[arg(short = 'f', long = "file", num_args = 1..)]
         files: Vec<PathBuf>,
-        /// Labels of the source, `k=v,k2=v2`.
-        #[arg(long)]
-        src: Labels,
-        /// Labels of the destination.
-        #[arg(long)]
-        dst: Labels,
-        /// Destination port and protocol, e.g. 80/TCP, 53/UDP, 0/ICMP (protocol defaults to TCP).
+        /// The source: labels, `pod:[NAMESPACE/]NAME`, an entity, an address or a prefix.
+        #[arg(long, value_parser = parse_peer)]
+        src: TracePeer,
+        /// The destination, as the source.
+        #[arg(long, value_parser = parse_peer)]
+        dst: TracePeer,
+        /// Destination port and protocol, e.g. 80/TCP, 53/UDP; for ICMP the type, e.g. 8/ICMP
+        /// (echo request), 0/ICMP (echo reply). The protocol defaults to TCP.
         #[arg(long, value_parser = parse_dport)]
         dport: (u16, Protocol),
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
+        #[command(flatten)]
+        socket: AdminSocket,
     },
+}
+
+/// A side of a trace, as given on the command line.
+#[derive(Debug, Clone)]
+pub(crate) enum TracePeer {
+    /// Labels (in namespace default unless they name one), an entity, an address or a prefix,
+    /// and the text it was given as.
+    Spec(PeerSpec, String),
+    /// A pod the server knows: its labels in its namespace.
+    Pod {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+fn parse_peer(s: &str) -> Result<TracePeer, String> {
+    let s = s.trim();
+    if let Some(pod) = s.strip_prefix("pod:") {
+        let (namespace, name) = pod.split_once('/').unwrap_or((DEFAULT_NAMESPACE, pod));
+        check_namespace(namespace).map_err(|e| e.to_string())?;
+        if name.is_empty() || name.contains('/') {
+            return Err(format!(
+                "{s:?} is not a pod: write pod:NAME or pod:NAMESPACE/NAME"
+            ));
+        }
+        return Ok(TracePeer::Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    let spec = s.parse::<PeerSpec>().map_err(|e| {
+        if s.contains(['=', '/']) || s.parse::<std::net::IpAddr>().is_ok() {
+            e
+        } else {
+            format!(
+                "{s:?} is not a peer: use labels (app=web), a pod (pod:NAME or pod:NAMESPACE/NAME), an entity (world, host, remote-node, unmanaged), an address (192.0.2.1) or a prefix (192.0.2.0/24)"
+            )
+        }
+    })?;
+    let spec = match spec {
+        PeerSpec::Endpoint(labels) => {
+            PeerSpec::Endpoint(in_namespace(labels).map_err(|e| e.to_string())?)
+        }
+        other => other,
+    };
+    Ok(TracePeer::Spec(spec, s.to_owned()))
+}
+
+/// A side of a trace resolved to a [`PeerSpec`], and how to show it.
+struct Resolved {
+    spec: PeerSpec,
+    /// What was asked for (`app=web`, `pod:default/web-1`, `world`, `192.0.2.1`).
+    given: String,
+    /// JSON description: kind and what identifies it.
+    json: serde_json::Value,
+}
+
+fn resolve(peer: TracePeer, pods: &[meshauth_proto::node::Endpoint]) -> anyhow::Result<Resolved> {
+    Ok(match peer {
+        TracePeer::Pod { namespace, name } => {
+            let pod = pods
+                .iter()
+                .find(|p| p.namespace == namespace && p.name == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no pod {namespace}/{name} (see `meshauth pod list`)")
+                })?;
+            let labels =
+                Labels::from_pairs(pod.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))?
+                    .with_namespace(&namespace)?;
+            Resolved {
+                given: format!("pod:{namespace}/{name}"),
+                json: serde_json::json!({
+                    "kind": "pod",
+                    "pod": format!("{namespace}/{name}"),
+                    "node": pod.node,
+                    "identity": pod.identity,
+                    "labels": labels.to_string(),
+                }),
+                spec: PeerSpec::Endpoint(labels),
+            }
+        }
+        TracePeer::Spec(spec, given) => {
+            let json = match &spec {
+                PeerSpec::Endpoint(l) => {
+                    serde_json::json!({"kind": "labels", "labels": l.to_string()})
+                }
+                PeerSpec::World => serde_json::json!({"kind": "world"}),
+                PeerSpec::Host => serde_json::json!({"kind": "host"}),
+                PeerSpec::RemoteNode => serde_json::json!({"kind": "remote-node"}),
+                PeerSpec::Unmanaged => serde_json::json!({"kind": "unmanaged"}),
+                PeerSpec::Address(a) => {
+                    serde_json::json!({"kind": "address", "address": a.to_string()})
+                }
+                PeerSpec::Cidr(c) => serde_json::json!({
+                    "kind": "cidr",
+                    "cidr": c.to_string(),
+                    "labels": c.labels(),
+                }),
+            };
+            Resolved { spec, given, json }
+        }
+    })
 }
 
 fn parse_dport(s: &str) -> Result<(u16, Protocol), String> {
@@ -131,7 +246,8 @@ fn delete_key(key: &str, namespace: Option<&str>) -> anyhow::Result<String> {
 
 /// A label set as an endpoint of the trace: in namespace `default` unless it names one.
 fn in_namespace(labels: Labels) -> anyhow::Result<Labels> {
-    if labels.namespace().is_some() {
+    if let Some(ns) = labels.namespace() {
+        check_namespace(ns)?;
         return Ok(labels);
     }
     Ok(labels.with_namespace(DEFAULT_NAMESPACE)?)
@@ -152,18 +268,31 @@ fn auth_word(a: AuthType) -> &'static str {
     }
 }
 
-fn direction_json(d: &DirectionVerdict) -> serde_json::Value {
+fn rule_text(r: &RuleRef) -> String {
+    format!("{}/{}[{}]", r.policy, r.section, r.index)
+}
+
+fn direction_json(d: &DirectionVerdict, side: &PeerSpec) -> serde_json::Value {
     serde_json::json!({
+        "enforced": matches!(side, PeerSpec::Endpoint(_)),
         "selected": d.selected,
         "selected_by": d.selected_by,
         "verdict": verdict_word(d.verdict),
         "auth": auth_word(d.auth),
-        "decided_by": d.decided_by.iter().map(|r| format!("{}/{}[{}]", r.policy, r.section, r.index)).collect::<Vec<_>>(),
+        "decided_by": d.decided_by.iter().map(rule_text).collect::<Vec<_>>(),
+        "rules": d.decided_by.iter().map(|r| serde_json::json!({
+            "policy": r.policy,
+            "spec": r.rule,
+            "section": r.section,
+            "index": r.index,
+        })).collect::<Vec<_>>(),
     })
 }
 
-fn direction_text(name: &str, d: &DirectionVerdict) {
-    let why = if !d.selected {
+fn direction_text(name: &str, d: &DirectionVerdict, side: &PeerSpec) {
+    let why = if !matches!(side, PeerSpec::Endpoint(_)) {
+        "not a pod: nothing enforced on this side".to_string()
+    } else if !d.selected {
         "no policy selects it: allowed".to_string()
     } else if d.decided_by.is_empty() {
         format!(
@@ -173,7 +302,7 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
     } else {
         d.decided_by
             .iter()
-            .map(|r| format!("{}/{}[{}]", r.policy, r.section, r.index))
+            .map(rule_text)
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -182,6 +311,14 @@ fn direction_text(name: &str, d: &DirectionVerdict) {
         verdict_word(d.verdict),
         auth_word(d.auth)
     );
+}
+
+/// Runs `f` on a current-thread runtime and returns its value.
+fn block_on_value<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -284,36 +421,84 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             dst,
             dport: (port, protocol),
             output,
+            socket,
         } => {
-            let policies = load(&files)?;
-            let t = trace(
+            let pods_needed =
+                matches!(src, TracePeer::Pod { .. }) || matches!(dst, TracePeer::Pod { .. });
+            let mut policies = if files.is_empty() {
+                None
+            } else {
+                Some(load(&files)?)
+            };
+            let mut pods = Vec::new();
+            if policies.is_none() || pods_needed {
+                let (from_server, listed) = block_on_value(async move {
+                    let mut c = socket.connect().await?;
+                    let docs = if files.is_empty() {
+                        Some(
+                            c.list_policies(meshauth_proto::admin::ListPoliciesRequest {})
+                                .await
+                                .map_err(rpc)?
+                                .into_inner()
+                                .policies,
+                        )
+                    } else {
+                        None
+                    };
+                    let pods = if pods_needed {
+                        c.list_endpoints(meshauth_proto::admin::ListEndpointsRequest {})
+                            .await
+                            .map_err(rpc)?
+                            .into_inner()
+                            .endpoints
+                    } else {
+                        vec![]
+                    };
+                    Ok((docs, pods))
+                })?;
+                if let Some(docs) = from_server {
+                    let mut all = Vec::new();
+                    for d in docs {
+                        all.extend(
+                            parse_policies_in(&d.yaml, DEFAULT_NAMESPACE)
+                                .with_context(|| format!("the server's policy {}", d.name))?,
+                        );
+                    }
+                    policies = Some(all);
+                }
+                pods = listed;
+            }
+            let policies = policies.unwrap_or_default();
+            let (src, dst) = (resolve(src, &pods)?, resolve(dst, &pods)?);
+            let t = trace_peers(
                 &policies,
-                &in_namespace(src.clone())?,
-                &in_namespace(dst.clone())?,
+                src.spec.as_peer(),
+                dst.spec.as_peer(),
                 protocol,
                 port,
             );
+            let proto = format!("{protocol:?}").to_uppercase();
             match output {
                 Output::Json => out!(
                     "{}",
                     serde_json::json!({
-                        "src": src.to_string(),
-                        "dst": dst.to_string(),
+                        "src": src.given,
+                        "dst": dst.given,
+                        "src_peer": src.json,
+                        "dst_peer": dst.json,
                         "dport": port,
-                        "protocol": format!("{protocol:?}").to_uppercase(),
+                        "protocol": proto,
                         "verdict": verdict_word(t.verdict),
                         "auth": auth_word(t.auth),
-                        "egress": direction_json(&t.egress),
-                        "ingress": direction_json(&t.ingress),
+                        "egress": direction_json(&t.egress, &src.spec),
+                        "ingress": direction_json(&t.ingress, &dst.spec),
                     })
                 ),
                 Output::Text => {
-                    out!(
-                        "{src} -> {dst} {port}/{}",
-                        format!("{protocol:?}").to_uppercase()
-                    );
-                    direction_text("egress", &t.egress);
-                    direction_text("ingress", &t.ingress);
+                    let what = if protocol.is_icmp() { "type " } else { "" };
+                    out!("{} -> {} {what}{port}/{proto}", src.given, dst.given);
+                    direction_text("egress", &t.egress, &src.spec);
+                    direction_text("ingress", &t.ingress, &dst.spec);
                     out!(
                         "final verdict: {}, authentication: {}",
                         verdict_word(t.verdict).to_uppercase(),

@@ -46,6 +46,14 @@ fn namespaces_isolate_identities_and_policies_in_the_kernel() {
         "denied"
     );
     assert_eq!(d.trace("app=client1", "app=demodeployment"), "allowed");
+    assert_eq!(
+        d.trace_live("pod:other/client1-x", "pod:demodeployment-1"),
+        "denied"
+    );
+    assert_eq!(
+        d.trace_live("pod:client1-2", "pod:demodeployment-1"),
+        "allowed"
+    );
     assert!(d.get("client1-2", "demodeployment-1"), "client1 of default");
     for _ in 0..2 {
         assert!(

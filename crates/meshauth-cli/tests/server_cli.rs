@@ -399,5 +399,61 @@ fn policies_identities_and_endpoints() {
     assert_eq!(eps[0]["labels"], serde_json::json!({"app": "web"}));
     let err = server.fails(&["pod", "create", "x", "-n", "Prod", "--node", "n1"]);
     assert!(err.contains("invalid namespace \"Prod\""), "{err}");
+
+    // Trace by pod name, over the server's policies (no -f): the walkthrough's policies are
+    // in default, so web-1 of default is what they select (app=web: none do) and a client1 pod
+    // of prod is not client1 of default.
+    server.ok(&[
+        "pod",
+        "create",
+        "demo-1",
+        "--node",
+        "n1",
+        "--labels",
+        "app=demodeployment",
+    ]);
+    server.ok(&[
+        "pod",
+        "create",
+        "c1",
+        "--node",
+        "n1",
+        "--labels",
+        "app=client1",
+    ]);
+    server.ok(&[
+        "pod",
+        "create",
+        "c1",
+        "-n",
+        "prod",
+        "--node",
+        "n1",
+        "--labels",
+        "app=client1",
+    ]);
+    let trace = |src: &str, dst: &str| -> serde_json::Value {
+        serde_json::from_str(&server.ok(&[
+            "policy", "trace", "--src", src, "--dst", dst, "--dport", "80/TCP", "-o", "json",
+        ]))
+        .unwrap()
+    };
+    let t = trace("pod:c1", "pod:default/demo-1");
+    assert_eq!(t["verdict"], "allowed", "{t}");
+    assert_eq!(
+        t["ingress"]["decided_by"][0],
+        "default/demo1-allow-client1/ingress[0]"
+    );
+    assert_eq!(t["src_peer"]["pod"], "default/c1");
+    let t = trace("pod:prod/c1", "pod:demo-1");
+    assert_eq!(t["verdict"], "denied", "{t}");
+    assert_eq!(
+        t["src_peer"]["labels"],
+        "app=client1,io.kubernetes.pod.namespace=prod"
+    );
+    let err = server.fails(&[
+        "policy", "trace", "--src", "pod:nope", "--dst", "world", "--dport", "80",
+    ]);
+    assert!(err.contains("no pod default/nope"), "{err}");
     server.stop();
 }

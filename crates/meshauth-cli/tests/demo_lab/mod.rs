@@ -140,6 +140,16 @@ impl DemoLab {
         v["verdict"].as_str().unwrap().to_owned()
     }
 
+    /// The verdict `policy trace` gives `src` → `dst` on 80/TCP over the server's policies
+    /// (no -f; pods by name: `pod:[NAMESPACE/]NAME`).
+    pub fn trace_live(&self, src: &str, dst: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.cli(&[
+            "policy", "trace", "--src", src, "--dst", dst, "--dport", "80/TCP", "-o", "json",
+        ]))
+        .unwrap();
+        v["verdict"].as_str().unwrap().to_owned()
+    }
+
     /// Places pod `name` of `namespace` on `node` (control plane) and creates it in the lab.
     pub fn add_pod(&self, namespace: &str, name: &str, node: &str, labels: &str) {
         self.cli(&[
