@@ -84,7 +84,15 @@ fn layout_check(out: &Path) {
         ("ma_auth_value", &["expires_ns"]),
         (
             "ma_ct_key",
-            &["saddr", "daddr", "sport", "dport", "protocol", "direction"],
+            &[
+                "saddr",
+                "daddr",
+                "sport",
+                "dport",
+                "protocol",
+                "direction",
+                "icmp_type",
+            ],
         ),
         (
             "ma_ct_value",

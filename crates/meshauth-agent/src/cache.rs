@@ -96,10 +96,13 @@ pub struct ClusterState {
     pub endpoints: Vec<ClusterEndpoint>,
     /// Every node: name → (id, handshake address).
     pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
+    /// The pod range bound to each node (name → range), for the nodes that have one.
+    pub pod_ranges: BTreeMap<String, meshauth_policy::Cidr>,
     /// Every policy, parsed.
     pub policies: Vec<meshauth_policy::Policy>,
-    /// Policies this agent could not parse (name → why): their last good version, if any, is
-    /// in `policies`, and enforcement reports not-ready naming them.
+    /// Policies this agent could not parse (key, `namespace/name` or `name`, → why): their
+    /// last good version, if any, is in `policies`, and enforcement reports not-ready naming
+    /// them.
     pub policy_errors: BTreeMap<String, String>,
 }
 
@@ -121,6 +124,23 @@ pub struct ClusterEndpoint {
     pub interface: String,
     /// Its identity.
     pub identity: meshauth_policy::IdentityId,
+}
+
+impl ClusterEndpoint {
+    /// The labels policies select it by: its identity's labels as the server allocated them
+    /// (its labels in its namespace). A pod's labels are kept only there, once per identity,
+    /// not with each of thousands of pods. `Err` says the identity is not in the view.
+    pub fn identity_labels(
+        &self,
+        identities: &BTreeMap<meshauth_policy::IdentityId, meshauth_policy::Labels>,
+    ) -> Result<meshauth_policy::Labels, String> {
+        identities.get(&self.identity).cloned().ok_or_else(|| {
+            format!(
+                "its identity {} is not in the cluster view yet",
+                self.identity
+            )
+        })
+    }
 }
 
 impl Snapshot {

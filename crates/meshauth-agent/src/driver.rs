@@ -6,7 +6,10 @@
 //! new ipcache entries; each endpoint's policy, then its entry (with a new policy generation when
 //! anything about it changed, which makes tracked flows be decided again); endpoints that went
 //! away (detached, entry and policy removed); changed and removed ipcache entries, then a new
-//! ipcache generation.
+//! ipcache generation. The ipcache holds prefixes (longest match wins): a new prefix that takes
+//! addresses from a broader entry of another identity (a CIDR prefix inside the world) changes
+//! their identity, so it too brings a new generation; a new pod inside its node's pod range
+//! (no identity before) does not.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -14,7 +17,7 @@ use std::net::Ipv4Addr;
 use meshauth_datapath::{Datapath, DatapathError, EndpointId, EndpointInfo, Observed, PolicyEntry};
 use meshauth_policy::{IdentityId, NodeId};
 
-use crate::plan::Desired;
+use crate::plan::{Desired, Prefix};
 
 /// The datapath operations enforcement needs.
 pub trait DatapathOps {
@@ -28,15 +31,15 @@ pub trait DatapathOps {
     fn set_endpoint(&mut self, ifindex: u32, ep: &EndpointInfo) -> Result<(), DatapathError>;
     /// Removes one.
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError>;
-    /// Maps an address to an identity on a node.
+    /// Maps a prefix to an identity on a node.
     fn set_ipcache(
         &mut self,
-        ip: Ipv4Addr,
+        prefix: Prefix,
         id: IdentityId,
         node: NodeId,
     ) -> Result<(), DatapathError>;
-    /// Removes an address.
-    fn remove_ipcache(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError>;
+    /// Removes a prefix.
+    fn remove_ipcache(&mut self, prefix: Prefix) -> Result<(), DatapathError>;
     /// Sets the ipcache generation.
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), DatapathError>;
     /// Replaces an endpoint's policy; returns whether anything changed.
@@ -67,14 +70,14 @@ impl DatapathOps for Datapath {
     }
     fn set_ipcache(
         &mut self,
-        ip: Ipv4Addr,
+        (ip, len): Prefix,
         id: IdentityId,
         node: NodeId,
     ) -> Result<(), DatapathError> {
-        Datapath::set_ipcache(self, ip, 32, id, node)
+        Datapath::set_ipcache(self, ip, len, id, node)
     }
-    fn remove_ipcache(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        Datapath::remove_ipcache(self, ip, 32)
+    fn remove_ipcache(&mut self, (ip, len): Prefix) -> Result<(), DatapathError> {
+        Datapath::remove_ipcache(self, ip, len)
     }
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
         Datapath::set_ipcache_generation(self, generation)
@@ -117,7 +120,7 @@ pub struct Applied {
 pub struct Driver<D> {
     dp: D,
     endpoints: BTreeMap<u32, (String, EndpointInfo)>,
-    ipcache: BTreeMap<Ipv4Addr, (IdentityId, NodeId)>,
+    ipcache: BTreeMap<Prefix, (IdentityId, NodeId)>,
     policy: BTreeSet<EndpointId>,
     attached: BTreeSet<String>,
     /// Interfaces attached by this process (a restarted agent re-attaches each once, which
@@ -143,12 +146,7 @@ impl<D: DatapathOps> Driver<D> {
                 .into_iter()
                 .map(|(ifindex, e)| (ifindex, (String::new(), e)))
                 .collect(),
-            ipcache: seen
-                .ipcache
-                .into_iter()
-                .filter(|((_, prefix), _)| *prefix == 32)
-                .map(|((ip, _), v)| (ip, v))
-                .collect(),
+            ipcache: seen.ipcache,
             policy: seen.policy_endpoints,
             attached: seen.attached,
             attached_here: BTreeSet::new(),
@@ -178,15 +176,29 @@ impl<D: DatapathOps> Driver<D> {
         let mut err =
             |what: String, source: DatapathError| errors.push(ApplyError { what, source });
 
-        // New ipcache entries first: a new endpoint's peers resolve from its first packet.
-        for (ip, v) in &desired.ipcache {
-            if !self.ipcache.contains_key(ip) {
-                match self.dp.set_ipcache(*ip, v.0, v.1) {
+        // New ipcache entries first: a new endpoint's peers resolve from its first packet. One
+        // that takes addresses from a broader entry of another identity moves them.
+        let mut moved = 0;
+        let before = if desired.ipcache.keys().all(|p| self.ipcache.contains_key(p)) {
+            BTreeMap::new()
+        } else {
+            self.ipcache.clone()
+        };
+        for (p, v) in &desired.ipcache {
+            if !self.ipcache.contains_key(p) {
+                // What its addresses had before this apply (none: no flow of theirs exists).
+                let shadows = covering(&before, *p)
+                    .is_some_and(|(id, _)| id != v.0 && id != IdentityId::UNKNOWN);
+                match self.dp.set_ipcache(*p, v.0, v.1) {
                     Ok(()) => {
-                        self.ipcache.insert(*ip, *v);
-                        done.ipcache_changed += 1;
+                        self.ipcache.insert(*p, *v);
+                        if shadows {
+                            moved += 1;
+                        } else {
+                            done.ipcache_changed += 1;
+                        }
                     }
-                    Err(e) => err(format!("ipcache {ip}"), e),
+                    Err(e) => err(format!("ipcache {}/{}", p.0, p.1), e),
                 }
             }
         }
@@ -294,31 +306,30 @@ impl<D: DatapathOps> Driver<D> {
 
         // Changed and removed addresses, then a new generation: flows to or from them are
         // decided again against the new identity, or dropped for having none.
-        let mut moved = 0;
-        for (ip, v) in &desired.ipcache {
-            if self.ipcache.get(ip).is_some_and(|old| old != v) {
-                match self.dp.set_ipcache(*ip, v.0, v.1) {
+        for (p, v) in &desired.ipcache {
+            if self.ipcache.get(p).is_some_and(|old| old != v) {
+                match self.dp.set_ipcache(*p, v.0, v.1) {
                     Ok(()) => {
-                        self.ipcache.insert(*ip, *v);
+                        self.ipcache.insert(*p, *v);
                         moved += 1;
                     }
-                    Err(e) => err(format!("ipcache {ip}"), e),
+                    Err(e) => err(format!("ipcache {}/{}", p.0, p.1), e),
                 }
             }
         }
-        let gone: Vec<Ipv4Addr> = self
+        let gone: Vec<Prefix> = self
             .ipcache
             .keys()
-            .filter(|ip| !desired.ipcache.contains_key(ip))
+            .filter(|p| !desired.ipcache.contains_key(p))
             .copied()
             .collect();
-        for ip in gone {
-            match self.dp.remove_ipcache(ip) {
+        for p in gone {
+            match self.dp.remove_ipcache(p) {
                 Ok(()) => {
-                    self.ipcache.remove(&ip);
+                    self.ipcache.remove(&p);
                     moved += 1;
                 }
-                Err(e) => err(format!("removing ipcache {ip}"), e),
+                Err(e) => err(format!("removing ipcache {}/{}", p.0, p.1), e),
             }
         }
         if moved > 0 {
@@ -331,6 +342,24 @@ impl<D: DatapathOps> Driver<D> {
         }
         (done, errors)
     }
+}
+
+/// The entry of `ipcache` that addresses of `prefix` fall to without it: the longest shorter
+/// prefix containing it.
+fn covering(
+    ipcache: &BTreeMap<Prefix, (IdentityId, NodeId)>,
+    (ip, len): Prefix,
+) -> Option<(IdentityId, NodeId)> {
+    (0..len.min(33)).rev().find_map(|l| {
+        let mask = if l == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(l))
+        };
+        ipcache
+            .get(&(Ipv4Addr::from(u32::from(ip) & mask), l))
+            .copied()
+    })
 }
 
 #[cfg(test)]
@@ -374,16 +403,16 @@ mod tests {
         }
         fn set_ipcache(
             &mut self,
-            ip: Ipv4Addr,
+            prefix: Prefix,
             id: IdentityId,
             node: NodeId,
         ) -> Result<(), DatapathError> {
             self.writes += 1;
-            self.seen.ipcache.insert((ip, 32), (id, node));
+            self.seen.ipcache.insert(prefix, (id, node));
             Ok(())
         }
-        fn remove_ipcache(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-            self.seen.ipcache.remove(&(ip, 32));
+        fn remove_ipcache(&mut self, prefix: Prefix) -> Result<(), DatapathError> {
+            self.seen.ipcache.remove(&prefix);
             Ok(())
         }
         fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
@@ -448,7 +477,13 @@ mod tests {
                 .collect(),
             ipcache: ipcache
                 .iter()
-                .map(|(a, id, node)| (ip(a), (IdentityId::new(*id), NodeId::new(*node))))
+                .map(|(a, id, node)| {
+                    let (addr, len) = a.split_once('/').unwrap_or((a, "32"));
+                    (
+                        (ip(addr), len.parse().unwrap_or(32)),
+                        (IdentityId::new(*id), NodeId::new(*node)),
+                    )
+                })
                 .collect(),
             conflicts: BTreeSet::new(),
         }
@@ -519,6 +554,41 @@ mod tests {
         let f = d.datapath();
         assert!(f.seen.endpoints.is_empty() && f.policy.is_empty() && f.seen.attached.is_empty());
         assert!(f.seen.ipcache.is_empty());
+    }
+
+    #[test]
+    fn prefixes_move_addresses_only_when_they_change_an_identity() {
+        let mut d = Driver::new(Fake::default()).unwrap_or_else(|e| panic!("{e}"));
+        let base = [
+            ("0.0.0.0/0", 2, 0),
+            ("10.200.1.0/24", 0, 1),
+            ("10.200.1.10", 300, 1),
+        ];
+        let (_, errors) = d.apply(&desired(&[], &base));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(d.datapath().seen.ipcache.len(), 3);
+        assert_eq!(d.datapath().seen.ipcache_gen, 0, "nothing had an identity");
+        // A new pod in its node's pod range: it had none.
+        let mut more = base.to_vec();
+        more.push(("10.200.1.11", 301, 1));
+        d.apply(&desired(&[], &more));
+        assert_eq!(d.datapath().seen.ipcache_gen, 0);
+        // A CIDR prefix of a policy inside the world: its addresses were world.
+        more.push(("192.0.2.0/24", 16_777_216, 0));
+        d.apply(&desired(&[], &more));
+        assert_eq!(
+            d.datapath().seen.ipcache[&(ip("192.0.2.0"), 24)].0,
+            IdentityId::new(16_777_216)
+        );
+        assert_eq!(d.datapath().seen.ipcache_gen, 1, "world to a CIDR identity");
+        // The prefix goes: its addresses are world again.
+        d.apply(&desired(&[], &base));
+        assert_eq!(d.datapath().seen.ipcache_gen, 2);
+        // A restarted driver keeps every prefix it finds.
+        let fake = std::mem::take(d.datapath());
+        let mut d = Driver::new(fake).unwrap_or_else(|e| panic!("{e}"));
+        let (done, _) = d.apply(&desired(&[], &base));
+        assert_eq!(done, Applied::default());
     }
 
     #[test]

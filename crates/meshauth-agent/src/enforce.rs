@@ -25,7 +25,7 @@ use meshauth_auth::{
     ManagerHooks, Outcome, Placement, Reason, TableError, Timeouts,
 };
 use meshauth_datapath::Datapath;
-use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId};
+use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId, Policy, PolicyKey};
 use meshauth_proto::node::{
     IdentityCsr, ReportPodRequest, SignIdentitySvidsRequest, WithdrawPodRequest,
 };
@@ -629,6 +629,7 @@ async fn run_inner(
             &snapshot,
             list,
             &config.node_name,
+            config.node_address,
             config.pre_authenticate,
         )
         .await
@@ -664,7 +665,7 @@ struct LoopState {
     /// be what requires authentication with us.
     peers: Compiler,
     peer_names: BTreeSet<String>,
-    applied_policies: BTreeSet<String>,
+    applied_policies: BTreeSet<PolicyKey>,
     identities: BTreeSet<IdentityId>,
     renew_at: BTreeMap<IdentityId, SystemTime>,
     registered: BTreeMap<String, BoundEndpoint>,
@@ -699,6 +700,7 @@ async fn reconcile(
     snapshot: &Snapshot,
     list: EndpointList,
     node_name: &str,
+    node_address: IpAddr,
     pre_authenticate: Option<usize>,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
@@ -742,17 +744,21 @@ async fn reconcile(
             }
             continue;
         };
-        let Some(labels) = cluster.identities.get(&pod.identity) else {
-            problems.push(format!(
-                "pod {key}: its identity {} is not in the cluster view yet",
-                pod.identity
-            ));
-            continue;
+        // Policies select it by its labels in its namespace (its identity's labels).
+        let labels = match pod.identity_labels(&cluster.identities) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("pod {key}: {e}: not enforced"));
+                st.registered.remove(key);
+                st.compiler.remove_endpoint(key);
+                continue;
+            }
         };
         let reported = pod.ipv4 == Some(ep.ipv4) && pod.interface == ep.host_veth;
-        let bound = st.registered.get(key).is_some_and(|b| {
-            b.endpoint == *ep && b.identity == pod.identity && b.labels == *labels
-        });
+        let bound = st
+            .registered
+            .get(key)
+            .is_some_and(|b| b.endpoint == *ep && b.identity == pod.identity && b.labels == labels);
         if reported && bound {
             continue;
         }
@@ -786,7 +792,7 @@ async fn reconcile(
             BoundEndpoint {
                 endpoint: ep.clone(),
                 identity: pod.identity,
-                labels: labels.clone(),
+                labels,
             },
         );
         tracing::info!(pod = %key, identity = %pod.identity, ip = %ep.ipv4, "endpoint enforced");
@@ -837,19 +843,35 @@ async fn reconcile(
         st.peers.set_identity(*id, labels.clone());
     }
     st.identities = ids;
-    let names: BTreeSet<String> = cluster.policies.iter().map(|p| p.name.clone()).collect();
+    // Policies are keyed by `namespace/name` (or `name` for a clusterwide policy): the same
+    // name in two namespaces is two policies, and removing one leaves the other.
+    let keys: BTreeSet<PolicyKey> = cluster.policies.iter().map(Policy::key).collect();
     for p in &cluster.policies {
         st.compiler.set_policy(p.clone());
         st.peers.set_policy(p.clone());
     }
-    for stale in st.applied_policies.difference(&names) {
-        st.compiler.remove_policy(stale);
-        st.peers.remove_policy(stale);
+    for stale in st.applied_policies.difference(&keys) {
+        st.compiler.remove_policy_key(stale);
+        st.peers.remove_policy_key(stale);
     }
-    st.applied_policies = names;
+    st.applied_policies = keys;
 
-    // Plan and apply.
-    let desired = crate::plan::plan(cluster, &st.registered, |n| st.compiler.entries(n));
+    // Plan and apply. The ipcache: pods, nodes (this one is the host), pod ranges (no
+    // identity) and the CIDR prefixes the policies name (outside the cluster, with the world).
+    let addressing = crate::plan::Addressing {
+        node: node_name.to_owned(),
+        host: match node_address {
+            IpAddr::V4(a) => vec![a],
+            IpAddr::V6(_) => vec![],
+        },
+        cidrs: st.compiler.cidr_identities().ipcache_entries(),
+    };
+    let desired = crate::plan::plan(
+        cluster,
+        &st.registered,
+        |n| st.compiler.entries(n),
+        &addressing,
+    );
     for ip in &desired.conflicts {
         problems.push(format!(
             "address {ip} is claimed by endpoints of different identities: left out of the ipcache"

@@ -223,9 +223,26 @@ impl<P> Holder<P> {
     }
 }
 
+/// The flow of an IPv4 packet as the datapath keys held flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketFlow {
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// Source port (ICMP: the echo id).
+    pub sport: u16,
+    /// Destination port (ICMP: the echo id).
+    pub dport: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// ICMP: the type (policy decides by it, and it is part of the flow's key); 0 otherwise.
+    pub icmp_type: u8,
+}
+
 /// The flow of an IPv4 packet as the datapath keys held flows: addresses, ports (the echo id
-/// for ICMP) and protocol. `None` for what is not IPv4 or too short.
-pub fn flow_of(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, u8)> {
+/// for ICMP), protocol and ICMP type. `None` for what is not IPv4 or too short.
+pub fn flow_of(packet: &[u8]) -> Option<PacketFlow> {
     let v_ihl = *packet.first()?;
     if v_ihl >> 4 != 4 {
         return None;
@@ -236,15 +253,22 @@ pub fn flow_of(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, u8)> {
     let dst = Ipv4Addr::new(*packet.get(16)?, packet[17], packet[18], packet[19]);
     let l4 = packet.get(ihl..)?;
     let be = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?])) };
-    let (sport, dport) = match protocol {
-        6 | 17 | 132 => (be(0)?, be(2)?),
+    let (sport, dport, icmp_type) = match protocol {
+        6 | 17 | 132 => (be(0)?, be(2)?, 0),
         1 => {
             let id = be(4)?;
-            (id, id)
+            (id, id, *l4.first()?)
         }
-        _ => (0, 0),
+        _ => (0, 0, 0),
     };
-    Some((src, dst, sport, dport, protocol))
+    Some(PacketFlow {
+        src,
+        dst,
+        sport,
+        dport,
+        protocol,
+        icmp_type,
+    })
 }
 
 /// Installs the rule that sends marked packets the node forwards to the queue, in the calling
@@ -383,7 +407,14 @@ impl Ctx {
     }
 
     fn record(&self, key: Option<AuthKey>, packet: &[u8], verdict: &str, reason: String) {
-        let Some((src, dst, _, dport, proto)) = flow_of(packet) else {
+        let Some(PacketFlow {
+            src,
+            dst,
+            dport,
+            protocol: proto,
+            ..
+        }) = flow_of(packet)
+        else {
             return;
         };
         self.flows.push(meshauth_proto::agent::Flow {
@@ -503,8 +534,12 @@ fn run<T: meshauth_auth::AuthTable>(
                     got = true;
                     let payload = msg.get_payload();
                     let len = payload.len();
-                    let key = flow_of(payload).and_then(|(s, d, sp, dp, p)| {
-                        ctx.dp(|x| x.held_flow(s, d, sp, dp, p)).ok().flatten()
+                    let key = flow_of(payload).and_then(|f| {
+                        ctx.dp(|x| {
+                            x.held_flow(f.src, f.dst, f.sport, f.dport, f.protocol, f.icmp_type)
+                        })
+                        .ok()
+                        .flatten()
                     });
                     let live = key.is_some_and(|k| ctx.dp(|d| d.auth_live(k)).unwrap_or(false));
                     if let Some(k) = key
@@ -640,17 +675,22 @@ mod tests {
         p[22..24].copy_from_slice(&80u16.to_be_bytes());
         assert_eq!(
             flow_of(&p),
-            Some((
-                "10.200.1.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
-                "10.200.2.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
-                40000,
-                80,
-                6
-            ))
+            Some(PacketFlow {
+                src: "10.200.1.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                dst: "10.200.2.10".parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                sport: 40000,
+                dport: 80,
+                protocol: 6,
+                icmp_type: 0,
+            })
         );
         p[9] = 1;
+        p[20] = 8;
         p[24..26].copy_from_slice(&77u16.to_be_bytes());
-        assert_eq!(flow_of(&p).map(|f| (f.2, f.3)), Some((77, 77)));
+        assert_eq!(
+            flow_of(&p).map(|f| (f.sport, f.dport, f.icmp_type)),
+            Some((77, 77, 8))
+        );
         assert_eq!(flow_of(&p[..10]), None);
         assert_eq!(flow_of(&[0x60; 40]), None, "IPv6");
     }

@@ -143,15 +143,26 @@ fn cluster_of(
             n.name.clone(),
             (NodeId::new(n.node_id), n.address.parse().ok()),
         );
+        if !n.pod_range.is_empty() {
+            match meshauth_policy::Cidr::parse_prefix(&n.pod_range) {
+                Ok(r) => {
+                    out.pod_ranges.insert(n.name.clone(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %n.name, error = %e, "ignoring a node's invalid pod range")
+                }
+            }
+        }
     }
     for p in policies {
+        // `p.name` is the policy's key (`namespace/name`, or `name` for a clusterwide policy).
         match meshauth_policy::parse_policies(&p.yaml) {
             Ok(mut ps) => out.policies.append(&mut ps),
             Err(e) => {
                 let last_good: Vec<meshauth_policy::Policy> = previous
                     .into_iter()
                     .flat_map(|c| &c.policies)
-                    .filter(|old| old.name == p.name)
+                    .filter(|old| old.key().to_string() == p.name)
                     .cloned()
                     .collect();
                 tracing::error!(policy = %p.name, error = %e, kept_last_good = !last_good.is_empty(), "a policy does not parse: this agent is not ready");
@@ -890,6 +901,36 @@ mod tests {
             ..refused(Duration::ZERO)
         };
         assert!(retry_due(&ahead, now));
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_keeps_its_last_good_version_by_key() {
+        let doc = |ns: &str, extra: &str| meshauth_proto::node::PolicyDocument {
+            name: format!("{ns}/allow"),
+            yaml: format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: allow, namespace: {ns}}}\nspec:\n  endpointSelector: {{}}\n  ingress: [{{fromEndpoints: [{{}}]{extra}}}]\n"
+            ),
+            namespace: ns.into(),
+        };
+        let first = cluster_of(&[], &[], &[], &[doc("a", ""), doc("b", "")], None);
+        assert_eq!(first.policies.len(), 2);
+        assert!(first.policy_errors.is_empty());
+        // b/allow now has a field this agent does not know (version skew): a/allow is
+        // unaffected, b/allow keeps its last good version and is named by its key.
+        let second = cluster_of(
+            &[],
+            &[],
+            &[],
+            &[doc("a", ""), doc("b", ", toFQDNs: []")],
+            Some(&first),
+        );
+        let keys: Vec<String> = second
+            .policies
+            .iter()
+            .map(|p| p.key().to_string())
+            .collect();
+        assert_eq!(keys, ["a/allow", "b/allow"]);
+        assert_eq!(second.policy_errors.keys().collect::<Vec<_>>(), ["b/allow"]);
     }
 
     #[test]

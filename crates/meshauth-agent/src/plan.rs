@@ -3,10 +3,10 @@
 //! root. [`crate::driver`] makes the datapath so.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use meshauth_datapath::EndpointId;
-use meshauth_policy::{AuthKey, AuthType, IdentityId, NodeId, PolicyEntry};
+use meshauth_policy::{AuthKey, AuthType, Cidr, IdentityId, NodeId, PolicyEntry};
 
 use crate::cache::ClusterState;
 use crate::endpoints::LocalEndpoint;
@@ -18,7 +18,7 @@ pub struct BoundEndpoint {
     pub endpoint: LocalEndpoint,
     /// Its identity (from the control plane).
     pub identity: IdentityId,
-    /// Its labels (from the control plane).
+    /// The labels policies select it by: its identity's (its labels in its namespace).
     pub labels: meshauth_policy::Labels,
 }
 
@@ -39,24 +39,61 @@ pub struct DesiredEndpoint {
     pub entries: Vec<PolicyEntry>,
 }
 
+/// An IPv4 prefix of the ipcache: network address (host bits clear) and length.
+pub type Prefix = (Ipv4Addr, u8);
+
 /// What the datapath should hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Local endpoints by host-side ifindex.
     pub endpoints: BTreeMap<u32, DesiredEndpoint>,
-    /// Every cluster address with its identity and node.
-    pub ipcache: BTreeMap<Ipv4Addr, (IdentityId, NodeId)>,
-    /// Addresses claimed by endpoints of different identities: left out of the ipcache (their
-    /// traffic is dropped as "no identity") until the claim is resolved.
+    /// The ipcache: every prefix with its identity and node, looked up by longest prefix (see
+    /// [`plan`]).
+    pub ipcache: BTreeMap<Prefix, (IdentityId, NodeId)>,
+    /// Addresses claimed by endpoints of different identities (or by a pod and a node): "no
+    /// identity" in the ipcache (their traffic is dropped) until the claim is resolved.
     pub conflicts: BTreeSet<Ipv4Addr>,
+}
+
+/// What the ipcache needs besides the cluster's pods: who this node is, and the CIDR prefixes
+/// the policies name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Addressing {
+    /// This node's name: its address in the cluster's view is the host (identity 1), every
+    /// other node's is a remote node (identity 6).
+    pub node: String,
+    /// More addresses of this node (the one its agent serves handshakes on).
+    pub host: Vec<Ipv4Addr>,
+    /// The node-local identities of the prefixes policies name, `0.0.0.0/0` → world included
+    /// (the compiler's [`meshauth_policy::CidrIdentities::ipcache_entries`]).
+    pub cidrs: Vec<(Cidr, IdentityId)>,
+}
+
+fn v4_prefix(c: &Cidr) -> Option<Prefix> {
+    match c.addr() {
+        IpAddr::V4(a) => Some((a, c.prefix_len())),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// Plans the datapath. `entries` gives the compiled entries of a local endpoint by name; an
 /// endpoint without compiled entries gets none (everything to and from it is dropped).
+///
+/// The ipcache (IPv4; looked up by longest prefix, and where two sources name the same
+/// prefix the later one here wins):
+/// 1. the prefixes policies name with their node-local identities, `0.0.0.0/0` → world (2),
+///    except prefixes inside a node's pod range (CIDR rules are about addresses outside the
+///    cluster);
+/// 2. each node's pod range → no identity (0): an address there that no pod has is dropped
+///    as "no identity", as before the world entry existed;
+/// 3. node addresses: this node's → host (1), the others' → remote-node (6);
+/// 4. each pod's `/32` → its identity and node; an address two pods (or a pod and a node)
+///    claim → no identity.
 pub fn plan<'a>(
     cluster: &ClusterState,
     local: &BTreeMap<String, BoundEndpoint>,
     entries: impl Fn(&str) -> Option<&'a [PolicyEntry]>,
+    addressing: &Addressing,
 ) -> Desired {
     let mut out = Desired::default();
     for (name, b) in local {
@@ -74,20 +111,63 @@ pub fn plan<'a>(
             },
         );
     }
+    let node_id = |name: &str| cluster.nodes.get(name).map_or(NodeId::new(0), |n| n.0);
+    // 1. CIDR prefixes of policies, outside the pod ranges.
+    let ranges: Vec<Cidr> = cluster.pod_ranges.values().copied().collect();
+    for (c, id) in &addressing.cidrs {
+        let Some(p) = v4_prefix(c) else { continue };
+        if ranges.iter().any(|r| r.contains(c)) {
+            continue;
+        }
+        out.ipcache.insert(p, (*id, NodeId::new(0)));
+    }
+    // 2. Pod ranges: no identity unless a pod has the address.
+    for (node, r) in &cluster.pod_ranges {
+        if let Some(p) = v4_prefix(r) {
+            out.ipcache.insert(p, (IdentityId::UNKNOWN, node_id(node)));
+        }
+    }
+    // 3. Nodes.
+    let mut nodes: BTreeMap<Ipv4Addr, (IdentityId, NodeId)> = BTreeMap::new();
+    for (name, (id, addr)) in &cluster.nodes {
+        if let Some(IpAddr::V4(a)) = addr {
+            let who = if *name == addressing.node {
+                IdentityId::HOST
+            } else {
+                IdentityId::REMOTE_NODE
+            };
+            nodes.insert(*a, (who, *id));
+        }
+    }
+    for a in &addressing.host {
+        nodes.insert(*a, (IdentityId::HOST, node_id(&addressing.node)));
+    }
+    // 4. Pods; an address claimed twice has no identity.
+    let mut pods: BTreeMap<Ipv4Addr, (IdentityId, NodeId)> = BTreeMap::new();
     for e in &cluster.endpoints {
         let Some(ip) = e.ipv4 else { continue };
         if out.conflicts.contains(&ip) {
             continue;
         }
-        match out.ipcache.get(&ip) {
+        match pods.get(&ip) {
             Some(existing) if *existing != (e.identity, e.node_id) => {
-                out.ipcache.remove(&ip);
+                pods.remove(&ip);
+                out.conflicts.insert(ip);
+            }
+            _ if nodes.contains_key(&ip) => {
                 out.conflicts.insert(ip);
             }
             _ => {
-                out.ipcache.insert(ip, (e.identity, e.node_id));
+                pods.insert(ip, (e.identity, e.node_id));
             }
         }
+    }
+    for (ip, v) in nodes.into_iter().chain(pods) {
+        out.ipcache.insert((ip, 32), v);
+    }
+    for ip in &out.conflicts {
+        out.ipcache
+            .insert((*ip, 32), (IdentityId::UNKNOWN, NodeId::new(0)));
     }
     out
 }
@@ -261,18 +341,133 @@ mod tests {
             },
         )]);
         let entries = [required(Some(301))];
-        let d = plan(&cluster, &local, |n| (n == "a").then_some(&entries[..]));
+        let d = plan(
+            &cluster,
+            &local,
+            |n| (n == "a").then_some(&entries[..]),
+            &Addressing::default(),
+        );
         assert_eq!(d.endpoints.len(), 1);
         assert_eq!(d.endpoints[&7].id, EndpointId(7));
         assert_eq!(d.endpoints[&7].entries, entries);
-        assert_eq!(d.ipcache.len(), 2, "{:?}", d.ipcache);
-        assert!(
-            d.conflicts
-                .contains(&"10.0.2.9".parse().unwrap_or(Ipv4Addr::UNSPECIFIED))
+        let conflict = "10.0.2.9".parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        assert_eq!(d.ipcache.len(), 3, "{:?}", d.ipcache);
+        assert!(d.conflicts.contains(&conflict));
+        assert_eq!(
+            d.ipcache[&(conflict, 32)].0,
+            IdentityId::UNKNOWN,
+            "a conflict has no identity"
         );
         // No compiled entries: nothing allowed.
-        let d = plan(&cluster, &local, |_| None);
+        let d = plan(&cluster, &local, |_| None, &Addressing::default());
         assert!(d.endpoints[&7].entries.is_empty());
+    }
+
+    #[test]
+    fn the_ipcache_holds_pods_nodes_pod_ranges_and_policy_prefixes() {
+        let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let c = |s: &str| Cidr::parse_prefix(s).unwrap_or(Cidr::ALL_V6);
+        let local_id = |n: u32| IdentityId::new(IdentityId::FIRST_LOCAL + n);
+        let cluster = ClusterState {
+            endpoints: vec![
+                cep("a", "10.200.1.10", 300, 1),
+                cep("b", "10.200.2.10", 301, 2),
+            ],
+            nodes: BTreeMap::from([
+                (
+                    "n1".into(),
+                    (
+                        NodeId::new(1),
+                        Some(
+                            "10.199.0.1"
+                                .parse()
+                                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                        ),
+                    ),
+                ),
+                (
+                    "n2".into(),
+                    (
+                        NodeId::new(2),
+                        Some(
+                            "10.199.0.2"
+                                .parse()
+                                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                        ),
+                    ),
+                ),
+                (
+                    "n3".into(),
+                    (
+                        NodeId::new(3),
+                        Some(
+                            "2001:db8::3"
+                                .parse()
+                                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                        ),
+                    ),
+                ),
+            ]),
+            pod_ranges: BTreeMap::from([
+                ("n1".into(), c("10.200.1.0/24")),
+                ("n2".into(), c("10.200.2.0/24")),
+            ]),
+            ..ClusterState::default()
+        };
+        let addressing = Addressing {
+            node: "n1".into(),
+            host: vec![v4("10.199.0.1")],
+            cidrs: vec![
+                (Cidr::ALL_V4, IdentityId::WORLD),
+                (Cidr::ALL_V6, IdentityId::WORLD),
+                (c("10.0.0.0/8"), local_id(0)),
+                (c("10.199.0.2/32"), local_id(1)),
+                (c("10.200.1.0/24"), local_id(2)),
+                (c("10.200.2.128/25"), local_id(3)),
+                (c("10.200.2.10/32"), local_id(4)),
+                (c("192.0.2.0/24"), local_id(5)),
+                (c("2001:db8::/32"), local_id(6)),
+            ],
+        };
+        let d = plan(&cluster, &BTreeMap::new(), |_| None, &addressing);
+        let at = |ip: &str, len: u8| d.ipcache.get(&(v4(ip), len)).map(|v| v.0);
+        // The world and the prefixes policies name (IPv4 only).
+        assert_eq!(at("0.0.0.0", 0), Some(IdentityId::WORLD));
+        assert_eq!(at("10.0.0.0", 8), Some(local_id(0)));
+        assert_eq!(at("192.0.2.0", 24), Some(local_id(5)));
+        // Pods and nodes win over equal prefixes; pod ranges over prefixes inside them.
+        assert_eq!(at("10.200.2.10", 32), Some(IdentityId::new(301)));
+        assert_eq!(at("10.200.1.10", 32), Some(IdentityId::new(300)));
+        assert_eq!(at("10.199.0.2", 32), Some(IdentityId::REMOTE_NODE));
+        assert_eq!(at("10.199.0.1", 32), Some(IdentityId::HOST));
+        assert_eq!(at("10.200.1.0", 24), Some(IdentityId::UNKNOWN));
+        assert_eq!(at("10.200.2.0", 24), Some(IdentityId::UNKNOWN));
+        assert_eq!(at("10.200.2.128", 25), None, "inside a pod range");
+        assert_eq!(d.ipcache[&(v4("10.199.0.2"), 32)].1, NodeId::new(2));
+        assert_eq!(d.ipcache[&(v4("10.200.2.10"), 32)].1, NodeId::new(2));
+        assert_eq!(d.ipcache.len(), 9, "{:?}", d.ipcache);
+        // Another node's view: n2 is its host, n1 a remote node.
+        let d = plan(
+            &cluster,
+            &BTreeMap::new(),
+            |_| None,
+            &Addressing {
+                node: "n2".into(),
+                ..addressing.clone()
+            },
+        );
+        assert_eq!(d.ipcache[&(v4("10.199.0.2"), 32)].0, IdentityId::HOST);
+        assert_eq!(
+            d.ipcache[&(v4("10.199.0.1"), 32)].0,
+            IdentityId::HOST,
+            "its --address"
+        );
+        // A pod with a node's address: no identity.
+        let mut clash = cluster.clone();
+        clash.endpoints.push(cep("c", "10.199.0.2", 302, 2));
+        let d = plan(&clash, &BTreeMap::new(), |_| None, &addressing);
+        assert_eq!(d.ipcache[&(v4("10.199.0.2"), 32)].0, IdentityId::UNKNOWN);
+        assert!(d.conflicts.contains(&v4("10.199.0.2")));
     }
 
     #[test]
@@ -325,20 +520,35 @@ mod tests {
         };
         let with = [required(Some(301))];
         let wildcard = [required(None)];
-        let d = plan(&cluster, &local, |_| Some(&with[..]));
+        let d = plan(
+            &cluster,
+            &local,
+            |_| Some(&with[..]),
+            &Addressing::default(),
+        );
         assert!(justification(&cluster, &d, []).justified(&key));
-        let d = plan(&cluster, &local, |_| Some(&wildcard[..]));
+        let d = plan(
+            &cluster,
+            &local,
+            |_| Some(&wildcard[..]),
+            &Addressing::default(),
+        );
         assert!(
             justification(&cluster, &d, []).justified(&key),
             "a wildcard requirement counts"
         );
         // Not required by us, but by the peer's policy.
-        let d = plan(&cluster, &local, |_| None);
+        let d = plan(&cluster, &local, |_| None, &Addressing::default());
         assert!(!justification(&cluster, &d, []).justified(&key));
         let peer = [required(Some(300))];
         assert!(justification(&cluster, &d, [(IdentityId::new(301), &peer[..])]).justified(&key));
         // The peer moved to another node, or the local identity left.
-        let d = plan(&cluster, &local, |_| Some(&with[..]));
+        let d = plan(
+            &cluster,
+            &local,
+            |_| Some(&with[..]),
+            &Addressing::default(),
+        );
         let j = justification(&cluster, &d, []);
         assert!(!j.justified(&AuthKey {
             remote_node: NodeId::new(3),

@@ -139,8 +139,8 @@ enum PodSub {
     Create {
         /// The pod's name.
         name: String,
-        /// Its namespace.
-        #[arg(long, default_value = "default")]
+        /// Its namespace (a DNS-1123 label; part of its identity).
+        #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
         /// The node it runs on.
         #[arg(long)]
@@ -156,8 +156,8 @@ enum PodSub {
     Delete {
         /// The pod's name.
         name: String,
-        /// Its namespace.
-        #[arg(long, default_value = "default")]
+        /// Its namespace (a DNS-1123 label; part of its identity).
+        #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
         #[command(flatten)]
         socket: AdminSocket,

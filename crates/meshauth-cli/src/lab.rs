@@ -79,6 +79,10 @@ enum PodSub {
         /// The node, e.g. n1.
         #[arg(long)]
         node: String,
+        /// Its namespace (place it there with `meshauth pod create --namespace` too; pod names
+        /// are unique in the lab whatever their namespace).
+        #[arg(short = 'n', long, default_value = meshauth_lab::DEFAULT_NAMESPACE)]
+        namespace: String,
         /// Labels, `key=value`; repeat or separate with commas.
         #[arg(long = "labels")]
         labels: Vec<String>,
@@ -103,12 +107,18 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
         }
         Sub::Pod {
-            command: PodSub::Add { name, node, labels },
+            command:
+                PodSub::Add {
+                    name,
+                    node,
+                    namespace,
+                    labels,
+                },
         } => {
-            let pod = lab.add_pod(&name, &node, parse_labels(&labels)?)?;
+            let pod = lab.add_pod_in(&namespace, &name, &node, parse_labels(&labels)?)?;
             println!(
-                "pod {} on {}  ip {}  netns {}",
-                pod.name, pod.node, pod.ip, pod.netns
+                "pod {}/{} on {}  ip {}  netns {}",
+                pod.namespace, pod.name, pod.node, pod.ip, pod.netns
             );
         }
         Sub::Pod {
@@ -151,8 +161,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                             let labels: Vec<String> =
                                 p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                             println!(
-                                "pod  {:<16} {:<4} {:<15} {}",
-                                p.name,
+                                "pod  {:<24} {:<4} {:<15} {}",
+                                format!("{}/{}", p.namespace, p.name),
                                 p.node,
                                 p.ip,
                                 labels.join(",")

@@ -39,9 +39,9 @@ impl LabEndpoints {
             .filter(|p| p.node == self.node)
             .map(|p| {
                 Ok(LocalEndpoint {
-                    // The lab has one namespace; its pods' labels are the control plane's
-                    // business (`meshauth pod create`), not the node's.
-                    namespace: "default".to_owned(),
+                    // Namespace and name bind it to the control plane's pod; its labels are
+                    // the control plane's business (`meshauth pod create`), not the node's.
+                    namespace: p.namespace,
                     name: p.name,
                     ipv4: p.ip,
                     host_veth: p.host_veth,

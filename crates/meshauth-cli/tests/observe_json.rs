@@ -221,3 +221,18 @@ fn text_lines_are_hubbles() {
          handshake SUCCEEDED in 4.2 ms"
     );
 }
+
+#[test]
+fn a_pods_namespace_is_its_identitys() {
+    let mut f = dropped_syn();
+    f.src_labels
+        .insert("io.kubernetes.pod.namespace".into(), "other".into());
+    let v = hubble::flow_json(&f);
+    assert_eq!(str_at(&v, "flow.source.namespace"), "other");
+    assert_eq!(str_at(&v, "flow.destination.namespace"), "default");
+    assert!(
+        hubble::flow_line(&f).contains("other/client2-2:50986"),
+        "{}",
+        hubble::flow_line(&f)
+    );
+}

@@ -283,19 +283,87 @@ fn policies_identities_and_endpoints() {
             "demo1-default-deny"
         ]
     );
-    server.ok(&["policy", "delete", "demo1-allow-client1"]);
+    let keys: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys[0], "default/demo1-allow-client1");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["namespace"] == "default")
+    );
+    // A bare name is the clusterwide policy of that name or, there being none, default/<name>.
+    assert_eq!(
+        server
+            .ok(&["policy", "delete", "demo1-allow-client1"])
+            .trim(),
+        "deleted policy demo1-allow-client1"
+    );
     let err = server.fails(&["policy", "delete", "demo1-allow-client1"]);
-    assert!(err.contains("no policy named demo1-allow-client1"), "{err}");
+    assert!(err.contains("no policy demo1-allow-client1"), "{err}");
+
+    // The same policy in another namespace is another policy, with its own key.
+    let out = server.ok(&["policy", "apply", "-f", walkthrough, "-n", "staging"]);
+    assert!(
+        out.contains("applied policy default/demo1-default-deny"),
+        "the walkthrough names its namespace: {out}"
+    );
+    let plain = dir.path().join("plain.yaml");
+    std::fs::write(&plain, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny-all}\nspec:\n  endpointSelector: {}\n  ingress: [{}]\n").unwrap();
+    let out = server.ok(&[
+        "policy",
+        "apply",
+        "-f",
+        plain.to_str().unwrap(),
+        "-n",
+        "staging",
+    ]);
+    assert_eq!(out.trim(), "applied policy staging/deny-all");
+    server.ok(&["policy", "apply", "-f", plain.to_str().unwrap()]);
+    let text = server.ok(&["policy", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("staging/deny-all") && l.contains("staging"))
+            && text.lines().any(|l| l.starts_with("default/deny-all")),
+        "{text}"
+    );
+    server.ok(&["policy", "delete", "-n", "staging", "deny-all"]);
+    server.ok(&["policy", "delete", "default/deny-all"]);
+    let err = server.fails(&["policy", "delete", "staging/deny-all"]);
+    assert!(err.contains("no policy staging/deny-all"), "{err}");
+    // Bad input: one sentence each.
+    let err = server.fails(&[
+        "policy",
+        "apply",
+        "-f",
+        plain.to_str().unwrap(),
+        "-n",
+        "Bad",
+    ]);
+    assert!(err.contains("invalid namespace \"Bad\""), "{err}");
+    let err = server.fails(&["policy", "delete", "Bad/x"]);
+    assert!(err.contains("invalid namespace \"Bad\""), "{err}");
+    let err = server.fails(&["policy", "delete", "-n", "staging", "a/b"]);
+    assert!(err.contains("already a key"), "{err}");
 
     // An invalid file is refused whole, with the file and field named.
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [1.2.3.4/32]}]\n").unwrap();
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress: [{toFQDNs: [{matchName: example.com}]}]\n").unwrap();
     let err = server.fails(&["policy", "apply", "-f", bad.to_str().unwrap()]);
-    assert!(err.contains("bad.yaml") && err.contains("toCIDR"), "{err}");
+    assert!(err.contains("bad.yaml") && err.contains("toFQDNs"), "{err}");
+    // CIDR peers are supported.
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cidr}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [1.2.3.4/32]}]\n").unwrap();
+    server.ok(&["policy", "apply", "-f", bad.to_str().unwrap()]);
+    server.ok(&["policy", "delete", "default/cidr"]);
 
     let status: serde_json::Value =
         serde_json::from_str(&server.ok(&["status", "-o", "json"])).unwrap();
-    assert_eq!(status["policies"], 2, "{status}");
+    // default's two left, and the walkthrough's three again in default (it names default).
+    assert_eq!(status["policies"], 3, "{status}");
     assert_eq!(status["agents"], serde_json::json!([]));
     assert_eq!(status["authorities"][0]["state"], "active");
     let ids: serde_json::Value =
@@ -304,5 +372,88 @@ fn policies_identities_and_endpoints() {
     let eps: serde_json::Value =
         serde_json::from_str(&server.ok(&["endpoint", "list", "-o", "json"])).unwrap();
     assert_eq!(eps, serde_json::json!([]));
+
+    // The same labels in two namespaces: two identities; pods show the labels they were given.
+    let a = server.ok(&[
+        "pod", "create", "web-1", "--node", "n1", "--labels", "app=web",
+    ]);
+    let b = server.ok(&[
+        "pod", "create", "web-1", "-n", "prod", "--node", "n1", "--labels", "app=web",
+    ]);
+    assert!(
+        a.contains("default/web-1") && a.contains("(identity 256)"),
+        "{a}"
+    );
+    assert!(
+        b.contains("prod/web-1") && b.contains("(identity 257)"),
+        "{b}"
+    );
+    let ids: serde_json::Value =
+        serde_json::from_str(&server.ok(&["identity", "list", "-o", "json"])).unwrap();
+    assert_eq!(
+        ids[1]["labels"],
+        serde_json::json!({"app": "web", "io.kubernetes.pod.namespace": "prod"})
+    );
+    let eps: serde_json::Value =
+        serde_json::from_str(&server.ok(&["pod", "list", "-o", "json"])).unwrap();
+    assert_eq!(eps[0]["labels"], serde_json::json!({"app": "web"}));
+    let err = server.fails(&["pod", "create", "x", "-n", "Prod", "--node", "n1"]);
+    assert!(err.contains("invalid namespace \"Prod\""), "{err}");
+
+    // Trace by pod name, over the server's policies (no -f): the walkthrough's policies are
+    // in default, so web-1 of default is what they select (app=web: none do) and a client1 pod
+    // of prod is not client1 of default.
+    server.ok(&[
+        "pod",
+        "create",
+        "demo-1",
+        "--node",
+        "n1",
+        "--labels",
+        "app=demodeployment",
+    ]);
+    server.ok(&[
+        "pod",
+        "create",
+        "c1",
+        "--node",
+        "n1",
+        "--labels",
+        "app=client1",
+    ]);
+    server.ok(&[
+        "pod",
+        "create",
+        "c1",
+        "-n",
+        "prod",
+        "--node",
+        "n1",
+        "--labels",
+        "app=client1",
+    ]);
+    let trace = |src: &str, dst: &str| -> serde_json::Value {
+        serde_json::from_str(&server.ok(&[
+            "policy", "trace", "--src", src, "--dst", dst, "--dport", "80/TCP", "-o", "json",
+        ]))
+        .unwrap()
+    };
+    let t = trace("pod:c1", "pod:default/demo-1");
+    assert_eq!(t["verdict"], "allowed", "{t}");
+    assert_eq!(
+        t["ingress"]["decided_by"][0],
+        "default/demo1-allow-client1/ingress[0]"
+    );
+    assert_eq!(t["src_peer"]["pod"], "default/c1");
+    let t = trace("pod:prod/c1", "pod:demo-1");
+    assert_eq!(t["verdict"], "denied", "{t}");
+    assert_eq!(
+        t["src_peer"]["labels"],
+        "app=client1,io.kubernetes.pod.namespace=prod"
+    );
+    let err = server.fails(&[
+        "policy", "trace", "--src", "pod:nope", "--dst", "world", "--dport", "80",
+    ]);
+    assert!(err.contains("no pod default/nope"), "{err}");
     server.stop();
 }

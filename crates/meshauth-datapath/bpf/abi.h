@@ -77,14 +77,15 @@ struct ma_ipcache_key {
 };
 
 struct ma_ipcache_value {
-	__u32 identity;
-	__u32 node_id; /* 0: this node */
+	__u32 identity; /* 0: no identity (dropped as MA_REASON_NO_IDENTITY, as a miss is) */
+	__u32 node_id;  /* 0: this node */
 };
 
 /* policy: LPM trie over 96 data bits; the first 80 must match exactly, the port is a prefix.
  * The program tries (remote, protocol), (remote, any), (any, protocol), (any, any) in this
  * order and the first hit decides; src/policy_keys.rs plans the keys so that this answers
- * what meshauth_policy::lookup answers. */
+ * what meshauth_policy::lookup answers. The port looked up is the destination port for TCP,
+ * UDP and SCTP, the ICMP type for ICMP (as Cilium does), 0 for every other protocol. */
 struct ma_policy_key {
 	__u32 prefixlen;
 	__u32 endpoint_id;
@@ -114,7 +115,9 @@ struct ma_auth_value {
 };
 
 /* conntrack: one entry per accepted flow and direction, created by the endpoint whose program
- * accepted it. */
+ * accepted it. ICMP: both ports are the echo id, and icmp_type is the type of the flow's
+ * packets (an echo reply is looked up as the reverse of its request, type 8), so that a
+ * packet of another type never rides on a flow accepted for one type. */
 struct ma_ct_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -122,7 +125,8 @@ struct ma_ct_key {
 	__u16 dport;
 	__u8 protocol;
 	__u8 direction;
-	__u16 pad;
+	__u8 icmp_type; /* ICMP only; 0 for other protocols */
+	__u8 pad;
 };
 
 #define MA_CT_HELD 1 /* waiting for authentication (hold mode): re-checked on every packet */

@@ -103,6 +103,7 @@ struct {
 
 /* The ICMP header fields this program reads (linux/icmp.h pulls in libc headers). */
 #define MA_ICMP_ECHOREPLY 0
+#define MA_ICMP_ECHO 8
 struct ma_icmphdr {
 	__u8 type;
 	__u8 code;
@@ -119,6 +120,7 @@ struct flow {
 	__u8 protocol;
 	__u8 tcp_flags;
 	__u8 icmp_reply; /* echo reply: the reverse of an echo request */
+	__u8 icmp_type;  /* ICMP: the type, which policy looks up in place of the port */
 };
 
 static __always_inline void count(__u8 direction, __u32 stat)
@@ -228,9 +230,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		struct ma_icmphdr *icmp = l4;
 		if ((void *)(icmp + 1) > end)
 			return -1;
-		/* Echo id serves as both ports so that request and reply match in conntrack. */
+		/* Echo id serves as both ports so that request and reply match in conntrack; the
+		 * type is what policy decides by. */
 		f->sport = bpf_ntohs(icmp->id);
 		f->dport = f->sport;
+		f->icmp_type = icmp->type;
 		f->icmp_reply = icmp->type == MA_ICMP_ECHOREPLY;
 	}
 	return 0;
@@ -246,14 +250,19 @@ static __always_inline struct ma_ipcache_value *ipcache_lookup(__u32 addr)
 }
 
 /* Looks up policy: (remote, protocol), (remote, any), (any, protocol), (any, any), each a
- * longest-prefix match over the port; the first hit decides (see abi.h). Returns the verdict
- * (0 when nothing matched: deny) and the auth type through *auth. */
+ * longest-prefix match over the port; the first hit decides (see abi.h). The port is the
+ * destination port for TCP, UDP and SCTP, the ICMP type for ICMP, 0 otherwise. Returns the
+ * verdict (0 when nothing matched: deny) and the auth type through *auth. */
 static __always_inline __u8 policy_lookup(__u32 endpoint_id, __u8 direction, __u32 remote,
 					  const struct flow *f, __u8 *auth)
 {
 	*auth = MA_AUTH_NONE;
-	__u16 port = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP ||
-		      f->protocol == IPPROTO_SCTP) ? f->dport : 0;
+	__u16 port = 0;
+	if (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP ||
+	    f->protocol == IPPROTO_SCTP)
+		port = f->dport;
+	else if (f->protocol == IPPROTO_ICMP)
+		port = f->icmp_type;
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		struct ma_policy_key k = {
@@ -293,6 +302,7 @@ static __always_inline void ct_key(struct ma_ct_key *k, const struct flow *f, __
 	k->dport = f->dport;
 	k->protocol = f->protocol;
 	k->direction = direction;
+	k->icmp_type = f->protocol == IPPROTO_ICMP ? f->icmp_type : 0;
 	k->pad = 0;
 }
 
@@ -318,15 +328,17 @@ static __always_inline void decide(const struct flow *f, const struct ma_endpoin
 	struct ma_ipcache_value *remote = ipcache_lookup(remote_addr);
 	d->src_id = direction == MA_DIR_EGRESS ? ep->identity : 0;
 	d->dst_id = direction == MA_DIR_EGRESS ? 0 : ep->identity;
-	if (!remote) {
+	/* No entry, or the entry of an address inside the cluster that nothing has (a pod range
+	 * without the pod, an address two pods claim): identity 0, never allowed. */
+	if (!remote || remote->identity == 0) {
 		d->reason = MA_REASON_NO_IDENTITY;
 		return;
 	}
 	__u32 remote_id = remote->identity;
-	if (direction == MA_DIR_EGRESS)
-		d->dst_id = remote_id;
-	else
-		d->src_id = remote_id;
+	/* Both fields written (not one chosen by direction: clang would compute the field's
+	 * address with a bitwise or, which the verifier refuses on a stack pointer). */
+	d->src_id = direction == MA_DIR_EGRESS ? ep->identity : remote_id;
+	d->dst_id = direction == MA_DIR_EGRESS ? remote_id : ep->identity;
 	__u8 auth = MA_AUTH_NONE;
 	if (policy_lookup(ep->endpoint_id, direction, remote_id, f, &auth) != MA_VERDICT_ALLOW) {
 		d->reason = MA_REASON_POLICY_DENIED;
@@ -411,16 +423,22 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 				   __u8 direction)
 {
 	__u8 other = direction == MA_DIR_EGRESS ? MA_DIR_INGRESS : MA_DIR_EGRESS;
+	/* The flow this packet would answer. For ICMP only an echo reply answers anything: the
+	 * echo request (type 8) of the same id; any other type is a flow of its own. */
 	struct flow rev = {
 		.saddr = f->daddr,
 		.daddr = f->saddr,
 		.sport = f->dport,
 		.dport = f->sport,
 		.protocol = f->protocol,
+		.icmp_type = MA_ICMP_ECHO,
 	};
-	struct ma_ct_key k;
-	ct_key(&k, &rev, other);
-	struct ma_ct_value *ct = bpf_map_lookup_elem(&ma_conntrack, &k);
+	struct ma_ct_key k = {};
+	struct ma_ct_value *ct = 0;
+	if (f->protocol != IPPROTO_ICMP || f->icmp_reply) {
+		ct_key(&k, &rev, other);
+		ct = bpf_map_lookup_elem(&ma_conntrack, &k);
+	}
 	int is_reply = ct != 0;
 	if (!ct && !f->icmp_reply) {
 		ct_key(&k, f, direction);

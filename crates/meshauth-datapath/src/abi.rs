@@ -120,7 +120,8 @@ pub(crate) struct CtKey {
     pub(crate) dport: u16,
     pub(crate) protocol: u8,
     pub(crate) direction: u8,
-    pub(crate) pad: u16,
+    pub(crate) icmp_type: u8,
+    pub(crate) pad: u8,
 }
 
 /// `struct ma_ct_value`.
@@ -241,6 +242,7 @@ mod tests {
             ("ma_ct_key", "dport") => offset_of!(CtKey, dport),
             ("ma_ct_key", "protocol") => offset_of!(CtKey, protocol),
             ("ma_ct_key", "direction") => offset_of!(CtKey, direction),
+            ("ma_ct_key", "icmp_type") => offset_of!(CtKey, icmp_type),
             ("ma_ct_value", "(size)") => size_of::<CtValue>(),
             ("ma_ct_value", "created_ns") => offset_of!(CtValue, created_ns),
             ("ma_ct_value", "last_seen_ns") => offset_of!(CtValue, last_seen_ns),

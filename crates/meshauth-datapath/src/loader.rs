@@ -640,7 +640,8 @@ impl Datapath {
     }
 
     /// The auth key of a flow the datapath holds (marked for the hold queue), by the packet's
-    /// addresses, ports and protocol as the pod sent it; `None` when it is not held.
+    /// addresses, ports, protocol and (ICMP) type as the pod sent it; `None` when it is not
+    /// held. For ICMP both ports are the echo id; `icmp_type` is ignored for other protocols.
     pub fn held_flow(
         &mut self,
         src: Ipv4Addr,
@@ -648,6 +649,7 @@ impl Datapath {
         sport: u16,
         dport: u16,
         protocol: u8,
+        icmp_type: u8,
     ) -> Result<Option<AuthKey>> {
         let m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
             HashMap::try_from(self.map("ma_conntrack")?)?;
@@ -658,6 +660,7 @@ impl Datapath {
             dport,
             protocol,
             direction: c::DIR_EGRESS,
+            icmp_type: if protocol == 1 { icmp_type } else { 0 },
             pad: 0,
         };
         match m.get(&key, 0) {

@@ -11,7 +11,9 @@
 //! 3. (any identity, protocol)
 //! 4. (any identity, any protocol)
 //!
-//! No hit anywhere denies. ICMP and protocols without ports look up port 0.
+//! No hit anywhere denies. The port looked up is the destination port for TCP, UDP and SCTP,
+//! the ICMP **type** for ICMP (as in Cilium and in [`meshauth_policy::lookup`], where an ICMP
+//! entry's ports are a range of types), and 0 for every other protocol.
 //!
 //! An LPM lookup returns only the longest matching prefix, so writing each compiled entry as
 //! its own prefixes cannot express "a broad deny beats a narrow allow" or "the most specific
@@ -76,9 +78,14 @@ pub type PolicyKeys = BTreeMap<PolicyKey, Decision>;
 /// The protocols a class can name; every other protocol falls in the "any protocol" class.
 const PROTOCOLS: [Protocol; 4] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Icmp];
 
-/// Protocols whose packets carry no destination port: the kernel looks up port 0.
-fn portless(protocol: Option<Protocol>) -> bool {
-    matches!(protocol, Some(Protocol::Icmp) | None)
+/// Whether the kernel looks up a packet's own port for `protocol`: the destination port of
+/// TCP, UDP and SCTP, the type of ICMP. Every other protocol (`None`: one policy cannot name;
+/// ICMPv6, which this IPv4 datapath never sees as such) looks up port 0.
+fn has_port(protocol: Option<Protocol>) -> bool {
+    matches!(
+        protocol,
+        Some(Protocol::Tcp | Protocol::Udp | Protocol::Sctp | Protocol::Icmp)
+    )
 }
 
 type ClassId = (Direction, Option<IdentityId>, Option<Protocol>);
@@ -226,14 +233,9 @@ fn plan_class(
     after: &[ClassId],
 ) -> BTreeMap<(u16, u8), Decision> {
     let mut out = BTreeMap::new();
-    if portless(class.2) && class.2.is_some() {
-        // ICMP: one answer, looked up at port 0; a block over every port holds it.
-        let want = answer(entries, class, 0);
-        if want != walk(keys, after, 0) {
-            out.insert((0, 0), want);
-        }
-        return out;
-    }
+    // Every class is planned over the whole port space, ICMP's too (its types are ports
+    // 0-255), and so is "any protocol": packets of the classes before it fall through to it at
+    // their own port.
     // Interval starts: where an entry's range or a fall-through block begins or ends.
     let mut starts: BTreeSet<u32> = BTreeSet::from([0]);
     for e in entries {
@@ -284,7 +286,8 @@ fn plan_class(
 }
 
 /// The model of the kernel's `policy_lookup` over planned keys: what the C program answers for
-/// a packet to or from `remote` with IP protocol number `protocol` and destination `port`.
+/// a packet to or from `remote` with IP protocol number `protocol` and destination `port` (for
+/// ICMP, the ICMP type, 0 to 255).
 pub fn kernel_lookup(
     keys: &PolicyKeys,
     direction: Direction,
@@ -293,9 +296,9 @@ pub fn kernel_lookup(
     port: u16,
 ) -> Decision {
     // The C program keys protocols by number; a protocol policy cannot name matches no
-    // protocol-specific key, and carries no port.
+    // protocol-specific key, and looks up port 0.
     let proto = Protocol::from_number(protocol);
-    let port = if portless(proto) { 0 } else { port };
+    let port = if has_port(proto) { port } else { 0 };
     let candidates = [
         (Some(remote), proto.map(Some)),
         (Some(remote), Some(None)),
@@ -471,6 +474,72 @@ mod tests {
         for p in PROTOCOLS {
             check(&es, 999, p, 443);
         }
+    }
+
+    #[test]
+    fn icmp_types_are_ports() {
+        let echo = |verdict| {
+            entry(
+                Some(300),
+                Some(Protocol::Icmp),
+                (8, 8),
+                verdict,
+                AuthType::None,
+            )
+        };
+        // An allow of echo requests only; an allow of every ICMP type beside a deny of echo
+        // requests; an any-protocol allow on port 8 (TCP, UDP, SCTP: not ICMP type 8).
+        for es in [
+            vec![echo(Verdict::Allow)],
+            vec![
+                echo(Verdict::Deny),
+                entry(
+                    Some(300),
+                    Some(Protocol::Icmp),
+                    (0, 65535),
+                    Verdict::Allow,
+                    AuthType::None,
+                ),
+            ],
+            vec![entry(
+                Some(300),
+                None,
+                (8, 8),
+                Verdict::Allow,
+                AuthType::None,
+            )],
+        ] {
+            for t in [0, 3, 7, 8, 9, 13, 255] {
+                check(&es, 300, Protocol::Icmp, t);
+                check(&es, 301, Protocol::Icmp, t);
+            }
+            check(&es, 300, Protocol::Tcp, 8);
+        }
+        let keys = policy_keys(&[echo(Verdict::Allow)]);
+        let at = |t| kernel_lookup(&keys, Direction::Ingress, IdentityId::new(300), 1, t).verdict;
+        assert_eq!(
+            (at(8), at(0), at(13)),
+            (Verdict::Allow, Verdict::Deny, Verdict::Deny)
+        );
+        // A protocol policy cannot name looks up port 0 whatever it carries.
+        let any = [entry(
+            Some(300),
+            None,
+            (0, 65535),
+            Verdict::Allow,
+            AuthType::None,
+        )];
+        assert_eq!(
+            kernel_lookup(
+                &policy_keys(&any),
+                Direction::Ingress,
+                IdentityId::new(300),
+                47,
+                80
+            )
+            .verdict,
+            Verdict::Allow
+        );
     }
 
     #[test]

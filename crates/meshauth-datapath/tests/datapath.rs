@@ -868,3 +868,220 @@ fn established_flows_stop_when_policy_auth_or_ipcache_change() {
     assert!(c.n1().sweep_conntrack(later).unwrap() > 0);
     assert_eq!(c.n1().conntrack_len().unwrap(), 0);
 }
+
+/// One ICMP message of `type` with echo id `id` from a raw socket; exits 0 when the answer
+/// (echo reply for 8, timestamp reply for 13) with the same id comes back within a second.
+const ICMP_CLIENT: &str = r#"
+import socket, struct, sys, time
+dst, typ, ident = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+payload = b"\0" * 12 if typ == 13 else b"meshauth"
+head = struct.pack("!BBHHH", typ, 0, 0, ident, 1)
+pkt = struct.pack("!BBHHH", typ, 0, csum(head + payload), ident, 1) + payload
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(1)
+s.sendto(pkt, (dst, 0))
+want = {8: 0, 13: 14}[typ]
+end = time.time() + 1
+while time.time() < end:
+    try:
+        data, addr = s.recvfrom(2048)
+    except socket.timeout:
+        break
+    ihl = (data[0] & 15) * 4
+    t, _, _, i = struct.unpack("!BBHH", data[ihl:ihl + 6])
+    if addr[0] == dst and t == want and i == ident:
+        sys.exit(0)
+sys.exit(1)
+"#;
+
+impl Cluster {
+    fn icmp(&self, from: &str, to: &Pod, icmp_type: u8, id: u16) -> bool {
+        self.ok(
+            from,
+            &[
+                "python3",
+                "-c",
+                ICMP_CLIENT,
+                &to.ip.to_string(),
+                &icmp_type.to_string(),
+                &id.to_string(),
+            ],
+        )
+    }
+}
+
+/// b's ingress entries compiled from a policy in namespace default (a is app=a, b app=b).
+fn compiled_for_b(yaml: &str) -> Vec<PolicyEntry> {
+    let ns = |app: &str| {
+        format!("app={app}")
+            .parse::<meshauth_policy::Labels>()
+            .unwrap()
+            .with_namespace("default")
+            .unwrap()
+    };
+    let ids = BTreeMap::from([(A_ID, ns("a")), (B_ID, ns("b"))]);
+    let policies = meshauth_policy::parse_policies(yaml).unwrap();
+    meshauth_policy::compile_endpoint(&policies, &ids, &ns("b"))
+        .into_iter()
+        .filter(|e| e.direction == Direction::Ingress)
+        .collect()
+}
+
+#[test]
+fn icmp_types_decide_and_echo_replies_pass_as_replies() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("nsicmp", &[]);
+    let (a, b) = (c.a.clone(), c.b.clone());
+    c.n1()
+        .set_policy(
+            EndpointId(1),
+            &[entry(
+                Direction::Egress,
+                None,
+                None,
+                (0, 65535),
+                Verdict::Allow,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n2().take_events().unwrap();
+
+    // `icmps: type 8` from a: echo requests pass; the echo reply (type 0) passes as the reply
+    // of the request's flow, though neither b's egress nor a's ingress allows anything.
+    let allow_echo = compiled_for_b(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: echo}\nspec:\n  endpointSelector: {matchLabels: {app: b}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: a}}]\n    icmps: [{fields: [{type: 8, family: IPv4}]}]\n",
+    );
+    assert_eq!(
+        allow_echo
+            .iter()
+            .map(|e| (e.remote, e.protocol, e.ports))
+            .collect::<Vec<_>>(),
+        [(Some(A_ID), Some(Protocol::Icmp), PortRange::single(8))],
+        "the type is the port of the entry"
+    );
+    set_b_policy(&mut c, 2, &allow_echo);
+    assert!(c.icmp("a", &b, 8, 4242), "an echo request is allowed");
+    assert!(c.ping("a", &b), "and so is ping");
+    // Another type with the same echo id is another flow: denied at b's ingress.
+    assert!(!c.icmp("a", &b, 13, 4242), "a timestamp request is not");
+    let e = wait_event(&mut events, |e| {
+        e.protocol == 1 && e.drop.is_some() && e.direction == Direction::Ingress
+    });
+    assert_eq!(e.drop, Some(DropReason::PolicyDenied));
+    assert_eq!((e.src, e.dst), (a.ip, b.ip));
+    // b's own echo request is no reply: b's egress allows nothing.
+    assert!(!c.ping("b", &a), "b may not start anything");
+
+    // A deny of type 8 beside an allow of every ICMP type from a: echo requests drop.
+    let deny_echo = compiled_for_b(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: echo}\nspec:\n  endpointSelector: {matchLabels: {app: b}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: a}}]\n    toPorts: [{ports: [{port: \"0\", protocol: ICMP}]}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: a}}]\n    icmps: [{fields: [{type: EchoRequest, family: IPv4}]}]\n",
+    );
+    set_b_policy(&mut c, 3, &deny_echo);
+    assert!(!c.icmp("a", &b, 8, 4243), "the deny of type 8 wins");
+    assert!(!c.ping("a", &b), "ping is denied");
+    let e = wait_event(&mut events, |e| {
+        e.protocol == 1
+            && e.drop == Some(DropReason::PolicyDenied)
+            && e.direction == Direction::Ingress
+            && e.dport == 4243
+    });
+    assert_eq!((e.src_identity, e.dst_identity), (A_ID, B_ID));
+    // Type 13 is allowed in now (its reply, type 14, is no echo reply: b's egress drops it).
+    let before = c.n2().stats().unwrap().forwarded[&Direction::Ingress];
+    assert!(!c.icmp("a", &b, 13, 4244));
+    let e = wait_event(&mut events, |e| e.protocol == 1 && e.dport == 4244);
+    assert_eq!(
+        (e.drop, e.direction),
+        (None, Direction::Ingress),
+        "the timestamp request is forwarded to b"
+    );
+    assert!(c.n2().stats().unwrap().forwarded[&Direction::Ingress] > before);
+}
+
+#[test]
+fn the_ipcache_is_a_longest_prefix_match_and_identity_0_has_no_identity() {
+    if !root() {
+        return;
+    }
+    let mut c = Cluster::new("nsipc", &[]);
+    let b = c.b.clone();
+    let cidr_id = IdentityId::new(IdentityId::FIRST_LOCAL);
+    let icmp_to = |remote: IdentityId| PolicyEntry {
+        direction: Direction::Egress,
+        remote: Some(remote),
+        protocol: Some(Protocol::Icmp),
+        ports: PortRange::ANY,
+        verdict: Verdict::Allow,
+        auth: AuthType::None,
+    };
+    // a may ping the world only; b accepts anything from a.
+    c.n1()
+        .set_policy(EndpointId(1), &[icmp_to(IdentityId::WORLD)])
+        .unwrap();
+    c.n2()
+        .set_policy(
+            EndpointId(1),
+            &[allow(
+                Direction::Ingress,
+                A_ID,
+                None,
+                PortRange::ANY,
+                AuthType::None,
+            )],
+        )
+        .unwrap();
+    let mut events = c.n1().take_events().unwrap();
+    // On n1, b's address leaves the cluster: the world is 0.0.0.0/0, and 10.200.2.0/24 (b's
+    // node's pod range) has no identity.
+    c.n1().remove_ipcache(b.ip, 32).unwrap();
+    c.n1()
+        .set_ipcache(
+            "0.0.0.0".parse().unwrap(),
+            0,
+            IdentityId::WORLD,
+            NodeId::new(0),
+        )
+        .unwrap();
+    c.n1()
+        .set_ipcache(
+            "10.200.2.0".parse().unwrap(),
+            24,
+            IdentityId::UNKNOWN,
+            NodeId::new(2),
+        )
+        .unwrap();
+    assert!(!c.ping("a", &b), "inside a pod range without a pod");
+    let e = wait_event(&mut events, |e| e.protocol == 1 && e.drop.is_some());
+    assert_eq!(e.drop, Some(DropReason::NoIdentity));
+    // Without the pod range's entry, b's address is the world's: allowed.
+    c.n1()
+        .remove_ipcache("10.200.2.0".parse().unwrap(), 24)
+        .unwrap();
+    assert!(c.ping("a", &b), "the world is allowed");
+    // A CIDR prefix of a policy takes its addresses from the world: a longer match, another
+    // identity, which a's policy does not allow until it names it.
+    c.n1()
+        .set_ipcache("10.200.0.0".parse().unwrap(), 16, cidr_id, NodeId::new(0))
+        .unwrap();
+    c.n1().set_ipcache_generation(1).unwrap();
+    assert!(!c.ping("a", &b), "the prefix's identity is not the world");
+    let e = wait_event(&mut events, |e| {
+        e.protocol == 1 && e.drop == Some(DropReason::PolicyDenied)
+    });
+    assert_eq!(e.dst_identity, cidr_id);
+    c.n1()
+        .set_policy(EndpointId(1), &[icmp_to(cidr_id)])
+        .unwrap();
+    assert!(c.ping("a", &b), "allowed by the prefix's identity");
+    // b's own /32 is longer still: b's identity, which a may not reach.
+    c.n1().set_ipcache(b.ip, 32, B_ID, NodeId::new(2)).unwrap();
+    c.n1().set_ipcache_generation(2).unwrap();
+    assert!(!c.ping("a", &b), "the pod's /32 wins");
+}

@@ -2,7 +2,9 @@
 //! policies are compiled, planned into the exact policy map keys the loader writes
 //! ([`policy_keys`]), and a model of the C program's lookup over those keys
 //! ([`kernel_lookup`]) must answer every query as [`meshauth_policy::lookup`] does, verdict and
-//! auth type alike.
+//! auth type alike. Policies are in namespaces (CiliumNetworkPolicies of `default` and `other`,
+//! clusterwide policies), identities carry their namespace label, rules name ports, ICMP types
+//! (`icmps`: the type is the port of ICMP queries) or entities.
 //!
 //! `the_old_key_layout_is_caught` runs the same property against the layout the loader wrote
 //! before (every entry as its own prefixes; the kernel taking "deny anywhere" and the maximum
@@ -35,12 +37,19 @@ fn peer_rule(ingress: bool, allow: bool) -> impl Strategy<Value = String> {
     let peers = prop_oneof![
         prop::sample::select(vec!["a", "b", "c"])
             .prop_map(move |app| format!("{eps}: [{{matchLabels: {{app: {app}}}}}]")),
+        // Across namespaces: the selector names the namespace label itself.
+        prop::sample::select(vec!["a", "b"]).prop_map(move |app| format!(
+            "{eps}: [{{matchLabels: {{app: {app}, k8s:io.kubernetes.pod.namespace: other}}}}]"
+        )),
         Just(format!("{eps}: [{{}}]")),
-        prop::sample::select(vec!["all", "world", "cluster", "host"])
+        prop::sample::select(vec!["all", "world", "cluster", "host", "remote-node"])
             .prop_map(move |e| format!("{ents}: [{e}]")),
     ];
     let port = prop_oneof![
         Just(String::new()),
+        // ICMP types: in the port field of compiled entries and of the kernel's lookup.
+        prop::sample::select(vec!["0", "3", "8", "13", "EchoReply", "255"])
+            .prop_map(|t| format!(", icmps: [{{fields: [{{type: {t}, family: IPv4}}]}}]")),
         (
             prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP", "ANY"]),
             prop::sample::select(vec![0u16, 1, 22, 53, 80, 443, 1024, 8080]),
@@ -85,17 +94,26 @@ fn section(name: &'static str) -> impl Strategy<Value = String> {
     })
 }
 
+/// A policy: a `CiliumNetworkPolicy` in `default` (no metadata.namespace) or in `other`, or a
+/// `CiliumClusterwideNetworkPolicy`.
 fn policy(i: usize) -> impl Strategy<Value = String> {
     (
+        prop::sample::select(vec![
+            "CiliumNetworkPolicy\nmetadata: {name: p}",
+            "CiliumNetworkPolicy\nmetadata: {name: p}",
+            "CiliumNetworkPolicy\nmetadata: {name: p, namespace: other}",
+            "CiliumClusterwideNetworkPolicy\nmetadata: {name: p}",
+        ]),
         prop::sample::select(vec!["{matchLabels: {app: a}}", "{}", "{matchLabels: {app: b}}"]),
         section("ingress"),
         section("ingressDeny"),
         section("egress"),
         section("egressDeny"),
     )
-        .prop_map(move |(sel, i1, i2, e1, e2)| {
+        .prop_map(move |(kind, sel, i1, i2, e1, e2)| {
+            let kind = kind.replace("name: p", &format!("name: p{i}"));
             format!(
-                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {sel}\n{i1}{i2}{e1}{e2}"
+                "apiVersion: cilium.io/v2\nkind: {kind}\nspec:\n  endpointSelector: {sel}\n{i1}{i2}{e1}{e2}"
             )
         })
 }
@@ -106,26 +124,42 @@ fn policies() -> impl Strategy<Value = String> {
         .prop_map(|docs| docs.join("---\n"))
 }
 
+/// Workload identities as the server allocates them: labels in a namespace. 256-258 are
+/// app=a, b, c in `default`; 259 and 260 app=a and b in `other` (the same labels, other
+/// identities).
 fn identities() -> BTreeMap<IdentityId, Labels> {
-    ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, app)| {
-            (
-                IdentityId::new(256 + i as u32),
-                format!("app={app}").parse().unwrap(),
-            )
-        })
-        .collect()
+    [
+        ("a", "default"),
+        ("b", "default"),
+        ("c", "default"),
+        ("a", "other"),
+        ("b", "other"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (app, ns))| (IdentityId::new(256 + i as u32), labels(app, ns)))
+    .collect()
 }
 
-/// A query: direction, remote identity, protocol, port.
+fn labels(app: &str, namespace: &str) -> Labels {
+    format!("app={app}")
+        .parse::<Labels>()
+        .unwrap()
+        .with_namespace(namespace)
+        .unwrap()
+}
+
+/// The endpoints whose entries are checked.
+const ENDPOINTS: [(&str, &str); 3] = [("a", "default"), ("b", "default"), ("a", "other")];
+
+/// A query: direction, remote identity, protocol, port (for ICMP, the ICMP type).
 type Query = (Direction, IdentityId, Protocol, u16);
 
 fn queries() -> impl Strategy<Value = Vec<Query>> {
     let q = (
         prop::sample::select(vec![Direction::Ingress, Direction::Egress]),
-        prop::sample::select(vec![256u32, 257, 258, 1, 2, 999]).prop_map(IdentityId::new),
+        prop::sample::select(vec![256u32, 257, 258, 259, 260, 1, 2, 6, 999])
+            .prop_map(IdentityId::new),
         prop::sample::select(vec![
             Protocol::Tcp,
             Protocol::Udp,
@@ -138,7 +172,17 @@ fn queries() -> impl Strategy<Value = Vec<Query>> {
             ]),
             any::<u16>(),
         ],
-    );
+        prop_oneof![prop::sample::select(vec![0u8, 3, 8, 13, 255]), any::<u8>()],
+    )
+        .prop_map(|(d, r, p, port, icmp_type)| {
+            // An ICMP packet's "port" is its type, 0 to 255.
+            let port = if p == Protocol::Icmp {
+                u16::from(icmp_type)
+            } else {
+                port
+            };
+            (d, r, p, port)
+        });
     prop::collection::vec(q, 64)
 }
 
@@ -221,9 +265,9 @@ fn old_layout(entries: &[PolicyEntry], (d, r, p, port): Query) -> Decision {
 fn agrees(model: Model, yaml: &str, queries: &[Query]) -> Result<(), TestCaseError> {
     let policies = parse_policies(yaml).map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
     let ids = identities();
-    for endpoint in ["app=a", "app=b"] {
-        let labels: Labels = endpoint.parse().unwrap();
-        let entries = compile_endpoint(&policies, &ids, &labels);
+    for (app, ns) in ENDPOINTS {
+        let endpoint = format!("{app}/{ns}");
+        let entries = compile_endpoint(&policies, &ids, &labels(app, ns));
         let kernel = model(&entries);
         for q in queries {
             let (d, r, p, port) = *q;
@@ -282,7 +326,7 @@ fn broad_deny_beside_narrow_allow_is_denied_by_the_kernel_model() {
     let entries = compile_endpoint(
         &parse_policies(yaml).unwrap(),
         &identities(),
-        &"app=a".parse().unwrap(),
+        &labels("a", "default"),
     );
     assert_eq!(current_layout(&entries)(q), Decision::DENY);
     assert_eq!(
@@ -294,4 +338,33 @@ fn broad_deny_beside_narrow_allow_is_denied_by_the_kernel_model() {
         lookup(&entries, q.0, q.1, q.2, q.3),
         (Verdict::Deny, AuthType::None)
     );
+}
+
+/// The property is about policies that select something: the generator's policies do select
+/// the endpoints and name their peers through namespaced identities (were the identities
+/// without their namespace, no `CiliumNetworkPolicy` would select anything and every endpoint
+/// would allow everything, which the kernel model trivially agrees with).
+#[test]
+fn the_generated_policies_select_endpoints_in_their_namespace() {
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p0}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - {fromEndpoints: [{matchLabels: {app: b}}]}\n";
+    let policies = parse_policies(yaml).unwrap();
+    let ids = identities();
+    let here = compile_endpoint(&policies, &ids, &labels("a", "default"));
+    let remotes: Vec<Option<IdentityId>> = here
+        .iter()
+        .filter(|e| e.direction == Direction::Ingress)
+        .map(|e| e.remote)
+        .collect();
+    assert_eq!(remotes, [Some(IdentityId::new(257))], "b of default only");
+    let elsewhere = compile_endpoint(&policies, &ids, &labels("a", "other"));
+    assert!(
+        elsewhere.iter().all(|e| e.remote.is_none()),
+        "the policy of default does not select a of other: {elsewhere:?}"
+    );
+    // b of other, the same labels as 257, is denied where 257 is allowed.
+    let keys = policy_keys(&here);
+    for (remote, want) in [(257, Verdict::Allow), (260, Verdict::Deny)] {
+        let got = kernel_lookup(&keys, Direction::Ingress, IdentityId::new(remote), 6, 80);
+        assert_eq!(got.verdict, want, "from {remote}");
+    }
 }

@@ -79,8 +79,8 @@ pub enum StoreError {
     /// No such entry.
     #[error("no entry with id {0} (see `meshauth entry show`)")]
     EntryNotFound(EntryId),
-    /// No such policy.
-    #[error("no policy named {0} (see `meshauth policy list`)")]
+    /// No policy has this key.
+    #[error("no policy {0} (see `meshauth policy list`)")]
     PolicyNotFound(String),
     /// A lifetime that reaches past the latest time this system can represent.
     #[error(
@@ -612,34 +612,54 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores policies (name, YAML document) in one transaction, replacing same-named ones.
+    /// Stores policies (key, YAML document) in one transaction, replacing those with the same
+    /// key. The key is the policy's `namespace/name` (a `CiliumNetworkPolicy`) or `name` (a
+    /// clusterwide policy); names cannot contain `/`, so the two never collide.
     pub fn put_policies(&self, docs: &[(String, String)]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for (name, yaml) in docs {
+        for (key, yaml) in docs {
             tx.execute(
                 "INSERT INTO policies (name, yaml) VALUES (?1, ?2)
                  ON CONFLICT (name) DO UPDATE SET yaml = excluded.yaml",
-                params![name, yaml],
+                params![key, yaml],
             )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Deletes a policy.
-    pub fn delete_policy(&self, name: &str) -> Result<()> {
+    /// Moves stored policies to new keys (and documents) in one transaction: each
+    /// `(old key, new key, YAML)` deletes the old row and stores the new one (replacing a row
+    /// that already has the new key).
+    pub fn rekey_policies(&self, moves: &[(String, String, String)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (old, new, yaml) in moves {
+            tx.execute("DELETE FROM policies WHERE name = ?1", params![old])?;
+            tx.execute(
+                "INSERT INTO policies (name, yaml) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET yaml = excluded.yaml",
+                params![new, yaml],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the policy with key `key`.
+    pub fn delete_policy(&self, key: &str) -> Result<()> {
         if self
             .conn()
-            .execute("DELETE FROM policies WHERE name = ?1", params![name])?
+            .execute("DELETE FROM policies WHERE name = ?1", params![key])?
             == 0
         {
-            return Err(StoreError::PolicyNotFound(name.to_owned()));
+            return Err(StoreError::PolicyNotFound(key.to_owned()));
         }
         Ok(())
     }
 
-    /// Every policy (name, YAML), by name.
+    /// Every policy (key, YAML), by key.
     pub fn policies(&self) -> Result<Vec<(String, String)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT name, yaml FROM policies ORDER BY name")?;
@@ -1238,6 +1258,14 @@ mod tests {
             store.delete_policy("a"),
             Err(StoreError::PolicyNotFound(_))
         ));
+        // Keys of namespaced policies fit the same column; a rekey moves a row.
+        store
+            .rekey_policies(&[("b".into(), "default/b".into(), "y: 4".into())])
+            .unwrap();
+        assert_eq!(
+            store.policies().unwrap(),
+            vec![("default/b".into(), "y: 4".into())]
+        );
     }
 
     #[test]

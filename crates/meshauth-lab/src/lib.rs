@@ -47,6 +47,11 @@ pub enum LabError {
         /// The name.
         name: String,
     },
+    /// A namespace name is unusable.
+    #[error(
+        "invalid namespace {0:?}: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+    )]
+    InvalidNamespace(String),
     /// A label is malformed.
     #[error("invalid label {0:?}: expected key=value")]
     InvalidLabel(String),
@@ -118,11 +123,24 @@ pub struct Node {
     pub pod_cidr: Ipv4Addr,
 }
 
+/// The namespace of a pod added without one (and of pods in state files from before
+/// namespaces).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
 /// A pod of the lab.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pod {
-    /// Its name.
+    /// Its name (unique in the lab, whatever its namespace: it names the pod's network
+    /// namespace and resolves from every pod).
     pub name: String,
+    /// Its Kubernetes-style namespace (part of its identity once the control plane places it
+    /// there: `meshauth pod create --namespace`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     /// Its node.
     pub node: String,
     /// Its network namespace.
@@ -165,6 +183,20 @@ fn valid_object(what: &'static str, name: &str) -> Result<()> {
             what,
             name: name.to_owned(),
         })
+    }
+}
+
+fn valid_namespace(namespace: &str) -> Result<()> {
+    let b = namespace.as_bytes();
+    let ok = (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first() != Some(&b'-')
+        && b.last() != Some(&b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::InvalidNamespace(namespace.to_owned()))
     }
 }
 
@@ -386,8 +418,21 @@ impl Lab {
         Ok(state)
     }
 
-    /// Adds pod `name` on `node` with `labels`.
+    /// Adds pod `name` on `node` with `labels`, in namespace `default`.
     pub fn add_pod(&self, name: &str, node: &str, labels: BTreeMap<String, String>) -> Result<Pod> {
+        self.add_pod_in(DEFAULT_NAMESPACE, name, node, labels)
+    }
+
+    /// Adds pod `name` of namespace `namespace` (a DNS-1123 label) on `node` with `labels`.
+    /// Pod names are unique in the lab across namespaces.
+    pub fn add_pod_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Pod> {
+        valid_namespace(namespace)?;
         valid_object("pod", name)?;
         let mut state = self.require()?;
         if state.pods.iter().any(|p| p.name == name) {
@@ -437,6 +482,8 @@ impl Lab {
                 &host_veth,
             ])?;
             ip(&["-n", &n.netns, "link", "set", &host_veth, "up"])?;
+            // `src`: what the node itself sends its pod leaves from the node's address (the
+            // `host` entity), not from the pod's gateway.
             ip(&[
                 "-n",
                 &n.netns,
@@ -445,6 +492,8 @@ impl Lab {
                 &format!("{ip_addr}/32"),
                 "dev",
                 &host_veth,
+                "src",
+                &n.underlay_ip.to_string(),
             ])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
             ip(&[
@@ -490,6 +539,7 @@ impl Lab {
                 })?;
             Ok(Pod {
                 name: name.to_owned(),
+                namespace: namespace.to_owned(),
                 node: node.to_owned(),
                 netns: netns.clone(),
                 ip: ip_addr,

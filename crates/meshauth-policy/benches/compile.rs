@@ -14,10 +14,13 @@ const IDENTITIES: usize = 10_000;
 const POLICIES: usize = 1_000;
 const ENDPOINTS_ON_NODE: usize = 100;
 
+/// A pod of namespace `default`, where the policies (no `metadata.namespace`) apply.
 fn labels(i: usize) -> Labels {
     format!("app=svc-{i},team=t{}", i % 50)
-        .parse()
+        .parse::<Labels>()
         .expect("valid labels")
+        .with_namespace("default")
+        .expect("valid namespace")
 }
 
 /// Each policy selects one of the node's 100 endpoints and allows one of 50 teams (200

@@ -9,37 +9,152 @@
 //!   set `authentication` inherits the mode of the most specific broader allow entry that did
 //!   (same or wildcard identity, same or any protocol, a port range containing its own); an
 //!   entry whose rule set it explicitly, even to `disabled`, keeps its own (explicit beats
-//!   inherited).
+//!   inherited). An entry for any identity that inherits nothing for a specific identity with a
+//!   broader explicit entry gets a companion entry for that identity (Cilium adds the same
+//!   L3/L4 keys), so the datapath's lookup keeps that identity's requirement.
 //! - Specificity, used both for inheritance and by [`lookup`] (what the datapath does): a
 //!   narrower port range first, then a named protocol, then a named identity; ties take the
 //!   strongest authentication.
 //!
-//! Entities map to identities as follows: `world` → [`IdentityId::WORLD`], `host` →
-//! [`IdentityId::HOST`], `cluster` → every known identity plus host, `all` → any identity
-//! (a wildcard entry).
+//! - ICMP: the `port` of a flow is its ICMP type (0-255); see [`crate::entry`].
+//!
+//! Peers map to identities as follows (the entity table is in [`Entity`]): `world` →
+//! [`IdentityId::WORLD`] and every CIDR prefix identity, `host` → [`IdentityId::HOST`],
+//! `remote-node` → [`IdentityId::REMOTE_NODE`], `unmanaged` → [`IdentityId::UNMANAGED`],
+//! `cluster` → every workload identity plus host, remote-node and unmanaged, `all` → any
+//! identity (a wildcard entry), `none` → nothing; a CIDR peer → the prefix identities it
+//! matches, and [`IdentityId::WORLD`] for a `/0` (see [`crate::cidr`]); an endpoint selector →
+//! the workload identities whose labels it matches (selectors carry their namespace, see
+//! [`crate::policy`]).
+//!
+//! Policies are named by their [`crate::PolicyKey`] (`namespace/name`, or `name` for a
+//! clusterwide policy) in [`RuleRef`], [`DirectionVerdict::selected_by`] and the [`Compiler`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use crate::IdentityId;
+use crate::cidr::{Cidr, CidrIdentities, cidr_prefixes_of};
 use crate::entry::{AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
 use crate::labels::Labels;
-use crate::policy::{Entity, PeerRule, Peers, Policy, PortProtocol, Rule};
+use crate::policy::{Entity, PeerRule, Peers, Policy, PolicyKey, PortProtocol, Rule};
 
 /// The peer of a flow, as rules see it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer<'a> {
-    /// A workload with these labels.
+    /// A workload with these labels (its namespace among them, see
+    /// [`Labels::with_namespace`]).
     Endpoint(&'a Labels),
-    /// Outside the cluster.
+    /// Outside the cluster, at an address no CIDR prefix of the policies contains: the `/0`
+    /// entry of the ipcache, [`IdentityId::WORLD`].
     World,
-    /// The node.
+    /// The node the endpoint runs on.
     Host,
+    /// Another node of the cluster.
+    RemoteNode,
+    /// A pod the agent does not manage.
+    Unmanaged,
+    /// An address outside the cluster (not a pod's, not a node's): matched by `world`, `all`
+    /// and the CIDR peers that contain it and whose excepts do not.
+    Address(IpAddr),
+    /// The identity of a CIDR prefix (what the ipcache gives the addresses whose longest named
+    /// prefix it is): matched by `world`, `all` and the CIDR peers `Q` with `prefix ⊆ Q` and
+    /// `prefix` inside none of their excepts.
+    Cidr(Cidr),
+}
+
+/// An owned [`Peer`], e.g. parsed from a command line (see its [`FromStr`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSpec {
+    /// A workload with these labels.
+    Endpoint(Labels),
+    /// See [`Peer::World`].
+    World,
+    /// See [`Peer::Host`].
+    Host,
+    /// See [`Peer::RemoteNode`].
+    RemoteNode,
+    /// See [`Peer::Unmanaged`].
+    Unmanaged,
+    /// See [`Peer::Address`].
+    Address(IpAddr),
+    /// See [`Peer::Cidr`].
+    Cidr(Cidr),
+}
+
+impl PeerSpec {
+    /// As a [`Peer`] for [`evaluate`] and [`trace_peers`].
+    pub fn as_peer(&self) -> Peer<'_> {
+        match self {
+            PeerSpec::Endpoint(l) => Peer::Endpoint(l),
+            PeerSpec::World => Peer::World,
+            PeerSpec::Host => Peer::Host,
+            PeerSpec::RemoteNode => Peer::RemoteNode,
+            PeerSpec::Unmanaged => Peer::Unmanaged,
+            PeerSpec::Address(a) => Peer::Address(*a),
+            PeerSpec::Cidr(c) => Peer::Cidr(*c),
+        }
+    }
+}
+
+impl FromStr for PeerSpec {
+    type Err = String;
+
+    /// Labels (`app=web,io.kubernetes.pod.namespace=prod`), an entity (`world`, `host`,
+    /// `remote-node`, `unmanaged`), an address (`192.0.2.1`) or a prefix (`192.0.2.0/24`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.contains('=') {
+            return s
+                .parse::<Labels>()
+                .map(PeerSpec::Endpoint)
+                .map_err(|e| e.to_string());
+        }
+        match s {
+            "world" => return Ok(PeerSpec::World),
+            "host" => return Ok(PeerSpec::Host),
+            "remote-node" => return Ok(PeerSpec::RemoteNode),
+            "unmanaged" => return Ok(PeerSpec::Unmanaged),
+            _ => {}
+        }
+        if let Ok(a) = s.parse::<IpAddr>() {
+            return Ok(PeerSpec::Address(a));
+        }
+        if s.contains('/') {
+            return Cidr::parse_prefix(s)
+                .map(PeerSpec::Cidr)
+                .map_err(|e| e.to_string());
+        }
+        Err(format!(
+            "{s:?} is not a peer: use labels (app=web,io.kubernetes.pod.namespace=prod), an entity (world, host, remote-node, unmanaged), an address (192.0.2.1) or a prefix (192.0.2.0/24)"
+        ))
+    }
+}
+
+/// The peer an identity stands for: a reserved identity's entity, a CIDR prefix's identity
+/// (from `cidrs`), or a workload's labels (from `identities`). `None` for an identity neither
+/// knows (and for [`IdentityId::UNKNOWN`]).
+pub fn peer_of_identity<'a>(
+    id: IdentityId,
+    identities: &'a BTreeMap<IdentityId, Labels>,
+    cidrs: &CidrIdentities,
+) -> Option<Peer<'a>> {
+    match id {
+        IdentityId::HOST => Some(Peer::Host),
+        IdentityId::WORLD => Some(Peer::World),
+        IdentityId::REMOTE_NODE => Some(Peer::RemoteNode),
+        IdentityId::UNMANAGED => Some(Peer::Unmanaged),
+        id if id.is_local() => cidrs.prefix(id).map(Peer::Cidr),
+        id => identities.get(&id).map(Peer::Endpoint),
+    }
 }
 
 /// Which rule decided.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct RuleRef {
-    /// The policy's name.
+    /// The policy's key, as text: `namespace/name` for a `CiliumNetworkPolicy`, `name` for a
+    /// `CiliumClusterwideNetworkPolicy` (see [`PolicyKey`]).
     pub policy: String,
     /// `spec` (0) or `specs[i]`.
     pub rule: usize,
@@ -58,8 +173,8 @@ pub struct DirectionVerdict {
     pub verdict: Verdict,
     /// Required authentication (allow only).
     pub auth: AuthType,
-    /// The policies with a rule selecting the endpoint in this direction (sorted, unique): for a
-    /// default deny, these are what made it.
+    /// The keys (`namespace/name` or `name`) of the policies with a rule selecting the endpoint
+    /// in this direction (sorted, unique): for a default deny, these are what made it.
     pub selected_by: Vec<String>,
     /// The rules that decided (empty for "not selected" and for default deny).
     pub decided_by: Vec<RuleRef>,
@@ -86,7 +201,8 @@ fn selects(rule: &Rule, endpoint: &Labels, direction: Direction) -> bool {
 }
 
 /// Whether a peer set matches `peer`: `None` if not, `Some(true)` if through a specific
-/// identity (a selector, `world`, `host`, `cluster`), `Some(false)` only through a wildcard.
+/// identity (a selector, an entity other than `all`, a CIDR), `Some(false)` only through a
+/// wildcard.
 fn peer_match(peers: &Peers, peer: Peer<'_>) -> Option<bool> {
     match peers {
         Peers::Any => Some(false),
@@ -94,20 +210,34 @@ fn peer_match(peers: &Peers, peer: Peer<'_>) -> Option<bool> {
         Peers::Listed {
             selectors,
             entities,
+            cidrs,
         } => {
+            let has = |e: Entity| entities.contains(&e);
             let specific = match peer {
                 Peer::Endpoint(labels) => {
-                    selectors.iter().any(|s| s.matches(labels))
-                        || entities.contains(&Entity::Cluster)
+                    selectors.iter().any(|s| s.matches(labels)) || has(Entity::Cluster)
                 }
-                Peer::World => entities.contains(&Entity::World),
-                Peer::Host => entities
-                    .iter()
-                    .any(|e| matches!(e, Entity::Host | Entity::Cluster)),
+                Peer::Host => has(Entity::Host) || has(Entity::Cluster),
+                Peer::RemoteNode => has(Entity::RemoteNode) || has(Entity::Cluster),
+                Peer::Unmanaged => has(Entity::Unmanaged) || has(Entity::Cluster),
+                Peer::World => has(Entity::World) || cidrs.iter().any(|r| r.matches_world()),
+                Peer::Address(a) => {
+                    has(Entity::World) || cidrs.iter().any(|r| r.matches_address(a))
+                }
+                Peer::Cidr(p) => {
+                    has(Entity::World)
+                        || cidrs.iter().any(|r| {
+                            if p.is_all() {
+                                r.matches_world()
+                            } else {
+                                r.matches_prefix(&p)
+                            }
+                        })
+                }
             };
             if specific {
                 Some(true)
-            } else if entities.contains(&Entity::All) {
+            } else if has(Entity::All) {
                 Some(false)
             } else {
                 None
@@ -141,13 +271,32 @@ fn entry_matches(
     flow_protocol: Protocol,
     flow_port: u16,
 ) -> bool {
-    match flow_protocol {
-        // ICMP has no port: `protocol: ICMP` matches it whatever the port says, and a rule for
-        // any protocol only when it names no port (`protocol: ANY` with a port is TCP/UDP/SCTP).
-        Protocol::Icmp => {
-            protocol == Some(Protocol::Icmp) || (protocol.is_none() && ports == PortRange::ANY)
-        }
-        _ => protocol.is_none_or(|q| q == flow_protocol) && ports.contains(flow_port),
+    if flow_protocol.is_icmp() {
+        // ICMP has no port: the flow's `port` is its ICMP type, matched by ICMP entries' ranges
+        // of types; a rule for any protocol matches it only when it names no port (`protocol:
+        // ANY` with a port is TCP/UDP/SCTP).
+        return match protocol {
+            Some(q) => q == flow_protocol && ports.contains(flow_port),
+            None => ports == PortRange::ANY,
+        };
+    }
+    protocol.is_none_or(|q| q == flow_protocol) && ports.contains(flow_port)
+}
+
+/// Whether every packet an entry (`protocol`, `ports`) matches is matched by a broader one
+/// (`broad_protocol`, `broad_ports`).
+fn covers(
+    broad_protocol: Option<Protocol>,
+    broad_ports: PortRange,
+    protocol: Option<Protocol>,
+    ports: PortRange,
+) -> bool {
+    let wider = broad_ports.start <= ports.start && broad_ports.end >= ports.end;
+    match (broad_protocol, protocol) {
+        (None, Some(q)) if q.is_icmp() => broad_ports == PortRange::ANY,
+        (None, _) => wider,
+        (Some(b), Some(q)) => b == q && wider,
+        (Some(_), None) => false,
     }
 }
 
@@ -167,7 +316,8 @@ fn best_port(
         .max_by_key(|(proto, range)| specificity(false, *proto, *range))
 }
 
-/// Evaluates one direction for an endpoint with labels `endpoint` and a flow to or from `peer`.
+/// Evaluates one direction for an endpoint with labels `endpoint` and a flow to or from `peer`
+/// (`port`: the destination port, or the ICMP type for ICMP and ICMPv6).
 pub fn evaluate(
     policies: &[Policy],
     endpoint: &Labels,
@@ -183,12 +333,13 @@ pub fn evaluate(
     // The most specific explicit authentication among the matching allows, and its mode.
     let mut explicit: Option<((u32, bool, bool), AuthType)> = None;
     for p in policies {
+        let key = p.key().to_string();
         for (ri, rule) in p.rules.iter().enumerate() {
             if !selects(rule, endpoint, direction) {
                 continue;
             }
             selected = true;
-            selected_by.insert(p.name.clone());
+            selected_by.insert(key.clone());
             for (section, list, verdict) in sections(rule, direction) {
                 for (i, pr) in list.iter().enumerate() {
                     let Some(remote_specific) = peer_match(&pr.peers, peer) else {
@@ -198,7 +349,7 @@ pub fn evaluate(
                         continue;
                     };
                     let r = RuleRef {
-                        policy: p.name.clone(),
+                        policy: key.clone(),
                         rule: ri,
                         section,
                         index: i,
@@ -272,7 +423,7 @@ pub struct Trace {
     pub ingress: DirectionVerdict,
 }
 
-/// Traces a flow between two workloads.
+/// Traces a flow between two workloads (`port`: the destination port, or the ICMP type).
 pub fn trace(
     policies: &[Policy],
     src: &Labels,
@@ -280,22 +431,51 @@ pub fn trace(
     protocol: Protocol,
     port: u16,
 ) -> Trace {
-    let egress = evaluate(
+    trace_peers(
         policies,
-        src,
-        Direction::Egress,
+        Peer::Endpoint(src),
         Peer::Endpoint(dst),
         protocol,
         port,
-    );
-    let ingress = evaluate(
-        policies,
-        dst,
-        Direction::Ingress,
-        Peer::Endpoint(src),
-        protocol,
-        port,
-    );
+    )
+}
+
+/// What a side that is not an endpoint enforces: nothing (meshauth enforces policy on
+/// endpoints only; the host, the other nodes and the world have no policy of their own).
+fn not_enforced() -> DirectionVerdict {
+    DirectionVerdict {
+        selected: false,
+        verdict: Verdict::Allow,
+        auth: AuthType::None,
+        selected_by: vec![],
+        decided_by: vec![],
+    }
+}
+
+/// Traces a flow from `src` to `dst`, either of which may be a workload, an entity, an address
+/// or a CIDR prefix outside the cluster ([`Peer`]): the source's egress (when it is an
+/// endpoint) and the destination's ingress (likewise), with the policies (by key) and rules
+/// that decided. E.g. `trace_peers(&p, Peer::Endpoint(&pod), Peer::Address(ip), Protocol::Tcp,
+/// 443)` for a pod reaching an external address.
+pub fn trace_peers(
+    policies: &[Policy],
+    src: Peer<'_>,
+    dst: Peer<'_>,
+    protocol: Protocol,
+    port: u16,
+) -> Trace {
+    let egress = match src {
+        Peer::Endpoint(labels) => {
+            evaluate(policies, labels, Direction::Egress, dst, protocol, port)
+        }
+        _ => not_enforced(),
+    };
+    let ingress = match dst {
+        Peer::Endpoint(labels) => {
+            evaluate(policies, labels, Direction::Ingress, src, protocol, port)
+        }
+        _ => not_enforced(),
+    };
     let allowed = egress.verdict == Verdict::Allow && ingress.verdict == Verdict::Allow;
     Trace {
         verdict: if allowed {
@@ -317,6 +497,7 @@ pub fn trace(
 fn peer_identities(
     peers: &Peers,
     identities: &BTreeMap<IdentityId, Labels>,
+    cidr_ids: &CidrIdentities,
 ) -> Vec<Option<IdentityId>> {
     match peers {
         Peers::Nothing => vec![],
@@ -324,6 +505,7 @@ fn peer_identities(
         Peers::Listed {
             selectors,
             entities,
+            cidrs,
         } => {
             let mut out = BTreeSet::new();
             for e in entities {
@@ -333,19 +515,46 @@ fn peer_identities(
                     }
                     Entity::World => {
                         out.insert(Some(IdentityId::WORLD));
+                        out.extend(cidr_ids.iter().map(|(_, id)| Some(id)));
                     }
                     Entity::Host => {
                         out.insert(Some(IdentityId::HOST));
                     }
+                    Entity::RemoteNode => {
+                        out.insert(Some(IdentityId::REMOTE_NODE));
+                    }
+                    Entity::Unmanaged => {
+                        out.insert(Some(IdentityId::UNMANAGED));
+                    }
                     Entity::Cluster => {
-                        out.insert(Some(IdentityId::HOST));
+                        out.extend(
+                            [
+                                IdentityId::HOST,
+                                IdentityId::REMOTE_NODE,
+                                IdentityId::UNMANAGED,
+                            ]
+                            .map(Some),
+                        );
                         out.extend(identities.keys().map(|id| Some(*id)));
+                    }
+                    Entity::None => {}
+                }
+            }
+            if !cidrs.is_empty() {
+                if cidrs.iter().any(|r| r.matches_world()) {
+                    out.insert(Some(IdentityId::WORLD));
+                }
+                for (prefix, id) in cidr_ids.iter() {
+                    if cidrs.iter().any(|r| r.matches_prefix(&prefix)) {
+                        out.insert(Some(id));
                     }
                 }
             }
-            for (id, labels) in identities {
-                if selectors.iter().any(|s| s.matches(labels)) {
-                    out.insert(Some(*id));
+            if !selectors.is_empty() {
+                for (id, labels) in identities {
+                    if selectors.iter().any(|s| s.matches(labels)) {
+                        out.insert(Some(*id));
+                    }
                 }
             }
             out.into_iter().collect()
@@ -368,9 +577,31 @@ type ExplicitAuth = (Option<Protocol>, PortRange, AuthType);
 /// Compiles the entries of one endpoint, sorted and merged: one entry per key, with the
 /// authentication resolved (same key: strongest explicit mode; no explicit mode: inherited from
 /// the most specific broader explicit allow, see the module docs).
+///
+/// `identities` are the workload identities (their labels with their namespace). CIDR peers and
+/// `world` compile to the identities [`CidrIdentities::for_policies`] gives the policies'
+/// prefixes: build the ipcache from the same call, or use [`compile_endpoint_with`] (or the
+/// [`Compiler`]) to choose the numbering.
 pub fn compile_endpoint(
     policies: &[Policy],
     identities: &BTreeMap<IdentityId, Labels>,
+    endpoint: &Labels,
+) -> Vec<PolicyEntry> {
+    compile_endpoint_with(
+        policies,
+        identities,
+        &CidrIdentities::for_policies(policies),
+        endpoint,
+    )
+}
+
+/// As [`compile_endpoint`], with the CIDR prefix identities given (those the agent's ipcache
+/// holds): a CIDR peer compiles to the identities of the prefixes in `cidrs` it matches (and
+/// [`IdentityId::WORLD`] for a `/0`), `world` to [`IdentityId::WORLD`] and every one of them.
+pub fn compile_endpoint_with(
+    policies: &[Policy],
+    identities: &BTreeMap<IdentityId, Labels>,
+    cidrs: &CidrIdentities,
     endpoint: &Labels,
 ) -> Vec<PolicyEntry> {
     // Per key: the strongest explicit mode, if any rule producing the key set one.
@@ -398,7 +629,7 @@ pub fn compile_endpoint(
                     } else {
                         pr.ports.iter().map(|p| (p.protocol, p.ports)).collect()
                     };
-                    for remote in peer_identities(&pr.peers, identities) {
+                    for remote in peer_identities(&pr.peers, identities, cidrs) {
                         for (protocol, range) in &ports {
                             let slot = merged
                                 .entry((direction, remote, *protocol, *range, verdict))
@@ -424,6 +655,33 @@ pub fn compile_endpoint(
                 .push((*protocol, *ports, *a));
         }
     }
+    // Cilium's `authPreferredInsert` for L4-only keys: an allow entry for any identity, without
+    // an explicit mode, whose ports/protocol are narrower than those of an explicit allow entry
+    // for a specific identity gets a companion entry for that identity (its ports/protocol, the
+    // identity's mode by inheritance), so that the more specific wildcard entry does not hide
+    // the identity's requirement from the datapath's lookup. Verdicts are unchanged (the
+    // wildcard entry already allows that traffic).
+    let mut companions: Vec<EntryKey> = Vec::new();
+    for (&(direction, remote, protocol, ports, verdict), auth) in &merged {
+        if verdict != Verdict::Allow || remote.is_some() || auth.is_some() {
+            continue;
+        }
+        for ((d, r), list) in &explicit {
+            if *d != direction || r.is_none() {
+                continue;
+            }
+            let broader = list.iter().any(|(p, range, _)| {
+                (*p, *range) != (protocol, ports) && covers(*p, *range, protocol, ports)
+            });
+            let key = (direction, *r, protocol, ports, Verdict::Allow);
+            if broader && !merged.contains_key(&key) {
+                companions.push(key);
+            }
+        }
+    }
+    for key in companions {
+        merged.insert(key, None);
+    }
     let inherited = |direction: Direction,
                      remote: Option<IdentityId>,
                      protocol: Option<Protocol>,
@@ -437,10 +695,7 @@ pub fn compile_endpoint(
         };
         for (r, specific) in candidates {
             for (p, range, a) in explicit.get(&(direction, *r)).into_iter().flatten() {
-                let covers = p.is_none_or(|p| Some(p) == protocol)
-                    && range.start <= ports.start
-                    && range.end >= ports.end;
-                if !covers {
+                if !covers(*p, *range, protocol, ports) {
                     continue;
                 }
                 let spec = specificity(*specific, *p, *range);
@@ -475,7 +730,9 @@ pub fn compile_endpoint(
 /// What the datapath does with an endpoint's entries for one packet: a matching deny entry
 /// drops it; otherwise the most specific matching allow entry (see the module docs; ties take
 /// the strongest authentication) lets it through with that entry's authentication; no match
-/// drops it. `remote` is the peer's identity. Returns the verdict and the requirement.
+/// drops it. `remote` is the peer's identity (for an address outside the cluster, what the
+/// ipcache gives it: [`CidrIdentities::identity_of`]); `port` the destination port, or the
+/// ICMP type for ICMP and ICMPv6. Returns the verdict and the requirement.
 pub fn lookup(
     entries: &[PolicyEntry],
     direction: Direction,
@@ -506,13 +763,45 @@ pub fn lookup(
 }
 
 /// Keeps compiled entries per endpoint and recompiles only what a change can affect.
+///
+/// Policies are held by [`PolicyKey`] (`namespace/name`, or `name` for a clusterwide policy), so
+/// policies of the same name in two namespaces are two policies. The CIDR prefixes the policies
+/// name are numbered by a [`CidrIdentities`] the compiler keeps in step with the policies
+/// (numbers stay stable while a prefix is named): read it with [`Compiler::cidr_identities`] to
+/// build the ipcache.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    policies: BTreeMap<String, Policy>,
+    policies: BTreeMap<PolicyKey, Policy>,
     identities: BTreeMap<IdentityId, Labels>,
+    cidrs: CidrIdentities,
     endpoints: BTreeMap<String, Labels>,
     compiled: BTreeMap<String, Vec<PolicyEntry>>,
     recompilations: u64,
+}
+
+fn has_cidrs(policy: &Policy) -> bool {
+    policy
+        .rules
+        .iter()
+        .flat_map(|r| [&r.ingress, &r.egress, &r.ingress_deny, &r.egress_deny])
+        .flatten()
+        .any(|pr| matches!(&pr.peers, Peers::Listed { cidrs, .. } if !cidrs.is_empty()))
+}
+
+/// Whether a rule's peers depend on the CIDR prefix identities (`world` or a CIDR peer).
+fn uses_cidr_identities(rule: &Rule) -> bool {
+    [
+        &rule.ingress,
+        &rule.egress,
+        &rule.ingress_deny,
+        &rule.egress_deny,
+    ]
+    .into_iter()
+    .flatten()
+    .any(|pr| {
+        matches!(&pr.peers, Peers::Listed { entities, cidrs, .. }
+                if !cidrs.is_empty() || entities.contains(&Entity::World))
+    })
 }
 
 impl Compiler {
@@ -531,6 +820,17 @@ impl Compiler {
         self.compiled.get(name).map(Vec::as_slice)
     }
 
+    /// The policies held, by key.
+    pub fn policies(&self) -> impl Iterator<Item = (&PolicyKey, &Policy)> {
+        self.policies.iter()
+    }
+
+    /// The identities of the CIDR prefixes the policies name: what the ipcache must hold for
+    /// addresses outside the cluster ([`CidrIdentities::ipcache_entries`]).
+    pub fn cidr_identities(&self) -> &CidrIdentities {
+        &self.cidrs
+    }
+
     fn policies_vec(&self) -> Vec<Policy> {
         self.policies.values().cloned().collect()
     }
@@ -543,13 +843,32 @@ impl Compiler {
                 continue;
             };
             self.recompilations += 1;
-            let entries = compile_endpoint(&policies, &self.identities, labels);
+            let entries = compile_endpoint_with(&policies, &self.identities, &self.cidrs, labels);
             if self.compiled.get(name) != Some(&entries) {
                 self.compiled.insert(name.clone(), entries);
                 changed.push(name.clone());
             }
         }
         changed
+    }
+
+    /// Renumbers the CIDR prefixes after a policy change; returns the endpoints whose entries
+    /// depend on them, if any changed.
+    fn sync_cidrs(&mut self) -> BTreeSet<String> {
+        let prefixes = cidr_prefixes_of(self.policies.values());
+        if self.cidrs.sync(&prefixes).is_empty() {
+            return BTreeSet::new();
+        }
+        self.endpoints
+            .iter()
+            .filter(|(_, l)| {
+                self.policies
+                    .values()
+                    .flat_map(|p| &p.rules)
+                    .any(|r| r.endpoint_selector.matches(l) && uses_cidr_identities(r))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Adds or updates a local endpoint; returns the endpoints whose entries changed.
@@ -568,14 +887,17 @@ impl Compiler {
         self.compiled.remove(name);
     }
 
-    /// Adds or replaces a policy; recompiles only endpoints its rules (old or new) select.
-    /// Setting a policy identical to the one held recompiles nothing.
+    /// Adds or replaces the policy with the same [`Policy::key`]; recompiles only endpoints its
+    /// rules (old or new) select, and, when the set of CIDR prefixes changes, the endpoints
+    /// whose rules use CIDR identities. Setting a policy identical to the one held recompiles
+    /// nothing.
     pub fn set_policy(&mut self, policy: Policy) -> Vec<String> {
-        if self.policies.get(&policy.name) == Some(&policy) {
+        let key = policy.key();
+        if self.policies.get(&key) == Some(&policy) {
             return vec![];
         }
-        let old = self.policies.insert(policy.name.clone(), policy.clone());
-        let affected: BTreeSet<String> = self
+        let old = self.policies.insert(key, policy.clone());
+        let mut affected: BTreeSet<String> = self
             .endpoints
             .iter()
             .filter(|(_, l)| {
@@ -587,21 +909,51 @@ impl Compiler {
             })
             .map(|(n, _)| n.clone())
             .collect();
+        if has_cidrs(&policy) || old.as_ref().is_some_and(has_cidrs) {
+            affected.extend(self.sync_cidrs());
+        }
         self.recompile(&affected)
     }
 
-    /// Removes a policy.
-    pub fn remove_policy(&mut self, name: &str) -> Vec<String> {
-        let Some(old) = self.policies.remove(name) else {
+    /// Removes the policy with key `key`; returns the endpoints whose entries changed.
+    pub fn remove_policy_key(&mut self, key: &PolicyKey) -> Vec<String> {
+        let Some(old) = self.policies.remove(key) else {
             return vec![];
         };
-        let affected: BTreeSet<String> = self
+        let mut affected: BTreeSet<String> = self
             .endpoints
             .iter()
             .filter(|(_, l)| old.rules.iter().any(|r| r.endpoint_selector.matches(l)))
             .map(|(n, _)| n.clone())
             .collect();
+        if has_cidrs(&old) {
+            affected.extend(self.sync_cidrs());
+        }
         self.recompile(&affected)
+    }
+
+    /// Removes policies by key text: `namespace/name` removes that `CiliumNetworkPolicy`; a bare
+    /// `name` (how policies were named before namespaces) removes the clusterwide policy of that
+    /// name **and every** `CiliumNetworkPolicy` of that name, whatever its namespace. Prefer
+    /// [`Compiler::remove_policy_key`].
+    pub fn remove_policy(&mut self, name: &str) -> Vec<String> {
+        let keys: Vec<PolicyKey> = self
+            .policies
+            .keys()
+            .filter(|k| {
+                if name.contains('/') {
+                    k.to_string() == name
+                } else {
+                    k.name == name
+                }
+            })
+            .cloned()
+            .collect();
+        let mut changed = BTreeSet::new();
+        for k in keys {
+            changed.extend(self.remove_policy_key(&k));
+        }
+        changed.into_iter().collect()
     }
 
     /// Adds an identity (or changes its labels); recompiles only endpoints with a rule whose

@@ -1,4 +1,13 @@
 //! What the compiler produces per endpoint, and what the datapath enforces.
+//!
+//! # ICMP types in the port field
+//! ICMP and ICMPv6 have no ports. As in Cilium, the ICMP **type** takes the place of the
+//! destination port in an entry's key: an `icmps` rule allowing type 8 compiles to an entry with
+//! `protocol: Some(Icmp)` and `ports: PortRange::single(8)`, and a packet is looked up with its
+//! ICMP type as the port ([`crate::lookup`] with `port` = the type, 0 to 255). An ICMP entry
+//! with [`PortRange::ANY`] (from `toPorts` with `protocol: ICMP`, or an L3-only rule) matches
+//! every type. The datapath must therefore put the ICMP type (not the echo id, not 0) in the
+//! port it looks up for ICMP packets.
 
 use crate::{IdentityId, NodeId};
 
@@ -46,6 +55,8 @@ pub enum Protocol {
     Icmp,
     /// SCTP (132).
     Sctp,
+    /// ICMPv6 (58): only `icmps` rules with `family: IPv6` name it.
+    Icmpv6,
 }
 
 impl Protocol {
@@ -56,6 +67,7 @@ impl Protocol {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
             Protocol::Sctp => 132,
+            Protocol::Icmpv6 => 58,
         }
     }
 
@@ -66,8 +78,16 @@ impl Protocol {
             6 => Some(Protocol::Tcp),
             17 => Some(Protocol::Udp),
             132 => Some(Protocol::Sctp),
+            58 => Some(Protocol::Icmpv6),
             _ => None,
         }
+    }
+}
+
+impl Protocol {
+    /// Whether this is ICMP or ICMPv6: no ports; the ICMP type stands in the port field.
+    pub fn is_icmp(self) -> bool {
+        matches!(self, Protocol::Icmp | Protocol::Icmpv6)
     }
 }
 
@@ -80,8 +100,9 @@ impl std::str::FromStr for Protocol {
             "UDP" => Ok(Protocol::Udp),
             "ICMP" => Ok(Protocol::Icmp),
             "SCTP" => Ok(Protocol::Sctp),
+            "ICMPV6" => Ok(Protocol::Icmpv6),
             _ => Err(format!(
-                "unknown protocol {s:?}: use TCP, UDP, SCTP or ICMP"
+                "unknown protocol {s:?}: use TCP, UDP, SCTP, ICMP or ICMPV6"
             )),
         }
     }
@@ -119,10 +140,12 @@ impl PortRange {
 
 /// One compiled rule of an endpoint.
 ///
-/// Wildcards: `remote: None` matches every identity (reserved ones included), `protocol: None`
-/// every protocol, [`PortRange::ANY`] every port. ICMP has no port: an entry with
-/// `protocol: Some(Icmp)` matches every ICMP packet (its ports are ignored), and a `protocol:
-/// None` entry matches ICMP only with [`PortRange::ANY`]. A matching
+/// Wildcards: `remote: None` matches every identity (reserved ones included, node-local CIDR
+/// identities too), `protocol: None` every protocol, [`PortRange::ANY`] every port. ICMP and
+/// ICMPv6 have no port: their `ports` are a range of ICMP **types** (see the module docs), so an
+/// entry with `protocol: Some(Icmp)` and `ports: PortRange::single(8)` matches echo requests only
+/// and one with [`PortRange::ANY`] every ICMP packet; a `protocol: None` entry matches ICMP only
+/// with [`PortRange::ANY`]. A matching
 /// `Deny` entry always wins; otherwise the most specific matching `Allow` entry decides and its
 /// `auth` is already resolved (inheritance done by the compiler). [`crate::lookup`] is the
 /// reference for this lookup; no matching entry means drop.
@@ -134,7 +157,7 @@ pub struct PolicyEntry {
     pub remote: Option<IdentityId>,
     /// The protocol; `None` is any.
     pub protocol: Option<Protocol>,
-    /// Destination ports (meaningless for ICMP).
+    /// Destination ports; for ICMP and ICMPv6, the ICMP types.
     pub ports: PortRange,
     /// Allow or deny.
     pub verdict: Verdict,

@@ -1,9 +1,14 @@
 //! Numeric identities for label sets.
 //!
 //! Reserved (below [`IdentityId::FIRST_ALLOCATED`] = 256): 0 unknown, 1 host, 2 world,
-//! 3 unmanaged. Every distinct label set gets the next free number from 256 on and keeps it:
-//! the allocator is restored from the pairs the server stored, so numbers are stable across
-//! restarts and deterministic for a given history.
+//! 3 unmanaged, 6 remote-node. Every distinct label set gets the next free number from 256 on
+//! and keeps it: the allocator is restored from the pairs the server stored, so numbers are
+//! stable across restarts and deterministic for a given history. Label-set identities stay
+//! below [`IdentityId::FIRST_LOCAL`] (16,777,216): the numbers from there on are node-local
+//! (CIDR prefixes, [`crate::cidr::CidrIdentities`]).
+//!
+//! The namespace is part of a pod's label set (`io.kubernetes.pod.namespace=<ns>`, see
+//! [`Labels::with_namespace`]), so the same labels in two namespaces are two identities.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +31,9 @@ pub enum AllocatorError {
     /// Two label sets share a number.
     #[error("identity {0} is stored twice")]
     Duplicate(IdentityId),
+    /// A stored number is at or above [`IdentityId::FIRST_LOCAL`] (node-local numbers).
+    #[error("identity {0} is not below 16777216, where node-local identities start")]
+    Local(IdentityId),
     /// No numbers left.
     #[error("no identity numbers left")]
     Exhausted,
@@ -50,6 +58,9 @@ impl IdentityAllocator {
             if id.is_reserved() {
                 return Err(AllocatorError::Reserved(id));
             }
+            if id.get() >= IdentityId::FIRST_LOCAL {
+                return Err(AllocatorError::Local(id));
+            }
             if !seen.insert(id) {
                 return Err(AllocatorError::Duplicate(id));
             }
@@ -64,7 +75,7 @@ impl IdentityAllocator {
         if let Some(id) = self.by_labels.get(labels) {
             return Ok((*id, false));
         }
-        if self.next == u32::MAX {
+        if self.next >= IdentityId::FIRST_LOCAL {
             return Err(AllocatorError::Exhausted);
         }
         let id = IdentityId::new(self.next);
@@ -120,9 +131,22 @@ mod tests {
         );
         assert!(IdentityAllocator::restore([(web.clone(), IdentityId::new(2))]).is_err());
         assert!(
-            IdentityAllocator::restore([(web, IdentityId::new(300)), (db, IdentityId::new(300))])
-                .is_err()
+            IdentityAllocator::restore([
+                (web.clone(), IdentityId::new(300)),
+                (db.clone(), IdentityId::new(300))
+            ])
+            .is_err()
         );
+        // The node-local range is never stored nor handed out.
+        assert_eq!(
+            IdentityAllocator::restore([(web.clone(), IdentityId::new(IdentityId::FIRST_LOCAL))])
+                .unwrap_err(),
+            AllocatorError::Local(IdentityId::new(1 << 24))
+        );
+        let mut full =
+            IdentityAllocator::restore([(web, IdentityId::new(IdentityId::FIRST_LOCAL - 1))])
+                .unwrap();
+        assert_eq!(full.allocate(&db).unwrap_err(), AllocatorError::Exhausted);
         assert_eq!(spiffe_path(w), "/identity/256");
         assert_eq!(
             spiffe_id("example.org", d),

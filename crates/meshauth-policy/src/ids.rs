@@ -23,8 +23,17 @@ impl IdentityId {
     pub const WORLD: IdentityId = IdentityId(2);
     /// Reserved: a pod the agent does not manage (the `unmanaged` entity).
     pub const UNMANAGED: IdentityId = IdentityId(3);
+    /// Reserved: another node of the cluster (the `remote-node` entity): the addresses of the
+    /// other nodes, as the agent knows them. Cilium's number for it.
+    pub const REMOTE_NODE: IdentityId = IdentityId(6);
     /// The first identity handed out for label sets; everything below is reserved.
     pub const FIRST_ALLOCATED: u32 = 256;
+    /// The first node-local identity (Cilium's local scope, bit 24): each node numbers the CIDR
+    /// prefixes of its policies from here (see [`crate::cidr::CidrIdentities`]). Label-set
+    /// identities stay below it.
+    pub const FIRST_LOCAL: u32 = 1 << 24;
+    /// The last node-local identity (16,777,216 numbers in all).
+    pub const LAST_LOCAL: u32 = (1 << 25) - 1;
 
     /// Wraps a raw value (from a map, the wire or the store).
     pub const fn new(raw: u32) -> Self {
@@ -39,6 +48,12 @@ impl IdentityId {
     /// True for the reserved identities (below [`IdentityId::FIRST_ALLOCATED`]).
     pub const fn is_reserved(self) -> bool {
         self.0 < Self::FIRST_ALLOCATED
+    }
+
+    /// True for node-local identities ([`IdentityId::FIRST_LOCAL`] to
+    /// [`IdentityId::LAST_LOCAL`]): CIDR prefixes, numbered by each node for itself.
+    pub const fn is_local(self) -> bool {
+        self.0 >= Self::FIRST_LOCAL && self.0 <= Self::LAST_LOCAL
     }
 }
 

@@ -3,6 +3,10 @@
 //! Labels are `key=value`. Keys may carry a Cilium source prefix (`k8s:app`, `any:app`); it is
 //! dropped, so `k8s:app=x` and `app=x` are the same label and selectors written either way
 //! match both.
+//!
+//! A pod's namespace is the label [`NAMESPACE_LABEL`] (`io.kubernetes.pod.namespace`, Cilium's
+//! `k8s:io.kubernetes.pod.namespace`), added by [`Labels::with_namespace`]: it is what scopes a
+//! `CiliumNetworkPolicy` to its namespace (see [`crate::policy`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +24,11 @@ pub enum LabelError {
     /// An unknown matchExpressions operator.
     #[error("unknown matchExpressions operator {0:?}: use In, NotIn, Exists or DoesNotExist")]
     BadOperator(String),
+    /// Not a Kubernetes namespace name (a DNS-1123 label).
+    #[error(
+        "invalid namespace {0:?}: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+    )]
+    BadNamespace(String),
     /// In/NotIn without values, or Exists/DoesNotExist with values.
     #[error("matchExpressions on {key:?}: {why}")]
     BadExpression {
@@ -28,6 +37,32 @@ pub enum LabelError {
         /// What is wrong.
         why: &'static str,
     },
+}
+
+/// The label that carries a pod's namespace (Cilium's `k8s:io.kubernetes.pod.namespace`; the
+/// `k8s:` source prefix is dropped like every other).
+pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+
+/// The key prefix of namespace labels in Cilium (`io.cilium.k8s.namespace.labels.<key>`): a
+/// peer selector of a `CiliumNetworkPolicy` that names one is not scoped to the policy's
+/// namespace (as in Cilium).
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+
+/// Checks a namespace name: a DNS-1123 label (at most 63 lowercase letters, digits and `-`,
+/// starting and ending with a letter or digit), as Kubernetes requires.
+pub fn check_namespace(namespace: &str) -> Result<(), LabelError> {
+    let b = namespace.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first() != Some(&b'-')
+        && b.last() != Some(&b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LabelError::BadNamespace(namespace.to_owned()))
+    }
 }
 
 fn strip_source(key: &str) -> &str {
@@ -81,6 +116,22 @@ impl Labels {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// These labels in namespace `namespace`: [`NAMESPACE_LABEL`] set to it, replacing any value
+    /// the labels carried (a pod cannot choose its namespace by labelling itself). The server
+    /// derives a pod's identity from these labels, so the same labels in two namespaces are two
+    /// identities, and namespaced policies select pods by it.
+    pub fn with_namespace(mut self, namespace: &str) -> Result<Self, LabelError> {
+        check_namespace(namespace)?;
+        self.0
+            .insert(NAMESPACE_LABEL.to_owned(), namespace.to_owned());
+        Ok(self)
+    }
+
+    /// The namespace ([`NAMESPACE_LABEL`]), if the labels carry one.
+    pub fn namespace(&self) -> Option<&str> {
+        self.get(NAMESPACE_LABEL)
     }
 }
 
@@ -199,6 +250,22 @@ impl Selector {
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 
+    /// Whether the selector has a requirement on `key` (in `matchLabels` or `matchExpressions`),
+    /// as Cilium's `HasKey`.
+    pub fn has_key(&self, key: &str) -> bool {
+        let key = strip_source(key);
+        self.match_labels.contains_key(key) || self.match_expressions.iter().any(|r| r.key == key)
+    }
+
+    /// Whether the selector has a requirement on a key starting with `prefix`.
+    pub fn has_key_prefix(&self, prefix: &str) -> bool {
+        self.match_labels.keys().any(|k| k.starts_with(prefix))
+            || self
+                .match_expressions
+                .iter()
+                .any(|r| r.key.starts_with(prefix))
+    }
+
     /// A selector of `key=value` pairs.
     pub fn from_labels(labels: &Labels) -> Self {
         Selector {
@@ -258,5 +325,38 @@ mod tests {
         assert!(Selector::default().matches(&l("anything=1")));
         assert!(Requirement::new("env", Operator::In, vec![]).is_err());
         assert!(Requirement::new("env", Operator::Exists, vec!["x".into()]).is_err());
+    }
+
+    #[test]
+    fn namespaces() {
+        let a = l("app=web").with_namespace("prod").unwrap();
+        assert_eq!(a.namespace(), Some("prod"));
+        assert_eq!(a.get("k8s:io.kubernetes.pod.namespace"), Some("prod"));
+        assert_eq!(a.to_string(), "app=web,io.kubernetes.pod.namespace=prod");
+        // A label claiming another namespace is replaced.
+        let b = l("app=web,k8s:io.kubernetes.pod.namespace=kube-system")
+            .with_namespace("prod")
+            .unwrap();
+        assert_eq!(b, a);
+        assert_eq!(l("app=web").namespace(), None);
+        for bad in ["", "Prod", "-a", "a-", "a_b", "a.b", &"a".repeat(64)] {
+            assert_eq!(
+                l("app=web").with_namespace(bad).unwrap_err(),
+                LabelError::BadNamespace(bad.to_owned()),
+                "{bad:?}"
+            );
+        }
+        for good in ["a", "0", "kube-system", &"a".repeat(63)] {
+            assert!(check_namespace(good).is_ok(), "{good:?}");
+        }
+        let sel = Selector {
+            match_labels: BTreeMap::from([("app".into(), "web".into())]),
+            match_expressions: vec![
+                Requirement::new("k8s:io.kubernetes.pod.namespace", Operator::Exists, vec![])
+                    .unwrap(),
+            ],
+        };
+        assert!(sel.has_key(NAMESPACE_LABEL) && sel.has_key("k8s:app") && !sel.has_key("x"));
+        assert!(sel.has_key_prefix("io.kubernetes.") && !sel.has_key_prefix("io.cilium."));
     }
 }

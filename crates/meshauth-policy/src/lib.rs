@@ -8,13 +8,17 @@
 //! - [`ids`]: the numeric identifiers shared by the control plane and the datapath.
 //! - [`labels`]: [`Labels`] and [`Selector`].
 //! - [`identity`]: [`IdentityAllocator`], a stable number per label set.
-//! - [`policy`]: [`Policy`] and [`parse_policies`] (YAML, with unsupported fields refused).
-//! - [`engine`]: Cilium's semantics: [`evaluate`], [`trace`], [`compile_endpoint`], [`lookup`] and the
-//!   incremental [`Compiler`].
-//! - [`entry`]: [`PolicyEntry`], what the datapath enforces.
+//! - [`policy`]: [`Policy`], its [`PolicyKey`] and [`parse_policies`] (YAML, with unsupported
+//!   fields refused; namespaces as in Cilium).
+//! - [`cidr`]: [`Cidr`], CIDR peers and the node-local identities of the prefixes policies name
+//!   ([`CidrIdentities`], the ipcache's content for addresses outside the cluster).
+//! - [`engine`]: Cilium's semantics: [`evaluate`], [`trace`], [`trace_peers`],
+//!   [`compile_endpoint`], [`lookup`] and the incremental [`Compiler`].
+//! - [`entry`]: [`PolicyEntry`], what the datapath enforces (ICMP types in the port field).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cidr;
 pub mod engine;
 pub mod entry;
 pub mod identity;
@@ -22,11 +26,13 @@ pub mod ids;
 pub mod labels;
 pub mod policy;
 
+pub use cidr::{Cidr, CidrChanges, CidrIdentities, CidrRule, cidr_prefixes};
 pub use engine::{
-    Compiler, DirectionVerdict, Peer, RuleRef, Trace, compile_endpoint, evaluate, lookup, trace,
+    Compiler, DirectionVerdict, Peer, PeerSpec, RuleRef, Trace, compile_endpoint,
+    compile_endpoint_with, evaluate, lookup, peer_of_identity, trace, trace_peers,
 };
 pub use entry::{AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
 pub use identity::{IdentityAllocator, spiffe_id, spiffe_path};
 pub use ids::{IdentityId, NodeId};
-pub use labels::{Labels, Selector};
-pub use policy::{Policy, PolicyError, parse_policies};
+pub use labels::{Labels, NAMESPACE_LABEL, Selector};
+pub use policy::{Policy, PolicyError, PolicyKey, parse_policies, parse_policies_in};

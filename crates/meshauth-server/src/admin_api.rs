@@ -53,6 +53,19 @@ impl AdminApi {
     }
 }
 
+/// A stored policy as the API shows it: its key, document and namespace.
+pub(crate) fn policy_document(key: String, yaml: String) -> PolicyDocument {
+    let namespace = key
+        .split_once('/')
+        .map(|(ns, _)| ns.to_owned())
+        .unwrap_or_default();
+    PolicyDocument {
+        name: key,
+        yaml,
+        namespace,
+    }
+}
+
 fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -273,11 +286,15 @@ impl Admin for AdminApi {
         &self,
         r: Request<ApplyPoliciesRequest>,
     ) -> Result<Response<ApplyPoliciesResponse>, Status> {
-        let names = self
+        let r = r.into_inner();
+        let namespace = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+        let keys = self
             .registry
-            .apply_policies(&r.get_ref().yaml)
+            .apply_policies(&r.yaml, namespace)
             .map_err(status)?;
-        Ok(Response::new(ApplyPoliciesResponse { names }))
+        Ok(Response::new(ApplyPoliciesResponse {
+            names: keys.iter().map(ToString::to_string).collect(),
+        }))
     }
 
     async fn delete_policy(
@@ -298,7 +315,7 @@ impl Admin for AdminApi {
         Ok(Response::new(ListPoliciesResponse {
             policies: policies
                 .into_iter()
-                .map(|(name, yaml)| PolicyDocument { name, yaml })
+                .map(|(key, yaml)| policy_document(key, yaml))
                 .collect(),
         }))
     }
@@ -335,7 +352,7 @@ impl Admin for AdminApi {
         )
         .map_err(invalid)?;
         let namespace = if r.namespace.is_empty() {
-            "default"
+            meshauth_policy::policy::DEFAULT_NAMESPACE
         } else {
             r.namespace.as_str()
         };

@@ -10,11 +10,10 @@ use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
     AttestJoinTokenRequest, Bundle, ClusterNode, Endpoint as EndpointMsg, Entry,
-    Identity as IdentityMsg, NodeSvidResponse, PolicyDocument, RenewNodeSvidRequest,
-    ReportPodRequest, ReportPodResponse, Selector, SignIdentitySvidsRequest,
-    SignIdentitySvidsResponse, SignWorkloadSvidsRequest, SignWorkloadSvidsResponse,
-    SignedIdentitySvid, SignedSvid, SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest,
-    WithdrawPodResponse,
+    Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
+    ReportPodResponse, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
+    SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
+    SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest, WithdrawPodResponse,
 };
 use meshauth_spiffe::X509Bundle;
 use tokio::sync::mpsc;
@@ -197,15 +196,18 @@ fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
                 name: n.name.to_string(),
                 node_id: n.node_id.get(),
                 address: n.address.map(|a| a.to_string()).unwrap_or_default(),
+                pod_range: view
+                    .node_specs
+                    .iter()
+                    .find(|s| s.name == n.name)
+                    .map(|s| s.pod_range.to_string())
+                    .unwrap_or_default(),
             })
             .collect(),
         policies: view
             .policies
             .iter()
-            .map(|(name, yaml)| PolicyDocument {
-                name: name.clone(),
-                yaml: yaml.clone(),
-            })
+            .map(|(key, yaml)| crate::admin_api::policy_document(key.clone(), yaml.clone()))
             .collect(),
     }
 }

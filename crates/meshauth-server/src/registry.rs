@@ -14,7 +14,9 @@ use meshauth_datastore::{
     EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec,
     PodRecord, PodRuntime, RegistrationEntry, Store, StoreError,
 };
-use meshauth_policy::{IdentityAllocator, IdentityId, Labels};
+use meshauth_policy::labels::check_namespace;
+use meshauth_policy::policy::DEFAULT_NAMESPACE;
+use meshauth_policy::{IdentityAllocator, IdentityId, Labels, Policy, PolicyKey};
 use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
 use tokio::sync::watch;
 
@@ -201,7 +203,9 @@ pub struct NodeView {
     pub pods: Vec<PodRecord>,
     /// Every node.
     pub nodes: Vec<NodeRecord>,
-    /// Every policy document (name, YAML).
+    /// The address and pod range bound to each node.
+    pub node_specs: Vec<NodeSpec>,
+    /// Every policy document (key, YAML).
     pub policies: Vec<(String, String)>,
 }
 
@@ -258,6 +262,7 @@ impl Registry {
             metrics,
         };
         registry.save_ca()?;
+        registry.upgrade_to_namespaces()?;
         registry.tick(now)?;
         Ok(registry)
     }
@@ -515,6 +520,7 @@ impl Registry {
             identities: self.store.identities()?,
             pods,
             nodes,
+            node_specs: self.store.node_specs()?,
             policies: self.store.policies()?,
         })
     }
@@ -666,7 +672,23 @@ impl Registry {
         }
     }
 
-    /// Places a pod on a node (or re-places it), allocating the identity of its labels.
+    /// The identity of `labels` (a label set with its namespace), allocated and stored if new.
+    fn allocate(&self, labels: &Labels) -> Result<IdentityId> {
+        let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
+        let (id, new) = alloc
+            .allocate(labels)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if new {
+            self.store.insert_identity(id, labels)?;
+            tracing::info!(identity = %id, labels = %labels, "identity allocated");
+        }
+        Ok(id)
+    }
+
+    /// Places a pod on a node (or re-places it). Its identity is that of its labels **in its
+    /// namespace** (the labels plus `io.kubernetes.pod.namespace=<namespace>`, replacing any
+    /// value the pod gave that label), so the same labels in two namespaces are two identities;
+    /// the stored pod keeps the labels it was given.
     pub fn create_pod(
         &self,
         namespace: &str,
@@ -674,19 +696,13 @@ impl Registry {
         labels: Labels,
         node: &NodeName,
     ) -> Result<PodRecord> {
-        Self::check_pod_name("namespace", namespace)?;
+        check_namespace(namespace).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         Self::check_pod_name("name", name)?;
-        let identity = {
-            let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-            let (id, new) = alloc
-                .allocate(&labels)
-                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            if new {
-                self.store.insert_identity(id, &labels)?;
-                tracing::info!(identity = %id, labels = %labels, "identity allocated");
-            }
-            id
-        };
+        let identity_labels = labels
+            .clone()
+            .with_namespace(namespace)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let identity = self.allocate(&identity_labels)?;
         let pod = PodRecord {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -859,46 +875,127 @@ impl Registry {
 
     // --- policies ---
 
-    /// Validates every document of `yaml` and stores them all, or none.
-    pub fn apply_policies(&self, yaml: &str) -> Result<Vec<String>> {
-        let parsed = meshauth_policy::parse_policies(yaml)
+    /// Validates every document of `yaml` and stores them all, or none, each under its
+    /// [`PolicyKey`] (`namespace/name` for a `CiliumNetworkPolicy`, `name` for a clusterwide
+    /// policy). A `CiliumNetworkPolicy` without `metadata.namespace` is in `namespace`
+    /// (`default` when `None`, as `kubectl apply -n`); the stored document names its namespace,
+    /// so that every agent reads it the same way. Returns the keys, in document order.
+    pub fn apply_policies(&self, yaml: &str, namespace: Option<&str>) -> Result<Vec<PolicyKey>> {
+        let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
+        check_namespace(namespace).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let parsed = meshauth_policy::parse_policies_in(yaml, namespace)
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let mut docs = Vec::new();
+        let mut values = Vec::new();
         for de in serde_yaml::Deserializer::from_str(yaml) {
             let value = serde_yaml::Value::deserialize(de)
                 .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            if value.is_null() {
-                continue;
+            if !value.is_null() {
+                values.push(value);
             }
-            let name = value
-                .get("metadata")
-                .and_then(|m| m.get("name"))
-                .and_then(|n| n.as_str())
-                .unwrap_or_default()
-                .to_owned();
-            let text =
-                serde_yaml::to_string(&value).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            docs.push((name, text));
         }
-        debug_assert_eq!(docs.len(), parsed.len());
+        if values.len() != parsed.len() {
+            return Err(RegistryError::Invalid(format!(
+                "{} documents parsed as {} policies: send one policy per document",
+                values.len(),
+                parsed.len()
+            )));
+        }
+        let mut docs = Vec::new();
+        for (mut value, policy) in values.into_iter().zip(&parsed) {
+            let text = policy_document(&mut value, policy)?;
+            docs.push((policy.key().to_string(), text));
+        }
         self.store.put_policies(&docs)?;
-        let names: Vec<String> = docs.into_iter().map(|(n, _)| n).collect();
-        tracing::info!(policies = ?names, "policies applied");
+        let keys: Vec<PolicyKey> = parsed.iter().map(Policy::key).collect();
+        tracing::info!(policies = ?docs.iter().map(|(k, _)| k).collect::<Vec<_>>(), "policies applied");
         self.changed();
-        Ok(names)
+        Ok(keys)
     }
 
-    /// Deletes a policy.
-    pub fn delete_policy(&self, name: &str) -> Result<()> {
-        self.store.delete_policy(name)?;
-        tracing::info!(policy = name, "policy deleted");
+    /// Deletes the policy `key`: `namespace/name`, or `name`, which is the clusterwide policy
+    /// of that name or, when there is none, `default/name`. Returns the key deleted.
+    pub fn delete_policy(&self, key: &str) -> Result<PolicyKey> {
+        let parsed: PolicyKey = key.parse().map_err(RegistryError::Invalid)?;
+        let stored = self.store.policies()?;
+        let has = |k: &PolicyKey| stored.iter().any(|(s, _)| *s == k.to_string());
+        let target = match &parsed.namespace {
+            None if !has(&parsed) => PolicyKey::namespaced(DEFAULT_NAMESPACE, &parsed.name),
+            _ => parsed.clone(),
+        };
+        if !has(&target) {
+            let elsewhere: Vec<&str> = stored
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| k.rsplit('/').next() == Some(parsed.name.as_str()))
+                .collect();
+            return Err(RegistryError::Invalid(if elsewhere.is_empty() {
+                format!("no policy {key} (see `meshauth policy list`)")
+            } else {
+                format!(
+                    "no policy {key}; policies named {} are {}: give the key",
+                    parsed.name,
+                    elsewhere.join(", ")
+                )
+            }));
+        }
+        self.store.delete_policy(&target.to_string())?;
+        tracing::info!(policy = %target, "policy deleted");
         self.changed();
-        Ok(())
+        Ok(target)
     }
 
-    /// Every policy (name, YAML).
+    /// Every policy (key, YAML), by key.
     pub fn policies(&self) -> Result<Vec<(String, String)>> {
         Ok(self.store.policies()?)
+    }
+
+    /// Brings what a store of an earlier version holds up to namespaces: policies stored under
+    /// their bare name move to their key (`default/name` for a `CiliumNetworkPolicy` without
+    /// `metadata.namespace`, whose document then names it), and pods whose identity was
+    /// allocated from their labels alone get the identity of their labels in their namespace.
+    /// What cannot be brought up (a document that no longer parses, a namespace that is not a
+    /// DNS-1123 label) is logged and left as it is.
+    fn upgrade_to_namespaces(&self) -> anyhow::Result<()> {
+        let mut moves = Vec::new();
+        for (stored, yaml) in self.store.policies()? {
+            let policy = match meshauth_policy::parse_policies(&yaml) {
+                Ok(mut ps) if ps.len() == 1 => ps.remove(0),
+                Ok(_) => {
+                    tracing::warn!(policy = %stored, "a stored policy document holds more or less than one policy; left as it is");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %stored, error = %e, "a stored policy does not parse; left as it is");
+                    continue;
+                }
+            };
+            let mut value: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+            let text = policy_document(&mut value, &policy)?;
+            let key = policy.key().to_string();
+            if key != stored || text != yaml {
+                tracing::info!(from = %stored, to = %key, "policy stored under its key");
+                moves.push((stored, key, text));
+            }
+        }
+        if !moves.is_empty() {
+            self.store.rekey_policies(&moves)?;
+        }
+        let identities: std::collections::BTreeMap<IdentityId, Labels> =
+            self.store.identities()?.into_iter().collect();
+        for mut pod in self.store.pods()? {
+            let Ok(want) = pod.labels.clone().with_namespace(&pod.namespace) else {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), "the pod's namespace is not a DNS-1123 label: its identity is left as it is");
+                continue;
+            };
+            if identities.get(&pod.identity) == Some(&want) {
+                continue;
+            }
+            let id = self.allocate(&want)?;
+            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), from = %pod.identity, to = %id, "pod identity now includes its namespace");
+            pod.identity = id;
+            self.store.put_pod(&pod)?;
+        }
+        Ok(())
     }
 
     // --- admin API ---
@@ -1184,4 +1281,18 @@ impl Registry {
         name.parse()
             .map_err(|_| RegistryError::NotANode(Box::new(id.clone())))
     }
+}
+
+/// The document stored for `policy`, parsed from `value`: a `CiliumNetworkPolicy` names its
+/// namespace in `metadata.namespace` (filled in when the document had none).
+fn policy_document(value: &mut serde_yaml::Value, policy: &Policy) -> Result<String> {
+    if let (Some(ns), Some(meta)) = (
+        &policy.namespace,
+        value
+            .get_mut("metadata")
+            .and_then(serde_yaml::Value::as_mapping_mut),
+    ) {
+        meta.insert("namespace".into(), ns.as_str().into());
+    }
+    serde_yaml::to_string(value).map_err(|e| RegistryError::Invalid(e.to_string()))
 }

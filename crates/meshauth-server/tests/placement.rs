@@ -228,8 +228,8 @@ async fn a_node_gets_only_what_the_control_plane_placed_on_it() {
         state
             .nodes
             .iter()
-            .any(|n| n.name == "n1" && n.address == "10.199.0.1"),
-        "{:?}",
+            .any(|n| n.name == "n1" && n.address == "10.199.0.1" && n.pod_range == "10.200.1.0/24"),
+        "agents learn each node's address and pod range: {:?}",
         state.nodes
     );
 

@@ -5,8 +5,9 @@
 //! Datapath verdicts are `Type: "L3_L4"` flows; handshake events have no Hubble counterpart and
 //! are `Type: "meshauth_auth"`, without `verdict`, `IP` or `l4`. What only meshauth knows (the
 //! handshake state, its latency, the drop reason as the agent wrote it) is under
-//! `flow.extensions.meshauth`. meshauth has no Kubernetes namespaces: every pod is in
-//! `default`, as in the walkthrough, and a label `app=x` is Hubble's `k8s:app=x`.
+//! `flow.extensions.meshauth`. A pod's namespace is its identity's label
+//! `io.kubernetes.pod.namespace` (`default` when an identity has none), and a label `app=x` is
+//! Hubble's `k8s:app=x`.
 //!
 //! Kept free of the rest of the CLI so that tests can include it (`tests/observe_json.rs`).
 
@@ -15,8 +16,15 @@ use std::collections::HashMap;
 use meshauth_proto::agent::Flow;
 use serde_json::{Map, Value, json};
 
-/// The namespace of every meshauth pod.
+/// The namespace of a pod whose identity names none.
 pub(crate) const NAMESPACE: &str = "default";
+
+/// The namespace of a pod with identity labels `labels`.
+fn namespace_of(labels: &HashMap<String, String>) -> &str {
+    labels
+        .get("io.kubernetes.pod.namespace")
+        .map_or(NAMESPACE, String::as_str)
+}
 
 /// `Type` of a handshake (auth) record.
 pub(crate) const AUTH_TYPE: &str = "meshauth_auth";
@@ -93,7 +101,7 @@ fn endpoint(pod: &str, identity: u32, labels: &HashMap<String, String>) -> Value
     let mut e = Map::new();
     e.insert("identity".into(), json!(identity));
     if !pod.is_empty() {
-        e.insert("namespace".into(), json!(NAMESPACE));
+        e.insert("namespace".into(), json!(namespace_of(labels)));
         e.insert("pod_name".into(), json!(pod));
     }
     e.insert("labels".into(), json!(hubble_labels(labels)));
@@ -219,11 +227,11 @@ pub(crate) fn flow_line(f: &Flow) -> String {
             summary(f)
         );
     }
-    let who = |pod: &str, ip: &str, port: u32, id: u32| {
+    let who = |pod: &str, ip: &str, port: u32, id: u32, labels: &HashMap<String, String>| {
         let name = if pod.is_empty() {
             ip.to_string()
         } else {
-            format!("{NAMESPACE}/{pod}")
+            format!("{}/{pod}", namespace_of(labels))
         };
         if f.protocol == "ICMP" {
             format!("{name} (ID:{id})")
@@ -231,8 +239,20 @@ pub(crate) fn flow_line(f: &Flow) -> String {
             format!("{name}:{port} (ID:{id})")
         }
     };
-    let src = who(&f.src_pod, &f.src_ip, f.sport, f.src_identity);
-    let dst = who(&f.dst_pod, &f.dst_ip, f.dport, f.dst_identity);
+    let src = who(
+        &f.src_pod,
+        &f.src_ip,
+        f.sport,
+        f.src_identity,
+        &f.src_labels,
+    );
+    let dst = who(
+        &f.dst_pod,
+        &f.dst_ip,
+        f.dport,
+        f.dst_identity,
+        &f.dst_labels,
+    );
     let dir = if f.direction.is_empty() {
         String::new()
     } else {
