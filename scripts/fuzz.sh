@@ -3,25 +3,41 @@
 # runs each for N seconds (default 20) on a copy of its seed corpus; fails if any target
 # crashes, printing how to reproduce. See docs/fuzzing.md.
 #
-#   scripts/fuzz.sh [--seconds N] [--out DIR] [target...]
+#   scripts/fuzz.sh [--seconds N] [--execs N] [--out DIR] [target...]
+#
+#   --seconds N  stop each target after N seconds of fuzzing (afl-fuzz -V N; default 20)
+#   --execs N    stop each target after about N executions (afl-fuzz -E N); with --seconds too,
+#                whichever comes first; alone, no time limit
+#   --out DIR    AFL output, one directory per target (default target/fuzz)
 #
 # Targets: relay policy spiffe_id svid bundle handshake (default: all).
 # Installs cargo-afl (crates.io) and builds AFL++ once if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=20
+seconds=
+execs=
 out=target/fuzz
 targets=()
 while (($#)); do
   case "$1" in
-    --seconds) seconds="$2"; shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    --seconds) seconds="${2:?--seconds needs a number}"; shift 2 ;;
+    --execs) execs="${2:?--execs needs a number}"; shift 2 ;;
+    --out) out="${2:?--out needs a directory}"; shift 2 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
+for n in "$seconds" "$execs"; do
+  [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || { echo "fuzz.sh: not a positive number: $n" >&2; exit 2; }
+done
+# The default, 20 s, only when neither limit is given.
+[[ -n "$seconds" || -n "$execs" ]] || seconds=20
+limits=()
+[[ -n "$seconds" ]] && limits+=(-V "$seconds")
+[[ -n "$execs" ]] && limits+=(-E "$execs")
+what="${seconds:+${seconds}s}${seconds:+${execs:+ or }}${execs:+$execs execs}"
 all=(relay policy spiffe_id svid bundle handshake)
 ((${#targets[@]})) || targets=("${all[@]}")
 for t in "${targets[@]}"; do
@@ -55,10 +71,10 @@ for t in "${targets[@]}"; do
   rm -rf "$dir"
   dict=()
   [[ -f fuzz/dict/$t.dict ]] && dict=(-x "fuzz/dict/$t.dict")
-  echo "fuzz.sh: $t for ${seconds}s"
-  # -V: stop after N seconds; -t: per-input timeout (ms); relay and handshake start a
-  # runtime or a TLS config once per process, so the first input is allowed to be slow.
-  if ! cargo afl fuzz -V "$seconds" -t 5000 -i "fuzz/corpus/$t" -o "$dir" "${dict[@]}" \
+  echo "fuzz.sh: $t for $what"
+  # -V: stop after N seconds; -E: stop after about N executions; -t: per-input timeout (ms);
+  # handshake builds a TLS config once per process, so the first input is allowed to be slow.
+  if ! cargo afl fuzz "${limits[@]}" -t 5000 -i "fuzz/corpus/$t" -o "$dir" "${dict[@]}" \
       -- "$bin/$t" >"$dir.log" 2>&1; then
     echo "fuzz.sh: afl-fuzz failed for $t; its output:" >&2
     tail -n 30 "$dir.log" >&2

@@ -1,12 +1,12 @@
 //! The fuzz targets of meshauth, one function per target; `src/bin/<target>.rs` runs each under
 //! AFL++ (`afl::fuzz!`). Every target feeds arbitrary bytes to code that takes input from outside
 //! the process, and checks, besides "no panic, no hang", what must hold for any input (round
-//! trips, rewritten headers). A panic anywhere, in a spawned task too, aborts the process
-//! (`panic = "abort"`), which AFL records as a crash.
+//! trips, rewritten headers). A panic anywhere aborts the process (`panic = "abort"`), which AFL
+//! records as a crash.
 //!
 //! | target | what it exercises |
 //! |---|---|
-//! | `relay` | the Workload API relay (`meshauth_agent::authority_fix::accept_relayed`): HTTP/2 frames, CONTINUATION reassembly, HPACK decode and re-encode, over a real Unix socket |
+//! | `relay` | the Workload API relay's core without I/O (`meshauth_agent::authority_fix::relay_client_bytes`, the code the socket relay runs): HTTP/2 frames, CONTINUATION reassembly, HPACK decode within the limits and re-encode |
 //! | `policy` | `meshauth_policy::parse_policies`, then `compile_endpoint` and `lookup` |
 //! | `spiffe_id` | `SpiffeId` and `TrustDomain` parsing, `node_spiffe_id`, `identity_spiffe_id`, `reserved_namespace` |
 //! | `svid` | `meshauth_spiffe::validate_x509_svid` on a chain against a fixed bundle |
@@ -14,9 +14,10 @@
 //! | `handshake` | the first bytes a handshake-port (`:4250`) server reads: a rustls server config as `meshauth_auth` builds it, fed in memory |
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
+use meshauth_agent::authority_fix::RelayedEnd;
 use meshauth_policy::{Direction, IdentityId, Labels, Protocol};
 use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -161,9 +162,36 @@ static IDENTITIES: LazyLock<(BTreeMap<IdentityId, Labels>, Vec<Labels>)> = LazyL
     (ids, labels)
 });
 
+/// Inputs whose flow collections (`[`, `{`) nest deeper than this, counted naively (brackets in
+/// strings and comments count too), are skipped. `parse_policies` refuses them anyway (serde_yaml
+/// stops at 128 levels: "recursion limit exceeded", which inputs of 129 to 256 levels still
+/// exercise), but libyaml scans every level first, at about 60 µs a level in the instrumented
+/// build: inputs of nested `[` (up to 26 KB) took up to 1.5 s per execution, and trimming them
+/// took half of a 40-minute run.
+const MAX_POLICY_FLOW_DEPTH: usize = 256;
+
+/// The deepest nesting of `[`/`{` in `data`, counting every bracket.
+fn flow_depth(data: &[u8]) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for b in data {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Policy YAML: parsing never panics; what parses compiles for every fixed endpoint, and the
 /// compiled entries answer lookups.
 pub fn policy(data: &[u8]) {
+    if flow_depth(data) > MAX_POLICY_FLOW_DEPTH {
+        return;
+    }
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -340,100 +368,31 @@ pub fn handshake(data: &[u8]) {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_FRAME: usize = 16_384;
 
-type Accepted = std::pin::Pin<
-    Box<
-        dyn tokio_stream::Stream<
-                Item = std::io::Result<meshauth_agent::authority_fix::RelayedConnection>,
-            > + Send,
-    >,
->;
-
-struct Relay {
-    runtime: tokio::runtime::Runtime,
-    /// An abstract socket address: nothing is left on disk when AFL restarts the process.
-    addr: std::os::unix::net::SocketAddr,
-    accepted: Accepted,
-}
-
-/// A client connection to the relay (call inside the runtime).
-fn connect(addr: &std::os::unix::net::SocketAddr) -> tokio::net::UnixStream {
-    let s = std::os::unix::net::UnixStream::connect_addr(addr).expect("connect to the relay");
-    s.set_nonblocking(true).expect("nonblocking");
-    tokio::net::UnixStream::from_std(s).expect("register the client")
-}
-
-static RELAY: LazyLock<Mutex<Relay>> = LazyLock::new(|| {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!("meshauth-fuzz-relay-{}", std::process::id());
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-        .expect("abstract socket name");
-    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind the relay");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let accepted: Accepted = runtime.block_on(async {
-        let listener = tokio::net::UnixListener::from_std(listener).expect("register the listener");
-        Box::pin(meshauth_agent::authority_fix::accept_relayed(
-            listener,
-            meshauth_agent::metrics::Metrics::new(),
-            tokio_util::sync::CancellationToken::new(),
-        ))
-    });
-    Mutex::new(Relay {
-        runtime,
-        addr,
-        accepted,
-    })
-});
-
-/// Inputs larger than this are skipped: they must fit in the socket buffer, so that writing
-/// them never waits for a relay that has stopped reading (larger ones find nothing new: frames
-/// are at most 16 KiB and header blocks 64 KiB).
-const MAX_RELAY_INPUT: usize = 60 * 1024;
-
-/// The Workload API relay, end to end through its public entry point: `data` is what a client
-/// sends on the socket; what reaches the gRPC server must be whole frames no larger than the
-/// maximum, whose header blocks decode (in order, with one HPACK decoder as the server has)
-/// and name no `:authority` but `localhost`.
+/// The Workload API relay's core without I/O
+/// (`meshauth_agent::authority_fix::relay_client_bytes`, default `RelayLimits`): `data` is what
+/// a client sends on the socket before its EOF; what would reach the gRPC server must be the
+/// preface, then whole frames no larger than the maximum, whose header blocks decode (in order,
+/// with one HPACK decoder as the server has) and name no `:authority` but `localhost`; nothing is
+/// forwarded from a connection without the preface. The socket path runs the same code, and a
+/// unit test of `authority_fix` checks that it forwards the same bytes and closes the server side
+/// within 5 s of the client's EOF.
 pub fn relay(data: &[u8]) {
-    if data.len() > MAX_RELAY_INPUT {
-        return;
-    }
-    let out = relay_once(data);
+    let (out, end) = relay_bytes(data);
     check_relayed(data, &out);
+    if matches!(end, RelayedEnd::EndOfInput) {
+        assert!(
+            data.starts_with(PREFACE),
+            "a connection without the preface ended as a clean EOF"
+        );
+    }
 }
 
-/// Sends `data` through the relay and returns what reached the server side: everything up to
-/// the end of the client-to-server direction, which the relay closes at the client's EOF or
-/// when it refuses the connection (its task ends and drops both sides).
-fn relay_once(data: &[u8]) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_stream::StreamExt;
-    let mut guard = RELAY.lock().unwrap_or_else(|p| p.into_inner());
-    let Relay {
-        runtime,
-        addr,
-        accepted,
-    } = &mut *guard;
-    runtime.block_on(async {
-        let mut client = connect(addr);
-        let mut server_side = accepted
-            .next()
-            .await
-            .expect("the relay accepts")
-            .expect("accepted");
-        // Fits in the socket buffer: never blocks, whatever the relay does.
-        let _ = client.write_all(data).await;
-        let _ = client.shutdown().await;
-        let mut out = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), server_side.read_to_end(&mut out))
-            .await
-            .expect("the relay ends the server side within 5 s of the client's EOF");
-        let _ = read;
-        out
-    })
+/// What the relay forwards of `data`, and how it ends.
+fn relay_bytes(data: &[u8]) -> (Vec<u8>, RelayedEnd) {
+    meshauth_agent::authority_fix::relay_client_bytes(
+        data,
+        &meshauth_agent::authority_fix::RelayLimits::default(),
+    )
 }
 
 fn check_relayed(input: &[u8], out: &[u8]) {
@@ -541,6 +500,20 @@ mod tests {
     }
 
     #[test]
+    fn only_deeply_nested_flow_collections_are_skipped() {
+        assert_eq!(flow_depth(b"{a: [1, {b: [2]}], c: [3]}"), 4);
+        assert_eq!(flow_depth(b"]]]["), 1);
+        for (_, data) in seeds("policy") {
+            assert!(flow_depth(&data) <= MAX_POLICY_FLOW_DEPTH);
+        }
+        // Just past serde_yaml's limit: still parsed (and refused).
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(flow_depth(deep.as_bytes()) <= MAX_POLICY_FLOW_DEPTH);
+        assert!(meshauth_policy::parse_policies(&deep).is_err());
+        assert!(flow_depth("[".repeat(257).as_bytes()) > MAX_POLICY_FLOW_DEPTH);
+    }
+
+    #[test]
     fn the_policy_seeds_parse() {
         for (name, data) in seeds("policy") {
             let text = std::str::from_utf8(&data).expect("utf-8");
@@ -565,7 +538,8 @@ mod tests {
     #[test]
     fn the_relay_seeds_are_rewritten() {
         for (name, data) in seeds("relay") {
-            let out = relay_once(&data);
+            let (out, end) = relay_bytes(&data);
+            assert!(matches!(end, RelayedEnd::EndOfInput), "{name}: {end:?}");
             assert!(out.len() > PREFACE.len(), "{name}: nothing relayed");
             assert!(
                 !out.windows(16).any(|w| w == b"tmp%2Fagent.sock"),
@@ -576,16 +550,15 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_relay_connection_ends_the_exec_promptly() {
-        let start = std::time::Instant::now();
-        assert!(relay_once(b"GET / HTTP/1.1\r\n\r\n........").is_empty());
+    fn a_refused_relay_connection_forwards_nothing_more() {
+        let (out, end) = relay_bytes(b"GET / HTTP/1.1\r\n\r\n........");
+        assert!(out.is_empty());
+        assert!(matches!(end, RelayedEnd::Closed(_)), "{end:?}");
         let mut bad_hpack = PREFACE.to_vec();
         bad_hpack.extend(frame(0x1, 0x4, 1, &[0xff, 0xff, 0xff, 0xff]));
-        assert_eq!(relay_once(&bad_hpack), PREFACE);
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            start.elapsed()
-        );
+        bad_hpack.extend(frame(0x0, 0x1, 1, b"after"));
+        let (out, end) = relay_bytes(&bad_hpack);
+        assert_eq!(out, PREFACE);
+        assert!(matches!(end, RelayedEnd::Closed(_)), "{end:?}");
     }
 }

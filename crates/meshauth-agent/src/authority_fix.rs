@@ -386,57 +386,131 @@ fn decode_block(
     Ok(headers)
 }
 
-/// Copies the client-to-server direction from `from` to `to`, rewriting `:authority`, within
-/// `limits`, and tells `streams` which streams open and which requests are complete. Returns
-/// at the client's EOF, after shutting down `to`.
-pub(crate) async fn relay_client_frames<R, W>(
-    mut from: R,
-    mut to: W,
-    limits: &RelayLimits,
-    streams: &StreamTable,
-) -> Result<(), RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut preface = [0u8; 24];
-    tokio::time::timeout(limits.preface_timeout, from.read_exact(&mut preface))
-        .await
-        .map_err(|_| RelayError::PrefaceTimeout(limits.preface_timeout))??;
-    if &preface != PREFACE {
-        return Err(RelayError::NotHttp2);
-    }
-    to.write_all(PREFACE).await?;
-    let mut decoder = loona_hpack::Decoder::new();
-    decoder.set_max_allowed_table_size(limits.max_table_size);
-    let mut encoder = loona_hpack::Encoder::new();
-    loop {
-        let mut head = [0u8; 9];
-        match from.read_exact(&mut head).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                to.shutdown().await?;
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+/// A HEADERS frame whose header block continues in CONTINUATION frames.
+#[derive(Debug)]
+struct PendingHeaders {
+    /// The HEADERS frame's flags (END_STREAM, PRIORITY) and stream.
+    flags: u8,
+    stream: u32,
+    /// Its priority fields, kept as they came.
+    priority: Option<Vec<u8>>,
+    /// The encoded block so far (padding stripped).
+    block: Vec<u8>,
+}
+
+/// The client-to-server direction of one connection, without I/O: the preface, the frame
+/// checks, CONTINUATION reassembly, HPACK decoding within [`RelayLimits`], `:authority`
+/// rewriting and re-encoding. The socket relay ([`relay_client_frames`]) feeds it what it
+/// reads, [`relay_client_bytes`] a whole input at once; both forward what it writes.
+struct ClientFrames<'a> {
+    limits: &'a RelayLimits,
+    streams: &'a StreamTable,
+    /// Whether the preface has come.
+    started: bool,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    pending: Option<PendingHeaders>,
+}
+
+impl<'a> ClientFrames<'a> {
+    fn new(limits: &'a RelayLimits, streams: &'a StreamTable) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(limits.max_table_size);
+        ClientFrames {
+            limits,
+            streams,
+            started: false,
+            decoder,
+            encoder: loona_hpack::Encoder::new(),
+            pending: None,
         }
+    }
+
+    /// Consumes the preface and every whole frame at the start of `data`, appending what is to
+    /// be forwarded to `out`, and returns how many bytes it consumed: the rest is the start of
+    /// a frame, to be fed again with what follows. A frame header is checked as soon as it is
+    /// complete, before its payload is waited for. On error, `out` holds what was to be
+    /// forwarded before the offending frame, and the connection is to be closed.
+    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, RelayError> {
+        let mut used = 0;
+        if !self.started {
+            let Some((preface, _)) = data.split_first_chunk::<24>() else {
+                return Ok(0);
+            };
+            if preface != PREFACE {
+                return Err(RelayError::NotHttp2);
+            }
+            out.extend_from_slice(PREFACE);
+            self.started = true;
+            used = PREFACE.len();
+        }
+        loop {
+            let rest = data.get(used..).unwrap_or_default();
+            let Some((head, rest)) = rest.split_first_chunk::<9>() else {
+                return Ok(used);
+            };
+            let len = self.payload_len(head)?;
+            let Some(payload) = rest.get(..len) else {
+                return Ok(used);
+            };
+            self.frame(head, payload, out)?;
+            used += 9 + len;
+        }
+    }
+
+    /// The client's EOF, with `rest` left unconsumed by [`ClientFrames::feed`]: `Ok` where the
+    /// client may stop (between frames, or within a frame header, which ends the connection as
+    /// cleanly), an I/O error (`UnexpectedEof`) within the preface, a payload or a header block.
+    fn end(&self, rest: &[u8]) -> Result<(), RelayError> {
+        if !self.started || self.pending.is_some() || rest.len() >= 9 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(())
+    }
+
+    /// The payload length a frame header announces, if the frame may come here.
+    fn payload_len(&self, head: &[u8; 9]) -> Result<usize, RelayError> {
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        match &self.pending {
+            None if len > MAX_FRAME => Err(bad("frame larger than the advertised maximum")),
+            Some(p)
+                if head[3] != CONTINUATION
+                    || len > MAX_FRAME
+                    || p.block.len() + len > MAX_BLOCK =>
+            {
+                Err(bad("bad CONTINUATION frame"))
+            }
+            _ => Ok(len),
+        }
+    }
+
+    /// One whole frame, whose header [`ClientFrames::payload_len`] accepted.
+    fn frame(
+        &mut self,
+        head: &[u8; 9],
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
         let (kind, flags) = (head[3], head[4]);
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        if len > MAX_FRAME {
-            return Err(bad("frame larger than the advertised maximum"));
+        if let Some(mut p) = self.pending.take() {
+            // A CONTINUATION (nothing else passes `payload_len` within a block).
+            p.block.extend_from_slice(payload);
+            if flags & END_HEADERS == 0 {
+                self.pending = Some(p);
+                return Ok(());
+            }
+            return self.headers(p, out);
         }
-        let mut payload = vec![0u8; len];
-        from.read_exact(&mut payload).await?;
         if kind != HEADERS {
-            streams.client_frame(kind, flags, stream);
-            to.write_all(&head).await?;
-            to.write_all(&payload).await?;
-            continue;
+            self.streams.client_frame(kind, flags, stream);
+            out.extend_from_slice(head);
+            out.extend_from_slice(payload);
+            return Ok(());
         }
 
         // HEADERS: strip padding, keep priority, gather CONTINUATIONs.
-        let mut body: &[u8] = &payload;
+        let mut body: &[u8] = payload;
         if flags & PADDED != 0 {
             let (&pad, rest) = body
                 .split_first()
@@ -455,23 +529,25 @@ where
         } else {
             None
         };
-        let mut block = body.to_vec();
-        let mut end_headers = flags & END_HEADERS != 0;
-        while !end_headers {
-            let mut h = [0u8; 9];
-            from.read_exact(&mut h).await?;
-            let clen = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-            if h[3] != CONTINUATION || clen > MAX_FRAME || block.len() + clen > MAX_BLOCK {
-                return Err(bad("bad CONTINUATION frame"));
-            }
-            let mut c = vec![0u8; clen];
-            from.read_exact(&mut c).await?;
-            block.extend_from_slice(&c);
-            end_headers = h[4] & END_HEADERS != 0;
+        let p = PendingHeaders {
+            flags,
+            stream,
+            priority,
+            block: body.to_vec(),
+        };
+        if flags & END_HEADERS == 0 {
+            self.pending = Some(p);
+            return Ok(());
         }
+        self.headers(p, out)
+    }
 
-        let headers = decode_block(&mut decoder, &block, limits)?;
-        streams.client_headers(stream, flags & END_STREAM != 0)?;
+    /// A complete header block: decoded, `:authority` rewritten, re-encoded with the relay's
+    /// encoder.
+    fn headers(&mut self, p: PendingHeaders, out: &mut Vec<u8>) -> Result<(), RelayError> {
+        let headers = decode_block(&mut self.decoder, &p.block, self.limits)?;
+        self.streams
+            .client_headers(p.stream, p.flags & END_STREAM != 0)?;
         let rewritten: Vec<(&[u8], &[u8])> = headers
             .iter()
             .map(|(n, v)| {
@@ -482,28 +558,104 @@ where
                 }
             })
             .collect();
-        let encoded = encoder.encode(rewritten);
+        let encoded = self.encoder.encode(rewritten);
 
         // Re-emit as HEADERS (+ CONTINUATION when needed), same stream and END_STREAM.
-        let mut first = priority.unwrap_or_default();
+        let mut first = p.priority.unwrap_or_default();
         let room = MAX_FRAME - first.len();
         let (now, mut rest) = encoded.split_at(encoded.len().min(room));
         first.extend_from_slice(now);
-        let mut out_flags = (flags & END_STREAM) | (flags & PRIORITY);
+        let mut out_flags = (p.flags & END_STREAM) | (p.flags & PRIORITY);
         if rest.is_empty() {
             out_flags |= END_HEADERS;
         }
-        to.write_all(&frame_header(first.len(), HEADERS, out_flags, stream))
-            .await?;
-        to.write_all(&first).await?;
+        out.extend_from_slice(&frame_header(first.len(), HEADERS, out_flags, p.stream));
+        out.extend_from_slice(&first);
         while !rest.is_empty() {
             let (chunk, tail) = rest.split_at(rest.len().min(MAX_FRAME));
             let f = if tail.is_empty() { END_HEADERS } else { 0 };
-            to.write_all(&frame_header(chunk.len(), CONTINUATION, f, stream))
-                .await?;
-            to.write_all(chunk).await?;
+            out.extend_from_slice(&frame_header(chunk.len(), CONTINUATION, f, p.stream));
+            out.extend_from_slice(chunk);
             rest = tail;
         }
+        Ok(())
+    }
+}
+
+/// How [`relay_client_bytes`] ended.
+#[derive(Debug)]
+pub enum RelayedEnd {
+    /// The input ran out where a client may stop: between frames, or within a frame header.
+    /// On the socket, this is the client's EOF, after which the relay shuts down the server
+    /// side.
+    EndOfInput,
+    /// The relay closes the connection, for this reason. Input that ends within the preface, a
+    /// frame's payload or a header block is [`RelayError::Io`] (`UnexpectedEof`), as on the
+    /// socket.
+    Closed(RelayError),
+}
+
+/// The relay's core without I/O, used by the fuzzer and tests: what the socket relay would
+/// forward to the server if a client sent `input` and then EOF, and how it would end. The same
+/// code as the socket relay (preface, frame checks, CONTINUATION reassembly, HPACK decoding
+/// within `limits`' table-size and decoded-size caps, `:authority` rewriting); only the
+/// timeouts, which need a clock, are not applied.
+pub fn relay_client_bytes(input: &[u8], limits: &RelayLimits) -> (Vec<u8>, RelayedEnd) {
+    let streams = StreamTable::new(limits.max_streams);
+    let mut core = ClientFrames::new(limits, &streams);
+    let mut out = Vec::new();
+    let end = core
+        .feed(input, &mut out)
+        .and_then(|used| core.end(input.get(used..).unwrap_or_default()));
+    let end = match end {
+        Ok(()) => RelayedEnd::EndOfInput,
+        Err(e) => RelayedEnd::Closed(e),
+    };
+    (out, end)
+}
+
+/// How much the relay reads from a client at once.
+const READ: usize = MAX_FRAME;
+
+/// Copies the client-to-server direction from `from` to `to` through [`ClientFrames`],
+/// rewriting `:authority`, within `limits`, and tells `streams` which streams open and which
+/// requests are complete. Returns at the client's EOF, after shutting down `to`.
+pub(crate) async fn relay_client_frames<R, W>(
+    mut from: R,
+    mut to: W,
+    limits: &RelayLimits,
+    streams: &StreamTable,
+) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut core = ClientFrames::new(limits, streams);
+    let preface_deadline = Instant::now() + limits.preface_timeout;
+    // What the client sent that is not a whole frame yet: at most a frame (its header is
+    // checked against MAX_FRAME as soon as it is complete) and one read.
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        buf.reserve(READ);
+        let read = from.read_buf(&mut buf);
+        let n = if core.started {
+            read.await?
+        } else {
+            tokio::time::timeout_at(preface_deadline, read)
+                .await
+                .map_err(|_| RelayError::PrefaceTimeout(limits.preface_timeout))??
+        };
+        if n == 0 {
+            core.end(&buf)?;
+            to.shutdown().await?;
+            return Ok(());
+        }
+        let fed = core.feed(&buf, &mut out);
+        // What came before an offending frame is forwarded, then the connection closes.
+        to.write_all(&out).await?;
+        out.clear();
+        buf.drain(..fed?);
     }
 }
 
@@ -1182,5 +1334,163 @@ mod tests {
         let name =
             "meshauth_agent_workload_connections_closed_total{reason=\"HeaderListTooLarge\"}";
         wait_for("the bomb is counted", || metric(&s.metrics, name) == "1").await;
+    }
+
+    /// Two valid inputs (and a third, near the decoded-size limit) and a malformed one, for
+    /// the tests that the socket relay and [`relay_client_bytes`] are the same relay.
+    fn valid_inputs() -> Vec<Vec<u8>> {
+        // SETTINGS, two requests (the second reuses the dynamic table), a DATA frame.
+        let mut enc = loona_hpack::Encoder::new();
+        let mut a = PREFACE.to_vec();
+        a.extend_from_slice(&frame_header(6, 0x4, 0, 0));
+        a.extend_from_slice(&[0, 3, 0, 0, 0, 100]);
+        a.extend(headers_frame(&mut enc, b"tmp%2Fagent.sock", 1));
+        a.extend(headers_frame(&mut enc, b"tmp%2Fagent.sock", 3));
+        a.extend_from_slice(&frame_header(3, DATA, END_STREAM, 3));
+        a.extend_from_slice(b"abc");
+        // A padded HEADERS with priority whose block ends in a CONTINUATION, then the first
+        // bytes of a frame header (where a client may stop).
+        let block =
+            headers_frame(&mut loona_hpack::Encoder::new(), b"tmp%2Fagent.sock", 5).split_off(9);
+        let (x, y) = block.split_at(block.len() / 2);
+        let mut body = vec![2u8, 0, 0, 0, 0, 16];
+        body.extend_from_slice(x);
+        body.extend_from_slice(&[0, 0]);
+        let mut b = PREFACE.to_vec();
+        b.extend_from_slice(&frame_header(body.len(), HEADERS, PADDED | PRIORITY, 5));
+        b.extend_from_slice(&body);
+        b.extend_from_slice(&frame_header(y.len(), CONTINUATION, END_HEADERS, 5));
+        b.extend_from_slice(y);
+        b.extend_from_slice(&frame_header(0, DATA, END_STREAM, 5)[..4]);
+        vec![a, b, bomb(5)]
+    }
+
+    /// A request, then a header block that does not decode.
+    fn malformed_input() -> Vec<u8> {
+        let mut input = PREFACE.to_vec();
+        input.extend(headers_frame(
+            &mut loona_hpack::Encoder::new(),
+            b"tmp%2Fagent.sock",
+            1,
+        ));
+        input.extend_from_slice(&frame_header(4, HEADERS, END_HEADERS, 3));
+        input.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        input
+    }
+
+    fn pure(input: &[u8]) -> (Vec<u8>, RelayedEnd) {
+        relay_client_bytes(input, &RelayLimits::default())
+    }
+
+    fn is_eof(end: &RelayedEnd) -> bool {
+        matches!(end, RelayedEnd::Closed(RelayError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
+    }
+
+    #[test]
+    fn the_pure_core_rewrites_and_ends_as_the_relay_does() {
+        for input in valid_inputs() {
+            let (out, end) = pure(&input);
+            assert!(matches!(end, RelayedEnd::EndOfInput), "{end:?}");
+            assert!(out.starts_with(PREFACE) && out.len() > PREFACE.len());
+            assert!(!out.windows(16).any(|w| w == b"tmp%2Fagent.sock"));
+        }
+        let (out, end) = pure(&malformed_input());
+        let RelayedEnd::Closed(e) = end else {
+            panic!("{end:?}")
+        };
+        assert_eq!(e.reason(), Some(WorkloadCloseReason::HpackError));
+        // The request before the bad block was forwarded, rewritten.
+        assert!(out.len() > PREFACE.len());
+        assert!(!out.windows(16).any(|w| w == b"tmp%2Fagent.sock"));
+
+        let (out, end) = pure(b"GET / HTTP/1.1\r\n\r\n........");
+        assert!(out.is_empty());
+        assert!(
+            matches!(end, RelayedEnd::Closed(RelayError::NotHttp2)),
+            "{end:?}"
+        );
+        // Ending within the preface, a payload or a header block is the client going away.
+        let (out, end) = pure(&PREFACE[..10]);
+        assert!(out.is_empty() && is_eof(&end), "{end:?}");
+        let mut partial = PREFACE.to_vec();
+        partial.extend_from_slice(&frame_header(3, DATA, 0, 1));
+        partial.push(b'a');
+        let (out, end) = pure(&partial);
+        assert!(out == PREFACE && is_eof(&end), "{end:?}");
+        let mut open_block = PREFACE.to_vec();
+        open_block.extend_from_slice(&frame_header(1, HEADERS, 0, 1));
+        open_block.push(0x82);
+        let (out, end) = pure(&open_block);
+        assert!(out == PREFACE && is_eof(&end), "{end:?}");
+        // A frame larger than the maximum is refused on its header alone.
+        let mut big = PREFACE.to_vec();
+        big.extend_from_slice(&frame_header(MAX_FRAME + 1, DATA, 0, 1));
+        let (_, end) = pure(&big);
+        assert!(
+            matches!(end, RelayedEnd::Closed(RelayError::Protocol(_))),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_of_any_size_forward_what_the_pure_core_does() {
+        let mut inputs = valid_inputs();
+        inputs.push(malformed_input());
+        for input in &inputs {
+            let (expected, end) = pure(input);
+            for piece in [1, 2, 5, 9, 24, 100, 4096, 64 * 1024] {
+                // Each read of the relay gets at most `piece` bytes.
+                let (mut client, server) = tokio::io::duplex(piece);
+                let data = input.clone();
+                let writer = tokio::spawn(async move {
+                    let _ = client.write_all(&data).await;
+                });
+                let mut out = Vec::new();
+                let limits = RelayLimits::default();
+                let r = relay_client_frames(
+                    server,
+                    &mut out,
+                    &limits,
+                    &StreamTable::new(limits.max_streams),
+                )
+                .await;
+                writer.await.unwrap();
+                assert_eq!(out, expected, "reads of {piece}");
+                match (&r, &end) {
+                    (Ok(()), RelayedEnd::EndOfInput) => {}
+                    (Err(a), RelayedEnd::Closed(b)) => assert_eq!(a.reason(), b.reason()),
+                    _ => panic!("reads of {piece}: {r:?}, pure: {end:?}"),
+                }
+            }
+        }
+    }
+
+    /// The end-to-end check the `relay` fuzz target made over a real socket before it moved to
+    /// [`relay_client_bytes`]: the server side gets what the pure core forwards, and is closed
+    /// within 5 s of the client's EOF (or of the relay's refusal).
+    #[tokio::test]
+    async fn over_the_socket_the_relay_forwards_what_the_pure_core_does_and_closes() {
+        use tokio_stream::StreamExt;
+        let mut s = socket(RelayLimits::default());
+        let mut inputs = valid_inputs();
+        inputs.push(malformed_input());
+        for input in &inputs {
+            let (expected, _) = pure(input);
+            let mut c = tokio::net::UnixStream::connect(&s.path).await.unwrap();
+            let mut server_side = s.incoming.next().await.unwrap().unwrap();
+            c.write_all(input).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), server_side.read_to_end(&mut out))
+                .await
+                .expect("the relay closes the server side within 5 s of the client's EOF")
+                .unwrap();
+            assert_eq!(out, expected);
+        }
+        let name = "meshauth_agent_workload_connections_closed_total{reason=\"HpackError\"}";
+        wait_for("the malformed one is counted", || {
+            metric(&s.metrics, name) == "1"
+        })
+        .await;
     }
 }
