@@ -90,12 +90,46 @@ pub struct EnforceConfig {
     /// Authenticate the pairs policy requires before their first packet, at most this many
     /// per change (`None`: only on demand).
     pub pre_authenticate: Option<usize>,
+    /// A datapath loaded before the first sync (see [`Preloaded`]); taken by the first run.
+    pub preloaded: Preloaded,
+}
+
+/// A datapath loaded early, for the first enforcement run to take. Loading parses the kernel's
+/// BTF (aya 0.14's loader does so whether or not the programs need it, and ours do not: about
+/// 13 MB for a moment); done before the first sync, the memory it frees is what the cluster
+/// view then fills, instead of a peak on top of it. Later runs (restarts) load their own.
+#[derive(Clone, Default)]
+pub struct Preloaded(Arc<Mutex<Option<Datapath>>>);
+
+impl Preloaded {
+    /// Loads the datapath pinned under `pin_dir`; on failure nothing is kept (the run loads
+    /// it again and reports why it cannot).
+    pub fn load(pin_dir: &std::path::Path) -> Self {
+        match Datapath::load(pin_dir) {
+            Ok(dp) => Preloaded(Arc::new(Mutex::new(Some(dp)))),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot preload the datapath");
+                Preloaded::default()
+            }
+        }
+    }
+
+    fn take(&self) -> Option<Datapath> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Preloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Preloaded")
+    }
 }
 
 /// What the placement checks read: the cluster and the local endpoints, kept current.
 #[derive(Default)]
 struct View {
-    cluster: ClusterState,
+    /// The last sync's cluster, shared with the snapshot (not a copy).
+    cluster: Arc<ClusterState>,
     local: BTreeMap<String, BoundEndpoint>,
 }
 
@@ -371,7 +405,10 @@ async fn run_inner(
     let _ = config
         .status
         .send(Err("enforcement is starting: nothing applied yet".into()));
-    let mut dp = Datapath::load(&config.pin_dir).context("cannot load the datapath")?;
+    let mut dp = match config.preloaded.take() {
+        Some(dp) => dp,
+        None => Datapath::load(&config.pin_dir).context("cannot load the datapath")?,
+    };
     let mut events = dp.take_events()?;
     match config.hold {
         Some(_) => {
@@ -382,8 +419,9 @@ async fn run_inner(
         }
         None => dp.set_auth_miss_action(meshauth_datapath::AuthMissAction::Drop)?,
     }
-    // Entries a previous run of this agent wrote are still in the pinned map: track them.
-    let inherited = dp.auth_entries()?;
+    // Entries a previous run of this agent wrote are still in the pinned map: track them
+    // (read one at a time below, once the manager exists).
+    let inherited = dp.auth_map_reader()?;
     let driver: SharedDriver = Arc::new(Mutex::new(
         Driver::new(dp).context("cannot read the datapath's state")?,
     ));
@@ -416,10 +454,18 @@ async fn run_inner(
         DatapathTable(Arc::clone(&driver)),
     );
     let now = SystemTime::now();
-    auth.reserve(inherited.len());
-    for (key, expires) in inherited.into_iter().filter(|(_, e)| *e > now) {
-        auth.adopt(key, expires);
-    }
+    auth.reserve(inherited.count());
+    let read = inherited.for_each(|key, expires| {
+        if expires > now {
+            auth.adopt(key, expires);
+        }
+    });
+    drop(inherited);
+    tracing::info!(
+        entries = read,
+        tracked = auth.len(),
+        "adopted the auth entries a previous run left"
+    );
     config.published.set(auth.entries_reader());
 
     // Handshake server: entries written for the pairs peers authenticate with us.
@@ -704,9 +750,10 @@ async fn reconcile(
     pre_authenticate: Option<usize>,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
-    let Some(cluster) = snapshot.cluster.as_deref() else {
+    let Some(shared_cluster) = snapshot.cluster.clone() else {
         anyhow::bail!("waiting for the first sync with the server");
     };
+    let cluster = &*shared_cluster;
     let wanted: BTreeMap<String, LocalEndpoint> = match list {
         Ok(l) => l
             .into_iter()
@@ -889,7 +936,7 @@ async fn reconcile(
     // The placement checks' view.
     {
         let mut v = view.0.write().unwrap_or_else(|p| p.into_inner());
-        v.cluster = cluster.clone();
+        v.cluster = Arc::clone(&shared_cluster);
         v.local = st.registered.clone();
     }
 

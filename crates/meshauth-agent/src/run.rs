@@ -280,6 +280,12 @@ impl Agent {
             stopped(stop_rx.clone()),
         );
         sup.spawn_once("metrics", |_| http);
+        // Before the first sync (see `enforce::Preloaded`).
+        let preloaded = config
+            .enforce
+            .as_ref()
+            .map(|s| crate::enforce::Preloaded::load(&s.pin_dir))
+            .unwrap_or_default();
         {
             let run = manager.clone().run(stop_rx.clone());
             sup.spawn_once("sync", |_| async move {
@@ -340,6 +346,7 @@ impl Agent {
                     let (manager, metrics) = (manager.clone(), metrics.clone());
                     let (published, flows, stop) = (published.clone(), flows.clone(), stop.clone());
                     let status = status_tx.clone();
+                    let preloaded = preloaded.clone();
                     async move {
                         let node_address = match settings.node_address {
                             Some(a) => a,
@@ -357,6 +364,7 @@ impl Agent {
                             status,
                             hold: settings.hold,
                             pre_authenticate: settings.pre_authenticate,
+                            preloaded: preloaded.clone(),
                         };
                         crate::enforce::run(cfg, manager, (settings.source)(), stop).await
                     }

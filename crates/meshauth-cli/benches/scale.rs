@@ -843,6 +843,7 @@ fn run() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let pct = |i: usize| (after[i] - before[i]) as f64 / hz / wall * 100.0;
     let rss_rest = status_kb(&n1.pid.to_string(), "VmRSS");
+    let hwm_rest = status_kb(&n1.pid.to_string(), "VmHWM");
     let others: Vec<String> = (1..agents.len())
         .map(|i| format!("{} {:.2} %", agents[i].node, pct(i)))
         .collect();
@@ -1233,7 +1234,11 @@ fn run() -> anyhow::Result<()> {
     );
     println!("   by thread: {}", rest.threads());
     println!("   other agents at rest: {}", others.join(", "));
-    println!("   n1's agent VmRSS at rest: {}", mb(rss_rest));
+    println!(
+        "   n1's agent VmRSS at rest: {} (peak VmHWM {})",
+        mb(rss_rest),
+        mb(hwm_rest)
+    );
     match done {
         Some(t) => println!(
             "2. {PAIRS} new pairs: all in n1's auth map {t:.2} s after the first datagrams: {:.0} pairs/s; target >= 500/s: {}",

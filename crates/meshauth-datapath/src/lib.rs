@@ -53,7 +53,8 @@ pub mod capacity {
 }
 
 pub use loader::{
-    AuthMissAction, Datapath, DatapathError, EventReader, Observed, PIN_ROOT, Stats, boot_time_ns,
+    AuthMapReader, AuthMissAction, Datapath, DatapathError, EventReader, Observed, PIN_ROOT, Stats,
+    boot_time_ns,
 };
 pub use types::{
     AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,

@@ -69,6 +69,19 @@ pub enum DatapathError {
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
+/// Gives the heap the loader freed back to the kernel. aya 0.14's `EbpfLoader::new` parses the
+/// kernel's BTF whether or not the programs need it (ours have no CO-RE relocations; aya 0.15
+/// parses it only when they do, but needs a newer compiler): about 13 MB of small allocations,
+/// all freed once loading is done, which glibc would otherwise keep mapped for good.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only returns free pages of the heap to the
+    // kernel, and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn pin_err(path: &Path, source: std::io::Error) -> DatapathError {
     DatapathError::Pin {
         path: path.display().to_string(),
@@ -222,6 +235,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)?;
+        release_freed_heap();
         for name in ["from_pod", "to_pod"] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -639,6 +653,22 @@ impl Datapath {
         Ok(out)
     }
 
+    /// A handle of its own on the auth map (the same kernel map, through a duplicate of its
+    /// file descriptor): it reads the entries while this `Datapath` is owned elsewhere, and
+    /// one at a time, so that a restarted agent adopts 100,000 inherited entries without a
+    /// copy of them all.
+    pub fn auth_map_reader(&mut self) -> Result<AuthMapReader> {
+        let aya::maps::Map::HashMap(data) = self.map("ma_auth")? else {
+            return Err(DatapathError::Missing("ma_auth"));
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd())
+            .try_clone_to_owned()
+            .map_err(|e| pin_err(&self.pin_dir, e))?;
+        Ok(AuthMapReader(HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_fd(fd)?,
+        ))?))
+    }
+
     /// The auth key of a flow the datapath holds (marked for the hold queue), by the packet's
     /// addresses, ports, protocol and (ICMP) type as the pod sent it; `None` when it is not
     /// held. For ICMP both ports are the echo id; `icmp_type` is ignored for other protocols.
@@ -785,6 +815,35 @@ fn auth_key(k: AuthKey) -> abi::AuthKey {
         remote_node: k.remote_node.get(),
         auth_type: crate::types::auth_raw(k.auth_type),
         pad: [0; 3],
+    }
+}
+
+/// Reads the auth map without holding the [`Datapath`] (see [`Datapath::auth_map_reader`]).
+pub struct AuthMapReader(HashMap<MapData, abi::AuthKey, abi::AuthValue>);
+
+impl AuthMapReader {
+    /// How many entries the map holds now (a walk of its keys).
+    pub fn count(&self) -> usize {
+        self.0.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Calls `f` with each entry and its expiry, one at a time; returns how many there were.
+    /// Entries whose key the ABI does not know are skipped.
+    pub fn for_each(&self, mut f: impl FnMut(AuthKey, SystemTime)) -> usize {
+        let mut n = 0usize;
+        for (k, v) in self.0.iter().filter_map(|r| r.ok()) {
+            if let Some(key) = from_abi_auth_key(&k) {
+                f(key, from_boot_ns(v.expires_ns));
+                n = n.saturating_add(1);
+            }
+        }
+        n
+    }
+}
+
+impl std::fmt::Debug for AuthMapReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthMapReader")
     }
 }
 
