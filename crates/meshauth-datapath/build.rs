@@ -134,6 +134,7 @@ fn layout_check(out: &Path) {
                 "ifindex",
                 "direction",
                 "flags",
+                "icmp_type",
                 "auth_key",
             ],
         ),

@@ -131,6 +131,8 @@ struct View {
     /// The last sync's cluster, shared with the snapshot (not a copy).
     cluster: Arc<ClusterState>,
     local: BTreeMap<String, BoundEndpoint>,
+    /// The identities of the CIDR prefixes the policies name (for the flow log's labels).
+    cidrs: BTreeMap<IdentityId, meshauth_policy::Cidr>,
 }
 
 #[derive(Clone, Default)]
@@ -180,17 +182,35 @@ impl SharedView {
             .find(|e| e.ipv4 == Some(ip))
             .map(|e| e.name.clone())
             .unwrap_or_default();
-        let labels = v
-            .cluster
-            .identities
-            .get(&identity)
-            .map(|l| {
-                l.iter()
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let labels = match v.cluster.identities.get(&identity) {
+            Some(l) => l
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            None => crate::explain::reserved_labels(identity, &v.cidrs).unwrap_or_default(),
+        };
         (pod, labels)
+    }
+
+    /// The policies that decided a datapath verdict, by the view's policies and identities.
+    fn decided(&self, e: &meshauth_datapath::FlowEvent) -> crate::explain::Decided {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        crate::explain::decided(
+            &v.cluster.policies,
+            &v.cluster.identities,
+            &v.cidrs,
+            &crate::explain::Event {
+                src: (e.src, e.src_identity),
+                dst: (e.dst, e.dst_identity),
+                protocol: e.protocol,
+                port: if e.protocol == 1 {
+                    u16::from(e.icmp_type)
+                } else {
+                    e.dport
+                },
+                direction: e.direction,
+            },
+        )
     }
 
     fn identity_labels(&self, identity: IdentityId) -> std::collections::HashMap<String, String> {
@@ -213,6 +233,7 @@ fn flow_record(
 ) -> meshauth_proto::agent::Flow {
     let (src_pod, src_labels) = view.describe(e.src, e.src_identity);
     let (dst_pod, dst_labels) = view.describe(e.dst, e.dst_identity);
+    let decided = view.decided(e);
     meshauth_proto::agent::Flow {
         time_unix_ms: crate::flows::now_ms(),
         node: node.to_owned(),
@@ -249,6 +270,10 @@ fn flow_record(
             meshauth_policy::Direction::Ingress => "INGRESS",
         }
         .into(),
+        allowed_by: decided.allowed_by,
+        denied_by: decided.denied_by,
+        default_deny_by: decided.default_deny_by,
+        icmp_type: u32::from(e.icmp_type),
     }
 }
 
@@ -938,6 +963,12 @@ async fn reconcile(
         let mut v = view.0.write().unwrap_or_else(|p| p.into_inner());
         v.cluster = Arc::clone(&shared_cluster);
         v.local = st.registered.clone();
+        v.cidrs = st
+            .compiler
+            .cidr_identities()
+            .iter()
+            .map(|(p, id)| (id, p))
+            .collect();
     }
 
     // SVIDs of local identities: missing, or past their renewal time (about half-life).

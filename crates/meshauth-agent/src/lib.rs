@@ -16,7 +16,8 @@
 //!   [`driver`]: makes the datapath so, through [`driver::DatapathOps`].
 //! - [`hold`]: the node-side queue that holds packets of pairs being authenticated.
 //! - [`enforce`]: the loop: datapath, policy, identity SVIDs, auth manager, handshake server.
-//! - [`flows`]: the flow log behind `meshauth observe`.
+//! - [`flows`]: the flow log behind `meshauth observe`; [`explain`]: what a verdict means in
+//!   policy terms (the deciding policies, reserved labels).
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
 //!   clients work too; [`admin`]: the operator API.
 //! - [`metrics`]; [`run`]: wiring.
@@ -30,6 +31,7 @@ pub mod cache;
 pub mod driver;
 pub mod endpoints;
 pub mod enforce;
+pub mod explain;
 pub mod flows;
 pub mod hold;
 pub mod identity;

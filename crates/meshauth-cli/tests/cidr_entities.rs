@@ -3,7 +3,8 @@
 //! namespace): `toCIDRSet` with `except` and `fromCIDR` decide by address, `fromEntities`
 //! `host` is the node's own address and `remote-node` the other nodes', an address outside the
 //! cluster is `world`, and one inside a node's pod range that no pod has has no identity. Each
-//! time the kernel does what `policy trace` says.
+//! time the kernel does what `policy trace` says, and `observe` names the policy that decided
+//! and labels the outside peers as Cilium does (`cidr:<prefix>`, `reserved:world`).
 
 #![allow(
     clippy::unwrap_used,
@@ -201,5 +202,53 @@ fn cidr_peers_and_entities_decide_in_the_kernel_as_trace_says() {
             .lines()
             .any(|l| l.contains("10.200.2.250") && l.contains("no identity")),
         "{dropped}"
+    );
+
+    // 6. The flows of step 2 as `observe -o json` shows them: the deciding policy in Hubble's
+    //    fields, and the outside peers with the labels of their CIDR identity.
+    let out = std::process::Command::new(demo_lab::BIN)
+        .args(["observe", "-o", "json"])
+        .args(&agent_sockets)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let flows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
+        .collect();
+    let to = |dst: &str, verdict: &str| {
+        flows
+            .iter()
+            .find(|f| {
+                f["IP"]["destination"] == dst
+                    && f["verdict"] == verdict
+                    && f["traffic_direction"] == "EGRESS"
+                    && f["source"]["pod_name"] == "client3-2"
+                    && f["l4"]["TCP"]["destination_port"] == 80
+            })
+            .unwrap_or_else(|| panic!("no {verdict} flow from client3-2 to {dst}:80 in\n{text}"))
+    };
+    let allowed = to("192.0.2.1", "FORWARDED");
+    assert_eq!(
+        allowed["egress_allowed_by"],
+        serde_json::json!([{"name": "client3-to-external", "namespace": "default", "kind": "CiliumNetworkPolicy"}]),
+        "{allowed:#}"
+    );
+    assert_eq!(
+        allowed["destination"]["labels"],
+        serde_json::json!(["cidr:192.0.2.0/24", "reserved:world"]),
+        "{allowed:#}"
+    );
+    let denied = to("192.0.2.2", "DROPPED");
+    assert_eq!(denied["drop_reason_desc"], "POLICY_DENIED", "{denied:#}");
+    assert_eq!(
+        denied["extensions"]["meshauth"]["default_deny_by"],
+        serde_json::json!(["default/client3-to-external"]),
+        "{denied:#}"
+    );
+    assert_eq!(
+        denied["destination"]["labels"],
+        serde_json::json!(["cidr:192.0.2.2/32", "reserved:world"]),
+        "{denied:#}"
     );
 }

@@ -38,6 +38,10 @@ fn dropped_syn() -> Flow {
         latency_us: 0,
         sport: 50986,
         direction: "INGRESS".into(),
+        allowed_by: vec![],
+        denied_by: vec![],
+        default_deny_by: vec![],
+        icmp_type: 0,
     }
 }
 
@@ -234,5 +238,119 @@ fn a_pods_namespace_is_its_identitys() {
         hubble::flow_line(&f).contains("other/client2-2:50986"),
         "{}",
         hubble::flow_line(&f)
+    );
+}
+
+#[test]
+fn the_deciding_policies_are_hubbles_allowed_by_and_denied_by() {
+    let mut f = dropped_syn();
+    f.verdict = "FORWARDED".into();
+    f.reason.clear();
+    f.allowed_by = vec!["default/allow-client".into(), "web".into()];
+    let v = hubble::flow_json(&f);
+    let allowed = at(&v, "flow.ingress_allowed_by")
+        .as_array()
+        .expect("a list");
+    assert_eq!(allowed.len(), 2, "{v:#}");
+    assert_eq!(str_at(&allowed[0], "name"), "allow-client");
+    assert_eq!(str_at(&allowed[0], "namespace"), "default");
+    assert_eq!(str_at(&allowed[0], "kind"), "CiliumNetworkPolicy");
+    assert_eq!(str_at(&allowed[1], "name"), "web");
+    assert!(allowed[1].get("namespace").is_none(), "{v:#}");
+    assert_eq!(
+        str_at(&allowed[1], "kind"),
+        "CiliumClusterwideNetworkPolicy"
+    );
+    for absent in ["egress_allowed_by", "ingress_denied_by", "egress_denied_by"] {
+        assert!(v["flow"].get(absent).is_none(), "{absent} in {v:#}");
+    }
+    assert!(
+        hubble::flow_line(&f).ends_with("allowed by default/allow-client, web"),
+        "{}",
+        hubble::flow_line(&f)
+    );
+
+    let mut f = dropped_syn();
+    f.direction = "EGRESS".into();
+    f.reason = "policy denied".into();
+    f.denied_by = vec!["no-telnet".into()];
+    let v = hubble::flow_json(&f);
+    let denied = at(&v, "flow.egress_denied_by").as_array().expect("a list");
+    assert_eq!(str_at(&denied[0], "name"), "no-telnet");
+    assert!(v["flow"].get("ingress_denied_by").is_none(), "{v:#}");
+    assert!(
+        hubble::flow_line(&f)
+            .ends_with("Policy denied DROPPED (TCP Flags: SYN) denied by no-telnet"),
+        "{}",
+        hubble::flow_line(&f)
+    );
+
+    // A default deny: Hubble names no policy; the extension names what selected the endpoint.
+    let mut f = dropped_syn();
+    f.reason = "policy denied".into();
+    f.default_deny_by = vec!["default/allow-client".into()];
+    let v = hubble::flow_json(&f);
+    assert!(v["flow"].get("ingress_denied_by").is_none(), "{v:#}");
+    assert_eq!(
+        at(&v, "flow.extensions.meshauth.default_deny_by"),
+        &serde_json::json!(["default/allow-client"])
+    );
+    assert!(
+        hubble::flow_line(&f).ends_with("by default deny of default/allow-client"),
+        "{}",
+        hubble::flow_line(&f)
+    );
+}
+
+#[test]
+fn peers_that_are_not_pods_carry_ciliums_reserved_and_cidr_labels() {
+    let mut f = dropped_syn();
+    f.src_pod.clear();
+    f.src_ip = "192.0.2.7".into();
+    f.src_identity = 16_777_216;
+    f.src_labels = HashMap::from([
+        ("cidr:192.0.2.0/24".to_string(), String::new()),
+        ("reserved:world".to_string(), String::new()),
+    ]);
+    let v = hubble::flow_json(&f);
+    assert_eq!(
+        at(&v, "flow.source.labels"),
+        &serde_json::json!(["cidr:192.0.2.0/24", "reserved:world"])
+    );
+    assert!(v["flow"]["source"].get("pod_name").is_none(), "{v:#}");
+    assert!(
+        hubble::flow_line(&f).contains(" 192.0.2.7:50986 (ID:16777216) <> "),
+        "{}",
+        hubble::flow_line(&f)
+    );
+}
+
+#[test]
+fn icmp_carries_its_type_and_held_packets_say_so() {
+    let mut f = dropped_syn();
+    f.protocol = "ICMP".into();
+    f.icmp_type = 8;
+    f.verdict = "FORWARDED".into();
+    let v = hubble::flow_json(&f);
+    assert_eq!(uint_at(&v, "flow.l4.ICMPv4.type"), 8);
+
+    let mut f = dropped_syn();
+    f.verdict = "HELD".into();
+    f.direction = "EGRESS".into();
+    let line = hubble::flow_line(&f);
+    assert!(
+        line.ends_with(
+            "default/demodeployment-1:80 (ID:256) Authentication required HELD (TCP Flags: SYN)"
+        ),
+        "{line}"
+    );
+    assert!(!line.contains("ALLOWED"), "{line}");
+    let mut f = dropped_syn();
+    f.verdict = "FORWARDED".into();
+    f.reason = "held 31 ms, released after authentication".into();
+    let line = hubble::flow_line(&f);
+    assert!(
+        line.ends_with("ALLOWED (TCP Flags: SYN, held 31 ms, released after authentication)"),
+        "{line}"
     );
 }

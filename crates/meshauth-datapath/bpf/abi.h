@@ -173,7 +173,8 @@ struct ma_event {
 	__u32 ifindex;
 	__u8 direction;
 	__u8 flags; /* MA_EVF_* */
-	__u8 pad[2];
+	__u8 icmp_type; /* ICMP: the type, which policy decided on in place of the port; else 0 */
+	__u8 pad;
 	struct ma_auth_key auth_key; /* set when reason is MA_REASON_AUTH_REQUIRED */
 };
 

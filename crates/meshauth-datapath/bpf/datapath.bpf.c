@@ -176,6 +176,7 @@ static __always_inline void emit(struct __sk_buff *skb, const struct flow *f, __
 	e->ifindex = skb->ifindex;
 	e->direction = direction;
 	e->flags = flags;
+	e->icmp_type = f->protocol == IPPROTO_ICMP ? f->icmp_type : 0;
 	if (auth_key)
 		e->auth_key = *auth_key;
 	bpf_ringbuf_submit(e, 0);

@@ -168,7 +168,8 @@ pub(crate) struct Event {
     pub(crate) ifindex: u32,
     pub(crate) direction: u8,
     pub(crate) flags: u8,
-    pub(crate) pad: [u8; 2],
+    pub(crate) icmp_type: u8,
+    pub(crate) pad: u8,
     pub(crate) auth_key: AuthKey,
 }
 
@@ -273,6 +274,7 @@ mod tests {
             ("ma_event", "ifindex") => offset_of!(Event, ifindex),
             ("ma_event", "direction") => offset_of!(Event, direction),
             ("ma_event", "flags") => offset_of!(Event, flags),
+            ("ma_event", "icmp_type") => offset_of!(Event, icmp_type),
             ("ma_event", "auth_key") => offset_of!(Event, auth_key),
             _ => panic!("no Rust mirror for {s}.{f}"),
         }

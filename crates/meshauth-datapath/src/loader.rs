@@ -905,6 +905,7 @@ fn decode(e: &abi::Event) -> Option<FlowEvent> {
         sport: e.sport,
         dport: e.dport,
         protocol: e.protocol,
+        icmp_type: e.icmp_type,
         tcp_flags: e.tcp_flags,
         drop: if e.verdict == c::EV_DROPPED {
             Some(DropReason::from_raw(e.reason)?)

@@ -174,6 +174,8 @@ pub struct FlowEvent {
     pub dport: u16,
     /// IP protocol number.
     pub protocol: u8,
+    /// ICMP: the type, which policy decided on in place of a port (0 for other protocols).
+    pub icmp_type: u8,
     /// TCP flags (TCP only).
     pub tcp_flags: u8,
     /// `None` when forwarded (or held).

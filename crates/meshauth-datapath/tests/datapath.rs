@@ -976,6 +976,10 @@ fn icmp_types_decide_and_echo_replies_pass_as_replies() {
     });
     assert_eq!(e.drop, Some(DropReason::PolicyDenied));
     assert_eq!((e.src, e.dst), (a.ip, b.ip));
+    assert_eq!(
+        e.icmp_type, 13,
+        "the event names the type policy decided on"
+    );
     // b's own echo request is no reply: b's egress allows nothing.
     assert!(!c.ping("b", &a), "b may not start anything");
 
@@ -993,6 +997,7 @@ fn icmp_types_decide_and_echo_replies_pass_as_replies() {
             && e.dport == 4243
     });
     assert_eq!((e.src_identity, e.dst_identity), (A_ID, B_ID));
+    assert_eq!(e.icmp_type, 8);
     // Type 13 is allowed in now (its reply, type 14, is no echo reply: b's egress drops it).
     let before = c.n2().stats().unwrap().forwarded[&Direction::Ingress];
     assert!(!c.icmp("a", &b, 13, 4244));

@@ -68,11 +68,45 @@ pub(crate) fn hubble_time(ms: i64) -> String {
     format!("{month} {day} {clock}")
 }
 
-/// Hubble's labels: `k8s:key=value`, sorted.
+/// Hubble's labels, sorted: a pod's `app=x` is `k8s:app=x`; the labels the agent gives peers
+/// that are not pods carry their source already (`reserved:world`, `cidr:192.0.2.0/24`, with
+/// empty values), as Cilium prints them.
 pub(crate) fn hubble_labels(l: &HashMap<String, String>) -> Vec<String> {
-    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect();
+    let mut v: Vec<String> = l
+        .iter()
+        .map(|(k, v)| match (k.contains(':'), v.is_empty()) {
+            (true, true) => k.clone(),
+            (true, false) => format!("{k}={v}"),
+            (false, _) => format!("k8s:{k}={v}"),
+        })
+        .collect();
     v.sort();
     v
+}
+
+/// A policy key (`namespace/name`, or `name` for a clusterwide policy) as Hubble's
+/// `flow.v1.Policy`.
+fn policy_json(key: &str) -> Value {
+    match key.split_once('/') {
+        Some((ns, name)) => {
+            json!({"name": name, "namespace": ns, "kind": "CiliumNetworkPolicy"})
+        }
+        None => json!({"name": key, "kind": "CiliumClusterwideNetworkPolicy"}),
+    }
+}
+
+/// The end of a text line naming the policies that decided, if the agent found any.
+fn decided_text(f: &Flow) -> String {
+    let list = |v: &[String]| v.join(", ");
+    if !f.denied_by.is_empty() {
+        format!(" denied by {}", list(&f.denied_by))
+    } else if !f.default_deny_by.is_empty() {
+        format!(" by default deny of {}", list(&f.default_deny_by))
+    } else if !f.allowed_by.is_empty() {
+        format!(" allowed by {}", list(&f.allowed_by))
+    } else {
+        String::new()
+    }
 }
 
 /// Hubble's `drop_reason_desc` (the `flow.v1.DropReason` name) for the agent's reason.
@@ -165,10 +199,14 @@ pub(crate) fn flow_json(f: &Flow) -> Value {
             }
             "UDP" => json!({"UDP": ports}),
             "SCTP" => json!({"SCTP": ports}),
-            // The datapath reports the echo id, not the ICMP type and code.
+            // The type, which policy decided on (protojson leaves out a zero), and the echo id.
             "ICMP" => {
                 ext.insert("icmp_echo_id".into(), json!(f.sport));
-                json!({"ICMPv4": {}})
+                if f.icmp_type != 0 {
+                    json!({"ICMPv4": {"type": f.icmp_type}})
+                } else {
+                    json!({"ICMPv4": {}})
+                }
             }
             _ => Value::Null,
         };
@@ -188,6 +226,17 @@ pub(crate) fn flow_json(f: &Flow) -> Value {
     flow.insert("node_name".into(), json!(f.node));
     if !f.direction.is_empty() {
         flow.insert("traffic_direction".into(), json!(f.direction));
+        // Hubble's egress_allowed_by, ingress_denied_by, ...: the deciding policies.
+        let dir = f.direction.to_ascii_lowercase();
+        for (what, keys) in [("allowed_by", &f.allowed_by), ("denied_by", &f.denied_by)] {
+            if !keys.is_empty() {
+                let list: Vec<Value> = keys.iter().map(|k| policy_json(k)).collect();
+                flow.insert(format!("{dir}_{what}"), Value::Array(list));
+            }
+        }
+    }
+    if !f.default_deny_by.is_empty() {
+        ext.insert("default_deny_by".into(), json!(f.default_deny_by));
     }
     // A SYN without ACK opens a connection: surely not a reply. Otherwise unknown, and Hubble
     // leaves the field out.
@@ -258,16 +307,31 @@ pub(crate) fn flow_line(f: &Flow) -> String {
     } else {
         format!("{} ", f.direction)
     };
-    if f.verdict == "DROPPED" {
-        format!(
-            "{head} {src} <> {dst} {} DROPPED ({})",
+    let decided = decided_text(f);
+    match f.verdict.as_str() {
+        "DROPPED" => format!(
+            "{head} {src} <> {dst} {} DROPPED ({}){decided}",
             capitalized(&f.reason),
             summary(f)
-        )
-    } else {
-        format!(
-            "{head} {src} -> {dst} policy-verdict:L3-L4 {dir}ALLOWED ({})",
+        ),
+        // Held on the sender's node until its pair authenticates: where Hubble shows
+        // "Authentication required DROPPED", meshauth shows it HELD, then ALLOWED with the
+        // time it waited.
+        "HELD" => format!(
+            "{head} {src} -> {dst} {} HELD ({}){decided}",
+            capitalized(&f.reason),
             summary(f)
-        )
+        ),
+        _ => {
+            let note = if f.reason.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", f.reason)
+            };
+            format!(
+                "{head} {src} -> {dst} policy-verdict:L3-L4 {dir}ALLOWED ({}{note}){decided}",
+                summary(f)
+            )
+        }
     }
 }
