@@ -4,7 +4,11 @@
 //!   its first packet;
 //! - without it, a pair whose *egress* policy requires authentication has its first SYN held
 //!   on the sender's node (marked by the datapath, queued by the node, released once the agents
-//!   authenticated the pair), again without a retransmission.
+//!   authenticated the pair), again without a retransmission;
+//! - the same holds for a single UDP datagram and a single ICMP echo request, which nothing
+//!   would send again: each gets its answer;
+//! - a held datagram of a pair whose handshake fails (`authentication.mode: test-always-fail`)
+//!   is dropped, and the flow log says why.
 //!
 //! Retransmissions are read from the client pod's own TCP counters (`/proc/net/snmp`).
 
@@ -41,6 +45,113 @@ fn retransmits(lab: &meshauth_lab::Lab, pod: &str) -> u64 {
         .position(|n| n == "RetransSegs")
         .unwrap();
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn argv(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Sends one UDP datagram from `pod` to `to`:7 and waits up to 4 s for its echo: whether it came.
+fn udp_once(lab: &meshauth_lab::Lab, pod: &str, to: &str) -> bool {
+    let py = format!(
+        "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(4)\ns.sendto(b'ping', ('{to}', 7))\ntry:\n    print(s.recvfrom(64)[0].decode())\nexcept socket.timeout:\n    print('timeout')"
+    );
+    let out = lab
+        .exec(pod, &argv(&["python3", "-c", &py]))
+        .unwrap()
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "ping"
+}
+
+/// A UDP echo server on port 7 of `pod` (killed on drop).
+struct UdpEcho(std::process::Child);
+
+impl UdpEcho {
+    fn start(lab: &meshauth_lab::Lab, pod: &str) -> UdpEcho {
+        let py = "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7))\nwhile True:\n    d, a = s.recvfrom(64)\n    s.sendto(d, a)";
+        let child = lab
+            .exec(pod, &argv(&["python3", "-c", py]))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        UdpEcho(child)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The flow log of one node's agent, as `observe -o json` prints it.
+fn flows_of(work: &str, node: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args([
+            "observe",
+            "-o",
+            "json",
+            "--agent-socket",
+            &format!("{work}/{node}-agent.sock"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
+        .collect()
+}
+
+/// The flows from `src` to `dst` (addresses) of protocol `l4` (`UDP`, `ICMPv4`) in `flows`.
+fn between<'a>(
+    flows: &'a [serde_json::Value],
+    src: &str,
+    dst: &str,
+    l4: &str,
+) -> Vec<&'a serde_json::Value> {
+    flows
+        .iter()
+        .filter(|f| {
+            f["IP"]["source"] == src && f["IP"]["destination"] == dst && f["l4"].get(l4).is_some()
+        })
+        .collect()
+}
+
+fn apply_policy(work: &str, name: &str, yaml: &str) {
+    let path = format!("{work}/{name}.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let admin = format!("{work}/server-admin.sock");
+    let applied = Command::new(BIN)
+        .args(["policy", "apply", "-f", &path, "--admin-socket", &admin])
+        .output()
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+}
+
+/// `app`'s egress toward `to` requires `mode` (`required`, `test-always-fail`).
+fn egress_auth(name: &str, app: &str, to: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {app}\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        app: {to}\n    authentication:\n      mode: {mode}\n"
+    )
+}
+
+fn pod_ip(lab: &meshauth_lab::Lab, pod: &str) -> String {
+    lab.state()
+        .unwrap()
+        .unwrap()
+        .pods
+        .into_iter()
+        .find(|p| p.name == pod)
+        .unwrap_or_else(|| panic!("no pod {pod} in the lab"))
+        .ip
+        .to_string()
 }
 
 fn get(lab: &meshauth_lab::Lab, pod: &str, to: &str) -> Option<f64> {
@@ -153,5 +264,86 @@ fn first_packets_of_new_pairs_are_not_dropped() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("HELD"), "{text}");
     assert!(text.contains("released after authentication"), "{text}");
+
+    // 3. UDP and ICMP: client1's egress toward client3 requires authentication (no policy
+    //    selects client3's ingress). One datagram from client1-2 (n2) to client3-1 (n1), one
+    //    echo request from client1-1 (n1) to client3-2 (n2): new pairs, each held and released
+    //    on its sender's node, and answered although it was sent once.
+    apply_policy(
+        &work,
+        "client1-to-client3",
+        &egress_auth("client1-to-client3-auth", "client1", "client3", "required"),
+    );
+    let _echo = UdpEcho::start(&lab, "client3-1");
+    std::thread::sleep(Duration::from_millis(500));
+    let (c12, c31) = (pod_ip(&lab, "client1-2"), pod_ip(&lab, "client3-1"));
+    assert!(
+        udp_once(&lab, "client1-2", &c31),
+        "the single held datagram was released and echoed"
+    );
+    let n2 = flows_of(&work, "n2");
+    let udp = between(&n2, &c12, &c31, "UDP");
+    assert!(
+        udp.iter().any(|f| f["verdict"] == "HELD"),
+        "held on n2: {udp:#?}"
+    );
+    assert!(
+        udp.iter().any(|f| f["verdict"] == "FORWARDED"
+            && f["extensions"]["meshauth"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("released after authentication"))),
+        "released on n2: {udp:#?}"
+    );
+    let (c11, c32) = (pod_ip(&lab, "client1-1"), pod_ip(&lab, "client3-2"));
+    let ping = lab
+        .exec("client1-1", &argv(&["ping", "-c", "1", "-W", "4", &c32]))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "the single held echo request was released and answered: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let n1 = flows_of(&work, "n1");
+    let icmp = between(&n1, &c11, &c32, "ICMPv4");
+    assert!(
+        icmp.iter().any(|f| f["verdict"] == "HELD"),
+        "held on n1: {icmp:#?}"
+    );
+    assert!(
+        icmp.iter().any(|f| f["verdict"] == "FORWARDED"),
+        "released on n1: {icmp:#?}"
+    );
+
+    // 4. A handshake that fails: client2's egress toward client3 is `test-always-fail`. The
+    //    held datagram from client2-2 (n2) is dropped, not released, and the log says so.
+    apply_policy(
+        &work,
+        "client2-to-client3",
+        &egress_auth(
+            "client2-to-client3-fail",
+            "client2",
+            "client3",
+            "test-always-fail",
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let c22 = pod_ip(&lab, "client2-2");
+    assert!(
+        !udp_once(&lab, "client2-2", &c31),
+        "a datagram of a pair that cannot authenticate never arrives"
+    );
+    let n2 = flows_of(&work, "n2");
+    let udp = between(&n2, &c22, &c31, "UDP");
+    assert!(
+        udp.iter().any(|f| f["verdict"] == "DROPPED"
+            && f["extensions"]["meshauth"]["reason"] == "hold: AuthFailed"),
+        "dropped on n2 for the failed handshake: {udp:#?}"
+    );
+    assert!(
+        !udp.iter().any(|f| f["verdict"] == "FORWARDED"),
+        "never forwarded: {udp:#?}"
+    );
     lab.down().unwrap();
 }
