@@ -473,9 +473,12 @@ mod tests {
         out
     }
 
+    /// A fuzz target: a name and the function AFL runs.
+    type Target = (&'static str, fn(&[u8]));
+
     #[test]
     fn every_seed_runs_through_its_target() {
-        let targets: [(&str, fn(&[u8])); 6] = [
+        let targets: [Target; 6] = [
             ("relay", relay),
             ("policy", policy),
             ("spiffe_id", spiffe_id),
