@@ -622,10 +622,11 @@ async fn run_inner(
                         {
                             h.marked();
                         }
-                        flows.push(flow_record(&ev_node, &ev_view, &e));
+                        // The handshake first: the record (labels, deciding policies) can wait.
                         if let Some(key) = e.auth_key {
                             auth.request(key, SystemTime::now());
                         }
+                        flows.push(flow_record(&ev_node, &ev_view, &e));
                     }
                 }
             })?;

@@ -570,9 +570,14 @@ fn run<T: meshauth_auth::AuthTable>(
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             }
         } else {
-            // Holding, or a marked packet is on its way: a held packet waits at most this long
-            // for its release.
-            std::thread::sleep(Duration::from_millis(1));
+            // Holding, or a marked packet is on its way: a handshake's outcome wakes the thread
+            // at once (its packets leave without waiting for a tick); otherwise the queue is
+            // read again within a millisecond.
+            match signals.recv_timeout(Duration::from_millis(1)) {
+                Ok(signal) => waiting = Some(signal),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
         }
     }
 }
