@@ -225,21 +225,15 @@ fn first_packets_of_new_pairs_are_not_dropped() {
         String::from_utf8_lossy(&out.stderr)
     );
     let work = format!("{}/zdhold", meshauth_lab::STATE_DIR);
-    let policy = format!("{work}/client1-egress.yaml");
-    std::fs::write(
-        &policy,
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client1-egress-auth\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client1\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        app: demodeployment\n    authentication:\n      mode: required\n",
-    )
-    .unwrap();
-    let admin = format!("{work}/server-admin.sock");
-    let applied = Command::new(BIN)
-        .args(["policy", "apply", "-f", &policy, "--admin-socket", &admin])
-        .output()
-        .unwrap();
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
+    apply_policy(
+        &work,
+        "client1-egress",
+        &egress_auth(
+            "client1-egress-auth",
+            "client1",
+            "demodeployment",
+            "required",
+        ),
     );
     std::thread::sleep(Duration::from_millis(500));
     let before = retransmits(&lab, "client1-3");
@@ -251,19 +245,14 @@ fn first_packets_of_new_pairs_are_not_dropped() {
     );
     eprintln!("held first request: {:.1} ms", took * 1e3);
     // The flow log shows it held, then released.
-    let out = Command::new(BIN)
-        .args([
-            "observe",
-            "-o",
-            "json",
-            "--agent-socket",
-            &format!("{work}/n3-agent.sock"),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("HELD"), "{text}");
-    assert!(text.contains("released after authentication"), "{text}");
+    let n3 = flows_of(&work, "n3");
+    assert!(n3.iter().any(|f| f["verdict"] == "HELD"), "{n3:#?}");
+    assert!(
+        n3.iter().any(|f| f["extensions"]["meshauth"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("released after authentication"))),
+        "{n3:#?}"
+    );
 
     // 3. UDP and ICMP: client1's egress toward client3 requires authentication (no policy
     //    selects client3's ingress). One datagram from client1-2 (n2) to client3-1 (n1), one
