@@ -203,6 +203,42 @@ impl<D: DatapathOps> Driver<D> {
             }
         }
 
+        // Peers' requirements toward our identities (what a local pod sends them is held for
+        // the authentication their ingress requires): written before the endpoints, and any
+        // change gives every endpoint a new generation, so tracked flows are decided again.
+        let mut peers_changed = false;
+        for (id, entries) in &desired.peer_policy {
+            let eid = EndpointId::peer(*id);
+            match self.dp.set_policy(eid, entries) {
+                Ok(c) => {
+                    peers_changed |= c || !self.policy.contains(&eid);
+                    self.policy.insert(eid);
+                }
+                Err(e) => err(format!("the requirements of peer identity {id}"), e),
+            }
+        }
+        let stale_peers: Vec<EndpointId> = self
+            .policy
+            .iter()
+            .filter(|id| id.is_peer())
+            .filter(|id| {
+                !desired
+                    .peer_policy
+                    .keys()
+                    .any(|p| EndpointId::peer(*p) == **id)
+            })
+            .copied()
+            .collect();
+        for id in stale_peers {
+            match self.dp.remove_policy(id) {
+                Ok(()) => {
+                    self.policy.remove(&id);
+                    peers_changed = true;
+                }
+                Err(e) => err(format!("removing stale requirements (id {:#x})", id.0), e),
+            }
+        }
+
         for (ifindex, de) in &desired.endpoints {
             if !self.attached_here.contains(&de.iface) {
                 if let Err(e) = self.dp.attach(&de.iface) {
@@ -227,7 +263,7 @@ impl<D: DatapathOps> Driver<D> {
             let same = current.is_some_and(|c| {
                 (c.id, c.identity, c.ipv4) == (de.id, de.identity, de.ipv4) && c.policy_gen != 0
             });
-            if same && !policy_changed {
+            if same && !policy_changed && !peers_changed {
                 if let Some(slot) = self.endpoints.get_mut(ifindex) {
                     slot.0.clone_from(&de.name);
                 }
@@ -288,7 +324,12 @@ impl<D: DatapathOps> Driver<D> {
                 Err(e) => err(format!("detaching from {iface}"), e),
             }
         }
-        let wanted_ids: BTreeSet<EndpointId> = desired.endpoints.values().map(|e| e.id).collect();
+        let wanted_ids: BTreeSet<EndpointId> = desired
+            .endpoints
+            .values()
+            .map(|e| e.id)
+            .chain(desired.peer_policy.keys().map(|p| EndpointId::peer(*p)))
+            .collect();
         let stale_policy: Vec<EndpointId> = self
             .policy
             .iter()
@@ -486,7 +527,40 @@ mod tests {
                 })
                 .collect(),
             conflicts: BTreeSet::new(),
+            peer_policy: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn peer_requirements_are_written_under_peer_ids_and_their_changes_recheck_flows() {
+        let mut d = Driver::new(Fake::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut want = desired(&[("a", 7, "10.0.1.2", vec![allow(301)])], &[]);
+        d.apply(&want);
+        let g1 = policy_gen_of(&mut d, 7);
+        let required = PolicyEntry {
+            auth: AuthType::Required,
+            remote: Some(IdentityId::new(307)),
+            ..allow(307)
+        };
+        want.peer_policy
+            .insert(IdentityId::new(301), vec![required.clone()]);
+        let (_, errors) = d.apply(&want);
+        assert!(errors.is_empty(), "{errors:?}");
+        let pid = EndpointId::peer(IdentityId::new(301));
+        assert!(pid.is_peer() && !EndpointId(7).is_peer());
+        assert_eq!(d.datapath().policy.get(&pid), Some(&vec![required]));
+        let g2 = policy_gen_of(&mut d, 7);
+        assert_ne!(g1, g2, "a new requirement re-checks the endpoint's flows");
+        // Unchanged: nothing bumped.
+        d.apply(&want);
+        assert_eq!(policy_gen_of(&mut d, 7), g2);
+        // Gone: removed, and flows re-checked.
+        want.peer_policy.clear();
+        let (_, errors) = d.apply(&want);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!d.datapath().policy.contains_key(&pid));
+        assert_ne!(policy_gen_of(&mut d, 7), g2);
+        assert!(d.datapath().policy.contains_key(&EndpointId(7)));
     }
 
     fn policy_gen_of(d: &mut Driver<Fake>, ifindex: u32) -> u32 {

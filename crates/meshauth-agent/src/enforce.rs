@@ -939,12 +939,37 @@ async fn reconcile(
         },
         cidrs: st.compiler.cidr_identities().ipcache_entries(),
     };
-    let desired = crate::plan::plan(
+    // Remote identities compiled as peers: those we hold auth entries with (their policies
+    // justify entries too) and those whose own ingress may require authentication of our
+    // pods' traffic (the datapath holds it for them, see `plan::peer_requirements`).
+    let mut peer_ids: BTreeSet<IdentityId> = auth.remote_identities();
+    peer_ids.extend(crate::plan::auth_requiring_peers(
+        cluster,
+        node_name,
+        &cluster.policies,
+    ));
+    let peer_names: BTreeSet<String> = peer_ids.iter().map(|id| peer_name(*id)).collect();
+    for stale in st.peer_names.difference(&peer_names) {
+        st.peers.remove_endpoint(stale);
+    }
+    for id in &peer_ids {
+        if let Some(labels) = cluster.identities.get(id) {
+            st.peers.set_endpoint(&peer_name(*id), labels.clone());
+        }
+    }
+    st.peer_names = peer_names;
+    let peers: Vec<(IdentityId, &[meshauth_policy::PolicyEntry])> = peer_ids
+        .iter()
+        .filter_map(|id| Some((*id, st.peers.entries(&peer_name(*id))?)))
+        .collect();
+    let mut desired = crate::plan::plan(
         cluster,
         &st.registered,
         |n| st.compiler.entries(n),
         &addressing,
     );
+    let local_ids: BTreeSet<IdentityId> = st.registered.values().map(|b| b.identity).collect();
+    desired.peer_policy = crate::plan::peer_requirements(&local_ids, peers.iter().copied());
     for ip in &desired.conflicts {
         problems.push(format!(
             "address {ip} is claimed by endpoints of different identities: left out of the ipcache"
@@ -973,7 +998,6 @@ async fn reconcile(
     }
 
     // SVIDs of local identities: missing, or past their renewal time (about half-life).
-    let local_ids: BTreeSet<IdentityId> = st.registered.values().map(|b| b.identity).collect();
     let now = SystemTime::now();
     let missing: Vec<IdentityId> = local_ids
         .iter()
@@ -1032,21 +1056,6 @@ async fn reconcile(
 
     // Revocation: entries whose local identity left this node, whose peer identity is no longer
     // where the entry says, or that no policy of either side requires any more.
-    let peer_ids: BTreeSet<IdentityId> = auth.remote_identities();
-    let peer_names: BTreeSet<String> = peer_ids.iter().map(|id| peer_name(*id)).collect();
-    for stale in st.peer_names.difference(&peer_names) {
-        st.peers.remove_endpoint(stale);
-    }
-    for id in &peer_ids {
-        if let Some(labels) = cluster.identities.get(id) {
-            st.peers.set_endpoint(&peer_name(*id), labels.clone());
-        }
-    }
-    st.peer_names = peer_names;
-    let peers: Vec<(IdentityId, &[meshauth_policy::PolicyEntry])> = peer_ids
-        .iter()
-        .filter_map(|id| Some((*id, st.peers.entries(&peer_name(*id))?)))
-        .collect();
     let justification = crate::plan::justification(cluster, &desired, peers);
     let revoked = auth.revoke(|k| !justification.justified(k));
     if revoked > 0 {

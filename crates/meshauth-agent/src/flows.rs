@@ -60,6 +60,12 @@ impl FlowLog {
         }
     }
 
+    /// The newest record `pred` accepts, if the ring still holds one.
+    pub fn latest(&self, pred: impl Fn(&Flow) -> bool) -> Option<Flow> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().rev().find(|f| pred(f)).cloned()
+    }
+
     /// The records in the ring, oldest first, and a receiver for what follows.
     pub fn snapshot_and_follow(&self) -> (Vec<Flow>, broadcast::Receiver<Flow>) {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());

@@ -410,6 +410,7 @@ impl Ctx {
         let Some(PacketFlow {
             src,
             dst,
+            sport,
             dport,
             protocol: proto,
             ..
@@ -417,12 +418,32 @@ impl Ctx {
         else {
             return;
         };
+        let (src_ip, dst_ip) = (src.to_string(), dst.to_string());
+        // The datapath's HELD record of this packet's flow names its pods, labels, direction
+        // and deciding policies: the outcome is told with the same.
+        let held = self.flows.latest(|f| {
+            f.verdict == "HELD"
+                && f.src_ip == src_ip
+                && f.dst_ip == dst_ip
+                && f.sport == u32::from(sport)
+                && f.dport == u32::from(dport)
+        });
+        if let Some(held) = held {
+            self.flows.push(meshauth_proto::agent::Flow {
+                time_unix_ms: crate::flows::now_ms(),
+                verdict: verdict.into(),
+                reason,
+                ..held
+            });
+            return;
+        }
         self.flows.push(meshauth_proto::agent::Flow {
             time_unix_ms: crate::flows::now_ms(),
             node: self.node.clone(),
             kind: "flow".into(),
-            src_ip: src.to_string(),
-            dst_ip: dst.to_string(),
+            src_ip,
+            dst_ip,
+            sport: u32::from(sport),
             src_identity: key.map_or(0, |k| k.local.get()),
             dst_identity: key.map_or(0, |k| k.remote.get()),
             dport: u32::from(dport),

@@ -53,6 +53,10 @@ pub struct Desired {
     /// Addresses claimed by endpoints of different identities (or by a pod and a node): "no
     /// identity" in the ipcache (their traffic is dropped) until the claim is resolved.
     pub conflicts: BTreeSet<Ipv4Addr>,
+    /// Remote identities' ingress entries toward this node's identities, where they may
+    /// require authentication ([`peer_requirements`]): the datapath holds what a local pod
+    /// sends them until the pair is authenticated, as it does for its own requirements.
+    pub peer_policy: BTreeMap<IdentityId, Vec<PolicyEntry>>,
 }
 
 /// What the ipcache needs besides the cluster's pods: who this node is, and the CIDR prefixes
@@ -189,6 +193,69 @@ fn auth_peers(entries: &[PolicyEntry], candidates: &BTreeSet<IdentityId>) -> Vec
         .filter_map(|e| e.remote)
         .filter(|r| candidates.contains(r))
         .collect()
+}
+
+/// The identities, placed on nodes other than `node`, that some rule with an ingress rule
+/// requiring authentication selects: the peers whose own policy may ask a local pod's traffic
+/// for authentication (compile them as peers, then [`peer_requirements`]).
+pub fn auth_requiring_peers<'a>(
+    cluster: &ClusterState,
+    node: &str,
+    policies: impl IntoIterator<Item = &'a meshauth_policy::Policy>,
+) -> BTreeSet<IdentityId> {
+    let selectors: Vec<&meshauth_policy::Selector> = policies
+        .into_iter()
+        .flat_map(|p| &p.rules)
+        .filter(|r| {
+            r.ingress
+                .iter()
+                .any(|pr| pr.auth.auth_type() != AuthType::None)
+        })
+        .map(|r| &r.endpoint_selector)
+        .collect();
+    if selectors.is_empty() {
+        return BTreeSet::new();
+    }
+    let remote: BTreeSet<IdentityId> = cluster
+        .endpoints
+        .iter()
+        .filter(|e| e.node != node)
+        .map(|e| e.identity)
+        .collect();
+    remote
+        .into_iter()
+        .filter(|id| {
+            cluster
+                .identities
+                .get(id)
+                .is_some_and(|l| selectors.iter().any(|s| s.matches(l)))
+        })
+        .collect()
+}
+
+/// The part of each remote identity's compiled entries that decides what it requires of this
+/// node's identities (`local`): its ingress entries naming one of them or any peer, for the
+/// identities where some of these require authentication. The datapath looks them up as it
+/// looks up a local endpoint's, so the answer is the peer's own ([`meshauth_policy::lookup`]).
+pub fn peer_requirements<'a>(
+    local: &BTreeSet<IdentityId>,
+    peers: impl IntoIterator<Item = (IdentityId, &'a [PolicyEntry])>,
+) -> BTreeMap<IdentityId, Vec<PolicyEntry>> {
+    let mut out = BTreeMap::new();
+    for (remote, entries) in peers {
+        let toward_us: Vec<PolicyEntry> = entries
+            .iter()
+            .filter(|e| {
+                e.direction == meshauth_policy::Direction::Ingress
+                    && e.remote.is_none_or(|r| local.contains(&r))
+            })
+            .cloned()
+            .collect();
+        if toward_us.iter().any(|e| e.auth != AuthType::None) {
+            out.insert(remote, toward_us);
+        }
+    }
+    out
 }
 
 /// What justifies keeping auth entries.
@@ -496,6 +563,74 @@ mod tests {
                 .iter()
                 .all(|k| j.justified(k))
         );
+    }
+
+    #[test]
+    fn a_peers_ingress_requirement_toward_local_identities_is_planned_for_the_sender() {
+        let policies = meshauth_policy::parse_policies(include_str!(
+            "../../meshauth-policy/tests/fixtures/walkthrough.yaml"
+        ))
+        .unwrap_or_default();
+        assert_eq!(policies.len(), 3);
+        let labels = |app: &str| {
+            meshauth_policy::Labels::from_pairs([
+                ("app", app),
+                (meshauth_policy::NAMESPACE_LABEL, "default"),
+            ])
+            .unwrap_or_default()
+        };
+        let cluster = ClusterState {
+            identities: BTreeMap::from([
+                (IdentityId::new(300), labels("demodeployment")),
+                (IdentityId::new(301), labels("client2")),
+                (IdentityId::new(302), labels("client1")),
+            ]),
+            endpoints: vec![
+                cep("demo-1", "10.0.1.2", 300, 1),
+                cep("client2-2", "10.0.2.2", 301, 2),
+                cep("client1-2", "10.0.2.3", 302, 2),
+                cep("demo-2", "10.0.2.4", 300, 2),
+            ],
+            ..ClusterState::default()
+        };
+        // From n2, demodeployment on n1 is a peer whose ingress requires authentication;
+        // clients are not (no rule requiring it selects them), nor a node's own pods.
+        assert_eq!(
+            auth_requiring_peers(&cluster, "n2", &policies),
+            BTreeSet::from([IdentityId::new(300)])
+        );
+        let mut only_n1 = cluster.clone();
+        only_n1.endpoints.retain(|e| e.name != "demo-2");
+        assert!(auth_requiring_peers(&only_n1, "n1", &policies).is_empty());
+        assert!(auth_requiring_peers(&cluster, "n2", &[]).is_empty());
+        // Its compiled entries: kept toward our identities only, and only where some require.
+        let mut c = meshauth_policy::Compiler::new();
+        for (id, l) in &cluster.identities {
+            c.set_identity(*id, l.clone());
+        }
+        for p in &policies {
+            c.set_policy(p.clone());
+        }
+        c.set_endpoint("peer", labels("demodeployment"));
+        let entries = c.entries("peer").unwrap_or_default();
+        let client2 = BTreeSet::from([IdentityId::new(301)]);
+        let got = peer_requirements(&client2, [(IdentityId::new(300), entries)]);
+        let toward = &got[&IdentityId::new(300)];
+        assert!(toward.iter().all(|e| e.direction == Direction::Ingress
+            && e.remote.is_none_or(|r| r == IdentityId::new(301))));
+        assert_eq!(
+            meshauth_policy::lookup(
+                toward,
+                Direction::Ingress,
+                IdentityId::new(301),
+                meshauth_policy::Protocol::Tcp,
+                80
+            ),
+            (Verdict::Allow, AuthType::Required)
+        );
+        // client1's traffic is allowed without authentication: nothing to hold for.
+        let client1 = BTreeSet::from([IdentityId::new(302)]);
+        assert!(peer_requirements(&client1, [(IdentityId::new(300), entries)]).is_empty());
     }
 
     #[test]

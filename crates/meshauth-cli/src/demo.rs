@@ -39,7 +39,8 @@ pub(crate) struct Cmd {
     #[arg(long, value_parser = crate::common::parse_duration, default_value = "1h")]
     svid_ttl: std::time::Duration,
     /// Agents authenticate the pairs policy requires before their first packet
-    /// (`agent run --pre-authenticate`): client2's first request needs no retransmission.
+    /// (`agent run --pre-authenticate`): client2's first SYN is not even held. Without it, the
+    /// SYN is held on client2's node while the agents authenticate, then released.
     #[arg(long)]
     pre_authenticate: bool,
 }
@@ -154,8 +155,27 @@ fn story(
         ),
     });
 
-    // client2: allowed with authentication required.
+    // client2: allowed with authentication required: its first SYN held on its own node while
+    // the agents authenticate (the demo app's ingress requires it), then released.
     let auth_drops = dropped("client2-2", "authentication required");
+    let held: Vec<&Flow> = flows_of(flows, "client2-2")
+        .filter(|f| f.verdict == "HELD")
+        .collect();
+    let released = flows_of(flows, "client2-2")
+        .find(|f| f.verdict == "FORWARDED" && f.reason.contains("released after authentication"));
+    if let Some(first) = held.first() {
+        lines.push(format!(
+            "client2 needs mutual authentication: its first SYN was held on {} (not dropped) \
+             while the agents authenticated the pair{}; client2's first request: {} in {} ms.",
+            first.node,
+            match released {
+                Some(r) => format!(", then released ({})", r.reason),
+                None => ", and no release was recorded".into(),
+            },
+            status_text(status(1)),
+            results.get(1).map(|r| r.2).unwrap_or(0)
+        ));
+    }
     if let Some(first) = auth_drops.first() {
         lines.push(format!(
             "client2 needs mutual authentication: its first SYN was dropped for authentication \
@@ -163,8 +183,8 @@ fn story(
             first.node,
             auth_drops.len()
         ));
-    } else {
-        lines.push("client2: no SYN of it was dropped for authentication.".into());
+    } else if held.is_empty() {
+        lines.push("client2: no SYN of it was held or dropped for authentication.".into());
     }
     let pair = |f: &Flow| {
         let apps = [
@@ -246,7 +266,7 @@ fn story(
         lines.push(format!(
             "client2 again: {} in {ms} ms{}.",
             status_text(*code),
-            if auth_drops.len() <= 1 && *code == 200 {
+            if auth_drops.len() <= 1 && held.len() <= 1 && *code == 200 {
                 ", the pair being authenticated already"
             } else {
                 ""

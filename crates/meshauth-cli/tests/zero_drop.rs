@@ -2,9 +2,10 @@
 //! - with pre-authentication, client2's first request to the demo app (whose ingress policy
 //!   requires authentication) needs no retransmission: the agents authenticated the pair before
 //!   its first packet;
-//! - without it, a pair whose *egress* policy requires authentication has its first SYN held
-//!   on the sender's node (marked by the datapath, queued by the node, released once the agents
-//!   authenticated the pair), again without a retransmission;
+//! - without it, client2's first SYN is held on its own node for the authentication the demo
+//!   app's ingress requires, and so is the first SYN of a pair whose *egress* policy requires
+//!   it (marked by the datapath, queued by the node, released once the agents authenticated
+//!   the pair), again without a retransmission;
 //! - the same holds for a single UDP datagram and a single ICMP echo request, which nothing
 //!   would send again: each gets its answer;
 //! - a held datagram of a pair whose handshake fails (`authentication.mode: test-always-fail`)
@@ -223,6 +224,45 @@ fn first_packets_of_new_pairs_are_not_dropped() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The demo itself: the demo app's *ingress* requires authentication of client2, so
+    // client2-2's first SYN is held on its own node (n2) and released, never dropped on n1.
+    let demo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(demo["requests"][1]["from"], "client2-2");
+    assert_eq!(demo["requests"][1]["status"], 200, "{demo}");
+    assert_eq!(
+        retransmits(&lab, "client2-2"),
+        0,
+        "client2's first SYN was held, not dropped: {demo}"
+    );
+    let client2: Vec<&serde_json::Value> = demo["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| &f["flow"])
+        .filter(|f| f["source"]["pod_name"] == "client2-2")
+        .collect();
+    assert!(
+        client2
+            .iter()
+            .any(|f| f["verdict"] == "HELD" && f["node_name"] == "n2"),
+        "{client2:#?}"
+    );
+    assert!(
+        !client2.iter().any(|f| f["verdict"] == "DROPPED"),
+        "{client2:#?}"
+    );
+    assert!(
+        demo["story"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("was held on n2"))),
+        "{demo}"
+    );
+    eprintln!(
+        "demo, client2's held first request: {} ms",
+        demo["requests"][1]["ms"]
     );
     let work = format!("{}/zdhold", meshauth_lab::STATE_DIR);
     apply_policy(

@@ -60,6 +60,12 @@
 #define MA_AUTH_MISS_DROP 0
 #define MA_AUTH_MISS_MARK 1 /* set skb->mark = hold_mark and pass, for a node-side hold queue */
 
+/* Policy-map endpoint ids at and above this one hold a remote identity's ingress entries toward
+ * this node's identities (MA_PEER_ENDPOINT_BASE + identity): a pod's egress to that identity
+ * requires authentication where the peer's ingress does, so the sender holds the packet
+ * instead of the receiver dropping it. Host-side ifindexes stay below it. */
+#define MA_PEER_ENDPOINT_BASE 0x80000000
+
 /* endpoints: key __u32 ifindex (host side of the pod's veth). */
 struct ma_endpoint {
 	__u32 endpoint_id;

@@ -345,6 +345,15 @@ static __always_inline void decide(const struct flow *f, const struct ma_endpoin
 		d->reason = MA_REASON_POLICY_DENIED;
 		return;
 	}
+	/* What a pod sends is held (below) for the authentication the receiver's ingress policy
+	 * requires, rather than dropped there: the remote identity's ingress entries toward this
+	 * node's identities sit under a peer endpoint id, looked up the same way. */
+	if (direction == MA_DIR_EGRESS && auth == MA_AUTH_NONE) {
+		__u8 peer_auth = MA_AUTH_NONE;
+		if (policy_lookup(MA_PEER_ENDPOINT_BASE | remote_id, MA_DIR_INGRESS, ep->identity, f,
+				  &peer_auth) == MA_VERDICT_ALLOW)
+			auth = peer_auth;
+	}
 	d->ak.local_identity = ep->identity;
 	d->ak.remote_identity = remote_id;
 	d->ak.remote_node = remote->node_id;

@@ -46,6 +46,7 @@ pub(crate) mod c {
     pub(crate) const AUTH_MISS_DROP: u32 = 0;
     pub(crate) const AUTH_MISS_MARK: u32 = 1;
     pub(crate) const CT_HELD: u32 = 1;
+    pub(crate) const PEER_ENDPOINT_BASE: u32 = 0x8000_0000;
 }
 
 /// `struct ma_endpoint`.
@@ -320,6 +321,7 @@ mod tests {
             "MA_AUTH_MISS_DROP" => AUTH_MISS_DROP.into(),
             "MA_AUTH_MISS_MARK" => AUTH_MISS_MARK.into(),
             "MA_CT_HELD" => CT_HELD.into(),
+            "MA_PEER_ENDPOINT_BASE" => PEER_ENDPOINT_BASE.into(),
             _ => panic!("no Rust constant for {name}"),
         }
     }

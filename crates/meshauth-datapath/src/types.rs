@@ -86,6 +86,21 @@ pub fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointId(pub u32);
 
+impl EndpointId {
+    /// The policy-map id under which a remote identity's ingress entries toward this node's
+    /// identities are held: a pod's egress to `identity` requires authentication where that
+    /// identity's own ingress policy does (so the sender holds, rather than the receiver
+    /// dropping). Never a host-side ifindex (those stay below 2^31).
+    pub fn peer(identity: IdentityId) -> Self {
+        EndpointId(c::PEER_ENDPOINT_BASE | (identity.get() & !c::PEER_ENDPOINT_BASE))
+    }
+
+    /// Whether this id holds a remote identity's entries ([`EndpointId::peer`]).
+    pub fn is_peer(self) -> bool {
+        self.0 & c::PEER_ENDPOINT_BASE != 0
+    }
+}
+
 /// A pod as the datapath knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointInfo {
