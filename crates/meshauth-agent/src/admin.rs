@@ -120,6 +120,7 @@ impl AgentAdmin for AdminApi {
                     remote_labels: labels(k.remote),
                     remote_node: node_name(k.remote_node),
                     expires_at_unix: unix(exp),
+                    connection: k.connection.map(|c| c.to_string()).unwrap_or_default(),
                 })
                 .collect(),
         }))

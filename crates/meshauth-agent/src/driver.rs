@@ -543,7 +543,7 @@ mod tests {
             ..allow(307)
         };
         want.peer_policy
-            .insert(IdentityId::new(301), vec![required.clone()]);
+            .insert(IdentityId::new(301), vec![required]);
         let (_, errors) = d.apply(&want);
         assert!(errors.is_empty(), "{errors:?}");
         let pid = EndpointId::peer(IdentityId::new(301));

@@ -25,7 +25,7 @@ use meshauth_auth::{
     ManagerHooks, Outcome, Placement, Reason, TableError, Timeouts,
 };
 use meshauth_datapath::Datapath;
-use meshauth_policy::{AuthKey, AuthType, Compiler, IdentityId, NodeId, Policy, PolicyKey};
+use meshauth_policy::{AuthKey, Compiler, IdentityId, NodeId, Policy, PolicyKey};
 use meshauth_proto::node::{
     IdentityCsr, ReportPodRequest, SignIdentitySvidsRequest, WithdrawPodRequest,
 };
@@ -164,6 +164,25 @@ impl Placement for SharedView {
             .endpoints
             .iter()
             .any(|e| e.identity == identity && e.node_id == node)
+    }
+
+    fn pod_at(&self, addr: Ipv4Addr) -> Option<(IdentityId, NodeId)> {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let mut at = v.cluster.endpoints.iter().filter(|e| e.ipv4 == Some(addr));
+        // An address two pods claim proves neither (fail closed).
+        match (at.next(), at.next()) {
+            (Some(e), None) => Some((e.identity, e.node_id)),
+            _ => None,
+        }
+    }
+
+    fn local_pod_at(&self, addr: Ipv4Addr) -> Option<IdentityId> {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let mut at = v.local.values().filter(|b| b.endpoint.ipv4 == addr);
+        match (at.next(), at.next()) {
+            (Some(b), None) => Some(b.identity),
+            _ => None,
+        }
     }
 }
 
@@ -307,11 +326,26 @@ fn lock(d: &SharedDriver) -> std::sync::MutexGuard<'_, Driver<Datapath>> {
     d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct DatapathTable(SharedDriver);
+/// When each per-connection entry was written: it lives while its connection is tracked, and
+/// for [`CONNECTION_GRACE`] after it was written (the responder writes it before the
+/// connection's first packet reaches its node).
+type Written = Arc<Mutex<std::collections::HashMap<AuthKey, std::time::Instant>>>;
+
+/// How long a fresh per-connection entry lives without its connection being tracked.
+const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+
+struct DatapathTable(SharedDriver, Written);
 
 impl AuthTable for DatapathTable {
     fn insert(&mut self, key: AuthKey, expires: SystemTime) -> Result<(), TableError> {
-        Ok(lock(&self.0).datapath().insert_auth(key, expires)?)
+        lock(&self.0).datapath().insert_auth(key, expires)?;
+        if key.connection.is_some() {
+            self.1
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, std::time::Instant::now());
+        }
+        Ok(())
     }
 
     fn remove(&mut self, key: AuthKey) -> Result<(), TableError> {
@@ -353,12 +387,13 @@ impl Authenticator for Dialer {
         let t = std::time::Instant::now();
         let result = self
             .handshaker
-            .initiate(
+            .initiate_for(
                 key.local,
                 key.remote,
                 key.remote_node,
                 SocketAddr::new(addr, self.port),
                 Some(self.source),
+                key.connection,
             )
             .await;
         let us = t.elapsed().as_micros() as u64;
@@ -461,6 +496,7 @@ async fn run_inner(
         Timeouts::default(),
     );
     let (outcome_tx, mut outcome_rx) = mpsc::channel::<Outcome>(1024);
+    let written: Written = Arc::default();
     let auth = AuthManager::start_with(
         config.manager,
         ManagerHooks {
@@ -476,7 +512,7 @@ async fn run_inner(
             node: config.node_name.clone(),
             metrics: config.metrics.clone(),
         },
-        DatapathTable(Arc::clone(&driver)),
+        DatapathTable(Arc::clone(&driver), Arc::clone(&written)),
     );
     let now = SystemTime::now();
     auth.reserve(inherited.count());
@@ -527,15 +563,7 @@ async fn run_inner(
                 // what it held toward us).
                 let auth = auth.clone();
                 Arc::new(move |a: &meshauth_auth::Authenticated| {
-                    auth.record(
-                        AuthKey {
-                            local: a.local,
-                            remote: a.remote,
-                            remote_node: a.remote_node,
-                            auth_type: AuthType::Required,
-                        },
-                        a.expires,
-                    );
+                    auth.record(a.key(), a.expires);
                 })
             })
             .serve(listener, acc_tx, fail_tx, shutdown.clone()),
@@ -546,12 +574,7 @@ async fn run_inner(
         let metrics = config.metrics.clone();
         tokio::spawn(async move {
             while let Some(a) = acc_rx.recv().await {
-                let key = AuthKey {
-                    local: a.local,
-                    remote: a.remote,
-                    remote_node: a.remote_node,
-                    auth_type: AuthType::Required,
-                };
+                let key = a.key();
                 flows.push(auth_record(
                     &node,
                     &acc_view,
@@ -665,6 +688,7 @@ async fn run_inner(
                 _ = tokio::time::sleep_until(retry) => dirty = true,
                 _ = tick.tick() => {
                     let now = SystemTime::now();
+                    sweep_connections(&auth, &driver, &written);
                     if let (Some(max), Some(j)) = (config.pre_authenticate, &state.justification) {
                         request_missing(&auth, j, max);
                     }
@@ -1069,6 +1093,43 @@ async fn reconcile(
         st.justification = Some(justification);
     }
     Ok(problems)
+}
+
+/// Revokes the per-connection entries whose connection the datapath no longer tracks (a TCP
+/// connection's close removes its entry at once in the kernel; this catches UDP and ICMP
+/// flows that went idle, and what a close left in the manager).
+fn sweep_connections(auth: &AuthManager<DatapathTable>, driver: &SharedDriver, written: &Written) {
+    // Never hold `written` while taking the manager's lock: the table takes them the other way.
+    let fresh: std::collections::HashMap<AuthKey, std::time::Instant> =
+        written.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if fresh.is_empty() {
+        return;
+    }
+    let gone = auth.revoke(|k| {
+        let Some(c) = &k.connection else {
+            return false;
+        };
+        if fresh.get(k).is_some_and(|t| t.elapsed() < CONNECTION_GRACE) {
+            return false;
+        }
+        !lock(driver)
+            .datapath()
+            .connection_tracked(c)
+            .unwrap_or(true)
+    });
+    if gone > 0 {
+        tracing::debug!(
+            gone,
+            "per-connection entries revoked: their connections ended"
+        );
+    }
+    // Forget what the manager no longer holds (revoked here or for any other reason).
+    let stale: Vec<AuthKey> =
+        auth.with_entries(|has| fresh.keys().filter(|k| !has(k)).copied().collect());
+    let mut w = written.lock().unwrap_or_else(|p| p.into_inner());
+    for k in stale {
+        w.remove(&k);
+    }
 }
 
 /// Asks the auth manager for the pairs policy requires that have no entry yet.

@@ -614,6 +614,7 @@ mod tests {
             remote: IdentityId::new(remote),
             remote_node: NodeId::new(2),
             auth_type: AuthType::Required,
+            connection: None,
         }
     }
 

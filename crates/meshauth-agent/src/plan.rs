@@ -276,7 +276,7 @@ impl Justification {
     /// on the peer node it names, some policy (either side's) requires authentication between
     /// the two, and its kind is one that can succeed.
     pub fn justified(&self, k: &AuthKey) -> bool {
-        k.auth_type == AuthType::Required
+        matches!(k.auth_type, AuthType::Required | AuthType::PerConnection)
             && self.local.contains(&k.local)
             && self.placed.contains(&(k.remote, k.remote_node))
             && (self.required_here.contains(&(k.local, k.remote))
@@ -337,6 +337,7 @@ pub fn pre_authenticate(
                 remote: *remote,
                 remote_node: *node,
                 auth_type: AuthType::Required,
+                connection: None,
             };
             if !existing(&key) {
                 out.push(key);
@@ -554,6 +555,7 @@ mod tests {
             remote: IdentityId::new(301),
             remote_node: NodeId::new(node),
             auth_type: AuthType::Required,
+            connection: None,
         };
         assert_eq!(pre_authenticate(&j, &|_| false, 10), vec![key(2), key(3)]);
         assert_eq!(pre_authenticate(&j, &|k| *k == key(2), 10), vec![key(3)]);
@@ -652,6 +654,7 @@ mod tests {
             remote: IdentityId::new(301),
             remote_node: NodeId::new(2),
             auth_type: AuthType::Required,
+            connection: None,
         };
         let with = [required(Some(301))];
         let wildcard = [required(None)];

@@ -10,18 +10,22 @@
 //!   the client chain against the bundle, and checks that the registry places the client's
 //!   identity on the node at the connection's source address;
 //! - the initiator verifies that the server presented exactly the SVID of the remote identity;
-//! - the responder then sends one status byte; on [`STATUS_OK`] both sides record the pair as
-//!   authenticated until the earlier of the two certificates' expiry.
+//! - the initiator says what it authenticates: the pair ([`REQUEST_PAIR`]), or one connection
+//!   ([`REQUEST_CONNECTION`] and the connection's addresses, ports and protocol, for
+//!   per-connection authentication); the responder accepts a connection only from a pod of the
+//!   initiator's identity on the initiator's node, to a pod of its own identity here;
+//! - the responder then sends one status byte; on [`STATUS_OK`] both sides record the pair (or
+//!   the connection) as authenticated until the earlier of the two certificates' expiry.
 //!
 //! Both sides verify both identities, and a node can only answer for identities it hosts:
 //! the trust-model holes of Cilium's design (one-sided checks, every node holding every key)
 //! are closed here.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use meshauth_policy::{IdentityId, NodeId};
+use meshauth_policy::{AuthKey, AuthType, Connection, IdentityId, NodeId};
 use meshauth_spiffe::{SpiffeId, TrustDomain};
 use meshauth_tls::{ClientAuth, PeerPolicy, SharedBundle, SharedCertifiedKey};
 use rustls::pki_types::ServerName;
@@ -35,11 +39,19 @@ pub const HANDSHAKE_PORT: u16 = 4250;
 /// when accepted.
 pub const MAX_CONNECTIONS: usize = 256;
 /// ALPN of the handshake protocol.
-pub const ALPN: &[u8] = b"meshauth-auth/1";
+pub const ALPN: &[u8] = b"meshauth-auth/2";
+/// The initiator authenticates the pair.
+pub const REQUEST_PAIR: u8 = 0;
+/// The initiator authenticates one connection; 13 bytes follow: source and destination
+/// address, source and destination port (big-endian), protocol.
+pub const REQUEST_CONNECTION: u8 = 1;
 /// The responder accepted.
 pub const STATUS_OK: u8 = 1;
 /// The responder refused: the initiator's identity is not hosted on the initiator's node.
 pub const STATUS_NOT_HOSTED: u8 = 2;
+/// The responder refused: the connection is not from a pod of the initiator's identity on its
+/// node to a pod of the requested identity on the responder's.
+pub const STATUS_BAD_CONNECTION: u8 = 3;
 
 /// Why a handshake failed (low cardinality: metric label and log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +103,39 @@ pub trait Placement: Send + Sync + 'static {
     fn node_at(&self, addr: IpAddr) -> Option<NodeId>;
     /// Whether `identity` has an endpoint on `node`.
     fn hosted_on(&self, identity: IdentityId, node: NodeId) -> bool;
+    /// The identity and node of the pod at `addr` (none when no pod, or two, have it).
+    fn pod_at(&self, addr: Ipv4Addr) -> Option<(IdentityId, NodeId)> {
+        let _ = addr;
+        None
+    }
+    /// The identity of the pod at `addr` on this node.
+    fn local_pod_at(&self, addr: Ipv4Addr) -> Option<IdentityId> {
+        let _ = addr;
+        None
+    }
+}
+
+fn encode_request(connection: Option<Connection>) -> Vec<u8> {
+    let Some(c) = connection else {
+        return vec![REQUEST_PAIR];
+    };
+    let mut b = vec![REQUEST_CONNECTION];
+    b.extend_from_slice(&c.src.octets());
+    b.extend_from_slice(&c.dst.octets());
+    b.extend_from_slice(&c.sport.to_be_bytes());
+    b.extend_from_slice(&c.dport.to_be_bytes());
+    b.push(c.protocol);
+    b
+}
+
+fn decode_connection(b: &[u8; 13]) -> Connection {
+    Connection {
+        src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        dst: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+        sport: u16::from_be_bytes([b[8], b[9]]),
+        dport: u16::from_be_bytes([b[10], b[11]]),
+        protocol: b[12],
+    }
 }
 
 /// An SVID this agent holds for one of its identities.
@@ -154,6 +199,25 @@ pub struct Authenticated {
     pub remote_node: NodeId,
     /// The earlier of the two certificates' expiry.
     pub expires: SystemTime,
+    /// The connection, when one connection was authenticated (per-connection authentication).
+    pub connection: Option<Connection>,
+}
+
+impl Authenticated {
+    /// The auth entry it makes: the pair's, or the connection's.
+    pub fn key(&self) -> AuthKey {
+        AuthKey {
+            local: self.local,
+            remote: self.remote,
+            remote_node: self.remote_node,
+            auth_type: if self.connection.is_some() {
+                AuthType::PerConnection
+            } else {
+                AuthType::Required
+            },
+            connection: self.connection,
+        }
+    }
 }
 
 /// Timeouts of one handshake.
@@ -290,6 +354,20 @@ impl Handshaker {
         peer: SocketAddr,
         source: Option<IpAddr>,
     ) -> Result<Authenticated, AuthError> {
+        self.initiate_for(local, remote, remote_node, peer, source, None)
+            .await
+    }
+
+    /// [`Handshaker::initiate`] for one connection (`Some`) or the pair (`None`).
+    pub async fn initiate_for(
+        &self,
+        local: IdentityId,
+        remote: IdentityId,
+        remote_node: NodeId,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+        connection: Option<Connection>,
+    ) -> Result<Authenticated, AuthError> {
         let own = self
             .svids
             .get(local)
@@ -325,6 +403,10 @@ impl Handshaker {
                 .connect(sni, tcp)
                 .await
                 .map_err(|e| classify(&e))?;
+            tls.write_all(&encode_request(connection))
+                .await
+                .map_err(|e| classify(&e))?;
+            tls.flush().await.map_err(|e| classify(&e))?;
             let mut status = [0u8; 1];
             tls.read_exact(&mut status)
                 .await
@@ -340,6 +422,10 @@ impl Handshaker {
                     Reason::InitiatorNotHosted,
                     "the responder does not place our identity on our node",
                 )),
+                STATUS_BAD_CONNECTION => Err(fail(
+                    Reason::Refused,
+                    "the responder does not place the connection's pods as we do",
+                )),
                 other => Err(fail(Reason::Refused, format!("status {other}"))),
             }
         };
@@ -351,6 +437,7 @@ impl Handshaker {
             remote,
             remote_node,
             expires: own.not_after.min(peer_expiry),
+            connection,
         })
     }
 
@@ -541,11 +628,40 @@ impl Handshaker {
             .svids
             .get(local)
             .ok_or_else(|| fail(Reason::NoLocalSvid, format!("no SVID for identity {local}")))?;
+        let mut kind = [0u8; 1];
+        tls.read_exact(&mut kind).await.map_err(|e| classify(&e))?;
+        let connection = match kind[0] {
+            REQUEST_PAIR => None,
+            REQUEST_CONNECTION => {
+                let mut b = [0u8; 13];
+                tls.read_exact(&mut b).await.map_err(|e| classify(&e))?;
+                let c = decode_connection(&b);
+                // From a pod of the initiator's identity on its node, to one of ours here.
+                if self.placement.pod_at(c.src) != Some((peer_id, node))
+                    || self.placement.local_pod_at(c.dst) != Some(local)
+                {
+                    let _ = tls.write_all(&[STATUS_BAD_CONNECTION]).await;
+                    let _ = tls.shutdown().await;
+                    return Err(fail(
+                        Reason::Refused,
+                        format!(
+                            "connection {c} is not from identity {peer_id} on the initiator's node to identity {local} here"
+                        ),
+                    ));
+                }
+                Some(c)
+            }
+            other => {
+                let _ = tls.shutdown().await;
+                return Err(fail(Reason::Refused, format!("unknown request {other}")));
+            }
+        };
         let accepted = Authenticated {
             local,
             remote: peer_id,
             remote_node: node,
             expires: own.not_after.min(peer_expiry),
+            connection,
         };
         if let Some(hook) = &self.on_accept {
             hook(&accepted);

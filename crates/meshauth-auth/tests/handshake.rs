@@ -7,7 +7,7 @@
 )]
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,7 +15,7 @@ use meshauth_auth::{
     Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason, Timeouts,
 };
 use meshauth_ca::{Ca, CaConfig};
-use meshauth_policy::{IdentityId, NodeId};
+use meshauth_policy::{AuthType, Connection, IdentityId, NodeId};
 use meshauth_tls::{SharedBundle, SharedCertifiedKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
@@ -37,6 +37,22 @@ impl Placement for StaticPlacement {
     }
     fn hosted_on(&self, identity: IdentityId, node: NodeId) -> bool {
         self.hosted.contains(&(identity.get(), node.get()))
+    }
+    /// Pods: 10.0.1.1 (identity 100, node 1), 10.0.1.2 (identity 101, node 1), 10.0.2.1
+    /// (identity 200, node 2).
+    fn pod_at(&self, addr: Ipv4Addr) -> Option<(IdentityId, NodeId)> {
+        let (id, node) = match addr.octets() {
+            [10, 0, 1, 1] => (100, 1),
+            [10, 0, 1, 2] => (101, 1),
+            [10, 0, 2, 1] => (200, 2),
+            _ => return None,
+        };
+        Some((IdentityId::new(id), NodeId::new(node)))
+    }
+    fn local_pod_at(&self, addr: Ipv4Addr) -> Option<IdentityId> {
+        self.pod_at(addr)
+            .filter(|(id, _)| self.here.contains(&id.get()))
+            .map(|(id, _)| id)
     }
 }
 
@@ -292,4 +308,70 @@ async fn refusals_have_reasons_on_both_sides() {
             "{what}"
         );
     }
+}
+
+fn conn(src: &str, dst: &str) -> Connection {
+    Connection {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        sport: 40000,
+        dport: 80,
+        protocol: 6,
+    }
+}
+
+#[tokio::test]
+async fn a_connection_is_authenticated_only_between_the_pods_of_the_two_identities() {
+    let now = SystemTime::now();
+    let ca = Ca::new(CaConfig::new(TD.parse().unwrap()), now).unwrap();
+    let ttl = Some(Duration::from_secs(600));
+    let (a_chain, a_key, a_exp) = svid(&ca, "spiffe://mesh.test/identity/100", ttl, now);
+    let (b_chain, b_key, b_exp) = svid(&ca, "spiffe://mesh.test/identity/200", ttl, now);
+    let a = LocalSvids::default();
+    a.set(id(100), local(a_chain, a_key, a_exp));
+    let b = LocalSvids::default();
+    b.set(id(200), local(b_chain, b_key, b_exp));
+    let mut r = responder(&ca, b, &[200]).await;
+    let hs = initiator(&ca, a);
+    let go = |c: Connection| {
+        hs.initiate_for(
+            id(100),
+            id(200),
+            NodeId::new(2),
+            r.addr,
+            Some(ip("127.0.0.1")),
+            Some(c),
+        )
+    };
+
+    // From identity 100's pod on node 1 to identity 200's pod here: both sides record it.
+    let ok = conn("10.0.1.1", "10.0.2.1");
+    let got = go(ok).await.unwrap();
+    assert_eq!(got.connection, Some(ok));
+    assert_eq!(got.key().auth_type, AuthType::PerConnection);
+    let theirs = next(&mut r.accepted).await;
+    assert_eq!(
+        theirs.connection,
+        Some(ok),
+        "the responder records the same connection"
+    );
+    assert_eq!(theirs.key().connection, Some(ok));
+
+    // A node that holds identity 100's SVID asks for a connection of another identity's pod
+    // (101 on its node), or one to a pod that is not identity 200's here, or from a pod on
+    // another node: refused, on both sides, and nothing is recorded.
+    for bad in [
+        conn("10.0.1.2", "10.0.2.1"),
+        conn("10.0.1.1", "10.0.1.2"),
+        conn("10.0.2.1", "10.0.2.1"),
+        conn("192.0.2.1", "10.0.2.1"),
+    ] {
+        let e = go(bad).await.unwrap_err();
+        assert_eq!(e.reason, Reason::Refused, "{bad}: {e}");
+        assert_eq!(next(&mut r.failed).await, Reason::Refused, "{bad}");
+    }
+    assert!(
+        r.accepted.try_recv().is_err(),
+        "no refused connection was recorded"
+    );
 }

@@ -1100,6 +1100,7 @@ fn run() -> anyhow::Result<()> {
                 remote: meshauth_policy::IdentityId::new(*r),
                 remote_node: meshauth_policy::NodeId::new(*node),
                 auth_type: meshauth_policy::AuthType::Required,
+                connection: None,
             };
             if seeded.insert(key) {
                 n1_dp.insert_auth(key, expires)?;

@@ -58,6 +58,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                             "local": {"identity": e.local_identity, "labels": e.local_labels},
                             "remote": {"identity": e.remote_identity, "labels": e.remote_labels, "node": e.remote_node},
                             "seconds_left": seconds_left(e.expires_at_unix),
+                            "connection": (!e.connection.is_empty()).then_some(&e.connection),
                         }))
                         .collect::<Vec<_>>()
                 )
@@ -76,6 +77,9 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                         e.remote_node,
                         seconds_left(e.expires_at_unix)
                     );
+                    if !e.connection.is_empty() {
+                        out!("       per connection: {}", e.connection);
+                    }
                 }
             }
         }

@@ -270,6 +270,7 @@ fn datapath(lab: &Lab, command: DatapathSub) -> anyhow::Result<()> {
                                     remote: identity(j),
                                     remote_node: node_id(&q.node),
                                     auth_type: AuthType::Required,
+                                    connection: None,
                                 },
                                 expires,
                             )?;

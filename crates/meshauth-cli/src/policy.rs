@@ -56,7 +56,9 @@ enum Sub {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Check CiliumNetworkPolicy files; exits non-zero with what is wrong and where.
+    /// Check CiliumNetworkPolicy files; exits non-zero with what is wrong and where. Names the
+    /// policies that require authentication and how: once per identity pair, or per connection
+    /// (annotation `meshauth.io/authentication: per-connection`).
     Validate {
         /// Policy files (multi-document YAML): `-f a.yaml b.yaml` or `-f a.yaml -f b.yaml`.
         #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
@@ -264,6 +266,7 @@ fn auth_word(a: AuthType) -> &'static str {
     match a {
         AuthType::None => "none",
         AuthType::Required => "required",
+        AuthType::PerConnection => "per-connection",
         AuthType::TestAlwaysFail => "test-always-fail",
     }
 }
@@ -414,6 +417,32 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         Sub::Validate { files } => {
             let policies = load(&files)?;
             out!("{} policies valid", policies.len());
+            for p in &policies {
+                let modes: std::collections::BTreeSet<&str> = p
+                    .rules
+                    .iter()
+                    .flat_map(|r| r.ingress.iter().chain(&r.egress))
+                    .map(|pr| auth_word(pr.auth.auth_type()))
+                    .filter(|w| *w != "none")
+                    .collect();
+                if !modes.is_empty() {
+                    let modes: Vec<&str> = modes.into_iter().collect();
+                    out!(
+                        "  {}: authentication {}",
+                        p.key(),
+                        modes
+                            .iter()
+                            .map(|m| match *m {
+                                "required" => "required (once per identity pair)",
+                                "per-connection" =>
+                                    "per connection (a fresh handshake for each new connection)",
+                                other => other,
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
         }
         Sub::Trace {
             files,

@@ -86,7 +86,7 @@ fn validate_reports_what_and_where() {
     assert!(ok.status.success());
     assert_eq!(
         String::from_utf8_lossy(&ok.stdout).trim(),
-        "3 policies valid"
+        "3 policies valid\n  default/demo1-allow-client2-auth: authentication required (once per identity pair)"
     );
 
     // Several files after one -f.
@@ -104,8 +104,8 @@ fn validate_reports_what_and_where() {
         .output()
         .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&two.stdout).trim(),
-        "4 policies valid",
+        String::from_utf8_lossy(&two.stdout).lines().next(),
+        Some("4 policies valid"),
         "{}",
         String::from_utf8_lossy(&two.stderr)
     );
@@ -263,4 +263,51 @@ fn trace_by_address_prefix_entity_and_icmp_type() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{bad}: {err}");
     }
+}
+
+#[test]
+fn validate_and_trace_show_per_connection_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pc.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: db-per-connection\n  annotations:\n    meshauth.io/authentication: per-connection\nspec:\n  endpointSelector:\n    matchLabels: {app: db}\n  ingress:\n  - fromEndpoints:\n    - matchLabels: {app: api}\n    authentication: {mode: required}\n",
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let out = Command::new(BIN)
+        .args(["policy", "validate", "-f", &file])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("default/db-per-connection: authentication per connection"),
+        "{text}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "policy", "trace", "-f", &file, "--src", "app=api", "--dst", "app=db", "--dport",
+            "5432/TCP",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("per-connection"), "{text}");
+    let t = trace_fixture_file(&file, "app=api", "app=db", "5432/TCP");
+    assert_eq!(t["auth"], "per-connection", "{t}");
+    assert_eq!(t["ingress"]["auth"], "per-connection", "{t}");
+}
+
+fn trace_fixture_file(file: &str, src: &str, dst: &str, dport: &str) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args([
+            "policy", "trace", "-f", file, "--src", src, "--dst", dst, "--dport", dport, "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -7,7 +7,7 @@
 #ifndef MESHAUTH_ABI_H
 #define MESHAUTH_ABI_H
 
-#define MA_ABI_VERSION 3
+#define MA_ABI_VERSION 4
 
 /* Direction, from the pod's point of view. */
 #define MA_DIR_EGRESS 0
@@ -21,6 +21,7 @@
 #define MA_AUTH_NONE 0
 #define MA_AUTH_REQUIRED 1
 #define MA_AUTH_ALWAYS_FAIL 2
+#define MA_AUTH_PER_CONNECTION 3 /* a fresh authentication per connection: the auth key names it */
 
 /* Event verdicts and drop reasons. */
 #define MA_EV_FORWARDED 0
@@ -113,7 +114,14 @@ struct ma_auth_key {
 	__u32 remote_identity;
 	__u32 remote_node;
 	__u8 auth_type;
-	__u8 pad[3];
+	/* MA_AUTH_PER_CONNECTION only (zero otherwise): the connection, as its first packet went
+	 * (from the initiating pod; the same on both nodes). */
+	__u8 protocol;
+	__u16 pad;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
 };
 
 struct ma_auth_value {
@@ -136,6 +144,8 @@ struct ma_ct_key {
 };
 
 #define MA_CT_HELD 1 /* waiting for authentication (hold mode): re-checked on every packet */
+#define MA_CT_FIN_ORIG 2  /* per-connection TCP flow: FIN seen in the flow's direction */
+#define MA_CT_FIN_REPLY 4 /* per-connection TCP flow: FIN seen in the reply direction */
 
 /* What justified the flow: it passes on the fast path only while the endpoint, its policy
  * generation and the ipcache generation are those it was accepted under, it has not been idle

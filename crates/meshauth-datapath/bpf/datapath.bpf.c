@@ -348,16 +348,29 @@ static __always_inline void decide(const struct flow *f, const struct ma_endpoin
 	/* What a pod sends is held (below) for the authentication the receiver's ingress policy
 	 * requires, rather than dropped there: the remote identity's ingress entries toward this
 	 * node's identities sit under a peer endpoint id, looked up the same way. */
-	if (direction == MA_DIR_EGRESS && auth == MA_AUTH_NONE) {
+	if (direction == MA_DIR_EGRESS && auth != MA_AUTH_ALWAYS_FAIL) {
 		__u8 peer_auth = MA_AUTH_NONE;
+		/* The stronger requirement wins: per connection over per pair over none. */
 		if (policy_lookup(MA_PEER_ENDPOINT_BASE | remote_id, MA_DIR_INGRESS, ep->identity, f,
-				  &peer_auth) == MA_VERDICT_ALLOW)
+				  &peer_auth) == MA_VERDICT_ALLOW &&
+		    peer_auth != MA_AUTH_NONE &&
+		    (auth == MA_AUTH_NONE || peer_auth == MA_AUTH_PER_CONNECTION ||
+		     peer_auth == MA_AUTH_ALWAYS_FAIL))
 			auth = peer_auth;
 	}
 	d->ak.local_identity = ep->identity;
 	d->ak.remote_identity = remote_id;
 	d->ak.remote_node = remote->node_id;
 	d->ak.auth_type = auth;
+	if (auth == MA_AUTH_PER_CONNECTION) {
+		/* The entry is the connection's, as its first packet went (`f` is the flow as
+		 * accepted: a reply is decided as the flow it answers). */
+		d->ak.protocol = f->protocol;
+		d->ak.saddr = f->saddr;
+		d->ak.daddr = f->daddr;
+		d->ak.sport = f->sport;
+		d->ak.dport = f->dport;
+	}
 	if (auth != MA_AUTH_NONE && !authenticated(&d->ak)) {
 		d->reason = MA_REASON_AUTH_REQUIRED;
 		return;
@@ -415,6 +428,32 @@ static __always_inline void ct_store(struct ma_ct_value *ct, const struct flow *
 	bpf_map_update_elem(&ma_conntrack, &k, &v, BPF_ANY);
 }
 
+#define MA_TCP_FIN 0x01
+#define MA_TCP_RST 0x04
+#define MA_TCP_ACK 0x10
+
+/* A per-connection TCP flow's close takes its authentication with it: an RST, or the first
+ * ACK without FIN after FINs went both ways, removes the flow's conntrack and auth entries
+ * (the packet itself passes). The next connection of the pair authenticates afresh. */
+static __always_inline void per_connection_close(struct ma_ct_value *ct, const struct ma_ct_key *k,
+						 const struct flow *f, int is_reply)
+{
+	__u32 both = MA_CT_FIN_ORIG | MA_CT_FIN_REPLY;
+	int closed = 0;
+	if (f->tcp_flags & MA_TCP_RST)
+		closed = 1;
+	else if (f->tcp_flags & MA_TCP_FIN)
+		ct->flags |= is_reply ? MA_CT_FIN_REPLY : MA_CT_FIN_ORIG;
+	else if ((ct->flags & both) == both && (f->tcp_flags & MA_TCP_ACK))
+		closed = 1;
+	if (!closed)
+		return;
+	struct ma_auth_key ak = ct->auth_key;
+	struct ma_ct_key key = *k;
+	bpf_map_delete_elem(&ma_auth, &ak);
+	bpf_map_delete_elem(&ma_conntrack, &key);
+}
+
 static __always_inline int hold(struct __sk_buff *skb, const struct flow *f, __u32 src_id, __u32 dst_id,
 				__u8 direction, const struct ma_auth_key *ak, __u32 mark, __u8 flags)
 {
@@ -465,6 +504,9 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 			/* Coarse idle tracking: one write per second at most. */
 			if (now - ct->last_seen_ns > 1000000000ULL)
 				ct->last_seen_ns = now;
+			if (f->protocol == IPPROTO_TCP &&
+			    ct->auth_key.auth_type == MA_AUTH_PER_CONNECTION)
+				per_connection_close(ct, &k, f, is_reply);
 			count(direction, MA_STAT_FORWARDED);
 			return TC_ACT_OK;
 		}
@@ -477,7 +519,8 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 	__u32 src_id = is_reply ? d.dst_id : d.src_id;
 	__u32 dst_id = is_reply ? d.src_id : d.dst_id;
 	if (d.reason == MA_REASON_NONE) {
-		ct_store(ct, orig, orig_dir, ep, cfg, &d.ak, 0, now);
+		ct_store(ct, orig, orig_dir, ep, cfg, &d.ak,
+			 ct ? ct->flags & (MA_CT_FIN_ORIG | MA_CT_FIN_REPLY) : 0, now);
 		count(direction, MA_STAT_FORWARDED);
 		if (!ct)
 			emit(skb, f, MA_EV_FORWARDED, MA_REASON_NONE, src_id, dst_id, direction, 0, 0);
@@ -494,8 +537,10 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, const 
 	}
 	if (ct && !(ct->flags & MA_CT_HELD))
 		bpf_map_delete_elem(&ma_conntrack, &k);
-	return drop(skb, f, d.reason, src_id, dst_id, direction,
-		    d.reason == MA_REASON_AUTH_REQUIRED ? &d.ak : 0, evf);
+	/* Two calls, not a conditional pointer: the verifier must see a stack pointer or none. */
+	if (d.reason == MA_REASON_AUTH_REQUIRED)
+		return drop(skb, f, d.reason, src_id, dst_id, direction, &d.ak, evf);
+	return drop(skb, f, d.reason, src_id, dst_id, direction, 0, evf);
 }
 
 SEC("classifier")

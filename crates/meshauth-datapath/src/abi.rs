@@ -6,7 +6,7 @@
 )]
 
 /// `MA_ABI_VERSION`: part of the pin path, so maps of another layout are never reused.
-pub(crate) const ABI_VERSION: u32 = 3;
+pub(crate) const ABI_VERSION: u32 = 4;
 
 /// The numeric constants of `bpf/abi.h`; `tests::constants_match_c` checks each against C.
 #[allow(
@@ -21,6 +21,7 @@ pub(crate) mod c {
     pub(crate) const AUTH_NONE: u8 = 0;
     pub(crate) const AUTH_REQUIRED: u8 = 1;
     pub(crate) const AUTH_ALWAYS_FAIL: u8 = 2;
+    pub(crate) const AUTH_PER_CONNECTION: u8 = 3;
     pub(crate) const EV_FORWARDED: u8 = 0;
     pub(crate) const EV_DROPPED: u8 = 1;
     pub(crate) const EV_HELD: u8 = 2;
@@ -46,6 +47,8 @@ pub(crate) mod c {
     pub(crate) const AUTH_MISS_DROP: u32 = 0;
     pub(crate) const AUTH_MISS_MARK: u32 = 1;
     pub(crate) const CT_HELD: u32 = 1;
+    pub(crate) const CT_FIN_ORIG: u32 = 2;
+    pub(crate) const CT_FIN_REPLY: u32 = 4;
     pub(crate) const PEER_ENDPOINT_BASE: u32 = 0x8000_0000;
 }
 
@@ -101,7 +104,12 @@ pub(crate) struct AuthKey {
     pub(crate) remote_identity: u32,
     pub(crate) remote_node: u32,
     pub(crate) auth_type: u8,
-    pub(crate) pad: [u8; 3],
+    pub(crate) protocol: u8,
+    pub(crate) pad: u16,
+    pub(crate) saddr: [u8; 4],
+    pub(crate) daddr: [u8; 4],
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
 }
 
 /// `struct ma_auth_value`.
@@ -235,6 +243,11 @@ mod tests {
             ("ma_auth_key", "remote_identity") => offset_of!(AuthKey, remote_identity),
             ("ma_auth_key", "remote_node") => offset_of!(AuthKey, remote_node),
             ("ma_auth_key", "auth_type") => offset_of!(AuthKey, auth_type),
+            ("ma_auth_key", "protocol") => offset_of!(AuthKey, protocol),
+            ("ma_auth_key", "saddr") => offset_of!(AuthKey, saddr),
+            ("ma_auth_key", "daddr") => offset_of!(AuthKey, daddr),
+            ("ma_auth_key", "sport") => offset_of!(AuthKey, sport),
+            ("ma_auth_key", "dport") => offset_of!(AuthKey, dport),
             ("ma_auth_value", "(size)") => size_of::<AuthValue>(),
             ("ma_auth_value", "expires_ns") => offset_of!(AuthValue, expires_ns),
             ("ma_ct_key", "(size)") => size_of::<CtKey>(),
@@ -296,6 +309,7 @@ mod tests {
             "MA_AUTH_NONE" => AUTH_NONE.into(),
             "MA_AUTH_REQUIRED" => AUTH_REQUIRED.into(),
             "MA_AUTH_ALWAYS_FAIL" => AUTH_ALWAYS_FAIL.into(),
+            "MA_AUTH_PER_CONNECTION" => AUTH_PER_CONNECTION.into(),
             "MA_EV_FORWARDED" => EV_FORWARDED.into(),
             "MA_EV_DROPPED" => EV_DROPPED.into(),
             "MA_EV_HELD" => EV_HELD.into(),
@@ -321,6 +335,8 @@ mod tests {
             "MA_AUTH_MISS_DROP" => AUTH_MISS_DROP.into(),
             "MA_AUTH_MISS_MARK" => AUTH_MISS_MARK.into(),
             "MA_CT_HELD" => CT_HELD.into(),
+            "MA_CT_FIN_ORIG" => CT_FIN_ORIG.into(),
+            "MA_CT_FIN_REPLY" => CT_FIN_REPLY.into(),
             "MA_PEER_ENDPOINT_BASE" => PEER_ENDPOINT_BASE.into(),
             _ => panic!("no Rust constant for {name}"),
         }

@@ -18,7 +18,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use meshauth_policy::{IdentityId, NodeId};
+use meshauth_policy::{AuthType, Connection, IdentityId, NodeId};
 
 use crate::abi;
 use crate::abi::c;
@@ -701,6 +701,32 @@ impl Datapath {
         }
     }
 
+    /// Whether the datapath tracks connection `c` (its conntrack entry, in either direction):
+    /// a per-connection auth entry lives only as long as that.
+    pub fn connection_tracked(&mut self, c: &Connection) -> Result<bool> {
+        let m: HashMap<&mut MapData, abi::CtKey, abi::CtValue> =
+            HashMap::try_from(self.map("ma_conntrack")?)?;
+        for direction in [c::DIR_EGRESS, c::DIR_INGRESS] {
+            let key = abi::CtKey {
+                saddr: c.src.octets(),
+                daddr: c.dst.octets(),
+                sport: c.sport,
+                dport: c.dport,
+                protocol: c.protocol,
+                direction,
+                // ICMP: the echo request's flow (what a per-connection echo authenticates).
+                icmp_type: if c.protocol == 1 { 8 } else { 0 },
+                pad: 0,
+            };
+            match m.get(&key, 0) {
+                Ok(_) => return Ok(true),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(false)
+    }
+
     /// Whether `key` has a live auth entry now.
     pub fn auth_live(&mut self, key: AuthKey) -> Result<bool> {
         let m: HashMap<&mut MapData, abi::AuthKey, abi::AuthValue> =
@@ -809,12 +835,24 @@ fn policy_key_from_raw(
 }
 
 fn auth_key(k: AuthKey) -> abi::AuthKey {
+    let c = k.connection.unwrap_or(Connection {
+        src: Ipv4Addr::UNSPECIFIED,
+        dst: Ipv4Addr::UNSPECIFIED,
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+    });
     abi::AuthKey {
         local_identity: k.local.get(),
         remote_identity: k.remote.get(),
         remote_node: k.remote_node.get(),
         auth_type: crate::types::auth_raw(k.auth_type),
-        pad: [0; 3],
+        protocol: c.protocol,
+        pad: 0,
+        saddr: c.src.octets(),
+        daddr: c.dst.octets(),
+        sport: c.sport,
+        dport: c.dport,
     }
 }
 
@@ -848,11 +886,19 @@ impl std::fmt::Debug for AuthMapReader {
 }
 
 fn from_abi_auth_key(k: &abi::AuthKey) -> Option<AuthKey> {
+    let auth_type = crate::types::auth_from_raw(k.auth_type)?;
     Some(AuthKey {
         local: IdentityId::new(k.local_identity),
         remote: IdentityId::new(k.remote_identity),
         remote_node: NodeId::new(k.remote_node),
-        auth_type: crate::types::auth_from_raw(k.auth_type)?,
+        auth_type,
+        connection: (auth_type == AuthType::PerConnection).then(|| Connection {
+            src: Ipv4Addr::from(k.saddr),
+            dst: Ipv4Addr::from(k.daddr),
+            sport: k.sport,
+            dport: k.dport,
+            protocol: k.protocol,
+        }),
     })
 }
 

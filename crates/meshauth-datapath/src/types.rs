@@ -31,6 +31,7 @@ pub(crate) fn auth_raw(a: AuthType) -> u8 {
         AuthType::None => c::AUTH_NONE,
         AuthType::Required => c::AUTH_REQUIRED,
         AuthType::TestAlwaysFail => c::AUTH_ALWAYS_FAIL,
+        AuthType::PerConnection => c::AUTH_PER_CONNECTION,
     }
 }
 
@@ -39,6 +40,7 @@ pub(crate) fn auth_from_raw(v: u8) -> Option<AuthType> {
         c::AUTH_NONE => Some(AuthType::None),
         c::AUTH_REQUIRED => Some(AuthType::Required),
         c::AUTH_ALWAYS_FAIL => Some(AuthType::TestAlwaysFail),
+        c::AUTH_PER_CONNECTION => Some(AuthType::PerConnection),
         _ => None,
     }
 }

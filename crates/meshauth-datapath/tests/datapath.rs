@@ -299,6 +299,7 @@ fn authentication_required_granted_and_expired_for_tcp_udp_icmp() {
         remote: B_ID,
         remote_node: NodeId::new(2),
         auth_type: AuthType::Required,
+        connection: None,
     };
 
     // No auth entry: all three fail, and the agent is told which pair to authenticate.
@@ -484,6 +485,7 @@ fn loader_restart_keeps_connections_and_state() {
                 remote: B_ID,
                 remote_node: NodeId::new(2),
                 auth_type: AuthType::Required,
+                connection: None,
             },
             expires,
         )
@@ -495,6 +497,7 @@ fn loader_restart_keeps_connections_and_state() {
                 remote: A_ID,
                 remote_node: NodeId::new(1),
                 auth_type: AuthType::Required,
+                connection: None,
             },
             expires,
         )
@@ -786,6 +789,7 @@ fn established_flows_stop_when_policy_auth_or_ipcache_change() {
         remote: B_ID,
         remote_node: NodeId::new(2),
         auth_type: AuthType::Required,
+        connection: None,
     };
     c.n1()
         .set_policy(

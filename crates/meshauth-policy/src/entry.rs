@@ -29,6 +29,10 @@ pub enum AuthType {
     None,
     /// Mutual authentication of the two identities (`authentication.mode: required`).
     Required,
+    /// A fresh mutual authentication for each new connection, its entry living as long as the
+    /// connection (`required` in a policy annotated `meshauth.io/authentication:
+    /// per-connection`).
+    PerConnection,
     /// Always fails (`authentication.mode: test-always-fail`).
     TestAlwaysFail,
 }
@@ -165,7 +169,38 @@ pub struct PolicyEntry {
     pub auth: AuthType,
 }
 
-/// The key of an auth entry: a pair of identities, the peer's node, the kind of authentication.
+/// The connection a per-connection auth entry is for, as its first packet went: from the
+/// initiating pod to the other (the same on both nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Connection {
+    /// The initiating pod's address.
+    pub src: std::net::Ipv4Addr,
+    /// The other pod's address.
+    pub dst: std::net::Ipv4Addr,
+    /// Source port (ICMP: the echo id).
+    pub sport: u16,
+    /// Destination port (ICMP: the echo id).
+    pub dport: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = Protocol::from_number(self.protocol).map_or_else(
+            || self.protocol.to_string(),
+            |p| format!("{p:?}").to_uppercase(),
+        );
+        write!(
+            f,
+            "{proto} {}:{} -> {}:{}",
+            self.src, self.sport, self.dst, self.dport
+        )
+    }
+}
+
+/// The key of an auth entry: a pair of identities, the peer's node, the kind of authentication,
+/// and for [`AuthType::PerConnection`] the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct AuthKey {
     /// The identity on this node.
@@ -176,4 +211,6 @@ pub struct AuthKey {
     pub remote_node: NodeId,
     /// What kind of authentication it records.
     pub auth_type: AuthType,
+    /// The connection, for [`AuthType::PerConnection`] (`None` otherwise).
+    pub connection: Option<Connection>,
 }

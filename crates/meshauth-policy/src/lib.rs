@@ -31,7 +31,9 @@ pub use engine::{
     Compiler, DirectionVerdict, Peer, PeerSpec, RuleRef, Trace, compile_endpoint,
     compile_endpoint_with, evaluate, lookup, peer_of_identity, trace, trace_peers,
 };
-pub use entry::{AuthKey, AuthType, Direction, PolicyEntry, PortRange, Protocol, Verdict};
+pub use entry::{
+    AuthKey, AuthType, Connection, Direction, PolicyEntry, PortRange, Protocol, Verdict,
+};
 pub use identity::{IdentityAllocator, spiffe_id, spiffe_path};
 pub use ids::{IdentityId, NodeId};
 pub use labels::{Labels, NAMESPACE_LABEL, Selector};

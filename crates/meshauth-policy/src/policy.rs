@@ -7,7 +7,8 @@
 //! # Supported
 //! - `CiliumNetworkPolicy` and `CiliumClusterwideNetworkPolicy`, `apiVersion: cilium.io/v2`,
 //!   `spec` and `specs`; `metadata.name`, `metadata.namespace`, `metadata.labels` and
-//!   `annotations` (the last two accepted and unused); `description` (free text).
+//!   `annotations` (accepted; of these meshauth reads only [`AUTH_ANNOTATION`]); `description`
+//!   (free text).
 //! - `endpointSelector`, `ingress`, `egress`, `ingressDeny`, `egressDeny`.
 //! - Peers: `fromEndpoints`/`toEndpoints` (`matchLabels`, `matchExpressions`),
 //!   `fromEntities`/`toEntities` (see [`Entity`]), `fromCIDR`/`toCIDR` (a prefix or a single
@@ -18,6 +19,11 @@
 //!   `family` IPv4 or IPv6), not in the same rule as `toPorts` (as in Cilium). ICMP types take
 //!   the place of ports in compiled entries (see [`crate::entry`]).
 //! - `authentication.mode`: `required`, `disabled`, `test-always-fail`.
+//! - Per-connection authentication (meshauth's own; Cilium never built it): a policy annotated
+//!   `meshauth.io/authentication: per-connection` ([`AUTH_ANNOTATION`]) requires, in each of
+//!   its rules with `authentication.mode: required`, a fresh authentication for every new
+//!   connection instead of once per identity pair ([`AuthMode::PerConnection`]). An annotation,
+//!   not a new mode value, so the same YAML still passes Cilium's CRD validation.
 //!
 //! Refused, with the field named: `toFQDNs`, `toServices`, `toGroups`/`fromGroups`,
 //! `toRequires`/`fromRequires`, L7 `rules`, `nodeSelector`, `toNodes`/`fromNodes`,
@@ -259,6 +265,9 @@ pub enum AuthMode {
     Disabled,
     /// `required`.
     Required,
+    /// `required` in a policy annotated [`AUTH_ANNOTATION`]`: per-connection`: a fresh
+    /// authentication for every new connection.
+    PerConnection,
     /// `test-always-fail`.
     TestAlwaysFail,
 }
@@ -269,6 +278,7 @@ impl AuthMode {
         match self {
             AuthMode::Unset | AuthMode::Disabled => AuthType::None,
             AuthMode::Required => AuthType::Required,
+            AuthMode::PerConnection => AuthType::PerConnection,
             AuthMode::TestAlwaysFail => AuthType::TestAlwaysFail,
         }
     }
@@ -590,7 +600,13 @@ const ICMP_V6_NAMES: &[(&str, u8)] = &[
 struct Ctx {
     doc: usize,
     name: String,
+    /// The policy carries [`AUTH_ANNOTATION`]`: per-connection`.
+    per_connection: bool,
 }
+
+/// The annotation that makes a policy's `authentication.mode: required` rules require a fresh
+/// authentication per connection: value `per-connection` (or `per-pair`, the default).
+pub const AUTH_ANNOTATION: &str = "meshauth.io/authentication";
 
 impl Ctx {
     fn err(&self, path: &str, msg: impl Into<String>) -> PolicyError {
@@ -698,6 +714,7 @@ fn auth(ctx: &Ctx, path: &str, w: Option<WireAuth>) -> Result<AuthMode, PolicyEr
     match w.as_ref().map(|a| a.mode.as_str()) {
         None => Ok(AuthMode::Unset),
         Some("disabled") => Ok(AuthMode::Disabled),
+        Some("required") if ctx.per_connection => Ok(AuthMode::PerConnection),
         Some("required") => Ok(AuthMode::Required),
         Some("test-always-fail") => Ok(AuthMode::TestAlwaysFail),
         Some(other) => Err(ctx.err(
@@ -1152,7 +1169,11 @@ pub fn parse_policies_in(text: &str, namespace: &str) -> Result<Vec<Policy>, Pol
             .and_then(|n| n.as_str())
             .unwrap_or("?")
             .to_owned();
-        let ctx = Ctx { doc, name };
+        let mut ctx = Ctx {
+            doc,
+            name,
+            per_connection: false,
+        };
         let wire: WireDoc = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             ctx.err(&path, unknown_field_message(&e.inner().to_string()))
@@ -1200,7 +1221,23 @@ pub fn parse_policies_in(text: &str, namespace: &str) -> Result<Vec<Policy>, Pol
                 ));
             }
         };
-        let _ = (&wire.metadata.labels, &wire.metadata.annotations);
+        let _ = &wire.metadata.labels;
+        match wire
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(AUTH_ANNOTATION))
+            .map(String::as_str)
+        {
+            None | Some("per-pair") => {}
+            Some("per-connection") => ctx.per_connection = true,
+            Some(other) => {
+                return Err(ctx.err(
+                    &format!("metadata.annotations.{AUTH_ANNOTATION}"),
+                    format!("{other:?} is not a value; use per-connection or per-pair"),
+                ));
+            }
+        }
         let scope = match &policy_namespace {
             Some(ns) => Scope::Namespace(ns),
             None => Scope::Cluster,

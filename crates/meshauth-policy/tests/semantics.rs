@@ -2155,3 +2155,42 @@ fn l4_only_rules_keep_the_authentication_of_broader_identity_rules() {
         auth: AuthType::Required,
     }));
 }
+
+#[test]
+fn the_per_connection_annotation_makes_required_rules_per_connection() {
+    let policy = |annotation: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: pc\n{annotation}spec:\n  endpointSelector:\n    matchLabels: {{app: db}}\n  ingress:\n  - fromEndpoints:\n    - matchLabels: {{app: api}}\n    toPorts:\n    - ports: [{{port: \"5432\", protocol: TCP}}]\n    authentication: {{mode: required}}\n  - fromEndpoints:\n    - matchLabels: {{app: batch}}\n"
+        )
+    };
+    let annotated = policy("  annotations:\n    meshauth.io/authentication: per-connection\n");
+    assert_eq!(
+        check(&annotated, "app=api", "app=db", 5432, Protocol::Tcp),
+        (true, AuthType::PerConnection)
+    );
+    // Rules without `authentication` stay without it.
+    assert_eq!(
+        check(&annotated, "app=batch", "app=db", 5432, Protocol::Tcp),
+        (true, AuthType::None)
+    );
+    // Without the annotation, or with `per-pair`: once per identity pair.
+    for yaml in [
+        policy(""),
+        policy("  annotations:\n    meshauth.io/authentication: per-pair\n"),
+    ] {
+        assert_eq!(
+            check(&yaml, "app=api", "app=db", 5432, Protocol::Tcp),
+            (true, AuthType::Required)
+        );
+    }
+    // Another value is refused, naming the annotation.
+    let err = parse_policies(&policy(
+        "  annotations:\n    meshauth.io/authentication: per-request\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("meshauth.io/authentication") && err.contains("per-connection"),
+        "{err}"
+    );
+}
