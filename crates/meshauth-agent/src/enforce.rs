@@ -731,6 +731,9 @@ async fn run_inner(
         .await
         {
             Ok(problems) => {
+                // What compiling and planning freed goes back to the kernel (at scale several
+                // MB that glibc would keep).
+                meshauth_datapath::release_freed_heap();
                 retry_at = None;
                 retry_delay = RETRY_MIN;
                 let _ = config.status.send(if problems.is_empty() {

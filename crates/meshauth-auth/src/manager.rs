@@ -276,6 +276,83 @@ fn from_ms(ms: u64) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// The written entries, by key. Pair entries (nearly all of them) are kept under their pair
+/// alone, half the size of an [`AuthKey`] with room for a connection, so that a node's 100,000
+/// pair entries cost what they did before per-connection keys existed.
+#[derive(Default)]
+struct Entries {
+    pairs: HashMap<PairKey, Tracked>,
+    connections: HashMap<AuthKey, Tracked>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PairKey {
+    local: meshauth_policy::IdentityId,
+    remote: meshauth_policy::IdentityId,
+    remote_node: meshauth_policy::NodeId,
+    auth_type: AuthType,
+}
+
+impl PairKey {
+    fn of(k: &AuthKey) -> Option<PairKey> {
+        k.connection.is_none().then_some(PairKey {
+            local: k.local,
+            remote: k.remote,
+            remote_node: k.remote_node,
+            auth_type: k.auth_type,
+        })
+    }
+
+    fn key(self) -> AuthKey {
+        AuthKey {
+            local: self.local,
+            remote: self.remote,
+            remote_node: self.remote_node,
+            auth_type: self.auth_type,
+            connection: None,
+        }
+    }
+}
+
+impl Entries {
+    fn insert(&mut self, k: AuthKey, t: Tracked) {
+        match PairKey::of(&k) {
+            Some(p) => self.pairs.insert(p, t),
+            None => self.connections.insert(k, t),
+        };
+    }
+    fn get(&self, k: &AuthKey) -> Option<&Tracked> {
+        match PairKey::of(k) {
+            Some(p) => self.pairs.get(&p),
+            None => self.connections.get(k),
+        }
+    }
+    fn remove(&mut self, k: &AuthKey) -> Option<Tracked> {
+        match PairKey::of(k) {
+            Some(p) => self.pairs.remove(&p),
+            None => self.connections.remove(k),
+        }
+    }
+    fn contains_key(&self, k: &AuthKey) -> bool {
+        self.get(k).is_some()
+    }
+    fn len(&self) -> usize {
+        self.pairs.len() + self.connections.len()
+    }
+    fn reserve(&mut self, additional: usize) {
+        self.pairs.reserve(additional);
+    }
+    fn iter(&self) -> impl Iterator<Item = (AuthKey, &Tracked)> + '_ {
+        self.pairs
+            .iter()
+            .map(|(p, t)| (p.key(), t))
+            .chain(self.connections.iter().map(|(k, t)| (*k, t)))
+    }
+    fn keys(&self) -> impl Iterator<Item = AuthKey> + '_ {
+        self.iter().map(|(k, _)| k)
+    }
+}
+
 struct State<T> {
     table: T,
     /// Queued or in a handshake.
@@ -283,7 +360,7 @@ struct State<T> {
     /// Pending pairs revoked since they were queued: not written when they succeed.
     cancelled: HashSet<AuthKey>,
     /// Written entries.
-    entries: HashMap<AuthKey, Tracked>,
+    entries: Entries,
     /// Pairs whose last attempt failed.
     retry: HashMap<AuthKey, RetryState>,
     stats: ManagerStats,
@@ -463,7 +540,7 @@ impl<T: AuthTable> AuthManager<T> {
                 table,
                 pending: HashSet::new(),
                 cancelled: HashSet::new(),
-                entries: HashMap::new(),
+                entries: Entries::default(),
                 retry: HashMap::new(),
                 stats: ManagerStats::default(),
             }),
@@ -593,7 +670,7 @@ impl<T: AuthTable> AuthManager<T> {
             .entries
             .iter()
             .filter(|(_, e)| e.expires_ms <= now_ms)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         for key in expired {
             st.entries.remove(&key);
@@ -607,7 +684,7 @@ impl<T: AuthTable> AuthManager<T> {
             .entries
             .iter()
             .filter(|(_, e)| e.renew_at_ms <= now_ms)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         for key in renew {
             self.request_locked(st, key, now);
@@ -646,7 +723,7 @@ impl<T: AuthTable> AuthManager<T> {
     pub fn revoke(&self, which: impl Fn(&AuthKey) -> bool) -> usize {
         let mut st = self.inner.lock();
         let st = &mut *st;
-        let gone: Vec<AuthKey> = st.entries.keys().filter(|k| which(k)).copied().collect();
+        let gone: Vec<AuthKey> = st.entries.keys().filter(|k| which(k)).collect();
         for key in &gone {
             st.entries.remove(key);
             if let Err(e) = st.table.remove(*key) {
@@ -713,7 +790,7 @@ impl<T: AuthTable> AuthManager<T> {
                     .lock()
                     .entries
                     .iter()
-                    .map(|(k, e)| (*k, e.expires()))
+                    .map(|(k, e)| (k, e.expires()))
                     .collect()
             })
         }))
@@ -725,7 +802,7 @@ impl<T: AuthTable> AuthManager<T> {
             .lock()
             .entries
             .iter()
-            .map(|(k, e)| (*k, e.expires()))
+            .map(|(k, e)| (k, e.expires()))
             .collect()
     }
 

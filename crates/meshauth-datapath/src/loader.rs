@@ -69,11 +69,13 @@ pub enum DatapathError {
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-/// Gives the heap the loader freed back to the kernel. aya 0.14's `EbpfLoader::new` parses the
-/// kernel's BTF whether or not the programs need it (ours have no CO-RE relocations; aya 0.15
-/// parses it only when they do, but needs a newer compiler): about 13 MB of small allocations,
-/// all freed once loading is done, which glibc would otherwise keep mapped for good.
-fn release_freed_heap() {
+/// Gives freed heap back to the kernel (glibc keeps it mapped otherwise). The loader calls it:
+/// aya 0.14's `EbpfLoader::new` parses the kernel's BTF whether or not the programs need it
+/// (ours have no CO-RE relocations; aya 0.15 parses it only when they do, but needs a newer
+/// compiler), about 13 MB of small allocations all freed once loading is done. The agent calls
+/// it after a reconcile, whose compilation and planning free what they used. Here because this
+/// is the one crate allowed `unsafe`.
+pub fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim takes no pointers; it only returns free pages of the heap to the
     // kernel, and is safe to call from any thread at any time.
