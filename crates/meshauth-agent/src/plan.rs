@@ -185,7 +185,17 @@ pub fn requires_auth(entries: &[PolicyEntry], remote: IdentityId) -> bool {
 
 /// The identities among `candidates` that `entries` require authentication with.
 fn auth_peers(entries: &[PolicyEntry], candidates: &BTreeSet<IdentityId>) -> Vec<IdentityId> {
-    let needing = entries.iter().filter(|e| e.auth != AuthType::None);
+    auth_peers_where(entries, candidates, |a| a != AuthType::None)
+}
+
+/// The identities among `candidates` that `entries` require an authentication of kind `kind`
+/// with.
+fn auth_peers_where(
+    entries: &[PolicyEntry],
+    candidates: &BTreeSet<IdentityId>,
+    kind: impl Fn(AuthType) -> bool,
+) -> Vec<IdentityId> {
+    let needing = entries.iter().filter(|e| kind(e.auth));
     if needing.clone().any(|e| e.remote.is_none()) {
         return candidates.iter().copied().collect();
     }
@@ -267,6 +277,10 @@ pub struct Justification {
     pub placed: BTreeSet<(IdentityId, NodeId)>,
     /// (local, remote) pairs some local endpoint's policy requires authentication for.
     pub required_here: BTreeSet<(IdentityId, IdentityId)>,
+    /// The pairs of `required_here` that local policy requires authentication of per
+    /// connection only (never once per pair): pre-authentication leaves them alone. Usually
+    /// empty.
+    pub connection_only_here: BTreeSet<(IdentityId, IdentityId)>,
     /// (remote, local) pairs the remote identity's own policy requires authentication for.
     pub required_by_peer: BTreeSet<(IdentityId, IdentityId)>,
 }
@@ -299,9 +313,21 @@ pub fn justification<'a>(
         .collect();
     let remotes: BTreeSet<IdentityId> = cluster.endpoints.iter().map(|e| e.identity).collect();
     let mut required_here = BTreeSet::new();
+    let mut connection_only_here = BTreeSet::new();
     for e in desired.endpoints.values() {
         for r in auth_peers(&e.entries, &remotes) {
             required_here.insert((e.identity, r));
+        }
+        if e.entries.iter().any(|x| x.auth == AuthType::PerConnection) {
+            let per_pair: BTreeSet<IdentityId> =
+                auth_peers_where(&e.entries, &remotes, |a| a == AuthType::Required)
+                    .into_iter()
+                    .collect();
+            for r in auth_peers_where(&e.entries, &remotes, |a| a == AuthType::PerConnection) {
+                if !per_pair.contains(&r) {
+                    connection_only_here.insert((e.identity, r));
+                }
+            }
         }
     }
     let mut required_by_peer = BTreeSet::new();
@@ -314,13 +340,15 @@ pub fn justification<'a>(
         local,
         placed,
         required_here,
+        connection_only_here,
         required_by_peer,
     }
 }
 
 /// The pairs to authenticate ahead of their first packet: every pair some local endpoint's
-/// policy requires authentication with, for every node the peer identity is placed on, that
-/// has no entry yet; at most `max`. Never a pair policy does not require.
+/// policy requires authentication with once per pair, for every node the peer identity is
+/// placed on, that has no entry yet; at most `max`. Never a pair policy does not require, nor
+/// one it requires per connection (each connection authenticates on its own).
 pub fn pre_authenticate(
     j: &Justification,
     existing: &dyn Fn(&AuthKey) -> bool,
@@ -328,6 +356,9 @@ pub fn pre_authenticate(
 ) -> Vec<AuthKey> {
     let mut out = Vec::new();
     for (local, remote) in &j.required_here {
+        if j.connection_only_here.contains(&(*local, *remote)) {
+            continue;
+        }
         for (id, node) in j.placed.range((*remote, NodeId::new(0))..) {
             if id != remote {
                 break;
@@ -547,7 +578,12 @@ mod tests {
                 (IdentityId::new(301), NodeId::new(3)),
                 (IdentityId::new(302), NodeId::new(2)),
             ]),
-            required_here: BTreeSet::from([(IdentityId::new(300), IdentityId::new(301))]),
+            required_here: BTreeSet::from([
+                (IdentityId::new(300), IdentityId::new(301)),
+                (IdentityId::new(300), IdentityId::new(302)),
+            ]),
+            // 300 <-> 302 is required per connection only: never ahead.
+            connection_only_here: BTreeSet::from([(IdentityId::new(300), IdentityId::new(302))]),
             required_by_peer: BTreeSet::new(),
         };
         let key = |node: u32| AuthKey {
