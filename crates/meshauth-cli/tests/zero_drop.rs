@@ -9,7 +9,8 @@
 //! - the same holds for a single UDP datagram and a single ICMP echo request, which nothing
 //!   would send again: each gets its answer;
 //! - a held datagram of a pair whose handshake fails (`authentication.mode: test-always-fail`)
-//!   is dropped, and the flow log says why.
+//!   is dropped, and the flow log says why;
+//! - a burst beyond a pair's hold queue is dropped as overflow, counted and shown.
 //!
 //! Retransmissions are read from the client pod's own TCP counters (`/proc/net/snmp`).
 
@@ -373,6 +374,63 @@ fn first_packets_of_new_pairs_are_not_dropped() {
     assert!(
         !udp.iter().any(|f| f["verdict"] == "FORWARDED"),
         "never forwarded: {udp:#?}"
+    );
+
+    // 5. Overflow: the demo app's egress toward client3 requires authentication, and n1's
+    //    agent is stopped, so that demodeployment-3's (n3) handshake toward client3-1 (n1)
+    //    cannot finish. A burst of 200 datagrams: the pair's queue takes 64, the rest are
+    //    dropped as overflow, counted and shown; then the 64 time out.
+    apply_policy(
+        &work,
+        "demo-to-client3",
+        &egress_auth(
+            "demo-to-client3-auth",
+            "demodeployment",
+            "client3",
+            "required",
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = Command::new("ip")
+        .args(["netns", "pids", "zdhold-n1"])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(!pids.is_empty(), "n1's agent runs in its namespace");
+    for pid in &pids {
+        Command::new("kill").args(["-STOP", pid]).status().unwrap();
+    }
+    let burst = format!(
+        "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range(200):\n    s.sendto(b'x', ('{c31}', 7))"
+    );
+    let sent = lab
+        .exec("demodeployment-3", &argv(&["python3", "-c", &burst]))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(sent.status.success());
+    std::thread::sleep(Duration::from_millis(3500));
+    for pid in &pids {
+        Command::new("kill").args(["-CONT", pid]).status().unwrap();
+    }
+    let d3 = pod_ip(&lab, "demodeployment-3");
+    let n3 = flows_of(&work, "n3");
+    let udp = between(&n3, &d3, &c31, "UDP");
+    let overflowed = udp
+        .iter()
+        .filter(|f| f["extensions"]["meshauth"]["reason"] == "hold: Overflow")
+        .count();
+    assert!(
+        overflowed >= 100,
+        "at least 200 - 64 datagrams beyond the pair's queue are shown dropped as overflow: {overflowed}"
+    );
+    assert!(
+        udp.iter()
+            .any(|f| f["extensions"]["meshauth"]["reason"] == "hold: Timeout"),
+        "the queued ones time out: {udp:#?}"
     );
     lab.down().unwrap();
 }
