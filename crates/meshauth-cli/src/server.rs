@@ -24,6 +24,19 @@ enum Sub {
     ///
     /// The CA and every record survive restarts: SVIDs issued before a restart keep validating.
     Run(RunArgs),
+    /// Check a data dir's datastore without starting a server: that it is there, readable, of
+    /// this trust domain, holds its CA, and that every row decodes (what `server run` checks
+    /// before it serves). Prints the rows of each table; exits non-zero naming the damage.
+    ///
+    /// Example: meshauth server check --data-dir /var/lib/meshauth/server
+    Check {
+        /// The server's data dir.
+        #[arg(long, default_value = defaults::DATA_DIR)]
+        data_dir: PathBuf,
+        /// The trust domain the data dir must belong to.
+        #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+        trust_domain: TrustDomain,
+    },
     /// Ask a running server whether it is healthy (exit 0) and print its CA state.
     Healthcheck {
         #[command(flatten)]
@@ -69,6 +82,21 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd.command {
         Sub::Run(args) => run_server(args),
         Sub::Healthcheck { socket, output } => block_on(healthcheck(socket, output)),
+        Sub::Check {
+            data_dir,
+            trust_domain,
+        } => {
+            let store = meshauth_server::open_store(&data_dir, &trust_domain, false)?;
+            let counts = store.check()?;
+            out!(
+                "{}: the datastore of trust domain {trust_domain} is readable, with its CA",
+                data_dir.join(meshauth_server::DATASTORE_FILE).display()
+            );
+            for (table, n) in counts {
+                out!("  {table:<12} {n} rows");
+            }
+            Ok(())
+        }
     }
 }
 

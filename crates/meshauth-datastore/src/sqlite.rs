@@ -46,6 +46,32 @@ pub enum StoreError {
         /// This binary's.
         supported: i64,
     },
+    /// The database file of an initialized data dir is gone.
+    #[error(
+        "the datastore {path} is missing, but its data dir was initialized (it holds the trust domain's CA and registry): restore the file from a backup; to start a new trust domain instead (every agent must join again), remove the data dir"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+    },
+    /// The database file is empty (truncated, or never written).
+    #[error(
+        "the datastore {path} is empty (0 bytes: truncated, or a copy that never finished): restore it from a backup; to start a new trust domain instead (every agent must join again), remove the data dir"
+    )]
+    Empty {
+        /// The file.
+        path: String,
+    },
+    /// The file is not a meshauth datastore (damaged, or another file).
+    #[error(
+        "{path} is not a readable meshauth datastore ({detail}): restore it from a backup, or check that --data-dir names the right directory"
+    )]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What SQLite or the schema check said.
+        detail: String,
+    },
     /// A stored row no longer parses (hand-edited or corrupted file).
     #[error("corrupt row in table {table}: {detail}")]
     Corrupt {
@@ -202,6 +228,69 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         Self::migrate(conn)
+    }
+
+    /// Opens the database file of an initialized data dir: it must exist, be a SQLite file with
+    /// meshauth's schema, and pass SQLite's quick integrity check. Never creates anything.
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        let shown = path.display().to_string();
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing { path: shown });
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: shown,
+                    source,
+                });
+            }
+        };
+        if meta.len() == 0 {
+            return Err(StoreError::Empty { path: shown });
+        }
+        let damaged = |detail: String| StoreError::Damaged {
+            path: shown.clone(),
+            detail,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| damaged(e.to_string()))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| damaged(e.to_string()))?;
+        if version == 0 {
+            return Err(damaged("no meshauth schema in it".into()));
+        }
+        let check: String = conn
+            .pragma_query_value(None, "quick_check", |r| r.get(0))
+            .map_err(|e| damaged(e.to_string()))?;
+        if check != "ok" {
+            return Err(damaged(format!("SQLite's integrity check: {check}")));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Self::migrate(conn)
+    }
+
+    /// Reads every row through the same decoding the server uses, so that a damaged row stops
+    /// startup (or `server check`) instead of failing a request later. Returns how many rows
+    /// each table holds.
+    pub fn check(&self) -> Result<Vec<(&'static str, usize)>> {
+        let journal = self.load_ca_journal()?;
+        Ok(vec![
+            ("ca_journal", usize::from(journal.is_some())),
+            ("nodes", self.nodes()?.len()),
+            ("node_specs", self.node_specs()?.len()),
+            ("identities", self.identities()?.len()),
+            ("pods", self.pods()?.len()),
+            ("policies", self.policies()?.len()),
+            ("entries", self.list_entries(&EntryFilter::default())?.len()),
+        ])
     }
 
     /// A store in memory, for tests of other components.
@@ -593,19 +682,23 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (namespace, name, labels, node, identity, ipv4, interface) = row?;
+            let key = format!("{namespace}/{name}");
+            let c = |what: &str, e: &dyn std::fmt::Display| {
+                corrupt("pods", format!("pod {key}, {what}: {e}"))
+            };
             let runtime = match (ipv4, interface) {
                 (Some(ip), Some(interface)) => Some(PodRuntime {
-                    ipv4: ip.parse().map_err(|e| corrupt("pods", e))?,
+                    ipv4: ip.parse().map_err(|e| c("ipv4", &e))?,
                     interface,
                 }),
                 _ => None,
             };
             out.push(PodRecord {
+                labels: labels_from_json(&labels).map_err(|e| c("labels", &e))?,
+                node: node.parse().map_err(|e| c("node", &e))?,
+                identity: IdentityId::new(u32::try_from(identity).map_err(|e| c("identity", &e))?),
                 namespace,
                 name,
-                labels: labels_from_json(&labels)?,
-                node: node.parse().map_err(|e| corrupt("pods", e))?,
-                identity: IdentityId::new(u32::try_from(identity).map_err(|e| corrupt("pods", e))?),
                 runtime,
             });
         }
@@ -910,7 +1003,7 @@ fn entry_row(r: &Row<'_>) -> rusqlite::Result<Result<RegistrationEntry>> {
     let dns: String = r.get(5)?;
     let revision: i64 = r.get(6)?;
     Ok((|| {
-        let c = |e: &dyn std::fmt::Display| corrupt("entries", e);
+        let c = |e: &dyn std::fmt::Display| corrupt("entries", format!("entry {id}: {e}"));
         let selector_texts: Vec<String> = serde_json::from_str(&selectors).map_err(|e| c(&e))?;
         Ok(RegistrationEntry {
             id: id.parse().map_err(|e| c(&e))?,

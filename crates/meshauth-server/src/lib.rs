@@ -20,5 +20,7 @@ pub mod registry;
 pub mod run;
 mod tls_incoming;
 
-pub use run::{Server, ServerConfig, defaults, server_spiffe_id};
+pub use run::{
+    DATASTORE_FILE, Server, ServerConfig, TRUST_DOMAIN_FILE, defaults, open_store, server_spiffe_id,
+};
 pub use tls_incoming::PeerInfo;

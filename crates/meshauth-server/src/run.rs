@@ -104,7 +104,7 @@ impl Server {
     /// Opens the store, loads or creates the CA, issues the server's own SVID and binds.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
         let data_lock = open_data_dir(&config.data_dir)?;
-        let store = meshauth_datastore::Store::open(&config.data_dir.join("meshauth.db"))?;
+        let store = open_store(&config.data_dir, &config.trust_domain, true)?;
         let now = SystemTime::now();
         let registry = Arc::new(Registry::open(
             RegistryConfig {
@@ -500,6 +500,73 @@ fn issue_own_svid(registry: &Registry, id: &SpiffeId, now: SystemTime) -> anyhow
 /// naming the directory and the pid of the first.
 fn open_data_dir(dir: &Path) -> anyhow::Result<meshauth_telemetry::DataDirLock> {
     Ok(meshauth_telemetry::lock_data_dir(dir, "--data-dir")?)
+}
+
+/// The datastore's file in a data dir.
+pub const DATASTORE_FILE: &str = "meshauth.db";
+/// The file that marks a data dir as initialized, holding its trust domain.
+pub const TRUST_DOMAIN_FILE: &str = "trust-domain";
+
+/// Opens the data dir's datastore, refusing rather than forgetting: a data dir that was
+/// initialized (it has [`TRUST_DOMAIN_FILE`], or a datastore) must still have a readable
+/// datastore with its CA, for the trust domain it was made for, and every row must decode. Only
+/// a data dir that holds neither gets a new datastore (and then a new CA): the first start, when
+/// `first_start` allows it (`server check` does not).
+pub fn open_store(
+    dir: &Path,
+    td: &TrustDomain,
+    first_start: bool,
+) -> anyhow::Result<meshauth_datastore::Store> {
+    let db = dir.join(DATASTORE_FILE);
+    let marker = dir.join(TRUST_DOMAIN_FILE);
+    let recorded = match std::fs::read_to_string(&marker) {
+        Ok(t) => Some(t.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => anyhow::bail!("cannot read {}: {e}", marker.display()),
+    };
+    if let Some(r) = &recorded
+        && r != td.as_str()
+    {
+        anyhow::bail!(
+            "the data dir {} belongs to trust domain {r:?}, not {:?}: pass --trust-domain {r}, or use another --data-dir",
+            dir.display(),
+            td.as_str()
+        );
+    }
+    let initialized = recorded.is_some() || db.exists();
+    let store = if initialized {
+        let store = meshauth_datastore::Store::open_existing(&db)?;
+        if store.load_ca_journal()?.is_none() {
+            anyhow::bail!(
+                "the datastore {} holds no CA although its data dir was initialized: restore it from a backup; to start a new trust domain instead (every agent must join again), remove the data dir",
+                db.display()
+            );
+        }
+        store
+    } else if !first_start {
+        anyhow::bail!(
+            "{} holds no meshauth datastore: nothing to check (a server started with this --data-dir creates one)",
+            dir.display()
+        );
+    } else {
+        tracing::info!(data_dir = %dir.display(), trust_domain = %td, "initializing a new data dir: a new datastore and CA");
+        meshauth_datastore::Store::open(&db)?
+    };
+    let counts = store
+        .check()
+        .with_context(|| format!("the datastore {} is damaged", db.display()))?;
+    tracing::debug!(?counts, "datastore checked");
+    if recorded.is_none() {
+        write_marker(&marker, td)?;
+    }
+    Ok(store)
+}
+
+fn write_marker(marker: &Path, td: &TrustDomain) -> anyhow::Result<()> {
+    let tmp = marker.with_extension("tmp");
+    std::fs::write(&tmp, format!("{td}\n"))
+        .and_then(|()| std::fs::rename(&tmp, marker))
+        .with_context(|| format!("cannot write {}", marker.display()))
 }
 
 #[cfg(test)]
