@@ -2,7 +2,7 @@
 //! `meshauth.io/authentication: per-connection` lets client3 reach the demo app with a fresh
 //! handshake for every new TCP connection, and each connection's auth entry goes when the
 //! connection closes: from the kernel's auth maps of both nodes at once, from the agents' lists
-//! within seconds.
+//! within seconds. Then a ban: the banned node's auth entries go from its peers within 1 s.
 
 #![allow(
     clippy::unwrap_used,
@@ -252,5 +252,84 @@ for line in sys.stdin:
         "the agents stop listing the closed connection's entry",
         || listed("n1").is_empty() && listed("n2").is_empty(),
     );
+
+    // A ban revokes: n1 holds the demo's pair entry toward n2 (demodeployment <-> client2);
+    // banning n2 removes it from n1's agent and kernel within 1 s, and n2's pods lose their
+    // identity on n1 (their traffic is dropped).
+    let toward_n2 = || -> usize {
+        let out = Command::new(BIN)
+            .args([
+                "auth",
+                "list",
+                "-o",
+                "json",
+                "--agent-socket",
+                &socket("n1"),
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["remote"]["node"] == "n2")
+            .count()
+    };
+    assert!(toward_n2() >= 1, "the demo's pair entry toward n2");
+    let agents = Command::new(BIN)
+        .args(["agent", "list", "-o", "json", "--admin-socket", &admin])
+        .output()
+        .unwrap();
+    let agents: serde_json::Value = serde_json::from_slice(&agents.stdout).unwrap();
+    let n2_id = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["node"] == "n2")
+        .and_then(|a| a["node_id"].as_u64())
+        .unwrap();
+    let kernel_before = {
+        let mut dp = meshauth_datapath::Datapath::load(&meshauth_datapath::Datapath::pin_dir_for(
+            &format!("{LAB}-n1"),
+        ))
+        .unwrap();
+        dp.auth_entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| u64::from(k.remote_node.get()) == n2_id)
+            .count()
+    };
+    assert!(
+        kernel_before >= 1,
+        "n1's kernel holds the pair's entry toward n2"
+    );
+    let banned = Command::new(BIN)
+        .args(["agent", "ban", "--node", "n2", "--admin-socket", &admin])
+        .output()
+        .unwrap();
+    assert!(
+        banned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&banned.stderr)
+    );
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(1),
+        "n1 revokes its entries toward the banned node within 1 s",
+        || {
+            toward_n2() == 0 && {
+                let mut dp = meshauth_datapath::Datapath::load(
+                    &meshauth_datapath::Datapath::pin_dir_for(&format!("{LAB}-n1")),
+                )
+                .unwrap();
+                dp.auth_entries()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, _)| u64::from(k.remote_node.get()) != n2_id)
+            }
+        },
+    );
+    eprintln!("ban to revoked on n1: {} ms", t.elapsed().as_millis());
+    assert!(!get(&lab), "the banned node's pods are cut off");
     lab.down().unwrap();
 }
