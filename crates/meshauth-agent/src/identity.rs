@@ -137,12 +137,6 @@ impl DataDir {
             "PRIVATE KEY",
             svid.key.secret_pkcs8_der().to_vec(),
         ));
-        write_atomic(&self.path("node.key"), key_pem.as_bytes(), 0o600)?;
-        write_atomic(
-            &self.path("node.crt"),
-            certs_pem(&svid.chain).as_bytes(),
-            0o644,
-        )?;
         let meta = NodeFile {
             node_id: svid.node_id,
             issued_at_unix: svid
@@ -151,8 +145,18 @@ impl DataDir {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
-        write_atomic(&self.path("node.json"), &serde_json::to_vec(&meta)?, 0o644)?;
-        Ok(())
+        // All three written before any replaces its file: a full disk fails the writes and
+        // leaves the node's current key and certificate as they were (never a new key beside
+        // an old certificate); the renames need no space.
+        write_all_atomic(&[
+            (&self.path("node.key"), key_pem.as_bytes(), 0o600),
+            (
+                &self.path("node.crt"),
+                certs_pem(&svid.chain).as_bytes(),
+                0o644,
+            ),
+            (&self.path("node.json"), &serde_json::to_vec(&meta)?, 0o644),
+        ])
     }
 
     /// The bundle saved by an earlier run, if any.
@@ -217,6 +221,52 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces several files, as [`write_atomic`] does each: every temporary file is written and
+/// synced first, and only then are they renamed into place, so that a failed write (a full
+/// disk) replaces none of them.
+pub fn write_all_atomic(files: &[(&Path, &[u8], u32)]) -> anyhow::Result<()> {
+    let mut staged = Vec::new();
+    for (path, data, mode) in files {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .with_context(|| {
+                format!(
+                    "cannot create a temporary file in {} (for {})",
+                    dir.display(),
+                    path.display()
+                )
+            })?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(*mode))
+            .and_then(|()| tmp.write_all(data))
+            .and_then(|()| tmp.as_file().sync_all())
+            .with_context(|| {
+                format!(
+                    "cannot write {} (for {})",
+                    tmp.path().display(),
+                    path.display()
+                )
+            })?;
+        staged.push((tmp, *path));
+    }
+    let mut dirs = Vec::new();
+    for (tmp, path) in staged {
+        tmp.persist(path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        dirs.push(path.parent().unwrap_or(Path::new(".")).to_owned());
+    }
+    dirs.dedup();
+    for d in dirs {
+        if let Ok(d) = fs::File::open(d) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 /// A private key of the form the TLS stack takes.
 pub fn private_key(key: &PrivatePkcs8KeyDer<'_>) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(key.clone_key())
@@ -235,6 +285,27 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_failed_write_replaces_none_of_the_files() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("node.key");
+        fs::write(&key, b"old key").unwrap();
+        // The second file cannot be written (as on a full disk): the first stays as it was.
+        let unwritable = d.path().join("no-such-dir/node.crt");
+        let err = write_all_atomic(&[(&key, b"new key", 0o600), (&unwritable, b"new crt", 0o644)])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("node.crt"), "{err:#}");
+        assert_eq!(fs::read(&key).unwrap(), b"old key");
+        let left: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
+        // Both writable: both replaced.
+        let crt = d.path().join("node.crt");
+        write_all_atomic(&[(&key, b"new key", 0o600), (&crt, b"new crt", 0o644)]).unwrap();
+        assert_eq!(fs::read(&key).unwrap(), b"new key");
+        assert_eq!(fs::read(&crt).unwrap(), b"new crt");
+        assert_eq!(mode(&key), 0o600);
     }
 
     #[test]

@@ -436,22 +436,28 @@ impl Store {
             .ok_or_else(|| StoreError::NodeNotFound(node.clone()))
     }
 
-    /// Records a renewed node SVID. The node must exist and not be banned. The replaced serial
-    /// stays acceptable (see [`NodeRecord::accepts_serial`]) so that a renewal whose answer was
-    /// lost does not lock the node out.
+    /// Records a renewed node SVID. The node must exist and not be banned. `proven`, the serial
+    /// the node authenticated the renewal with, stays acceptable beside the new one (see
+    /// [`NodeRecord::accepts_serial`]) until the node renews with the new one: a renewal whose
+    /// answer was lost, or that the node could not save, never locks the node out.
     pub fn record_renewal(
         &self,
         node: &NodeName,
+        proven: &str,
         serial: &str,
         not_after: SystemTime,
     ) -> Result<NodeRecord> {
         let record = self.usable_node(node)?;
+        // The serial kept beside the new one is the one the node proved it holds (it
+        // authenticated this renewal with it), not blindly the last issued: a node that could
+        // not save its renewed SVID (a full disk) and renews again with the old one is never
+        // locked out, and drops the old one only once it used the new one.
         self.conn().execute(
-            "UPDATE nodes SET previous_serial = serial, serial = ?2, svid_not_after = ?3 WHERE name = ?1",
-            params![node.as_str(), serial, unix_secs(not_after)],
+            "UPDATE nodes SET previous_serial = ?2, serial = ?3, svid_not_after = ?4 WHERE name = ?1",
+            params![node.as_str(), proven, serial, unix_secs(not_after)],
         )?;
         Ok(NodeRecord {
-            previous_serial: Some(record.serial.clone()),
+            previous_serial: Some(proven.to_owned()),
             serial: serial.to_owned(),
             svid_not_after: not_after,
             ..record
@@ -1103,14 +1109,18 @@ mod tests {
             .unwrap();
         assert_eq!(a2.node_id, a.node_id);
         assert_eq!(a2.serial, "03");
-        store.record_renewal(&node("a"), "04", now).unwrap();
+        store.record_renewal(&node("a"), "03", "04", now).unwrap();
         let a4 = store.node(&node("a")).unwrap().unwrap();
         assert_eq!(a4.serial, "04");
         assert!(a4.accepts_serial("04") && a4.accepts_serial("03") && !a4.accepts_serial("01"));
+        // Renewed again with 03 (04 was never saved, never used): 03 stays, 04 goes.
+        store.record_renewal(&node("a"), "03", "06", now).unwrap();
+        let a6 = store.node(&node("a")).unwrap().unwrap();
+        assert!(a6.accepts_serial("06") && a6.accepts_serial("03") && !a6.accepts_serial("04"));
 
         store.ban_node(&node("a")).unwrap();
         assert!(matches!(
-            store.record_renewal(&node("a"), "05", now),
+            store.record_renewal(&node("a"), "03", "05", now),
             Err(StoreError::NodeBanned(_))
         ));
         assert!(matches!(

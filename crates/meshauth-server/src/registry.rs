@@ -405,11 +405,12 @@ impl Registry {
         now: SystemTime,
     ) -> Result<NodeSvid> {
         let record = self.authenticate_node(caller)?;
+        let proven = caller.map(|c| c.serial.clone()).unwrap_or_default();
         let id = self.node_spiffe_id(&record.name)?;
         let svid = self.ca().sign_csr(csr, &id, None, &[], now)?;
-        let record = self
-            .store
-            .record_renewal(&record.name, &svid.serial, svid.not_after)?;
+        let record =
+            self.store
+                .record_renewal(&record.name, &proven, &svid.serial, svid.not_after)?;
         self.metrics.svid_issued(SvidKind::Node);
         tracing::info!(node = %record.name, serial = %svid.serial, "node SVID renewed");
         Ok(NodeSvid {

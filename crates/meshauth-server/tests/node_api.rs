@@ -285,6 +285,50 @@ async fn renewal_ban_and_eviction() {
 }
 
 #[tokio::test]
+async fn a_node_that_could_not_save_its_renewal_is_never_locked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let first = attest(&server, "n1").await;
+    let renew = |svid: (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )| {
+        let (bundle, addr) = (server.bundle(), server.addr);
+        async move {
+            let mut c = node_client(addr, bundle, Some(svid)).await;
+            let (key, csr) = key_and_csr();
+            c.renew_node_svid(RenewNodeSvidRequest { csr })
+                .await
+                .map(|r| (chain(&r.into_inner().svid_chain), pkcs8(&key)))
+        }
+    };
+    let copy = |s: &(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )| { (s.0.clone(), s.1.clone_key()) };
+    // The node renews but cannot save the answer (a full disk): it keeps the SVID it has and
+    // renews with it again, and again: each time accepted, as it proved it holds that one.
+    for attempt in 1..=3 {
+        renew(copy(&first))
+            .await
+            .unwrap_or_else(|e| panic!("renewal {attempt} with the old SVID: {e}"));
+    }
+    // Once it renews with a new one, the old one is done.
+    let newer = renew(copy(&first)).await.unwrap();
+    renew(copy(&newer))
+        .await
+        .expect("renewal with the newer SVID");
+    let err = renew(copy(&first)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("no longer current"),
+        "{}",
+        err.message()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn sync_stream_pushes_entry_changes() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
