@@ -200,25 +200,7 @@ fn certs_pem(chain: &[CertificateDer<'_>]) -> String {
 /// existing `path` lends its mode to the result; it is synced before the rename, and removed if
 /// any step fails.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    let written = tmp
-        .as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .and_then(|()| tmp.write_all(data))
-        .and_then(|()| tmp.as_file().sync_all());
-    written.with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot replace {}", path.display()))?;
-    // The rename is durable once the directory is.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    write_all_atomic(&[(path, data, mode)])
 }
 
 /// Replaces several files, as [`write_atomic`] does each: every temporary file is written and
