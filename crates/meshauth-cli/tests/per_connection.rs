@@ -9,20 +9,16 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod demo_lab;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshauth");
+use demo_lab::{BIN, DemoLab};
+use meshauth_test_support::eventually;
+
 const LAB: &str = "pconn";
-
-struct Down(meshauth_lab::Lab);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
 
 const POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -123,22 +119,14 @@ fn in_kernel(node: &str) -> usize {
         .count()
 }
 
-fn eventually(limit: Duration, what: &str, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "{what} (waited {limit:?})");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// One new connection from client3-2 (n2) to demodeployment-1 (n1): whether it got a 200.
+fn get(d: &DemoLab) -> bool {
+    d.get("client3-2", "demodeployment-1")
 }
 
-fn get(lab: &meshauth_lab::Lab) -> bool {
-    let py = "import urllib.request as u\nprint(u.urlopen('http://demodeployment-1/', timeout=5).status)";
-    let argv: Vec<String> = ["python3", "-c", py]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let out = lab.exec("client3-2", &argv).unwrap().output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim() == "200"
+/// Waits up to `limit` for `f`.
+fn within(limit: Duration, what: &str, f: impl Fn() -> bool) {
+    eventually(limit, what, || f().then_some(()));
 }
 
 #[test]
@@ -146,45 +134,25 @@ fn every_new_connection_authenticates_and_its_entry_goes_when_it_closes() {
     if !meshauth_test_support::require_root("the per-connection end-to-end test (lab, eBPF)") {
         return;
     }
-    let lab = meshauth_lab::Lab::new(LAB).unwrap();
-    let _down = Down(lab.clone());
-    let out = Command::new(BIN)
-        .args([
-            "--log", "warn", "demo", "--lab", LAB, "--keep", "-o", "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let d = DemoLab::up(LAB);
+    let lab = &d.lab;
     let path = format!("{}/per-connection.yaml", work());
     std::fs::write(&path, POLICY).unwrap();
-    let admin = format!("{}/server-admin.sock", work());
-    let applied = Command::new(BIN)
-        .args(["policy", "apply", "-f", &path, "--admin-socket", &admin])
-        .output()
-        .unwrap();
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    d.cli(&["policy", "apply", "-f", &path]);
     // client3 was denied by the walkthrough; now each connection authenticates first.
-    eventually(Duration::from_secs(20), "client3 is allowed", || get(&lab));
+    within(Duration::from_secs(20), "client3 is allowed", || get(&d));
     let before = initiated("n2");
     assert!(before >= 1, "client3-2's node (n2) initiated the handshake");
     for i in 1..=3 {
-        assert!(get(&lab), "connection {i} succeeds");
+        assert!(get(&d), "connection {i} succeeds");
     }
-    eventually(
+    within(
         Duration::from_secs(5),
         "one handshake per new connection",
         || initiated("n2") == before + 3,
     );
     // Each closed connection took its entry from the kernel on both nodes.
-    eventually(
+    within(
         Duration::from_secs(2),
         "closed connections leave no entry in the kernel",
         || in_kernel("n1") == 0 && in_kernel("n2") == 0,
@@ -226,7 +194,7 @@ for line in sys.stdin:
     assert_eq!(in_kernel("n2"), 1, "the open connection's entry on n2");
     // Wait out the grace of fresh entries (the closed connections' go from the lists then),
     // so that the agents' sweep keeps the open one for its connection's sake alone.
-    eventually(
+    within(
         Duration::from_secs(10),
         "the agents list only the open connection's entry",
         || listed("n1").len() == 1 && listed("n2").len() == 1,
@@ -242,12 +210,12 @@ for line in sys.stdin:
     assert_eq!(in_kernel("n2"), 1);
     drop(input);
     let _ = client.wait();
-    eventually(
+    within(
         Duration::from_secs(2),
         "the closed connection's entry leaves the kernel",
         || in_kernel("n1") == 0 && in_kernel("n2") == 0,
     );
-    eventually(
+    within(
         Duration::from_secs(10),
         "the agents stop listing the closed connection's entry",
         || listed("n1").is_empty() && listed("n2").is_empty(),
@@ -276,11 +244,8 @@ for line in sys.stdin:
             .count()
     };
     assert!(toward_n2() >= 1, "the demo's pair entry toward n2");
-    let agents = Command::new(BIN)
-        .args(["agent", "list", "-o", "json", "--admin-socket", &admin])
-        .output()
-        .unwrap();
-    let agents: serde_json::Value = serde_json::from_slice(&agents.stdout).unwrap();
+    let agents: serde_json::Value =
+        serde_json::from_str(&d.cli(&["agent", "list", "-o", "json"])).unwrap();
     let n2_id = agents
         .as_array()
         .unwrap()
@@ -303,17 +268,9 @@ for line in sys.stdin:
         kernel_before >= 1,
         "n1's kernel holds the pair's entry toward n2"
     );
-    let banned = Command::new(BIN)
-        .args(["agent", "ban", "--node", "n2", "--admin-socket", &admin])
-        .output()
-        .unwrap();
-    assert!(
-        banned.status.success(),
-        "{}",
-        String::from_utf8_lossy(&banned.stderr)
-    );
+    d.cli(&["agent", "ban", "--node", "n2"]);
     let t = Instant::now();
-    eventually(
+    within(
         Duration::from_secs(1),
         "n1 revokes its entries toward the banned node within 1 s",
         || {
@@ -330,6 +287,6 @@ for line in sys.stdin:
         },
     );
     eprintln!("ban to revoked on n1: {} ms", t.elapsed().as_millis());
-    assert!(!get(&lab), "the banned node's pods are cut off");
-    lab.down().unwrap();
+    assert!(!get(&d), "the banned node's pods are cut off");
+    drop(d);
 }
