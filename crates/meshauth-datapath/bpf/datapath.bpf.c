@@ -350,7 +350,9 @@ static __always_inline void decide(const struct flow *f, const struct ma_endpoin
 	 * node's identities sit under a peer endpoint id, looked up the same way. */
 	if (direction == MA_DIR_EGRESS && auth != MA_AUTH_ALWAYS_FAIL) {
 		__u8 peer_auth = MA_AUTH_NONE;
-		/* The stronger requirement wins: per connection over per pair over none. */
+		/* The stronger requirement wins, as `policy trace` combines the two directions
+		 * (`AuthType::max`: none < required < per connection < always fail; the raw values
+		 * are not in that order, hence the explicit test). */
 		if (policy_lookup(MA_PEER_ENDPOINT_BASE | remote_id, MA_DIR_INGRESS, ep->identity, f,
 				  &peer_auth) == MA_VERDICT_ALLOW &&
 		    peer_auth != MA_AUTH_NONE &&
