@@ -439,6 +439,10 @@ const CT_SWEEP: Duration = Duration::from_secs(30);
 /// Retry delays after a failed reconcile.
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Longest a reconcile pass may take (its server calls: connecting, signing identity SVIDs); a
+/// pass that takes longer is abandoned and retried like a failure, so a server that accepts
+/// and stalls never wedges enforcement (or its shutdown).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs enforcement until `shutdown`. Fails (and says so in `config.status`) when the datapath
 /// cannot be loaded or the handshake port cannot be bound.
@@ -665,7 +669,14 @@ async fn run_inner(
     let mut retry_delay = RETRY_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let renew = state.renew_at.values().min().copied();
+        // While a retry is pending, renewals that fell due wait for it: otherwise an SVID past
+        // its renewal time would wake the loop at once, again and again, with the server down.
+        let renew = state
+            .renew_at
+            .values()
+            .min()
+            .copied()
+            .filter(|_| retry_at.is_none());
         let renew_in = renew
             .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
             .unwrap_or(Duration::from_secs(3600));
@@ -715,21 +726,32 @@ async fn run_inner(
         dirty = false;
         let snapshot: Arc<Snapshot> = snapshots.borrow_and_update().clone();
         let list = endpoints.borrow_and_update().clone();
-        match reconcile(
-            &manager,
-            &driver,
-            &view,
-            &svids,
-            &auth,
-            &mut state,
-            &snapshot,
-            list,
-            &config.node_name,
-            config.node_address,
-            config.pre_authenticate,
-        )
-        .await
-        {
+        let pass = tokio::time::timeout(
+            RECONCILE_TIMEOUT,
+            reconcile(
+                &manager,
+                &driver,
+                &view,
+                &svids,
+                &auth,
+                &mut state,
+                &snapshot,
+                list,
+                &config.node_name,
+                config.node_address,
+                config.pre_authenticate,
+            ),
+        );
+        let outcome = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            r = pass => r.unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the reconcile pass took longer than {}s (a server call stalled)",
+                    RECONCILE_TIMEOUT.as_secs()
+                ))
+            }),
+        };
+        match outcome {
             Ok(problems) => {
                 // What compiling and planning freed goes back to the kernel (at scale several
                 // MB that glibc would keep).

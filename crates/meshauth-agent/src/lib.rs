@@ -1,6 +1,7 @@
 //! The meshauth node agent: the per-node half of identity.
 //!
-//! It attests to the server once with a join token (then renews with its node SVID), keeps a
+//! It attests to the server with a join token or an operator-issued node certificate (x509pop;
+//! then renews with its node SVID, and attests again by itself if that expired), keeps a
 //! workload SVID for every entry the server authorizes for this node (keys generated here),
 //! rotates them at about half-life, and serves them to local workloads over the standard SPIFFE
 //! Workload API, attesting callers by their peer credentials.
@@ -9,6 +10,8 @@
 //! - [`identity`]: the node key, SVID and bundle on disk.
 //! - [`server_client`]: dialing the server over mutual TLS; keys and CSRs.
 //! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
+//! - [`node_attestation`]: obtaining a node SVID (x509pop or join token), again after an
+//!   outage outlived it.
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
 //! - [`endpoints`]: [`endpoints::EndpointSource`], where the node's pods come from.
@@ -37,6 +40,7 @@ pub mod hold;
 pub mod identity;
 pub mod manager;
 pub mod metrics;
+pub mod node_attestation;
 pub mod plan;
 pub mod run;
 pub mod server_client;

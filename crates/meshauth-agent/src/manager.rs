@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use meshauth_proto::node::node_client::NodeClient;
 use meshauth_proto::node::{
-    AttestJoinTokenRequest, Bundle, CsrForEntry, RenewNodeSvidRequest, SignWorkloadSvidsRequest,
-    SignWorkloadSvidsResponse, SyncRequest, SyncResponse,
+    Bundle, CsrForEntry, RenewNodeSvidRequest, SignWorkloadSvidsRequest, SignWorkloadSvidsResponse,
+    SyncRequest, SyncResponse,
 };
 use meshauth_spiffe::{TrustDomain, X509Bundle};
 use meshauth_tls::{SharedBundle, SharedCertifiedKey};
@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 
 use crate::cache::{Entry, Snapshot, UnsignableEntry, WorkloadSvid};
 use crate::identity::{DataDir, NodeSvid, private_key, read_bundle};
-use crate::metrics::{Metrics, SvidKind};
+use crate::metrics::{AttestationResult, Metrics, SvidKind};
+use crate::node_attestation::{AttestationError, NodeAttestor};
 use crate::server_client::{connect, key_and_csr};
 
 /// First retry delay after losing the server.
@@ -57,6 +58,10 @@ pub struct Manager {
     node: Arc<Mutex<NodeSvid>>,
     state: watch::Sender<Arc<Snapshot>>,
     metrics: Metrics,
+    attestor: NodeAttestor,
+    /// Set when the server refused the node SVID (evicted, re-attested elsewhere): the next
+    /// attempt attests again instead of presenting it.
+    refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A renewal time at about half of the lifetime, ±5 % jitter so that nodes spread out.
@@ -66,13 +71,13 @@ pub(crate) fn refresh_time(issued_at: SystemTime, not_after: SystemTime) -> Syst
     issued_at + life.mul_f64(fraction)
 }
 
-fn chain_of(raw: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
+pub(crate) fn chain_of(raw: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
     raw.iter()
         .map(|c| CertificateDer::from(c.clone()))
         .collect()
 }
 
-fn bundle_of(msg: &Bundle, td: &TrustDomain) -> anyhow::Result<X509Bundle> {
+pub(crate) fn bundle_of(msg: &Bundle, td: &TrustDomain) -> anyhow::Result<X509Bundle> {
     if msg.trust_domain != td.to_string() {
         bail!(
             "the server sent a bundle for trust domain {:?}, expected {td}",
@@ -174,12 +179,12 @@ fn cluster_of(
     out
 }
 
-/// Loads the node identity from the data dir, or attests with the join token.
+/// Loads the node identity from the data dir, or attests (x509pop, else the join token).
 pub async fn bootstrap(
     config: &ManagerConfig,
     data: &DataDir,
     trust_bundle: &std::path::Path,
-    join_token: Option<&str>,
+    attestor: &NodeAttestor,
 ) -> anyhow::Result<(NodeSvid, X509Bundle)> {
     let td = &config.trust_domain;
     let now = SystemTime::now();
@@ -193,47 +198,24 @@ pub async fn bootstrap(
             return Ok((svid, bundle));
         }
         Ok(None) => {}
-        Err(e) if join_token.is_some() => {
-            tracing::warn!(error = %e, "saved node SVID unusable; attesting with the join token");
+        Err(e) if attestor.has_credential() => {
+            tracing::warn!(error = %format!("{e:#}"), "saved node SVID unusable; attesting again");
         }
         Err(e) => return Err(e),
     }
-    let Some(token) = join_token else {
+    if !attestor.has_credential() {
         bail!(
-            "this node has not attested yet: pass --join-token (from `meshauth token generate --node {}`)",
+            "this node has not attested yet: pass --join-token-file (from `meshauth token generate --node {}`) or an operator certificate (--x509pop-cert, --x509pop-key)",
             config.node_name
         );
-    };
-    let mut client = connect(&config.server, td, SharedBundle::new(bundle), None).await?;
-    let (key, csr) = key_and_csr()?;
-    let resp = client
-        .attest_join_token(AttestJoinTokenRequest {
-            token: token.to_owned(),
-            node_name: config.node_name.clone(),
-            csr,
-        })
+    }
+    let (svid, bundle) = attestor
+        .attest(&config.node_name, &config.server, td, &bundle, false)
         .await
-        .map_err(|s| anyhow::anyhow!("attestation refused: {}", s.message()))?
-        .into_inner();
-    let bundle = bundle_of(
-        resp.bundle.as_ref().context("the server sent no bundle")?,
-        td,
-    )?;
-    let chain = chain_of(&resp.svid_chain);
-    let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
-        .context("the server issued a node SVID that does not validate")?;
-    let svid = NodeSvid {
-        chain,
-        key,
-        spiffe_id: verified.spiffe_id,
-        serial: verified.serial,
-        issued_at: now,
-        not_after: verified.not_after,
-        node_id: resp.node_id,
-    };
+        .map_err(anyhow::Error::new)?;
     data.save_node_svid(&svid)?;
     data.save_bundle(&bundle)?;
-    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, "attested with the join token");
+    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, x509pop = attestor.can_reattest(), "attested");
     Ok((svid, bundle))
 }
 
@@ -245,6 +227,7 @@ impl Manager {
         node: NodeSvid,
         bundle: X509Bundle,
         metrics: Metrics,
+        attestor: NodeAttestor,
     ) -> anyhow::Result<Manager> {
         let node_key = SharedCertifiedKey::new(node.chain.clone(), private_key(&node.key))?;
         let state = watch::Sender::new(Arc::new(Snapshot {
@@ -259,6 +242,8 @@ impl Manager {
             node: Arc::new(Mutex::new(node)),
             state,
             metrics,
+            attestor,
+            refused: Arc::default(),
         })
     }
 
@@ -319,20 +304,26 @@ impl Manager {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let started = std::time::Instant::now();
+            let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let outcome = tokio::select! {
-                r = self.session() => r,
+                r = self.session(&served) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             self.metrics.set_connected(false);
             self.publish(|s| s.connected = false);
-            // A session that ended quickly, cleanly or not, backs off like a failure: a server
-            // that accepts and drops us (or refuses us) is never redialed in a tight loop.
-            if started.elapsed() >= BACKOFF_MAX {
+            // A session that got service (a sync message) resets the backoff; one that did not
+            // (refused, dropped at once) backs off like a failure, so a server that accepts and
+            // drops us is never redialed in a tight loop.
+            if served.load(std::sync::atomic::Ordering::Relaxed) {
                 backoff = BACKOFF_MIN;
             }
             let delay = match outcome {
-                Ok(()) => {
+                // The node SVID was renewed: the new one is presented on a new connection now.
+                Ok(SessionEnd::Renewed) => {
+                    tracing::debug!("reconnecting with the renewed node SVID");
+                    continue;
+                }
+                Ok(SessionEnd::ServerEnded) => {
                     tracing::info!(
                         retry_in_ms = backoff.as_millis() as u64,
                         "the server ended the sync stream; reconnecting"
@@ -354,8 +345,65 @@ impl Manager {
         }
     }
 
-    /// One connection: sync, sign, rotate. `Ok` means "reconnect now" (node SVID renewed).
-    async fn session(&self) -> anyhow::Result<()> {
+    /// Attests again if the node SVID expired (a server outage longer than its lifetime) or
+    /// the server refused it. The new SVID is saved before it replaces the old one.
+    async fn attest_if_needed(&self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        let expired = self.node_svid().not_after <= SystemTime::now();
+        let refused = self.refused.load(Ordering::Relaxed);
+        if !expired && !refused {
+            return Ok(());
+        }
+        let why = if expired {
+            "the node SVID expired"
+        } else {
+            "the server refused the node SVID"
+        };
+        let bundle = self.bundle.get();
+        let (svid, bundle) = match self
+            .attestor
+            .attest(
+                &self.config.node_name,
+                &self.config.server,
+                &self.config.trust_domain,
+                &bundle,
+                true,
+            )
+            .await
+        {
+            Ok(issued) => issued,
+            Err(e) => {
+                self.metrics.attested_again(match e {
+                    AttestationError::Refused(_) => AttestationResult::Refused,
+                    _ => AttestationResult::Failed,
+                });
+                return Err(anyhow::Error::new(e).context(format!("{why}; attesting again failed")));
+            }
+        };
+        self.data.save_node_svid(&svid)?;
+        self.data.save_bundle(&bundle)?;
+        self.node_key
+            .set(svid.chain.clone(), private_key(&svid.key))?;
+        self.bundle.set(bundle);
+        tracing::info!(reason = why, serial = %svid.serial, x509pop = self.attestor.can_reattest(), "attested again");
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
+        self.refused.store(false, Ordering::Relaxed);
+        self.metrics.attested_again(AttestationResult::Ok);
+        Ok(())
+    }
+
+    /// Marks the node SVID refused when the server says so (evicted, re-attested elsewhere,
+    /// unknown): the next attempt attests again.
+    fn note_refusal(&self, s: &tonic::Status) {
+        if s.code() == tonic::Code::Unauthenticated {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// One connection: sync, sign, rotate. `served` turns true once a sync message arrived.
+    async fn session(&self, served: &std::sync::atomic::AtomicBool) -> anyhow::Result<SessionEnd> {
+        self.attest_if_needed().await?;
         let td = &self.config.trust_domain;
         let mut client = connect(
             &self.config.server,
@@ -366,12 +414,15 @@ impl Manager {
         .await?;
         // Rotations that fell due while disconnected happen first.
         if self.rotate_node_if_due(&mut client).await? {
-            return Ok(());
+            return Ok(SessionEnd::Renewed);
         }
         let mut stream = client
             .sync(SyncRequest::default())
             .await
-            .map_err(|s| anyhow::anyhow!("sync refused: {}", s.message()))?
+            .map_err(|s| {
+                self.note_refusal(&s);
+                anyhow::anyhow!("sync refused: {}", s.message())
+            })?
             .into_inner();
         self.metrics.set_connected(true);
         self.publish(|s| s.connected = true);
@@ -381,13 +432,20 @@ impl Manager {
             let sleep = wake.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::select! {
                 msg = stream.message() => {
-                    let msg = msg.map_err(|s| anyhow::anyhow!("sync stream: {}", s.message()))?
-                        .context("the server closed the sync stream")?;
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(SessionEnd::ServerEnded),
+                        Err(s) => {
+                            self.note_refusal(&s);
+                            return Err(anyhow::anyhow!("sync stream: {}", s.message()));
+                        }
+                    };
                     self.apply(&mut client, msg).await?;
+                    served.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 () = tokio::time::sleep(sleep) => {
                     if self.rotate_node_if_due(&mut client).await? {
-                        return Ok(());
+                        return Ok(SessionEnd::Renewed);
                     }
                     self.rotate_workloads_if_due(&mut client).await?;
                 }
@@ -617,7 +675,10 @@ impl Manager {
         let resp = client
             .renew_node_svid(RenewNodeSvidRequest { csr })
             .await
-            .map_err(|s| anyhow::anyhow!("renewal refused: {}", s.message()))?
+            .map_err(|s| {
+                self.note_refusal(&s);
+                anyhow::anyhow!("renewal refused: {}", s.message())
+            })?
             .into_inner();
         let now = SystemTime::now();
         let bundle = match &resp.bundle {
@@ -642,6 +703,15 @@ impl Manager {
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
         Ok(())
     }
+}
+
+/// How a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The node SVID was renewed: reconnect at once, presenting the new one.
+    Renewed,
+    /// The server closed the sync stream.
+    ServerEnded,
 }
 
 /// What one signing call gave: SVIDs for some entries, refusals for the others.

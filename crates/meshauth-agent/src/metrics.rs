@@ -97,6 +97,22 @@ struct KindLabels {
     kind: SvidKind,
 }
 
+/// How an attestation of this node (first start, or again after its SVID expired) went.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AttestationResult {
+    /// A node SVID was issued.
+    Ok,
+    /// The server refused the credential.
+    Refused,
+    /// The server was not reached, or the credential could not be read.
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttestationLabels {
+    result: AttestationResult,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabels {
     result: ApiResult,
@@ -218,6 +234,7 @@ pub struct Metrics {
     unsignable_entries: Gauge,
     rotations: Family<KindLabels, Counter>,
     rotation_failures: Family<KindLabels, Counter>,
+    attestations: Family<AttestationLabels, Counter>,
     soonest_expiry: Gauge,
     server_connected: Gauge,
     workload_api: Family<ApiLabels, Counter>,
@@ -272,6 +289,12 @@ impl Metrics {
             "svid_rotation_failures",
             "Failed SVID renewals (the current SVID is kept until expiry), by kind",
             rotation_failures.clone(),
+        );
+        let attestations = Family::<AttestationLabels, Counter>::default();
+        r.register(
+            "node_attestations",
+            "Attestations of this node after its first start (its SVID expired or was refused), by result",
+            attestations.clone(),
         );
         let soonest_expiry = Gauge::default();
         r.register(
@@ -393,6 +416,7 @@ impl Metrics {
         );
         Metrics {
             registry: Arc::new(r),
+            attestations,
             hold_released,
             hold_dropped,
             hold_waiting,
@@ -443,6 +467,12 @@ impl Metrics {
 
     pub(crate) fn rotated(&self, kind: SvidKind) {
         self.rotations.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub(crate) fn attested_again(&self, result: AttestationResult) {
+        self.attestations
+            .get_or_create(&AttestationLabels { result })
+            .inc();
     }
 
     pub(crate) fn rotation_failed(&self, kind: SvidKind) {

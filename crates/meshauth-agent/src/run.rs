@@ -43,8 +43,9 @@ pub struct AgentConfig {
     pub server: String,
     /// The trust domain.
     pub trust_domain: TrustDomain,
-    /// Single-use token for the first attestation (a secret: redacted in `Debug`).
-    pub join_token: Option<String>,
+    /// What the node attests with: a join token (a secret: redacted in `Debug`) or an
+    /// x509pop credential.
+    pub attestor: crate::node_attestation::NodeAttestor,
     /// PEM bundle to trust the server with on first contact.
     pub trust_bundle: PathBuf,
     /// Node key, SVID and latest bundle.
@@ -66,7 +67,7 @@ impl std::fmt::Debug for AgentConfig {
             node_name,
             server,
             trust_domain,
-            join_token,
+            attestor,
             trust_bundle,
             data_dir,
             workload_socket,
@@ -78,7 +79,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("node_name", node_name)
             .field("server", server)
             .field("trust_domain", trust_domain)
-            .field("join_token", &join_token.as_ref().map(|_| "<redacted>"))
+            .field("attestor", attestor)
             .field("trust_bundle", trust_bundle)
             .field("data_dir", data_dir)
             .field("workload_socket", workload_socket)
@@ -102,7 +103,10 @@ mod config_debug_tests {
             node_name: "n1".into(),
             server: "127.0.0.1:8081".into(),
             trust_domain: "test.local".parse().unwrap(),
-            join_token: Some("s3cr3t-t0ken".into()),
+            attestor: crate::node_attestation::NodeAttestor {
+                join_token: Some("s3cr3t-t0ken".into()),
+                ..Default::default()
+            },
             trust_bundle: "/b.pem".into(),
             data_dir: "/d".into(),
             workload_socket: "/w.sock".into(),
@@ -170,15 +174,17 @@ impl Agent {
             server: config.server.clone(),
             trust_domain: config.trust_domain.clone(),
         };
-        let (node, bundle) = bootstrap(
-            &mconfig,
-            &data,
-            &config.trust_bundle,
-            config.join_token.as_deref(),
-        )
-        .await?;
+        let (node, bundle) =
+            bootstrap(&mconfig, &data, &config.trust_bundle, &config.attestor).await?;
         let metrics = Metrics::new();
-        let manager = Manager::new(mconfig, data, node, bundle, metrics.clone())?;
+        let manager = Manager::new(
+            mconfig,
+            data,
+            node,
+            bundle,
+            metrics.clone(),
+            config.attestor.clone(),
+        )?;
         let workload = meshauth_telemetry::bind_unix_socket(
             &config.workload_socket,
             0o777,

@@ -7,6 +7,7 @@ use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use meshauth_proto::node::node_client::NodeClient;
 use meshauth_spiffe::TrustDomain;
+use meshauth_tls::x509pop::{EXPORTER_LABEL, EXPORTER_LEN};
 use meshauth_tls::{HandshakeFailure, PeerPolicy, SharedBundle, SharedCertifiedKey};
 use rustls::AlertDescription;
 use rustls::pki_types::PrivatePkcs8KeyDer;
@@ -30,6 +31,31 @@ pub async fn connect(
     bundle: SharedBundle,
     own: Option<SharedCertifiedKey>,
 ) -> anyhow::Result<NodeClient<Channel>> {
+    dial(server, td, bundle, own, None).await
+}
+
+/// The TLS exporter value of the latest connection a channel made, for x509pop proofs.
+pub type ExporterSlot = Arc<std::sync::Mutex<Option<[u8; EXPORTER_LEN]>>>;
+
+/// Connects to `server` without a client certificate, for attestation; when `exporter` is
+/// given, each connection's TLS exporter value ([`meshauth_tls::x509pop::EXPORTER_LABEL`]) is
+/// put there, for a proof bound to the connection.
+pub async fn connect_for_attestation(
+    server: &str,
+    td: &TrustDomain,
+    bundle: SharedBundle,
+    exporter: Option<ExporterSlot>,
+) -> anyhow::Result<NodeClient<Channel>> {
+    dial(server, td, bundle, None, exporter).await
+}
+
+async fn dial(
+    server: &str,
+    td: &TrustDomain,
+    bundle: SharedBundle,
+    own: Option<SharedCertifiedKey>,
+    exporter: Option<ExporterSlot>,
+) -> anyhow::Result<NodeClient<Channel>> {
     let config = meshauth_tls::client_config(
         own,
         bundle,
@@ -44,6 +70,7 @@ pub async fn connect(
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
             let target = target.clone();
+            let exporter = exporter.clone();
             async move {
                 let tcp =
                     tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&target))
@@ -60,6 +87,14 @@ pub async fn connect(
                     .map_err(|_| {
                         std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
                     })??;
+                if let Some(slot) = exporter {
+                    let value = tls
+                        .get_ref()
+                        .1
+                        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+                        .map_err(std::io::Error::other)?;
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+                }
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
@@ -114,8 +149,9 @@ fn tls_advice(server: &str, td: &TrustDomain, failure: &HandshakeFailure) -> Str
             | AlertDescription::CertificateUnknown
             | AlertDescription::AccessDenied,
         ) => format!(
-            "the server at {server} refused this node's SVID ({failure}): attest again with a \
-             new --join-token from `meshauth token generate` on the server, or check --server"
+            "the server at {server} refused this node's SVID ({failure}): a node with \
+             --x509pop-cert attests again by itself; otherwise write a new join token from \
+             `meshauth token generate` on the server to --join-token-file, or check --server"
         ),
         other => format!(
             "TLS with the server at {server} failed: {other}; check --server and --trust-domain"

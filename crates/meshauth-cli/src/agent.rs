@@ -21,12 +21,16 @@ pub(crate) struct Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum Sub {
-    /// Run the node agent: attest (join token on first start), keep SVIDs fresh, serve the
-    /// SPIFFE Workload API.
+    /// Run the node agent: attest (join token or x509pop on first start), keep SVIDs fresh,
+    /// serve the SPIFFE Workload API.
     ///
     /// First start: meshauth agent run --node n1 --join-token-file TOKEN_FILE --trust-bundle
     /// bundle.pem
-    /// Later starts re-use the node SVID kept in --data-dir; no token is needed.
+    /// Or, with a certificate from the operator's CA: meshauth agent run --node n1
+    /// --x509pop-cert n1.crt --x509pop-key n1.key --trust-bundle bundle.pem
+    /// Later starts re-use the node SVID kept in --data-dir. If it expired (the server was down
+    /// longer than its lifetime), an x509pop node attests again by itself; a join-token node
+    /// takes a new token written to --join-token-file, without a restart.
     Run(Box<RunArgs>),
     /// Ask a running agent whether it is healthy and ready; exits non-zero, naming what is not
     /// ready and why (first sync pending, enforcement not in force, ...), when it is not.
@@ -73,7 +77,26 @@ enum Sub {
         #[command(flatten)]
         socket: AdminSocket,
     },
-    /// Evict an agent: its record is deleted; it must attest again with a new join token.
+    /// Bind an address and a pod range to a node before it attests (a join token can carry
+    /// them too: `token generate --address --pod-range`); an x509pop node gets them this way.
+    ///
+    /// Example: meshauth agent register --node n1 --address 10.199.0.1 --pod-range 10.200.1.0/24
+    Register {
+        /// Node name.
+        #[arg(long)]
+        node: NodeName,
+        /// Where other agents reach it; default: the address it attests from. The node can
+        /// never claim another.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// Its pods' addresses must be inside; default: a /24 of the server's --pod-cidr.
+        #[arg(long, value_parser = |s: &str| s.parse::<meshauth_datastore::Ipv4Range>())]
+        pod_range: Option<meshauth_datastore::Ipv4Range>,
+        #[command(flatten)]
+        socket: AdminSocket,
+    },
+    /// Evict an agent: its record is deleted; it must attest again (a new join token; an
+    /// x509pop node attests again by itself).
     Evict {
         /// Node name.
         #[arg(long)]
@@ -116,6 +139,15 @@ struct RunArgs {
     /// /proc/<pid>/cmdline) and spend it first. Use --join-token-file or MESHAUTH_JOIN_TOKEN.
     #[arg(long, value_name = "TOKEN")]
     join_token: Option<JoinToken>,
+    /// PEM certificate the operator's CA issued for this node (subject CN or a DNS name = the
+    /// node name), for x509pop attestation: the node attests with it at first start and again,
+    /// by itself, whenever its SVID expired (the server runs with --x509pop-ca). Read again at
+    /// each attestation, so it may be replaced in place.
+    #[arg(long, value_name = "FILE", requires = "x509pop_key", conflicts_with_all = ["join_token", "join_token_file"])]
+    x509pop_cert: Option<PathBuf>,
+    /// PEM private key of --x509pop-cert (keep it 0600).
+    #[arg(long, value_name = "FILE", requires = "x509pop_cert")]
+    x509pop_key: Option<PathBuf>,
     /// PEM bundle used to verify the server on first contact (`meshauth bundle show`).
     #[arg(long, default_value = "/etc/meshauth/bundle.pem")]
     trust_bundle: PathBuf,
@@ -223,12 +255,28 @@ fn join_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    let join_token = join_token(&args)?;
+    let attestor = meshauth_agent::node_attestation::NodeAttestor {
+        x509pop: args
+            .x509pop_cert
+            .clone()
+            .zip(args.x509pop_key.clone())
+            .map(|(cert, key)| meshauth_agent::node_attestation::X509PopFiles { cert, key }),
+        join_token: if args.x509pop_cert.is_some() {
+            None
+        } else {
+            join_token(&args)?
+        },
+        join_token_file: args.join_token_file.clone(),
+    };
+    if let Some(files) = &attestor.x509pop {
+        // Checked at start, so that a wrong path is an error now, not at the next outage.
+        files.load()?;
+    }
     let config = AgentConfig {
         node_name: args.node.to_string(),
         server: args.server,
         trust_domain: args.trust_domain,
-        join_token,
+        attestor,
         trust_bundle: args.trust_bundle,
         data_dir: args.data_dir,
         workload_socket: args.workload_socket,
@@ -442,6 +490,33 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                 .map_err(rpc)?;
                 println!("banned agent {node}");
             }
+            Sub::Register {
+                node,
+                address,
+                pod_range,
+                socket,
+            } => {
+                let mut c = socket.connect().await?;
+                let spec = c
+                    .register_node(meshauth_proto::admin::RegisterNodeRequest {
+                        node_name: node.to_string(),
+                        address: address.map(|a| a.to_string()).unwrap_or_default(),
+                        pod_range: pod_range.map(|r| r.to_string()).unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                println!(
+                    "node {}: address {}, pod range {}",
+                    spec.node_name,
+                    if spec.address.is_empty() {
+                        "(where it attests from)"
+                    } else {
+                        spec.address.as_str()
+                    },
+                    spec.pod_range
+                );
+            }
             Sub::Evict { node, socket } => {
                 let mut c = socket.connect().await?;
                 c.evict_agent(AgentRequest {
@@ -470,6 +545,8 @@ fn print_agents(agents: &[Agent], output: Output) {
                         "expires_at": time(a.expires_at_unix),
                         "banned": a.banned,
                         "attested_at": time(a.attested_at_unix),
+                        "attestation": a.attestation,
+                        "can_reattest": a.can_reattest,
                     })
                 })
                 .collect();
@@ -481,16 +558,19 @@ fn print_agents(agents: &[Agent], output: Output) {
                 return;
             }
             println!(
-                "{:<16} {:>4}  {:<8} {:<22} SPIFFE ID",
-                "NODE", "ID", "STATE", "SVID EXPIRES"
+                "{:<16} {:>4}  {:<8} {:<22} {:<11} {:<13} SPIFFE ID",
+                "NODE", "ID", "STATE", "SVID EXPIRES", "ATTESTED BY", "CAN RE-ATTEST"
             );
             for a in agents {
                 println!(
-                    "{:<16} {:>4}  {:<8} {:<22} {}",
+                    "{:<16} {:>4}  {:<8} {:<22} {:<11} {:<13} {}",
                     a.node_name,
                     a.node_id,
                     if a.banned { "banned" } else { "active" },
                     time(a.expires_at_unix),
+                    a.attestation,
+                    // A join-token node needs a new token once its SVID expired.
+                    if a.can_reattest { "yes" } else { "no (token)" },
                     a.spiffe_id
                 );
             }

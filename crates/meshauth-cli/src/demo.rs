@@ -43,6 +43,12 @@ pub(crate) struct Cmd {
     /// SYN is held on client2's node while the agents authenticate, then released.
     #[arg(long)]
     pre_authenticate: bool,
+    /// Nodes attest with certificates of an operator CA (x509pop) instead of join tokens: the
+    /// demo makes the CA (`operator-ca.pem`) and one certificate per node in its work dir, and
+    /// the server trusts it (`server run --x509pop-ca`). Such nodes attest again by themselves
+    /// after an outage longer than their SVID lifetime.
+    #[arg(long)]
+    x509pop: bool,
 }
 
 struct Running {
@@ -301,6 +307,48 @@ except Exception as e:
     print(0, int((time.monotonic() - t) * 1000))
 "#;
 
+/// Writes a new file of mode 0600 (a token or a key).
+fn write_secret(path: &str, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .with_context(|| format!("cannot write {path}"))
+}
+
+/// The operator's side of x509pop, as the demo plays it: a CA (`operator-ca.pem`; its key is
+/// not kept) and, for nodes n1..nN, a client certificate whose common name is the node name
+/// (`nI.crt`, `nI.key`). On real hosts the operator's own PKI does this (see the README).
+fn make_operator_credentials(work: &std::path::Path, nodes: u8) -> anyhow::Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "meshauth demo operator CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    std::fs::write(work.join("operator-ca.pem"), ca_cert.pem())?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    for i in 1..=nodes {
+        let node = format!("n{i}");
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(rcgen::DnType::CommonName, &node);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &issuer)?;
+        std::fs::write(work.join(format!("{node}.crt")), cert.pem())?;
+        write_secret(
+            &work.join(format!("{node}.key")).display().to_string(),
+            key.serialize_pem().as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     if !meshauth_lab::can_run() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
@@ -353,25 +401,30 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut server_args = s(&[
+        "server",
+        "run",
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--listen",
+        &server,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &w("server"),
+        "--admin-socket",
+        &admin,
+        "--svid-ttl",
+        &humantime::format_duration(cmd.svid_ttl).to_string(),
+    ]);
+    if cmd.x509pop {
+        make_operator_credentials(&work, 3)?;
+        server_args.extend(s(&["--x509pop-ca", &w("operator-ca.pem")]));
+    }
     spawn(
         &mut running,
         &lab.underlay_netns(),
-        s(&[
-            "server",
-            "run",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--listen",
-            &server,
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &w("server"),
-            "--admin-socket",
-            &admin,
-            "--svid-ttl",
-            &humantime::format_duration(cmd.svid_ttl).to_string(),
-        ]),
+        server_args,
         "server.log",
     )?;
     let cli = |args: &[&str]| -> anyhow::Result<String> {
@@ -416,32 +469,45 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     let mut sockets = Vec::new();
     for i in 1..=3 {
         let node = format!("n{i}");
-        // The token binds the node's underlay address and pod range, as the lab built them.
-        let token = cli(&[
-            "token",
-            "generate",
-            "--node",
-            &node,
-            "--address",
-            &format!("10.199.0.{i}"),
-            "--pod-range",
-            &format!("10.200.{i}.0/24"),
-        ])?
-        .trim()
-        .to_string();
-        // In a file of mode 0600, not on the agent's command line (readable by every user).
-        let token_file = w(&format!("{node}.token"));
-        {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&token_file)
-                .and_then(|mut f| f.write_all(token.as_bytes()))
-                .with_context(|| format!("cannot write {token_file}"))?;
-        }
+        let address = format!("10.199.0.{i}");
+        let pod_range = format!("10.200.{i}.0/24");
+        let credential = if cmd.x509pop {
+            // The node's address and pod range, as the lab built them, bound before it attests.
+            cli(&[
+                "agent",
+                "register",
+                "--node",
+                &node,
+                "--address",
+                &address,
+                "--pod-range",
+                &pod_range,
+            ])?;
+            s(&[
+                "--x509pop-cert",
+                &w(&format!("{node}.crt")),
+                "--x509pop-key",
+                &w(&format!("{node}.key")),
+            ])
+        } else {
+            // The token binds the node's underlay address and pod range, as the lab built them.
+            let token = cli(&[
+                "token",
+                "generate",
+                "--node",
+                &node,
+                "--address",
+                &address,
+                "--pod-range",
+                &pod_range,
+            ])?
+            .trim()
+            .to_string();
+            // In a file of mode 0600, not on the agent's command line (readable by every user).
+            let token_file = w(&format!("{node}.token"));
+            write_secret(&token_file, token.as_bytes())?;
+            s(&["--join-token-file", &token_file])
+        };
         let socket = w(&format!("{node}-agent.sock"));
         let mut agent_args = s(&[
             "agent",
@@ -452,8 +518,6 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             TRUST_DOMAIN,
             "--server",
             &server,
-            "--join-token-file",
-            &token_file,
             "--trust-bundle",
             &w("bundle.pem"),
             "--data-dir",
@@ -467,6 +531,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             "--lab",
             &cmd.lab,
         ]);
+        agent_args.extend(credential);
         if cmd.pre_authenticate {
             agent_args.push("--pre-authenticate".into());
         }

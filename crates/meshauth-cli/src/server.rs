@@ -73,9 +73,15 @@ struct RunArgs {
     #[arg(long, value_parser = parse_duration, default_value = "600s")]
     join_token_ttl: Duration,
     /// Where nodes' pod ranges are allocated from, a /24 per node, for nodes attesting without a
-    /// range bound to them (`meshauth token generate --pod-range` or `meshauth node register`).
+    /// range bound to them (`meshauth token generate --pod-range` or `meshauth agent register`).
     #[arg(long, default_value = "10.200.0.0/16", value_parser = |s: &str| s.parse::<meshauth_datastore::Ipv4Range>())]
     pod_cidr: meshauth_datastore::Ipv4Range,
+    /// PEM file of the operator CA certificates that issue node certificates: nodes holding one
+    /// (`agent run --x509pop-cert/--x509pop-key`) attest with it whenever they need to, as
+    /// SPIRE's x509pop does, so a node whose SVID expired in an outage comes back by itself.
+    /// The node name must be the certificate's subject common name or one of its DNS names.
+    #[arg(long, value_name = "FILE")]
+    x509pop_ca: Option<PathBuf>,
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -108,6 +114,25 @@ fn run_server(args: RunArgs) -> anyhow::Result<()> {
             humantime::format_duration(args.ca_ttl)
         );
     }
+    let x509pop = match &args.x509pop_ca {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read the x509pop CA file {} (--x509pop-ca)",
+                    path.display()
+                )
+            })?;
+            Some(
+                meshauth_tls::x509pop::OperatorRoots::from_pem(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} (--x509pop-ca) is not a PEM file of CA certificates: {e}",
+                        path.display()
+                    )
+                })?,
+            )
+        }
+    };
     let config = ServerConfig {
         trust_domain: args.trust_domain,
         data_dir: args.data_dir,
@@ -118,6 +143,7 @@ fn run_server(args: RunArgs) -> anyhow::Result<()> {
         svid_ttl: args.svid_ttl,
         join_token_ttl: args.join_token_ttl,
         pod_cidr: args.pod_cidr,
+        x509pop,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -13,7 +13,7 @@ mod sqlite;
 
 pub use model::{
     EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector, Ipv4Range,
-    IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec, PodRecord, PodRuntime,
-    RegistrationEntry, Selector,
+    IssuedJoinToken, NewEntry, NodeAttestation, NodeName, NodeRecord, NodeSpec, PodRecord,
+    PodRuntime, RegistrationEntry, Selector,
 };
 pub use sqlite::{Store, StoreError};

@@ -236,6 +236,46 @@ pub struct NodeRecord {
     pub address: Option<std::net::IpAddr>,
     /// When it first attested.
     pub attested_at: SystemTime,
+    /// How it last attested: what it can do when its SVID expires.
+    pub attestation: NodeAttestation,
+}
+
+/// How a node attested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeAttestation {
+    /// A single-use join token: once its SVID expired, the node needs a new token.
+    JoinToken,
+    /// Proof of possession of an operator-issued certificate (x509pop): the node attests again
+    /// by itself whenever its SVID expired.
+    X509Pop,
+}
+
+impl NodeAttestation {
+    /// The name stored and shown (`join_token`, `x509pop`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeAttestation::JoinToken => "join_token",
+            NodeAttestation::X509Pop => "x509pop",
+        }
+    }
+
+    /// Whether a node attested this way comes back by itself after its SVID expired.
+    pub fn can_reattest(self) -> bool {
+        self == NodeAttestation::X509Pop
+    }
+}
+
+impl std::str::FromStr for NodeAttestation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "join_token" => Ok(NodeAttestation::JoinToken),
+            "x509pop" => Ok(NodeAttestation::X509Pop),
+            other => Err(format!("unknown attestation method {other:?}")),
+        }
+    }
 }
 
 impl NodeRecord {

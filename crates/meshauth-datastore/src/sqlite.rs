@@ -16,8 +16,9 @@ use meshauth_spiffe::SpiffeId;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::model::{
-    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec, PodRecord,
-    PodRuntime, RegistrationEntry, Selector, from_unix_secs, random_hex, unix_secs,
+    EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeAttestation, NodeName, NodeRecord,
+    NodeSpec, PodRecord, PodRuntime, RegistrationEntry, Selector, from_unix_secs, random_hex,
+    unix_secs,
 };
 
 /// Errors of the store.
@@ -199,6 +200,10 @@ CREATE TABLE node_specs (
     address TEXT,
     pod_range TEXT NOT NULL
 );
+"#,
+    // How each node attested (join token or x509pop): whether it can attest again by itself.
+    r#"
+ALTER TABLE nodes ADD COLUMN attestation TEXT NOT NULL DEFAULT 'join_token';
 "#,
 ];
 
@@ -410,6 +415,7 @@ impl Store {
     pub fn record_attestation(
         &self,
         node: &NodeName,
+        how: NodeAttestation,
         serial: &str,
         not_after: SystemTime,
         now: SystemTime,
@@ -426,10 +432,10 @@ impl Store {
             return Err(StoreError::NodeBanned(node.clone()));
         }
         conn.execute(
-            "INSERT INTO nodes (name, serial, svid_not_after, attested_at) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO nodes (name, serial, svid_not_after, attested_at, attestation) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (name) DO UPDATE SET serial = excluded.serial, previous_serial = NULL,
-                 svid_not_after = excluded.svid_not_after",
-            params![node.as_str(), serial, unix_secs(not_after), unix_secs(now)],
+                 svid_not_after = excluded.svid_not_after, attestation = excluded.attestation",
+            params![node.as_str(), serial, unix_secs(not_after), unix_secs(now), how.as_str()],
         )?;
         drop(conn);
         self.node(node)?
@@ -477,7 +483,7 @@ impl Store {
     pub fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
         self.conn()
             .query_row(
-                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address
+                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation
                  FROM nodes WHERE name = ?1",
                 params![node.as_str()],
                 node_row,
@@ -490,7 +496,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address
+            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation
              FROM nodes ORDER BY name",
         )?;
         let rows = stmt.query_map([], node_row)?;
@@ -986,6 +992,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
     let banned: bool = r.get(5)?;
     let attested_at: i64 = r.get(6)?;
     let address: Option<String> = r.get(7)?;
+    let attestation: String = r.get(8)?;
     Ok((|| {
         Ok(NodeRecord {
             name: name.parse().map_err(|e| corrupt("nodes", e))?,
@@ -996,6 +1003,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
             banned,
             attested_at: from_unix_secs(attested_at),
             address: address.and_then(|a| a.parse().ok()),
+            attestation: attestation.parse().map_err(|e| corrupt("nodes", e))?,
         })
     })())
 }
@@ -1094,18 +1102,46 @@ mod tests {
     }
 
     #[test]
+    fn how_a_node_attested_is_kept_and_follows_its_latest_attestation() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        let a = store
+            .record_attestation(&node("a"), NodeAttestation::JoinToken, "01", now, now)
+            .unwrap();
+        assert_eq!(a.attestation, NodeAttestation::JoinToken);
+        assert!(!a.attestation.can_reattest());
+        store
+            .record_attestation(&node("a"), NodeAttestation::X509Pop, "02", now, now)
+            .unwrap();
+        let a = store.node(&node("a")).unwrap().unwrap();
+        assert_eq!(a.attestation, NodeAttestation::X509Pop);
+        assert!(a.attestation.can_reattest());
+        assert_eq!(
+            store.nodes().unwrap()[0].attestation,
+            NodeAttestation::X509Pop
+        );
+        // A value no version wrote is a damaged row, named as such.
+        store
+            .conn()
+            .execute("UPDATE nodes SET attestation = 'psk' WHERE name = 'a'", [])
+            .unwrap();
+        let e = store.nodes().unwrap_err().to_string();
+        assert!(e.contains("nodes") && e.contains("psk"), "{e}");
+    }
+
+    #[test]
     fn nodes_ban_evict_and_keep_ids() {
         let store = Store::in_memory().unwrap();
         let now = SystemTime::now();
         let a = store
-            .record_attestation(&node("a"), "01", now, now)
+            .record_attestation(&node("a"), NodeAttestation::JoinToken, "01", now, now)
             .unwrap();
         let b = store
-            .record_attestation(&node("b"), "02", now, now)
+            .record_attestation(&node("b"), NodeAttestation::JoinToken, "02", now, now)
             .unwrap();
         assert_ne!(a.node_id, b.node_id);
         let a2 = store
-            .record_attestation(&node("a"), "03", now, now)
+            .record_attestation(&node("a"), NodeAttestation::JoinToken, "03", now, now)
             .unwrap();
         assert_eq!(a2.node_id, a.node_id);
         assert_eq!(a2.serial, "03");
@@ -1124,7 +1160,7 @@ mod tests {
             Err(StoreError::NodeBanned(_))
         ));
         assert!(matches!(
-            store.record_attestation(&node("a"), "05", now, now),
+            store.record_attestation(&node("a"), NodeAttestation::JoinToken, "05", now, now),
             Err(StoreError::NodeBanned(_))
         ));
         store.evict_node(&node("a")).unwrap();
@@ -1134,7 +1170,7 @@ mod tests {
         ));
         // Re-attesting after eviction gets a new id: ids are never reused.
         let a3 = store
-            .record_attestation(&node("a"), "06", now, now)
+            .record_attestation(&node("a"), NodeAttestation::JoinToken, "06", now, now)
             .unwrap();
         assert!(a3.node_id > b.node_id);
         assert_eq!(store.nodes().unwrap().len(), 2);
@@ -1256,7 +1292,7 @@ mod tests {
             let store = Store::open(&path).unwrap();
             store.save_ca_journal("{\"v\":1}").unwrap();
             store
-                .record_attestation(&node("n1"), "aa", now, now)
+                .record_attestation(&node("n1"), NodeAttestation::JoinToken, "aa", now, now)
                 .unwrap();
             store
                 .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
@@ -1278,7 +1314,7 @@ mod tests {
         let store = Store::in_memory().unwrap();
         let now = SystemTime::now();
         store
-            .record_attestation(&node("n1"), "01", now, now)
+            .record_attestation(&node("n1"), NodeAttestation::JoinToken, "01", now, now)
             .unwrap();
         let web: Labels = "app=web,tier=a b".parse().unwrap();
         store.insert_identity(IdentityId::new(256), &web).unwrap();

@@ -49,6 +49,8 @@ impl AdminApi {
             expires_at_unix: unix(n.svid_not_after),
             banned: n.banned,
             attested_at_unix: unix(n.attested_at),
+            attestation: n.attestation.as_str().to_owned(),
+            can_reattest: n.attestation.can_reattest(),
         }
     }
 }

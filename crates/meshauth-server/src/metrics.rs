@@ -53,6 +53,8 @@ pub enum DenyReason {
     AddressInUse,
     /// A node claimed an address other than the one bound to it.
     NodeAddressMismatch,
+    /// An x509pop proof was refused, or x509pop is not configured.
+    X509PopRefused,
     /// Unknown entry.
     EntryUnknown,
     /// CSR rejected.

@@ -9,8 +9,8 @@ use meshauth_ca::IssuedSvid;
 use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
-    AttestJoinTokenRequest, Bundle, ClusterNode, Endpoint as EndpointMsg, Entry,
-    Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
+    AttestJoinTokenRequest, AttestX509PopRequest, Bundle, ClusterNode, Endpoint as EndpointMsg,
+    Entry, Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
     ReportPodResponse, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
     SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
     SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest, WithdrawPodResponse,
@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status};
 use crate::registry::{NodeSvid, Registry, RegistryError};
 use crate::tls_incoming::PeerInfo;
 
+/// Most certificates an x509pop chain may have (the node's and its intermediates).
+const MAX_X509POP_CHAIN: usize = 8;
 /// Messages buffered per sync stream; each is the full state, so a slow agent only needs the last.
 const SYNC_BUFFER: usize = 2;
 
@@ -52,7 +54,19 @@ impl NodeApi {
             error = %err,
             "node API request refused"
         );
-        status_of(err)
+        node_status_of(err)
+    }
+}
+
+/// The status a node gets: [`status_of`], except that an SVID the server no longer accepts
+/// (evicted, re-attested since) is `UNAUTHENTICATED`, which tells the agent to attest again;
+/// `PERMISSION_DENIED` (banned, not its entry) tells it that attesting again will not help.
+fn node_status_of(err: RegistryError) -> Status {
+    match err {
+        RegistryError::StaleNodeSvid { .. } | RegistryError::Store(StoreError::NodeNotFound(_)) => {
+            Status::unauthenticated(err.to_string())
+        }
+        other => status_of(other),
     }
 }
 
@@ -75,6 +89,7 @@ pub(crate) fn status_of(err: RegistryError) -> Status {
         RegistryError::Store(StoreError::EntryNotFound(_) | StoreError::PolicyNotFound(_)) => {
             Status::not_found(msg)
         }
+        RegistryError::X509Pop(_) | RegistryError::X509PopDisabled => Status::unauthenticated(msg),
         RegistryError::Ca(_) | RegistryError::Invalid(_) => Status::invalid_argument(msg),
         RegistryError::Store(_) => Status::internal(msg),
     }
@@ -240,6 +255,66 @@ impl Node for NodeApi {
                 SystemTime::now(),
             )
             .map_err(|e| self.refuse("attest", peer.as_ref(), e))?;
+        Ok(Response::new(node_svid_msg(&issued)))
+    }
+
+    async fn attest_x509_pop(
+        &self,
+        request: Request<AttestX509PopRequest>,
+    ) -> Result<Response<NodeSvidResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let req = request.into_inner();
+        let node: NodeName =
+            req.node_name
+                .parse()
+                .map_err(|e: meshauth_datastore::InvalidNodeName| {
+                    self.refuse(
+                        "attest-x509pop",
+                        peer.as_ref(),
+                        RegistryError::Invalid(e.to_string()),
+                    )
+                })?;
+        let scheme = u16::try_from(req.signature_scheme)
+            .map(rustls::SignatureScheme::from)
+            .map_err(|_| {
+                self.refuse(
+                    "attest-x509pop",
+                    peer.as_ref(),
+                    RegistryError::Invalid(format!(
+                        "signature_scheme {} is not a TLS signature scheme code",
+                        req.signature_scheme
+                    )),
+                )
+            })?;
+        if req.cert_chain.len() > MAX_X509POP_CHAIN {
+            return Err(self.refuse(
+                "attest-x509pop",
+                peer.as_ref(),
+                RegistryError::Invalid(format!(
+                    "the node's certificate chain has {} certificates; at most {MAX_X509POP_CHAIN} are accepted",
+                    req.cert_chain.len()
+                )),
+            ));
+        }
+        let chain: Vec<rustls::pki_types::CertificateDer<'_>> = req
+            .cert_chain
+            .iter()
+            .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
+            .collect();
+        let issued = self
+            .registry
+            .attest_x509pop(
+                &node,
+                &chain,
+                &req.csr,
+                (scheme, &req.signature),
+                peer.as_ref()
+                    .and_then(|p| p.x509pop_exporter.as_ref())
+                    .map(|e| e.as_slice()),
+                peer.as_ref().map(|p| p.remote_addr.ip()),
+                SystemTime::now(),
+            )
+            .map_err(|e| self.refuse("attest-x509pop", peer.as_ref(), e))?;
         Ok(Response::new(node_svid_msg(&issued)))
     }
 
@@ -424,7 +499,7 @@ impl Node for NodeApi {
                 let msg = msg.map_err(|e| {
                     registry.metrics().denied(e.reason());
                     tracing::warn!(node = %node, error = %e, "sync stream ended by the server");
-                    status_of(e)
+                    node_status_of(e)
                 });
                 if !unchanged && (tx.send(msg).await.is_err() || ended) {
                     break;

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
 use meshauth_datastore::{
-    EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeName, NodeRecord, NodeSpec,
-    PodRecord, PodRuntime, RegistrationEntry, Store, StoreError,
+    EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeAttestation, NodeName,
+    NodeRecord, NodeSpec, PodRecord, PodRuntime, RegistrationEntry, Store, StoreError,
 };
 use meshauth_policy::labels::check_namespace;
 use meshauth_policy::policy::DEFAULT_NAMESPACE;
@@ -35,6 +35,8 @@ pub struct RegistryConfig {
     pub join_token_ttl: Duration,
     /// Where nodes' pod ranges are allocated from (a /24 per node) when none was bound.
     pub pod_cidr: Ipv4Range,
+    /// The operator's CAs whose node certificates attest by x509pop; `None`: join tokens only.
+    pub x509pop: Option<meshauth_tls::x509pop::OperatorRoots>,
 }
 
 /// The default `--pod-cidr`.
@@ -132,6 +134,14 @@ pub enum RegistryError {
         /// What is bound.
         bound: std::net::IpAddr,
     },
+    /// An x509pop proof was refused.
+    #[error("x509pop attestation refused: {0}")]
+    X509Pop(#[from] meshauth_tls::x509pop::X509PopError),
+    /// x509pop attestation is not configured on this server.
+    #[error(
+        "this server does not accept x509pop attestation: start it with --x509pop-ca (the operator CA that issues node certificates), or attest with a join token"
+    )]
+    X509PopDisabled,
     /// Bad input in a request.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -159,6 +169,9 @@ impl RegistryError {
             RegistryError::AddressOutOfRange { .. } => DenyReason::AddressOutOfRange,
             RegistryError::AddressInUse { .. } => DenyReason::AddressInUse,
             RegistryError::NodeAddressMismatch { .. } => DenyReason::NodeAddressMismatch,
+            RegistryError::X509Pop(_) | RegistryError::X509PopDisabled => {
+                DenyReason::X509PopRefused
+            }
             RegistryError::Invalid(_) => DenyReason::InvalidRequest,
         }
     }
@@ -363,18 +376,61 @@ impl Registry {
             return Err(StoreError::NodeBanned(node.clone()).into());
         }
         self.store.consume_join_token(token, node, now)?;
+        self.issue_attested(node, NodeAttestation::JoinToken, csr, peer, now)
+    }
+
+    /// Attestation by proof of possession of an operator-issued node certificate (see
+    /// [`meshauth_tls::x509pop`]), as often as the node needs: at its first start, and whenever
+    /// its SVID expired (a long outage) or it was evicted. `exporter` is the TLS exporter value
+    /// of the connection the proof came on.
+    #[allow(clippy::too_many_arguments, reason = "each is one part of the proof")]
+    pub fn attest_x509pop(
+        &self,
+        node: &NodeName,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        csr: &[u8],
+        proof: (rustls::SignatureScheme, &[u8]),
+        exporter: Option<&[u8]>,
+        peer: Option<std::net::IpAddr>,
+        now: SystemTime,
+    ) -> Result<NodeSvid> {
+        let roots = self
+            .config
+            .x509pop
+            .as_ref()
+            .ok_or(RegistryError::X509PopDisabled)?;
+        let verified = roots.verify(chain, node.as_str(), csr, exporter, proof.0, proof.1, now)?;
+        if self.store.node(node)?.is_some_and(|r| r.banned) {
+            return Err(StoreError::NodeBanned(node.clone()).into());
+        }
+        tracing::debug!(node = %node, fingerprint = %verified.fingerprint, "x509pop proof verified");
+        let attested = self.issue_attested(node, NodeAttestation::X509Pop, csr, peer, now)?;
+        self.metrics.attestation_succeeded();
+        Ok(attested)
+    }
+
+    /// Issues the node SVID of a node that just proved who it is, binds its address and pod
+    /// range, and records how it attested.
+    fn issue_attested(
+        &self,
+        node: &NodeName,
+        how: NodeAttestation,
+        csr: &[u8],
+        peer: Option<std::net::IpAddr>,
+        now: SystemTime,
+    ) -> Result<NodeSvid> {
         let id = self.node_spiffe_id(node)?;
         let svid = self.ca().sign_csr(csr, &id, None, &[], now)?;
         let spec = self.bind_node(node, peer)?;
-        let mut record = self
-            .store
-            .record_attestation(node, &svid.serial, svid.not_after, now)?;
+        let mut record =
+            self.store
+                .record_attestation(node, how, &svid.serial, svid.not_after, now)?;
         if let Some(address) = spec.address {
             self.store.set_node_address(node, address)?;
             record.address = Some(address);
         }
         self.metrics.svid_issued(SvidKind::Node);
-        tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, address = ?spec.address, pod_range = %spec.pod_range, "node attested with join token");
+        tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, address = ?spec.address, pod_range = %spec.pod_range, attestation = how.as_str(), "node attested");
         self.changed();
         Ok(NodeSvid {
             node: record,

@@ -76,6 +76,8 @@ pub struct ServerConfig {
     pub join_token_ttl: Duration,
     /// Where nodes' pod ranges are allocated from (a /24 each) when none is bound to them.
     pub pod_cidr: meshauth_datastore::Ipv4Range,
+    /// The operator CAs whose node certificates attest by x509pop (`None`: join tokens only).
+    pub x509pop: Option<meshauth_tls::x509pop::OperatorRoots>,
 }
 
 /// A server whose store is open and whose listeners are bound.
@@ -113,6 +115,7 @@ impl Server {
                 svid_ttl: config.svid_ttl,
                 join_token_ttl: config.join_token_ttl,
                 pod_cidr: config.pod_cidr,
+                x509pop: config.x509pop.clone(),
             },
             store,
             Metrics::new(),

@@ -80,6 +80,9 @@ pub struct PeerInfo {
     pub remote_addr: SocketAddr,
     /// The verified client SVID, if one was presented.
     pub caller: Option<NodeCaller>,
+    /// This connection's TLS exporter value for x509pop proofs
+    /// ([`meshauth_tls::x509pop::EXPORTER_LABEL`]): what binds a proof to the connection.
+    pub x509pop_exporter: Option<[u8; meshauth_tls::x509pop::EXPORTER_LEN]>,
 }
 
 /// One connection's place under the limit, from accept until the connection is dropped.
@@ -340,6 +343,15 @@ pub(crate) fn accept_tls_with(
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let caller = caller_of(&stream);
+                        let x509pop_exporter = stream
+                            .get_ref()
+                            .1
+                            .export_keying_material(
+                                [0u8; meshauth_tls::x509pop::EXPORTER_LEN],
+                                meshauth_tls::x509pop::EXPORTER_LABEL,
+                                None,
+                            )
+                            .ok();
                         let idle = caller
                             .is_none()
                             .then(|| IdleTimer::new(limits.idle_timeout));
@@ -348,6 +360,7 @@ pub(crate) fn accept_tls_with(
                             info: PeerInfo {
                                 remote_addr,
                                 caller,
+                                x509pop_exporter,
                             },
                             idle,
                             slot,

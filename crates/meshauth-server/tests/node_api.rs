@@ -253,7 +253,8 @@ async fn renewal_ban_and_eviction() {
         .renew_node_svid(RenewNodeSvidRequest { csr })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // Unauthenticated, not denied: the agent is to attest again.
+    assert_eq!(err.code(), Code::Unauthenticated);
     assert!(
         err.message().contains("no longer current"),
         "{}",
@@ -319,7 +320,7 @@ async fn a_node_that_could_not_save_its_renewal_is_never_locked_out() {
         .await
         .expect("renewal with the newer SVID");
     let err = renew(copy(&first)).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unauthenticated);
     assert!(
         err.message().contains("no longer current"),
         "{}",
@@ -474,4 +475,118 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         "{out}"
     );
     out
+}
+
+/// An x509pop proof for `node` with `credential`, bound to the connection whose exporter is
+/// `exporter`.
+fn x509pop_request(
+    credential: &meshauth_tls::x509pop::NodeCredential,
+    exporter: &[u8],
+    node: &str,
+) -> (rcgen::KeyPair, meshauth_proto::node::AttestX509PopRequest) {
+    let (key, csr) = key_and_csr();
+    let (scheme, signature) = credential.prove(exporter, node, &csr).unwrap();
+    (
+        key,
+        meshauth_proto::node::AttestX509PopRequest {
+            node_name: node.into(),
+            cert_chain: credential.chain.iter().map(|c| c.to_vec()).collect(),
+            csr,
+            signature_scheme: u32::from(u16::from(scheme)),
+            signature,
+        },
+    )
+}
+
+#[tokio::test]
+async fn x509pop_attests_again_and_again_but_only_its_own_node_on_its_own_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = OperatorCa::new("operator node CA");
+    let mut cfg = config(dir.path(), 24 * HOUR, HOUR);
+    cfg.x509pop = Some(operator.roots());
+    let server = TestServer::start(cfg).await;
+    let n1 = operator.node_credential("n1");
+
+    // First attestation, and again (as after an outage that outlived the SVID): both work,
+    // with no token, and the node keeps its id.
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+        let (key, req) = x509pop_request(&n1, &exporter, "n1");
+        let resp = client.attest_x509_pop(req).await.unwrap().into_inner();
+        assert_eq!(resp.spiffe_id, format!("spiffe://{TD}/node/n1"));
+        assert_eq!(x509_public_key(&resp.svid_chain[0]), key.public_key_raw());
+        meshauth_spiffe::validate_x509_svid(
+            &chain(&resp.svid_chain),
+            &server.bundle(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        ids.push(resp.node_id);
+    }
+    assert_eq!(ids[0], ids[1]);
+    let record = server.registry.node(&"n1".parse().unwrap()).unwrap();
+    assert_eq!(
+        record.attestation,
+        meshauth_datastore::NodeAttestation::X509Pop
+    );
+
+    // A proof captured from one connection and replayed on another is refused.
+    let (_, first_exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, replayed) = x509pop_request(&n1, &first_exporter, "n1");
+    let (mut other, _) = attestation_client(server.addr, server.bundle()).await;
+    let err = other.attest_x509_pop(replayed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("does not verify"),
+        "{}",
+        err.message()
+    );
+
+    // n1's certificate does not attest n2, whatever the request says.
+    let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, as_n2) = x509pop_request(&n1, &exporter, "n2");
+    let err = client.attest_x509_pop(as_n2).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("not \"n2\""), "{}", err.message());
+
+    // A CA that copies the operator CA's name, with its own key, attests nothing.
+    let forged = OperatorCa::new("operator node CA").node_credential("n3");
+    let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, req) = x509pop_request(&forged, &exporter, "n3");
+    let err = client.attest_x509_pop(req).await.unwrap_err();
+    assert!(err.message().contains("--x509pop-ca"), "{}", err.message());
+    assert!(server.registry.node(&"n3".parse().unwrap()).is_err());
+
+    // Banned: refused, certificate or not.
+    server.registry.ban_node(&"n1".parse().unwrap()).unwrap();
+    let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, req) = x509pop_request(&n1, &exporter, "n1");
+    let err = client.attest_x509_pop(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("banned"), "{}", err.message());
+
+    let metrics = server.registry.metrics().encode();
+    assert!(
+        metrics.contains("meshauth_server_requests_denied_total{reason=\"X509PopRefused\"} 3"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn x509pop_is_refused_by_a_server_without_an_operator_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let n1 = OperatorCa::new("operator").node_credential("n1");
+    let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, req) = x509pop_request(&n1, &exporter, "n1");
+    let err = client.attest_x509_pop(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("start it with --x509pop-ca"),
+        "{}",
+        err.message()
+    );
+    server.stop().await;
 }

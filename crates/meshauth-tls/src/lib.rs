@@ -13,11 +13,14 @@
 //! - [`peer_spiffe_id`]: the verified peer's ID, after the handshake.
 //! - [`HandshakeFailure`]: why a handshake failed, found in any error's source chain, for
 //!   messages that say what to check.
+//! - [`x509pop`]: node attestation by proof of possession of an operator-issued certificate,
+//!   bound to the TLS connection it is sent on.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod failure;
 mod verify;
+pub mod x509pop;
 
 use std::fmt;
 use std::sync::{Arc, RwLock};

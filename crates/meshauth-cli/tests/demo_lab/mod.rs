@@ -41,11 +41,17 @@ fn argv(v: &[&str]) -> Vec<String> {
 impl DemoLab {
     /// Runs `meshauth demo --lab <name> --keep` (which checks the walkthrough's outcome).
     pub fn up(name: &str) -> DemoLab {
+        DemoLab::up_with(name, &[])
+    }
+
+    /// [`DemoLab::up`] with more `meshauth demo` flags.
+    pub fn up_with(name: &str, extra: &[&str]) -> DemoLab {
         let lab = meshauth_lab::Lab::new(name).unwrap();
         let out = Command::new(BIN)
             .args([
                 "--log", "warn", "demo", "--lab", name, "--keep", "-o", "json",
             ])
+            .args(extra)
             .output()
             .unwrap();
         let d = DemoLab {

@@ -40,6 +40,7 @@ pub fn config(dir: &Path, ca_ttl: Duration, svid_ttl: Duration) -> ServerConfig 
         ca_ttl,
         svid_ttl,
         join_token_ttl: Duration::from_secs(600),
+        x509pop: None,
         pod_cidr: meshauth_server::registry::DEFAULT_POD_CIDR,
     }
 }
@@ -141,4 +142,91 @@ pub async fn node_client(
         .await
         .expect("connects to the node API");
     NodeClient::new(channel)
+}
+
+/// Dials the node API without a client certificate, as an agent does to attest, and returns
+/// the connection's TLS exporter value for x509pop proofs.
+pub async fn attestation_client(
+    addr: std::net::SocketAddr,
+    bundle: X509Bundle,
+) -> (
+    NodeClient<Channel>,
+    [u8; meshauth_tls::x509pop::EXPORTER_LEN],
+) {
+    let td: TrustDomain = TD.parse().unwrap();
+    let server_id: SpiffeId = meshauth_server::server_spiffe_id(&td).unwrap();
+    let config = meshauth_tls::client_config(
+        None,
+        SharedBundle::new(bundle),
+        PeerPolicy::Exact(server_id),
+        &[b"h2"],
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let seen = Arc::clone(&slot);
+    let channel = Endpoint::try_from(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            let seen = Arc::clone(&seen);
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("meshauth-server").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                let value = tls
+                    .get_ref()
+                    .1
+                    .export_keying_material(
+                        [0u8; meshauth_tls::x509pop::EXPORTER_LEN],
+                        meshauth_tls::x509pop::EXPORTER_LABEL,
+                        None,
+                    )
+                    .unwrap();
+                *seen.lock().unwrap() = Some(value);
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("connects to the node API");
+    let exporter = slot.lock().unwrap().expect("the connection was made");
+    (NodeClient::new(channel), exporter)
+}
+
+/// An operator CA for x509pop node certificates, made as an operator would (with rcgen here).
+pub struct OperatorCa {
+    pub cert: CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl OperatorCa {
+    pub fn new(name: &str) -> OperatorCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let cert = p.self_signed(&key).unwrap().der().clone();
+        OperatorCa {
+            cert,
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    pub fn roots(&self) -> meshauth_tls::x509pop::OperatorRoots {
+        meshauth_tls::x509pop::OperatorRoots::new(vec![self.cert.clone()]).unwrap()
+    }
+
+    /// A node certificate whose subject common name is `node`.
+    pub fn node_credential(&self, node: &str) -> meshauth_tls::x509pop::NodeCredential {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, node);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        meshauth_tls::x509pop::NodeCredential {
+            chain: vec![cert.der().clone()],
+            key: pkcs8(&key),
+        }
+    }
 }
