@@ -63,6 +63,25 @@ fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime, CaError> {
     })
 }
 
+/// What an authority's certificate says, but its serial and validity: its subject (one per
+/// authority, from its serial `serial`), CA constraints, usages and trust domain URI.
+fn authority_params(config: &CaConfig, serial: &str) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "meshauth");
+    // A subject per authority keeps path building unambiguous during rotation.
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("meshauth CA {}", serial.get(..16).unwrap_or(serial)),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![uri(&config.trust_domain.id_string())?];
+    Ok(params)
+}
+
 impl Authority {
     pub(crate) fn generate(
         config: &CaConfig,
@@ -73,19 +92,8 @@ impl Authority {
         let (serial_number, serial) = random_serial();
         let not_before = now.checked_sub(config.backdate).unwrap_or(now);
         let not_after = expiry(now, config.ca_ttl)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "meshauth");
-        // A subject per authority keeps path building unambiguous during rotation.
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("meshauth CA {}", &serial[..16]));
+        let mut params = authority_params(config, &serial)?;
         params.serial_number = Some(serial_number);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![uri(&config.trust_domain.id_string())?];
         params.not_before = to_time("the CA's NotBefore", not_before)?;
         params.not_after = to_time("the CA's expiry (now + the CA TTL)", not_after)?;
         let cert = params.self_signed(&key).map_err(gen_err)?.der().clone();
@@ -123,6 +131,31 @@ impl Authority {
             not_before,
             not_after,
         })
+    }
+
+    /// A certificate of `successor` (its subject, key and expiry) issued by this authority:
+    /// a client that trusts only this authority (its key: path validation does not check a
+    /// trust anchor's own validity) accepts chains of the successor through it.
+    pub(crate) fn cross_sign(
+        &self,
+        config: &CaConfig,
+        successor: &Authority,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        let backdate = config.backdate;
+        let mut params = authority_params(config, &successor.serial)?;
+        let (serial_number, _) = random_serial();
+        params.serial_number = Some(serial_number);
+        params.not_before = to_time(
+            "the cross-certificate's NotBefore",
+            now.checked_sub(backdate).unwrap_or(now),
+        )?;
+        params.not_after = to_time("the cross-certificate's expiry", successor.not_after)?;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(successor.issuer.key(), &self.issuer)
+            .map_err(gen_err)?;
+        Ok(cert.der().clone())
     }
 
     pub(crate) fn sign_svid(

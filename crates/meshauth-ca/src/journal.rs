@@ -16,6 +16,20 @@ pub struct CaJournal {
     pub authorities: Vec<JournalAuthority>,
     /// The bundle sequence.
     pub sequence: u64,
+    /// The cross-certificate from an expired authority to its successor after a long outage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuity: Option<JournalContinuity>,
+}
+
+/// The cross-certificate of a restart (no key: the expired authority's key is gone).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JournalContinuity {
+    /// The cross-certificate, base64 DER.
+    pub cert_der: String,
+    /// Serial of the authority it endorses.
+    pub endorsed_serial: String,
+    /// Serial of the expired authority that signed it.
+    pub by_serial: String,
 }
 
 impl std::fmt::Debug for CaJournal {
@@ -52,6 +66,11 @@ impl Ca {
                 })
                 .collect(),
             sequence: self.sequence,
+            continuity: self.continuity.as_ref().map(|c| JournalContinuity {
+                cert_der: STANDARD.encode(c.cert.as_ref()),
+                endorsed_serial: c.endorsed.clone(),
+                by_serial: c.by.clone(),
+            }),
         }
     }
 
@@ -79,10 +98,24 @@ impl Ca {
         if authorities.is_empty() {
             return Err(CaError::Journal("no authorities".into()));
         }
+        let continuity = journal
+            .continuity
+            .map(|c| {
+                STANDARD
+                    .decode(&c.cert_der)
+                    .map(|der| crate::Continuity {
+                        cert: CertificateDer::from(der),
+                        endorsed: c.endorsed_serial,
+                        by: c.by_serial,
+                    })
+                    .map_err(|e| CaError::Journal(format!("cross-certificate: {e}")))
+            })
+            .transpose()?;
         Ok(Ca {
             config,
             authorities,
             sequence: journal.sequence,
+            continuity,
         })
     }
 }

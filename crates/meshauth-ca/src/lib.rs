@@ -68,7 +68,7 @@ pub enum CaError {
     },
     /// No authority can sign now (all expired).
     #[error(
-        "no active CA authority: the CA has expired; rotate by restarting with a fresh data dir"
+        "no active CA authority: every authority has expired; the server replaces them at its next CA tick"
     )]
     NoActiveAuthority,
     /// Certificate generation failed.
@@ -167,6 +167,27 @@ pub enum RotationEvent {
         /// Its serial.
         serial: String,
     },
+    /// Every authority had expired (the server was down longer than a CA lifetime): a new one
+    /// signs now, cross-signed by the last one to expire, so that agents that trust only the
+    /// old bundle can still verify the server ([`Ca::continuity_chain`]).
+    Restarted {
+        /// The new authority.
+        serial: String,
+        /// The expired authority that cross-signed it.
+        cross_signed_by: String,
+    },
+}
+
+/// The cross-certificate that carries trust from an expired authority to the one that
+/// replaced it after a long outage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Continuity {
+    /// The successor's certificate, issued by the expired authority.
+    pub(crate) cert: CertificateDer<'static>,
+    /// The successor's serial.
+    pub(crate) endorsed: String,
+    /// The expired authority's serial.
+    pub(crate) by: String,
 }
 
 /// An SVID the CA issued.
@@ -187,6 +208,7 @@ pub struct Ca {
     config: CaConfig,
     authorities: Vec<Authority>,
     sequence: u64,
+    continuity: Option<Continuity>,
 }
 
 impl fmt::Debug for Ca {
@@ -207,6 +229,7 @@ impl Ca {
             config,
             authorities: vec![first],
             sequence: 1,
+            continuity: None,
         })
     }
 
@@ -221,25 +244,51 @@ impl Ca {
         // Drop expired authorities (never the last one standing: it is needed to report the
         // expiry clearly when signing).
         let before = self.authorities.len();
-        let mut removed = Vec::new();
-        self.authorities.retain(|a| {
+        // The last authority to expire, if every one did: it cross-signs the new one.
+        let mut last: Option<Authority> = None;
+        let mut kept = Vec::with_capacity(self.authorities.len());
+        for a in std::mem::take(&mut self.authorities) {
             // X.509 validity includes the notAfter second.
-            let keep = a.not_after >= now;
-            if !keep {
-                removed.push(a.serial.clone());
+            if a.not_after >= now {
+                kept.push(a);
+                continue;
             }
-            keep
-        });
-        for serial in removed {
-            events.push(RotationEvent::Removed { serial });
-        }
-        if self.authorities.is_empty() {
-            // Everything expired (the server was down longer than a CA lifetime): start over.
-            let fresh = Authority::generate(&self.config, AuthorityState::Active, now)?;
-            events.push(RotationEvent::Activated {
-                serial: fresh.serial.clone(),
+            events.push(RotationEvent::Removed {
+                serial: a.serial.clone(),
             });
+            if last.as_ref().is_none_or(|l| a.not_after > l.not_after) {
+                last = Some(a);
+            }
+        }
+        self.authorities = kept;
+        if self.authorities.is_empty() {
+            // Everything expired (the server was down longer than a CA lifetime): start over,
+            // with the new authority cross-signed by the last one, whose key agents still
+            // trust. That key is used for this one signature and then dropped with it.
+            let fresh = Authority::generate(&self.config, AuthorityState::Active, now)?;
+            match &last {
+                Some(old) => {
+                    self.continuity = Some(Continuity {
+                        cert: old.cross_sign(&self.config, &fresh, now)?,
+                        endorsed: fresh.serial.clone(),
+                        by: old.serial.clone(),
+                    });
+                    events.push(RotationEvent::Restarted {
+                        serial: fresh.serial.clone(),
+                        cross_signed_by: old.serial.clone(),
+                    });
+                }
+                None => events.push(RotationEvent::Activated {
+                    serial: fresh.serial.clone(),
+                }),
+            }
             self.authorities.push(fresh);
+        }
+        // A cross-certificate lives as long as the authority it carries trust to.
+        if let Some(c) = &self.continuity
+            && !self.authorities.iter().any(|a| a.serial == c.endorsed)
+        {
+            self.continuity = None;
         }
         let active = self.active_index();
         if let Some(i) = active {
@@ -331,6 +380,18 @@ impl Ca {
             now,
             self.config.backdate,
         )
+    }
+
+    /// What a TLS peer appends to an SVID of the active authority so that clients holding only
+    /// the bundle from before a restart ([`RotationEvent::Restarted`]) verify it: the
+    /// cross-certificate, while the authority it endorses is active. Empty otherwise.
+    pub fn continuity_chain(&self) -> Vec<CertificateDer<'static>> {
+        let active = self.active_index().map(|i| &self.authorities[i].serial);
+        self.continuity
+            .iter()
+            .filter(|c| Some(&c.endorsed) == active)
+            .map(|c| c.cert.clone())
+            .collect()
     }
 
     /// The bundle: every authority that has not expired at `now`.

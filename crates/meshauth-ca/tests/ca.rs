@@ -306,3 +306,60 @@ fn dns_names_are_host_names() {
     assert!(meshauth_ca::is_dns_name(&at_limit));
     assert!(!meshauth_ca::is_dns_name(&format!("{at_limit}e")));
 }
+
+#[test]
+fn after_an_outage_past_every_authority_the_new_one_is_reachable_from_the_old_bundle() {
+    let ca_ttl = 24 * HOUR;
+    let mut ca = Ca::new(config(), t0()).unwrap();
+    // The last moment agents heard from the server: the prepared authority is in the bundle.
+    let last_seen = t0() + 13 * HOUR;
+    ca.tick(last_seen).unwrap();
+    let agents_bundle = ca.bundle(last_seen);
+    assert_eq!(agents_bundle.authorities.len(), 2, "active and prepared");
+    // The server is back after every authority expired (the prepared one too).
+    let back = last_seen + 2 * ca_ttl;
+    let events = ca.tick(back).unwrap();
+    let (fresh, by) = events
+        .iter()
+        .find_map(|e| match e {
+            RotationEvent::Restarted {
+                serial,
+                cross_signed_by,
+            } => Some((serial.clone(), cross_signed_by.clone())),
+            _ => None,
+        })
+        .expect("a restart, named as such");
+    let infos = ca.authorities();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0].serial, fresh);
+    assert_eq!(infos[0].state, AuthorityState::Active);
+    // The cross-signer is the last one to expire: the prepared one agents held.
+    let prepared = agents_bundle.authorities[1].clone();
+    assert_eq!(
+        meshauth_spiffe::serial_of(&prepared).unwrap(),
+        by,
+        "cross-signed by the authority that expired last"
+    );
+    let svid = issue(&ca, back);
+    // An agent holding only the old bundle: the SVID alone does not verify...
+    let err = validate_x509_svid(&svid.chain, &agents_bundle, back).unwrap_err();
+    assert_eq!(err.reason(), SvidRejectReason::UnknownAuthority, "{err:?}");
+    // ...with the continuity chain it does, and so it does under the new bundle.
+    let continuity = ca.continuity_chain();
+    assert_eq!(continuity.len(), 1);
+    let mut chain = svid.chain.clone();
+    chain.extend(continuity.clone());
+    validate_x509_svid(&chain, &agents_bundle, back).expect("the old bundle reaches the new CA");
+    validate_x509_svid(&chain, &ca.bundle(back), back).expect("and the new bundle still works");
+    // A bundle of another CA that copied nothing of ours does not.
+    let stranger = Ca::new(config(), last_seen).unwrap().bundle(last_seen);
+    assert!(validate_x509_svid(&chain, &stranger, back).is_err());
+    // Kept across restarts of the server; gone once the new authority is replaced.
+    let journal: CaJournal =
+        serde_json::from_str(&serde_json::to_string(&ca.to_journal()).unwrap()).unwrap();
+    let restored = Ca::from_journal(config(), journal).unwrap();
+    assert_eq!(restored.continuity_chain(), continuity);
+    let mut later = restored;
+    later.tick(back + ca_ttl).unwrap();
+    assert!(later.continuity_chain().is_empty());
+}

@@ -122,6 +122,7 @@ pub struct Metrics {
     ticker_failures: Family<StepLabels, Counter>,
     node_api_connections: Gauge,
     node_api_closed: Family<ConnectionCloseLabels, Counter>,
+    ca_restarts: Counter,
 }
 
 impl Default for Metrics {
@@ -143,7 +144,7 @@ impl Metrics {
         let attestations_ok = Counter::default();
         registry.register(
             "node_attestations",
-            "Successful node attestations with a join token",
+            "Successful node attestations (join token or x509pop)",
             attestations_ok.clone(),
         );
         let denied = Family::<ReasonLabels, Counter>::default();
@@ -188,8 +189,15 @@ impl Metrics {
             "Node API connections the server refused or closed itself, by reason",
             node_api_closed.clone(),
         );
+        let ca_restarts = Counter::default();
+        registry.register(
+            "ca_restarts",
+            "Times every CA authority had expired (the server was down longer than a CA lifetime) and a new one, cross-signed by the last, took over",
+            ca_restarts.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            ca_restarts,
             svids_issued,
             attestations_ok,
             denied,
@@ -208,6 +216,10 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    pub(crate) fn ca_restarted(&self) {
+        self.ca_restarts.inc();
     }
 
     pub(crate) fn svid_issued(&self, kind: SvidKind) {

@@ -319,7 +319,23 @@ impl Registry {
             return Ok(false);
         }
         for event in &events {
-            tracing::info!(event = ?event, "CA rotation");
+            match event {
+                meshauth_ca::RotationEvent::Restarted {
+                    serial,
+                    cross_signed_by,
+                } => {
+                    self.metrics.ca_restarted();
+                    tracing::error!(
+                        new_authority = %serial,
+                        cross_signed_by = %cross_signed_by,
+                        "every CA authority had expired: the server was down longer than the CA lifetime (--ca-ttl). \
+                         A new CA signs from now on, cross-signed by the last one, so agents that hold the old \
+                         bundle still verify this server and take the new bundle; x509pop nodes attest again by \
+                         themselves, join-token nodes need a new token (meshauth token generate)"
+                    );
+                }
+                other => tracing::info!(event = ?other, "CA rotation"),
+            }
         }
         self.save_ca()?;
         self.metrics.observe_bundle(&self.bundle(now));
@@ -339,7 +355,12 @@ impl Registry {
 
     /// Issues an SVID for the server itself from a CSR of a key the server generated.
     pub fn issue_own_svid(&self, id: &SpiffeId, csr: &[u8], now: SystemTime) -> Result<IssuedSvid> {
-        let svid = self.ca().sign_csr(csr, id, None, &[], now)?;
+        let ca = self.ca();
+        let mut svid = ca.sign_csr(csr, id, None, &[], now)?;
+        // After a CA restart: the cross-certificate, so that agents holding only the bundle
+        // from before the outage verify the server (and can attest again).
+        svid.chain.extend(ca.continuity_chain());
+        drop(ca);
         self.metrics.svid_issued(SvidKind::Server);
         Ok(svid)
     }

@@ -170,6 +170,19 @@ impl AgentProcess {
         server: &ServerProcess,
         token: Option<&str>,
     ) -> AgentProcess {
+        match token {
+            Some(t) => Self::start_with(dir, node, server, &["--join-token", t]),
+            None => Self::start_with(dir, node, server, &[]),
+        }
+    }
+
+    /// [`AgentProcess::start`] with other credential flags (e.g. `--x509pop-cert`).
+    pub fn start_with(
+        dir: &Path,
+        node: &str,
+        server: &ServerProcess,
+        extra: &[&str],
+    ) -> AgentProcess {
         let workload_socket = dir.join(format!("{node}-workload.sock"));
         let admin_socket = dir.join(format!("{node}-agent.sock"));
         let mut cmd = Command::new(BIN);
@@ -186,9 +199,7 @@ impl AgentProcess {
             .args(["--metrics-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(log_file(dir.join(format!("{node}-agent.log"))));
-        if let Some(t) = token {
-            cmd.args(["--join-token", t]);
-        }
+        cmd.args(extra);
         let child = cmd.spawn().expect("agent starts");
         let agent = AgentProcess {
             child,
