@@ -240,6 +240,11 @@ impl AgentProcess {
         format!("unix:{}", self.workload_socket.display())
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) {
         terminate(&mut self.child, "agent");
     }
