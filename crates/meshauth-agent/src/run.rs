@@ -264,6 +264,11 @@ impl Agent {
                 crate::authority_fix::accept_relayed(workload, metrics.clone(), sup.token()),
                 stopped(stop_rx.clone()),
             );
+        let workload_api = meshauth_telemetry::with_connection_grace(
+            "workload API",
+            workload_api,
+            stopped(stop_rx.clone()),
+        );
         sup.spawn_once("workload-api", |_| workload_api);
         let admin_api = tonic::transport::Server::builder()
             .add_service(AgentAdminServer::new(AdminApi::new(
@@ -274,6 +279,11 @@ impl Agent {
                 readiness.clone(),
             )))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
+        let admin_api = meshauth_telemetry::with_connection_grace(
+            "admin API",
+            admin_api,
+            stopped(stop_rx.clone()),
+        );
         sup.spawn_once("admin-api", |_| admin_api);
         let encoder: meshauth_telemetry::Encoder = {
             let (m, mgr) = (metrics.clone(), manager.clone());

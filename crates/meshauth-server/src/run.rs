@@ -236,24 +236,35 @@ impl Server {
                     Arc::new(tls),
                     registry.metrics().clone(),
                 ));
-                tonic::transport::Server::builder()
+                let stopping = token.clone();
+                let serve = tonic::transport::Server::builder()
                     .add_service(NodeServer::new(NodeApi::new(registry, stop_rx)))
                     .serve_with_incoming_shutdown(incoming, async move {
                         token.cancelled().await;
                         let _ = stop_tx.send(true);
-                    })
-                    .await
+                    });
+                meshauth_telemetry::with_connection_grace(
+                    "node API",
+                    serve,
+                    stopping.cancelled_owned(),
+                )
+                .await
             }
         });
         tasks.spawn_once("admin-api", {
             let registry = Arc::clone(&registry);
             move |token| {
-                tonic::transport::Server::builder()
+                let serve = tonic::transport::Server::builder()
                     .add_service(AdminServer::new(AdminApi::new(registry)))
                     .serve_with_incoming_shutdown(
                         UnixListenerStream::new(admin_listener),
-                        token.cancelled_owned(),
-                    )
+                        token.clone().cancelled_owned(),
+                    );
+                meshauth_telemetry::with_connection_grace(
+                    "admin API",
+                    serve,
+                    token.cancelled_owned(),
+                )
             }
         });
         let encoder: meshauth_telemetry::Encoder = {

@@ -23,7 +23,10 @@ mod supervisor;
 pub use data_dir::{DataDirError, DataDirLock, LOCK_FILE, lock_data_dir};
 
 pub use readiness::{NOT_YET_REPORTED, Readiness, ReadyHandle};
-pub use supervisor::{BoxError, DEFAULT_GRACE, MIN_BACKOFF, Restart, Supervisor, SupervisorError};
+pub use supervisor::{
+    BoxError, CONNECTION_GRACE, DEFAULT_GRACE, MIN_BACKOFF, Restart, Supervisor, SupervisorError,
+    with_connection_grace,
+};
 /// The token the [`Supervisor`] hands its tasks (re-exported so callers need no `tokio-util`).
 pub use tokio_util::sync::CancellationToken;
 

@@ -451,6 +451,35 @@ where
     })
 }
 
+/// How long a server waits, once its shutdown began, for its connections to finish.
+pub const CONNECTION_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `serve`, a server whose graceful shutdown starts when `stopping` completes, but gives
+/// its connections only [`CONNECTION_GRACE`] after that: a graceful shutdown waits for every
+/// client to hang up, and a client holding an idle connection (an admin client, a stalled
+/// agent) must not hold the process's exit up. `what` names the server in the log.
+pub async fn with_connection_grace<E>(
+    what: &'static str,
+    serve: impl Future<Output = Result<(), E>>,
+    stopping: impl Future<Output = ()>,
+) -> Result<(), E> {
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r,
+        () = async {
+            stopping.await;
+            tokio::time::sleep(CONNECTION_GRACE).await;
+        } => {
+            tracing::info!(
+                server = what,
+                grace_ms = u64::try_from(CONNECTION_GRACE.as_millis()).unwrap_or(u64::MAX),
+                "closing connections still open at shutdown"
+            );
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
