@@ -304,7 +304,7 @@ impl Manager {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let served = std::sync::atomic::AtomicBool::new(false);
             let outcome = tokio::select! {
                 r = self.session(&served) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
