@@ -215,7 +215,12 @@ pub async fn bootstrap(
         .map_err(anyhow::Error::new)?;
     data.save_node_svid(&svid)?;
     data.save_bundle(&bundle)?;
-    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, x509pop = attestor.can_reattest(), "attested");
+    let how = if attestor.can_reattest() {
+        "the x509pop certificate"
+    } else {
+        "the join token"
+    };
+    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, "attested with {how}");
     Ok((svid, bundle))
 }
 
