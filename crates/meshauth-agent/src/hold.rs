@@ -139,14 +139,21 @@ impl<P> Holder<P> {
             return Some(Decision::Release(key, vec![packet], Duration::ZERO));
         }
         let limits = self.limits;
+        // Full: refused before a pair is made for it (a flood of new flows must not leave a
+        // waiting pair behind for each).
+        if self.total >= limits.packets_total {
+            self.count(HoldDrop::Overflow, 1);
+            return Some(Decision::Drop(vec![packet], HoldDrop::Overflow));
+        }
         let w = self.pairs.entry(key).or_insert_with(|| Waiting {
             packets: VecDeque::new(),
             bytes: 0,
         });
-        if w.packets.len() >= limits.packets_per_pair
-            || w.bytes + len > limits.bytes_per_pair
-            || self.total >= limits.packets_total
-        {
+        if w.packets.len() >= limits.packets_per_pair || w.bytes + len > limits.bytes_per_pair {
+            let empty = w.packets.is_empty();
+            if empty {
+                self.pairs.remove(&key);
+            }
             self.count(HoldDrop::Overflow, 1);
             return Some(Decision::Drop(vec![packet], HoldDrop::Overflow));
         }
@@ -361,6 +368,43 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// millisecond (the event can arrive before the packet reaches the queue).
 const MARKED_WINDOW: Duration = Duration::from_millis(50);
 
+/// The kernel's per-queue NFQUEUE statistics (of the agent's network namespace).
+const NFQUEUE_STATS: &str = "/proc/net/netfilter/nfnetlink_queue";
+
+/// The kernel's drop counters of one queue: `(queue_dropped, user_dropped)`, from the text of
+/// [`NFQUEUE_STATS`] (`queue peer_portid total copy_mode copy_range queue_dropped user_dropped
+/// id_sequence 1`).
+fn kernel_drops(stats: &str, queue: u16) -> Option<(u64, u64)> {
+    stats.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.first()?.parse::<u16>().ok()? != queue {
+            return None;
+        }
+        Some((f.get(5)?.parse().ok()?, f.get(6)?.parse().ok()?))
+    })
+}
+
+/// The kernel's counters as last seen, to count what they added since.
+#[derive(Debug, Default)]
+struct KernelDrops(Option<(u64, u64)>);
+
+impl KernelDrops {
+    /// What the counters added since the last call (nothing at the first; counters that went
+    /// back, as when the queue is bound again, start over).
+    fn advance(&mut self, seen: (u64, u64)) -> (u64, u64) {
+        let added = match self.0 {
+            Some((q, u)) if seen.0 >= q && seen.1 >= u => (seen.0 - q, seen.1 - u),
+            _ => (0, 0),
+        };
+        self.0 = Some(seen);
+        added
+    }
+}
+
+/// Bytes of each held packet the kernel copies to the agent: IPv4 and TCP headers with options
+/// fit (60 + 60).
+const COPY_RANGE: u16 = 128;
+
 /// Starts the hold queue's thread; returns where to tell it each handshake's outcome and each
 /// packet the datapath marked.
 pub fn start<T: meshauth_auth::AuthTable>(
@@ -377,6 +421,10 @@ pub fn start<T: meshauth_auth::AuthTable>(
     // Never accept when the queue is full: drop (fail closed).
     queue.set_fail_open(QUEUE, false)?;
     queue.set_queue_max_len(QUEUE, 8192)?;
+    // Only the headers come up: the flow is read from them, and an accepted packet is
+    // reinjected whole by the kernel. A held message keeps its receive buffer alive, and with
+    // the default range (64 KiB) 4,096 held packets kept about 270 MiB.
+    queue.set_copy_range(QUEUE, COPY_RANGE)?;
     queue.set_nonblocking(true);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Signal>(4096);
     std::thread::Builder::new()
@@ -512,6 +560,8 @@ fn run<T: meshauth_auth::AuthTable>(
 ) {
     let mut holder: Holder<nfq::Message> = Holder::new(limits);
     let mut last_poll = Instant::now();
+    let mut kernel = KernelDrops::default();
+    let mut last_kernel = Instant::now();
     let mut active_until = Instant::now();
     let mut waiting: Option<Signal> = None;
     while !*stop.borrow() {
@@ -554,7 +604,8 @@ fn run<T: meshauth_auth::AuthTable>(
                 Ok(msg) => {
                     got = true;
                     let payload = msg.get_payload();
-                    let len = payload.len();
+                    // The packet's own length (only COPY_RANGE bytes of it came up).
+                    let len = msg.get_original_len().max(payload.len());
                     let key = flow_of(payload).and_then(|f| {
                         ctx.dp(|x| {
                             x.held_flow(f.src, f.dst, f.sport, f.dport, f.protocol, f.icmp_type)
@@ -563,13 +614,18 @@ fn run<T: meshauth_auth::AuthTable>(
                         .flatten()
                     });
                     let live = key.is_some_and(|k| ctx.dp(|d| d.auth_live(k)).unwrap_or(false));
-                    if let Some(k) = key
-                        && !live
-                    {
-                        auth.request(k, std::time::SystemTime::now());
-                    }
-                    if let Some(d) = holder.arrive(key, msg, len, live, Instant::now()) {
-                        settle(&mut queue, ctx, d);
+                    match holder.arrive(key, msg, len, live, Instant::now()) {
+                        Some(d) => settle(&mut queue, ctx, d),
+                        // Held: its pair is authenticated now. A packet the queue had no room
+                        // for asks for nothing (a flood of new flows would otherwise fill the
+                        // auth queue with handshakes whose packets are gone).
+                        None => {
+                            if let Some(k) = key
+                                && !live
+                            {
+                                auth.request(k, std::time::SystemTime::now());
+                            }
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -580,6 +636,16 @@ fn run<T: meshauth_auth::AuthTable>(
             }
         }
         ctx.metrics.hold_waiting(holder.len());
+        if now.duration_since(last_kernel) >= Duration::from_secs(1) {
+            last_kernel = now;
+            if let Some(seen) = std::fs::read_to_string(NFQUEUE_STATS)
+                .ok()
+                .and_then(|t| kernel_drops(&t, QUEUE))
+            {
+                let (queue_full, socket_full) = kernel.advance(seen);
+                ctx.metrics.hold_dropped_by_kernel(queue_full, socket_full);
+            }
+        }
         if got {
             continue;
         }
@@ -689,6 +755,43 @@ mod tests {
         assert_eq!(drops.len(), 2);
         assert!(h.is_empty());
         assert_eq!(h.dropped[&HoldDrop::Timeout], 3);
+    }
+
+    #[test]
+    fn kernel_drops_are_read_per_queue_and_counted_once() {
+        let stats = "    0  12345     0 2 65531     0     0       17  1\n   42  999     3 2   128     7   284773  900  1\n";
+        assert_eq!(kernel_drops(stats, 42), Some((7, 284_773)));
+        assert_eq!(kernel_drops(stats, 0), Some((0, 0)));
+        assert_eq!(kernel_drops(stats, 5), None);
+        assert_eq!(kernel_drops("garbage", 42), None);
+        let mut k = KernelDrops::default();
+        assert_eq!(
+            k.advance((7, 100)),
+            (0, 0),
+            "the first reading is the baseline"
+        );
+        assert_eq!(k.advance((9, 150)), (2, 50));
+        assert_eq!(k.advance((9, 150)), (0, 0));
+        assert_eq!(k.advance((0, 1)), (0, 0), "rebound: start over");
+        assert_eq!(k.advance((1, 1)), (1, 0));
+    }
+
+    #[test]
+    fn a_full_queue_leaves_no_waiting_pair_behind() {
+        let mut h: Holder<u32> = Holder::new(HoldLimits {
+            packets_total: 2,
+            ..HoldLimits::default()
+        });
+        let now = Instant::now();
+        assert!(h.arrive(Some(key(1)), 1, 100, false, now).is_none());
+        assert!(h.arrive(Some(key(2)), 2, 100, false, now).is_none());
+        for i in 3..1000 {
+            assert!(matches!(
+                h.arrive(Some(key(i)), i, 100, false, now),
+                Some(Decision::Drop(_, HoldDrop::Overflow))
+            ));
+        }
+        assert_eq!(h.pairs().len(), 2, "only the pairs that hold packets");
     }
 
     #[test]

@@ -224,6 +224,11 @@ pub enum HoldDropLabel {
     Overflow,
     /// No held flow matched it.
     Unknown,
+    /// Dropped by the kernel before the agent saw it: its NFQUEUE was at its length limit.
+    KernelQueueFull,
+    /// Dropped by the kernel before the agent saw it: the agent's netlink socket was full
+    /// (the agent read too slowly).
+    KernelSocketFull,
 }
 
 /// Handles to the agent's metrics.
@@ -541,6 +546,20 @@ impl Metrics {
         self.hold_dropped
             .get_or_create(&HoldLabels { reason })
             .inc_by(n);
+    }
+
+    /// Packets the kernel dropped on the way to the hold queue, since the last call.
+    pub(crate) fn hold_dropped_by_kernel(&self, queue_full: u64, socket_full: u64) {
+        for (reason, n) in [
+            (HoldDropLabel::KernelQueueFull, queue_full),
+            (HoldDropLabel::KernelSocketFull, socket_full),
+        ] {
+            if n > 0 {
+                self.hold_dropped
+                    .get_or_create(&HoldLabels { reason })
+                    .inc_by(n);
+            }
+        }
     }
 
     pub(crate) fn hold_waiting(&self, n: usize) {

@@ -570,7 +570,7 @@ impl Handshaker {
                     };
                 match result {
                     Ok(a) => {
-                        tracing::info!(local = %a.local, remote = %a.remote, remote.node = %a.remote_node, "pair authenticated (responder)");
+                        tracing::debug!(local = %a.local, remote = %a.remote, remote.node = %a.remote_node, "pair authenticated (responder)");
                         let _ = accepted.send(a).await;
                     }
                     Err(e) => {
