@@ -22,7 +22,7 @@
 //! node (subject common name or a DNS name), and the signature over [`signed_message`]
 //! verifies with the leaf's key under a TLS 1.3 signature scheme.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::SignatureScheme;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -139,16 +139,11 @@ impl NodeCredential {
     /// file (PKCS#8, SEC1 or PKCS#1). Checks that the key can sign a proof.
     pub fn from_pem(cert: &str, key: &str) -> Result<NodeCredential, X509PopError> {
         use rustls::pki_types::pem::PemObject as _;
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| X509PopError::Malformed { index: 0 })?;
+        let chain = certs_from_pem(cert)?;
         if chain.is_empty() {
             return Err(X509PopError::NoCertificate);
         }
-        for (index, der) in chain.iter().enumerate() {
-            x509_parser::parse_x509_certificate(der)
-                .map_err(|_| X509PopError::Malformed { index })?;
-        }
+        check_parses(&chain)?;
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
             .map_err(|_| X509PopError::Key("no PEM private key in the key file".into()))?;
         sign(&key, b"check")?;
@@ -165,13 +160,22 @@ impl NodeCredential {
     ) -> Result<(SignatureScheme, Vec<u8>), X509PopError> {
         sign(&self.key, &signed_message(exporter, node, csr))
     }
+}
 
-    /// When the certificate expires (`None` if it does not parse).
-    pub fn not_after(&self) -> Option<SystemTime> {
-        let (_, leaf) = x509_parser::parse_x509_certificate(self.chain.first()?).ok()?;
-        let secs = u64::try_from(leaf.validity().not_after.timestamp()).ok()?;
-        UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+/// The certificates of a PEM text (its `CERTIFICATE` blocks, in order).
+fn certs_from_pem(text: &str) -> Result<Vec<CertificateDer<'static>>, X509PopError> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| X509PopError::Malformed { index: 0 })
+}
+
+/// Every certificate of `chain` is DER X.509 (the error names the first that is not).
+fn check_parses(chain: &[CertificateDer<'_>]) -> Result<(), X509PopError> {
+    for (index, der) in chain.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der).map_err(|_| X509PopError::Malformed { index })?;
     }
+    Ok(())
 }
 
 /// What a verified proof tells about the node.
@@ -179,8 +183,6 @@ impl NodeCredential {
 pub struct VerifiedNodeCert {
     /// SHA-256 of the node's certificate, hex.
     pub fingerprint: String,
-    /// When the node's certificate expires.
-    pub not_after: SystemTime,
 }
 
 /// The operator's CA certificates that node certificates chain to.
@@ -203,21 +205,7 @@ impl OperatorRoots {
 
     /// Roots from a PEM file's text (one or more `CERTIFICATE` blocks).
     pub fn from_pem(text: &str) -> Result<OperatorRoots, X509PopError> {
-        use rustls::pki_types::pem::PemObject as _;
-        let certs = CertificateDer::pem_slice_iter(text.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| X509PopError::Malformed { index: 0 })?;
-        OperatorRoots::new(certs)
-    }
-
-    /// How many CA certificates there are.
-    pub fn len(&self) -> usize {
-        self.roots.len()
-    }
-
-    /// Never true ([`OperatorRoots::new`] refuses an empty set).
-    pub fn is_empty(&self) -> bool {
-        self.roots.is_empty()
+        OperatorRoots::new(certs_from_pem(text)?)
     }
 
     /// Checks a node's proof: `chain` (its certificate first) leads to an operator CA and is
@@ -236,20 +224,10 @@ impl OperatorRoots {
     ) -> Result<VerifiedNodeCert, X509PopError> {
         let exporter = exporter.ok_or(X509PopError::NoExporter)?;
         let leaf_der = chain.first().ok_or(X509PopError::NoCertificate)?;
+        check_parses(chain)?;
         let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der)
             .map_err(|_| X509PopError::Malformed { index: 0 })?;
-        for (index, der) in chain.iter().enumerate().skip(1) {
-            x509_parser::parse_x509_certificate(der)
-                .map_err(|_| X509PopError::Malformed { index })?;
-        }
         let t = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
-        if secs > leaf.validity().not_after.timestamp() {
-            return Err(X509PopError::Expired);
-        }
-        if secs < leaf.validity().not_before.timestamp() {
-            return Err(X509PopError::NotYetValid);
-        }
         let anchors: Vec<_> = self
             .roots
             .iter()
@@ -295,13 +273,8 @@ impl OperatorRoots {
             .ok_or(X509PopError::Scheme(scheme))?;
         ee.verify_signature(*alg, &signed_message(exporter, node, csr), signature)
             .map_err(|_| X509PopError::BadSignature)?;
-        let not_after = UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0),
-            );
         Ok(VerifiedNodeCert {
             fingerprint: fingerprint(leaf_der),
-            not_after,
         })
     }
 }
@@ -341,6 +314,8 @@ mod tests {
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
     };
+    use std::time::Duration;
+
     use rustls::pki_types::PrivatePkcs8KeyDer;
 
     use super::*;
