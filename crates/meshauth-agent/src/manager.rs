@@ -685,29 +685,45 @@ impl Manager {
                 anyhow::anyhow!("renewal refused: {}", s.message())
             })?
             .into_inner();
-        let now = SystemTime::now();
-        let bundle = match &resp.bundle {
-            Some(b) => bundle_of(b, &self.config.trust_domain)?,
-            None => (*self.bundle.get()).clone(),
-        };
-        let chain = chain_of(&resp.svid_chain);
-        let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
-            .context("the renewed node SVID does not validate")?;
-        let svid = NodeSvid {
-            chain: chain.clone(),
-            key: key.clone_key(),
+        let (svid, _) = node_svid_of(resp, key, &self.config.trust_domain, &self.bundle.get())?;
+        self.data.save_node_svid(&svid)?;
+        self.node_key
+            .set(svid.chain.clone(), private_key(&svid.key))?;
+        tracing::info!(serial = %svid.serial, "node SVID renewed");
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
+        Ok(())
+    }
+}
+
+/// A node SVID the server issued (attestation or renewal), checked: the bundle it came with is
+/// of our trust domain (`current` if it sent none) and the SVID validates under it. Returns the
+/// SVID with `key` and that bundle.
+pub(crate) fn node_svid_of(
+    resp: meshauth_proto::node::NodeSvidResponse,
+    key: PrivatePkcs8KeyDer<'static>,
+    td: &TrustDomain,
+    current: &X509Bundle,
+) -> anyhow::Result<(NodeSvid, X509Bundle)> {
+    let now = SystemTime::now();
+    let bundle = match &resp.bundle {
+        Some(b) => bundle_of(b, td)?,
+        None => current.clone(),
+    };
+    let chain = chain_of(&resp.svid_chain);
+    let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
+        .context("the server issued a node SVID that does not validate")?;
+    Ok((
+        NodeSvid {
+            chain,
+            key,
             spiffe_id: verified.spiffe_id,
             serial: verified.serial,
             issued_at: now,
             not_after: verified.not_after,
             node_id: resp.node_id,
-        };
-        self.data.save_node_svid(&svid)?;
-        self.node_key.set(chain, private_key(&key))?;
-        tracing::info!(serial = %svid.serial, "node SVID renewed");
-        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
-        Ok(())
-    }
+        },
+        bundle,
+    ))
 }
 
 /// How a session ended without an error.

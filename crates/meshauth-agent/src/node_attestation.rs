@@ -10,10 +10,9 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use anyhow::Context;
-use meshauth_proto::node::{AttestJoinTokenRequest, AttestX509PopRequest, NodeSvidResponse};
+use meshauth_proto::node::{AttestJoinTokenRequest, AttestX509PopRequest};
 use meshauth_spiffe::{TrustDomain, X509Bundle};
 use meshauth_tls::SharedBundle;
 use meshauth_tls::x509pop::{EXPORTER_LEN, NodeCredential};
@@ -163,26 +162,20 @@ impl NodeAttestor {
                     csr,
                 })
                 .await
-                .map_err(|s| {
-                    let AttestationError::Refused(m) = refused("attestation", &s) else {
-                        return refused("attestation", &s);
-                    };
-                    if again {
-                        AttestationError::Refused(format!(
-                            "{m}: this node attested with a join token, which works once; write a new one \
-                             (`meshauth token generate --node {node_name}`) to {} and the agent takes it \
-                             on its next attempt",
-                            self.join_token_file
-                                .as_ref()
-                                .map_or("--join-token-file".into(), |p| p.display().to_string())
-                        ))
-                    } else {
-                        AttestationError::Refused(m)
-                    }
+                .map_err(|s| match refused("attestation", &s) {
+                    AttestationError::Refused(m) if again => AttestationError::Refused(format!(
+                        "{m}: this node attested with a join token, which works once; write a new one \
+                         (`meshauth token generate --node {node_name}`) to {} and the agent takes it \
+                         on its next attempt",
+                        self.join_token_file
+                            .as_ref()
+                            .map_or("--join-token-file".into(), |p| p.display().to_string())
+                    )),
+                    other => other,
                 })?
                 .into_inner()
         };
-        node_svid_of(resp, key, td).map_err(AttestationError::Unreachable)
+        crate::manager::node_svid_of(resp, key, td, bundle).map_err(AttestationError::Unreachable)
     }
 
     fn token(&self, node_name: &str, again: bool) -> Result<String, AttestationError> {
@@ -224,34 +217,6 @@ fn refused(what: &str, s: &tonic::Status) -> AttestationError {
         }
         _ => AttestationError::Unreachable(anyhow::anyhow!("{what} failed: {}", s.message())),
     }
-}
-
-/// Checks the server's answer: the bundle is of our trust domain and the SVID validates.
-fn node_svid_of(
-    resp: NodeSvidResponse,
-    key: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
-    td: &TrustDomain,
-) -> anyhow::Result<(NodeSvid, X509Bundle)> {
-    let now = SystemTime::now();
-    let bundle = crate::manager::bundle_of(
-        resp.bundle.as_ref().context("the server sent no bundle")?,
-        td,
-    )?;
-    let chain = crate::manager::chain_of(&resp.svid_chain);
-    let verified = meshauth_spiffe::validate_x509_svid(&chain, &bundle, now)
-        .context("the server issued a node SVID that does not validate")?;
-    Ok((
-        NodeSvid {
-            chain,
-            key,
-            spiffe_id: verified.spiffe_id,
-            serial: verified.serial,
-            issued_at: now,
-            not_after: verified.not_after,
-            node_id: resp.node_id,
-        },
-        bundle,
-    ))
 }
 
 #[cfg(test)]

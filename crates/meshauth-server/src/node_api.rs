@@ -70,6 +70,21 @@ fn node_status_of(err: RegistryError) -> Status {
     }
 }
 
+impl NodeApi {
+    /// The node name an attestation asks for, or its refusal.
+    fn node_name(
+        &self,
+        op: &'static str,
+        peer: Option<&PeerInfo>,
+        raw: &str,
+    ) -> Result<NodeName, Status> {
+        raw.parse()
+            .map_err(|e: meshauth_datastore::InvalidNodeName| {
+                self.refuse(op, peer, RegistryError::Invalid(e.to_string()))
+            })
+    }
+}
+
 pub(crate) fn status_of(err: RegistryError) -> Status {
     let msg = err.to_string();
     match err {
@@ -235,16 +250,7 @@ impl Node for NodeApi {
     ) -> Result<Response<NodeSvidResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let req = request.into_inner();
-        let node: NodeName =
-            req.node_name
-                .parse()
-                .map_err(|e: meshauth_datastore::InvalidNodeName| {
-                    self.refuse(
-                        "attest",
-                        peer.as_ref(),
-                        RegistryError::Invalid(e.to_string()),
-                    )
-                })?;
+        let node = self.node_name("attest", peer.as_ref(), &req.node_name)?;
         let issued = self
             .registry
             .attest_join_token(
@@ -264,16 +270,7 @@ impl Node for NodeApi {
     ) -> Result<Response<NodeSvidResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let req = request.into_inner();
-        let node: NodeName =
-            req.node_name
-                .parse()
-                .map_err(|e: meshauth_datastore::InvalidNodeName| {
-                    self.refuse(
-                        "attest-x509pop",
-                        peer.as_ref(),
-                        RegistryError::Invalid(e.to_string()),
-                    )
-                })?;
+        let node = self.node_name("attest-x509pop", peer.as_ref(), &req.node_name)?;
         let scheme = u16::try_from(req.signature_scheme)
             .map(rustls::SignatureScheme::from)
             .map_err(|_| {
