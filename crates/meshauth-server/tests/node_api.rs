@@ -574,6 +574,49 @@ async fn x509pop_attests_again_and_again_but_only_its_own_node_on_its_own_connec
     server.stop().await;
 }
 
+/// The operator certificate is an attestation credential only: presented as the TLS client
+/// certificate, as if it were a node SVID, it gets nothing from the node API.
+#[tokio::test]
+async fn an_operator_certificate_is_no_node_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = OperatorCa::new("operator node CA");
+    let mut cfg = config(dir.path(), 24 * HOUR, HOUR);
+    cfg.x509pop = Some(operator.roots());
+    let server = TestServer::start(cfg).await;
+    // The node exists (attested), so only the credential decides.
+    let n1 = operator.node_credential("n1");
+    let (mut client, exporter) = attestation_client(server.addr, server.bundle()).await;
+    let (_, req) = x509pop_request(&n1, &exporter, "n1");
+    client.attest_x509_pop(req).await.unwrap();
+    let own = Some((n1.chain.clone(), n1.key.clone_key()));
+    match try_node_client(server.addr, server.bundle(), own).await {
+        Err(_) => {} // the handshake was refused
+        Ok(mut c) => {
+            let err = c.sync(SyncRequest::default()).await.unwrap_err();
+            assert!(
+                matches!(
+                    err.code(),
+                    Code::Unavailable | Code::Unknown | Code::Unauthenticated
+                ),
+                "{err:?}"
+            );
+            let (_, csr) = key_and_csr();
+            assert!(
+                c.renew_node_svid(RenewNodeSvidRequest { csr })
+                    .await
+                    .is_err()
+            );
+        }
+    }
+    let metrics = server.registry.metrics().encode();
+    assert!(
+        // (The channel may dial again after the refusal: once or more.)
+        metrics.contains("node_api_connections_closed_total{reason=\"TlsHandshakeFailed\"}"),
+        "the server refused the handshake: {metrics}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn x509pop_is_refused_by_a_server_without_an_operator_ca() {
     let dir = tempfile::tempdir().unwrap();

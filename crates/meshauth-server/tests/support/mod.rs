@@ -117,6 +117,17 @@ pub async fn node_client(
     bundle: X509Bundle,
     own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> NodeClient<Channel> {
+    try_node_client(addr, bundle, own)
+        .await
+        .expect("connects to the node API")
+}
+
+/// [`node_client`], or the error of the dial (a client certificate the server refuses).
+pub async fn try_node_client(
+    addr: std::net::SocketAddr,
+    bundle: X509Bundle,
+    own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<NodeClient<Channel>, tonic::transport::Error> {
     let td: TrustDomain = TD.parse().unwrap();
     let server_id: SpiffeId = meshauth_server::server_spiffe_id(&td).unwrap();
     let own = own.map(|(c, k)| SharedCertifiedKey::new(c, k).unwrap());
@@ -139,9 +150,8 @@ pub async fn node_client(
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
-        .await
-        .expect("connects to the node API");
-    NodeClient::new(channel)
+        .await?;
+    Ok(NodeClient::new(channel))
 }
 
 /// Dials the node API without a client certificate, as an agent does to attest, and returns
