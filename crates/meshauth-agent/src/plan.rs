@@ -273,7 +273,8 @@ pub fn peer_requirements<'a>(
 pub struct Justification {
     /// Identities hosted on this node.
     pub local: BTreeSet<IdentityId>,
-    /// (identity, node) of every cluster endpoint.
+    /// (identity, node) of every cluster endpoint running (its node reported its address): a
+    /// pod placed but not running, such as one whose container was removed, justifies nothing.
     pub placed: BTreeSet<(IdentityId, NodeId)>,
     /// (local, remote) pairs some local endpoint's policy requires authentication for.
     pub required_here: BTreeSet<(IdentityId, IdentityId)>,
@@ -309,6 +310,7 @@ pub fn justification<'a>(
     let placed = cluster
         .endpoints
         .iter()
+        .filter(|e| e.ipv4.is_some())
         .map(|e| (e.identity, e.node_id))
         .collect();
     let remotes: BTreeSet<IdentityId> = cluster.endpoints.iter().map(|e| e.identity).collect();
@@ -716,6 +718,17 @@ mod tests {
         assert!(!justification(&cluster, &d, []).justified(&key));
         let peer = [required(Some(300))];
         assert!(justification(&cluster, &d, [(IdentityId::new(301), &peer[..])]).justified(&key));
+        // The peer is still placed on its node but no longer runs (its container was
+        // removed, its node withdrew the address): nothing to authenticate with.
+        let mut stopped = cluster.clone();
+        stopped.endpoints[1].ipv4 = None;
+        let d = plan(
+            &stopped,
+            &local,
+            |_| Some(&with[..]),
+            &Addressing::default(),
+        );
+        assert!(!justification(&stopped, &d, []).justified(&key));
         // The peer moved to another node, or the local identity left.
         let d = plan(
             &cluster,
