@@ -5,8 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshauth_proto::agent::agent_admin_server::AgentAdmin;
 use meshauth_proto::agent::{
-    AuthEntry, Flow, HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse,
-    ListSvidsRequest, ListSvidsResponse, Svid, UnsignableEntry, WatchFlowsRequest,
+    AddEndpointRequest, AuthEntry, DeleteEndpointReply, EndpointReply, EndpointRequest, Flow,
+    HealthRequest, HealthResponse, ListAuthRequest, ListAuthResponse, ListSvidsRequest,
+    ListSvidsResponse, Svid, UnsignableEntry, WatchFlowsRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,7 +21,14 @@ pub struct AdminApi {
     auth: crate::enforce::AuthEntries,
     flows: crate::flows::FlowLog,
     readiness: meshauth_telemetry::Readiness,
+    cni: Option<crate::cni::CniEndpoints>,
+    enforced: tokio::sync::watch::Receiver<crate::cni::Enforced>,
 }
+
+/// Longest the CNI plugin's ADD waits for enforcement to take its container's interface.
+const ENFORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// Longest its DEL waits for enforcement to let the interface go.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl AdminApi {
     /// Serves `manager`'s state and what enforcement publishes (auth entries, flows).
@@ -37,8 +45,98 @@ impl AdminApi {
             auth,
             flows,
             readiness,
+            cni: None,
+            enforced: tokio::sync::watch::channel(crate::cni::Enforced::default()).1,
         }
     }
+
+    /// Takes the CNI plugin's calls into `cni` (none: they are refused), answering once
+    /// `enforced` says enforcement took or let go of an interface.
+    pub fn with_cni(
+        mut self,
+        cni: Option<crate::cni::CniEndpoints>,
+        enforced: tokio::sync::watch::Receiver<crate::cni::Enforced>,
+    ) -> Self {
+        self.cni = cni;
+        self.enforced = enforced;
+        self
+    }
+
+    fn cni(&self) -> Result<&crate::cni::CniEndpoints, Status> {
+        self.cni.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this agent does not take containers from the CNI plugin: run it with `meshauth agent run --cni`",
+            )
+        })
+    }
+
+    fn reply(&self, e: &crate::cni::CniEndpoint) -> EndpointReply {
+        let enforced = self.enforced.borrow();
+        EndpointReply {
+            container_id: e.container_id.clone(),
+            ifname: e.ifname.clone(),
+            namespace: e.namespace.clone(),
+            name: e.name.clone(),
+            host_veth: e.host_veth.clone(),
+            ipv4: e.ipv4.to_string(),
+            gateway: crate::cni::GATEWAY.to_string(),
+            node_address: enforced
+                .node_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            enforced: enforced.pods.get(&e.pod()) == Some(&e.host_veth),
+        }
+    }
+
+    /// Waits until `done` holds of what enforcement enforces on, or `limit` passed.
+    async fn wait_enforced(
+        &self,
+        limit: std::time::Duration,
+        done: impl Fn(&crate::cni::Enforced) -> bool,
+    ) -> bool {
+        let mut rx = self.enforced.clone();
+        tokio::time::timeout(limit, rx.wait_for(|e| done(e)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// A container ID, interface and pod as the runtime gave them; one sentence if not.
+fn parse_endpoint(r: &EndpointRequest) -> Result<(), Status> {
+    let id_ok = !r.container_id.is_empty()
+        && r.container_id.len() <= 256
+        && r.container_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !id_ok {
+        return Err(Status::invalid_argument(
+            "container_id must be 1 to 256 letters, digits, '_', '.' or '-' (CNI_CONTAINERID)",
+        ));
+    }
+    if !valid_ifname(&r.ifname) {
+        return Err(Status::invalid_argument(
+            "ifname must be a Linux interface name: 1 to 15 characters, no '/', ':' or whitespace (CNI_IFNAME)",
+        ));
+    }
+    Ok(())
+}
+
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -194,5 +292,125 @@ impl AgentAdmin for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn add_endpoint(
+        &self,
+        r: Request<AddEndpointRequest>,
+    ) -> Result<Response<EndpointReply>, Status> {
+        let cni = self.cni()?;
+        let r = r.into_inner();
+        parse_endpoint(&EndpointRequest {
+            container_id: r.container_id.clone(),
+            ifname: r.ifname.clone(),
+        })?;
+        if !dns_label(&r.namespace) || !dns_label(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "pod {:?}/{:?}: namespace and name must be DNS labels (lowercase letters, digits, '-'; set MESHAUTH_POD=namespace/name in CNI_ARGS)",
+                r.namespace, r.name
+            )));
+        }
+        if !valid_ifname(&r.host_veth) || r.host_ifindex == 0 {
+            return Err(Status::invalid_argument(
+                "host_veth must name the node side of the container's veth, with its index",
+            ));
+        }
+        let snap = self.manager.subscribe().borrow().clone();
+        let Some(cluster) = snap.cluster.clone() else {
+            return Err(Status::unavailable(
+                "the agent has not synced with the server yet: try again",
+            ));
+        };
+        let req = crate::cni::AddRequest {
+            container_id: r.container_id,
+            ifname: r.ifname,
+            namespace: r.namespace,
+            name: r.name,
+            host_veth: r.host_veth,
+            host_ifindex: r.host_ifindex,
+        };
+        let endpoint = match cni.add(&cluster, &self.node_name, &req) {
+            Ok(Ok(e)) => e,
+            Ok(Err(refused)) => {
+                tracing::warn!(
+                    container = %req.container_id,
+                    pod = %format!("{}/{}", req.namespace, req.name),
+                    reason = %refused,
+                    "container refused: no network"
+                );
+                return Err(Status::failed_precondition(refused.to_string()));
+            }
+            Err(e) => return Err(Status::internal(format!("{e:#}"))),
+        };
+        let (pod, iface) = (endpoint.pod(), endpoint.host_veth.clone());
+        if !self
+            .wait_enforced(ENFORCE_WAIT, |e| e.pods.get(&pod) == Some(&iface))
+            .await
+        {
+            // Not enforced: give the address back; the plugin removes the veth.
+            let _ = cni.remove(&endpoint.container_id, &endpoint.ifname);
+            let why = self
+                .readiness
+                .not_ready()
+                .into_iter()
+                .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::warn!(container = %endpoint.container_id, pod = %pod, reason = %why, "container refused: not enforced in time");
+            return Err(Status::unavailable(format!(
+                "enforcement did not take pod {pod} on {iface} within {}s ({}): try again",
+                ENFORCE_WAIT.as_secs(),
+                if why.is_empty() {
+                    "no reason given"
+                } else {
+                    &why
+                }
+            )));
+        }
+        tracing::info!(container = %endpoint.container_id, pod = %pod, ip = %endpoint.ipv4, iface = %iface, "container added");
+        Ok(Response::new(self.reply(&endpoint)))
+    }
+
+    async fn delete_endpoint(
+        &self,
+        r: Request<EndpointRequest>,
+    ) -> Result<Response<DeleteEndpointReply>, Status> {
+        let cni = self.cni()?;
+        let r = r.into_inner();
+        parse_endpoint(&r)?;
+        let gone = cni
+            .remove(&r.container_id, &r.ifname)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let Some(gone) = gone else {
+            return Ok(Response::new(DeleteEndpointReply { existed: false }));
+        };
+        let (pod, iface) = (gone.pod(), gone.host_veth.clone());
+        if !self
+            .wait_enforced(RELEASE_WAIT, |e| e.pods.get(&pod) != Some(&iface))
+            .await
+        {
+            return Err(Status::unavailable(format!(
+                "enforcement still holds pod {pod} on {iface} after {}s: try again",
+                RELEASE_WAIT.as_secs()
+            )));
+        }
+        tracing::info!(container = %gone.container_id, pod = %pod, "container deleted");
+        Ok(Response::new(DeleteEndpointReply { existed: true }))
+    }
+
+    async fn check_endpoint(
+        &self,
+        r: Request<EndpointRequest>,
+    ) -> Result<Response<EndpointReply>, Status> {
+        let cni = self.cni()?;
+        let r = r.into_inner();
+        parse_endpoint(&r)?;
+        let e = cni.get(&r.container_id, &r.ifname).ok_or_else(|| {
+            Status::not_found(format!(
+                "the agent holds no interface {} of container {}",
+                r.ifname, r.container_id
+            ))
+        })?;
+        Ok(Response::new(self.reply(&e)))
     }
 }

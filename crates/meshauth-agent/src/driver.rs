@@ -131,6 +131,11 @@ pub struct Driver<D> {
 }
 
 impl<D: DatapathOps> Driver<D> {
+    /// Whether this process attached the datapath to `iface` (and it stayed attached).
+    pub fn is_attached(&self, iface: &str) -> bool {
+        self.attached_here.contains(iface)
+    }
+
     /// Starts from what the datapath holds now (after a restart: the previous agent's state).
     pub fn new(mut dp: D) -> Result<Self, DatapathError> {
         let seen = dp.observe()?;

@@ -92,6 +92,9 @@ pub struct EnforceConfig {
     pub pre_authenticate: Option<usize>,
     /// A datapath loaded before the first sync (see [`Preloaded`]); taken by the first run.
     pub preloaded: Preloaded,
+    /// Where enforcement says which pods it enforces on (after every pass), for the admin API
+    /// to answer the CNI plugin once a container's interface is enforced on.
+    pub enforced: watch::Sender<crate::cni::Enforced>,
 }
 
 /// A datapath loaded early, for the first enforcement run to take. Loading parses the kernel's
@@ -740,6 +743,7 @@ async fn run_inner(
                 &config.node_name,
                 config.node_address,
                 config.pre_authenticate,
+                &config.enforced,
             ),
         );
         let outcome = tokio::select! {
@@ -823,6 +827,7 @@ async fn reconcile(
     node_name: &str,
     node_address: IpAddr,
     pre_authenticate: Option<usize>,
+    enforced: &watch::Sender<crate::cni::Enforced>,
 ) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let Some(shared_cluster) = snapshot.cluster.clone() else {
@@ -1024,7 +1029,29 @@ async fn reconcile(
             "address {ip} is claimed by endpoints of different identities: left out of the ipcache"
         ));
     }
-    let (applied, errors) = lock(driver).apply(&desired);
+    let (applied, errors) = {
+        let mut d = lock(driver);
+        let result = d.apply(&desired);
+        // Enforced on: registered, its interface attached, and its policy written (a failed
+        // write names the endpoint in its error).
+        let pods = st
+            .registered
+            .iter()
+            .filter(|(key, b)| {
+                d.is_attached(&b.endpoint.host_veth)
+                    && !result
+                        .1
+                        .iter()
+                        .any(|e| e.to_string().contains(&format!("endpoint {key}")))
+            })
+            .map(|(key, b)| (key.clone(), b.endpoint.host_veth.clone()))
+            .collect();
+        enforced.send_replace(crate::cni::Enforced {
+            pods,
+            node_address: Some(node_address),
+        });
+        result
+    };
     for e in errors {
         tracing::warn!(error = %e, "cannot apply part of the plan");
         problems.push(e.to_string());

@@ -15,6 +15,8 @@
 //! - [`cache`]: the in-memory snapshot published to the APIs.
 //! - [`attestor`]: selectors from the kernel's view of a caller.
 //! - [`endpoints`]: [`endpoints::EndpointSource`], where the node's pods come from.
+//! - [`cni`]: the endpoints the CNI plugin hands over, and their addresses (pure
+//!   [`cni::assign`]).
 //! - [`plan`]: what the datapath should hold and which auth entries are justified (pure);
 //!   [`driver`]: makes the datapath so, through [`driver::DatapathOps`].
 //! - [`hold`]: the node-side queue that holds packets of pairs being authenticated.
@@ -22,7 +24,8 @@
 //! - [`flows`]: the flow log behind `meshauth observe`; [`explain`]: what a verdict means in
 //!   policy terms (the deciding policies, reserved labels).
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
-//!   clients work too; [`admin`]: the operator API.
+//!   clients work too; [`admin`]: the operator API
+//!   (and the CNI plugin's calls).
 //! - [`metrics`]; [`run`]: wiring.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,6 +34,7 @@ pub mod admin;
 pub mod attestor;
 pub mod authority_fix;
 pub mod cache;
+pub mod cni;
 pub mod driver;
 pub mod endpoints;
 pub mod enforce;

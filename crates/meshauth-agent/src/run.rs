@@ -141,6 +141,8 @@ pub struct EnforceSettings {
     pub hold: Option<crate::hold::HoldLimits>,
     /// Authenticate required pairs ahead of their first packet, at most this many per change.
     pub pre_authenticate: Option<usize>,
+    /// The endpoints the CNI plugin hands over on the admin socket, when they are the source.
+    pub cni: Option<crate::cni::CniEndpoints>,
 }
 
 impl std::fmt::Debug for EnforceSettings {
@@ -237,6 +239,8 @@ impl Agent {
             metrics_listener,
         } = self;
         let auth_entries = crate::enforce::AuthEntries::default();
+        let (enforced_tx, enforced_rx) =
+            tokio::sync::watch::channel(crate::cni::Enforced::default());
         let flow_log = crate::flows::FlowLog::default();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -271,13 +275,19 @@ impl Agent {
         );
         sup.spawn_once("workload-api", |_| workload_api);
         let admin_api = tonic::transport::Server::builder()
-            .add_service(AgentAdminServer::new(AdminApi::new(
-                manager.clone(),
-                config.node_name.clone(),
-                auth_entries.clone(),
-                flow_log.clone(),
-                readiness.clone(),
-            )))
+            .add_service(AgentAdminServer::new(
+                AdminApi::new(
+                    manager.clone(),
+                    config.node_name.clone(),
+                    auth_entries.clone(),
+                    flow_log.clone(),
+                    readiness.clone(),
+                )
+                .with_cni(
+                    config.enforce.as_ref().and_then(|s| s.cni.clone()),
+                    enforced_rx,
+                ),
+            ))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         let admin_api = meshauth_telemetry::with_connection_grace(
             "admin API",
@@ -363,6 +373,7 @@ impl Agent {
                     let (published, flows, stop) = (published.clone(), flows.clone(), stop.clone());
                     let status = status_tx.clone();
                     let preloaded = preloaded.clone();
+                    let enforced = enforced_tx.clone();
                     async move {
                         let node_address = match settings.node_address {
                             Some(a) => a,
@@ -381,6 +392,7 @@ impl Agent {
                             hold: settings.hold,
                             pre_authenticate: settings.pre_authenticate,
                             preloaded: preloaded.clone(),
+                            enforced: enforced.clone(),
                         };
                         crate::enforce::run(cfg, manager, (settings.source)(), stop).await
                     }
