@@ -166,8 +166,19 @@ struct RunArgs {
     /// Enforce policy on the pods of this lab's node (loads the eBPF datapath; run the agent
     /// inside the node's network namespace: `nsenter --net=/run/netns/<lab>-<node> meshauth
     /// agent run ...`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cni")]
     lab: Option<String>,
+    /// Enforce policy on the containers the meshauth-cni plugin hands over on --agent-socket
+    /// (loads the eBPF datapath; run the agent in the network namespace the containers' veths
+    /// are made in, the host's on a real node). Each container gets an address of this node's
+    /// pod range, only if the control plane placed its pod (MESHAUTH_POD) here; what the plugin
+    /// handed over is kept in --data-dir across restarts.
+    #[arg(long)]
+    cni: bool,
+    /// Where the datapath pins its maps and links (bpffs). Default:
+    /// /sys/fs/bpf/meshauth/<node>, with --lab /sys/fs/bpf/meshauth/<lab>-<node>.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
     /// Address peers reach this node's handshake port (4250) on; default: the address this
     /// node reaches the server from.
     #[arg(long)]
@@ -272,6 +283,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         // Checked at start, so that a wrong path is an error now, not at the next outage.
         files.load()?;
     }
+    let enforce = enforce_settings(&args)?;
     let config = AgentConfig {
         node_name: args.node.to_string(),
         server: args.server,
@@ -282,26 +294,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         workload_socket: args.workload_socket,
         admin_socket: args.agent_socket,
         metrics_listen: args.metrics_listen,
-        enforce: args.lab.map(|lab| meshauth_agent::EnforceSettings {
-            pin_dir: meshauth_datapath::Datapath::pin_dir_for(&format!("{lab}-{}", args.node)),
-            source: {
-                let node = args.node.to_string();
-                std::sync::Arc::new(move || {
-                    match crate::lab_source::LabEndpoints::new(&lab, &node) {
-                        Ok(s) => Box::new(s) as Box<dyn meshauth_agent::endpoints::EndpointSource>,
-                        Err(e) => Box::new(FailedSource(format!("lab {lab}: {e:#}"))),
-                    }
-                })
-            },
-            node_address: args.node_address,
-            hold: (!args.no_hold).then(meshauth_agent::hold::HoldLimits::default),
-            pre_authenticate: args.pre_authenticate.then_some(4096),
-            auth: meshauth_auth::ManagerConfig {
-                queue: args.auth_queue as usize,
-                workers: args.auth_workers as usize,
-                ..Default::default()
-            },
-        }),
+        enforce,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -312,6 +305,56 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         let agent = meshauth_agent::Agent::bind(config).await?;
         agent.serve(crate::server::shutdown_signal()).await
     })
+}
+
+/// How the agent enforces: on the lab's pods (--lab), on the CNI plugin's containers (--cni),
+/// or not at all.
+fn enforce_settings(args: &RunArgs) -> anyhow::Result<Option<meshauth_agent::EnforceSettings>> {
+    let common = |pin_dir, source, cni| meshauth_agent::EnforceSettings {
+        pin_dir,
+        source,
+        node_address: args.node_address,
+        hold: (!args.no_hold).then(meshauth_agent::hold::HoldLimits::default),
+        pre_authenticate: args.pre_authenticate.then_some(4096),
+        auth: meshauth_auth::ManagerConfig {
+            queue: args.auth_queue as usize,
+            workers: args.auth_workers as usize,
+            ..Default::default()
+        },
+        cni,
+    };
+    if args.cni {
+        std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create --data-dir {}: {e}", args.data_dir.display())
+        })?;
+        let store = meshauth_agent::cni::CniEndpoints::open(&args.data_dir)?;
+        let source: meshauth_agent::run::SourceFactory = {
+            let store = store.clone();
+            std::sync::Arc::new(move || store.source())
+        };
+        return Ok(Some(common(
+            args.pin_dir.clone().unwrap_or_else(|| {
+                meshauth_datapath::Datapath::pin_dir_for(&args.node.to_string())
+            }),
+            source,
+            Some(store),
+        )));
+    }
+    Ok(args.lab.clone().map(|lab| {
+        let node = args.node.to_string();
+        common(
+            args.pin_dir.clone().unwrap_or_else(|| {
+                meshauth_datapath::Datapath::pin_dir_for(&format!("{lab}-{node}"))
+            }),
+            std::sync::Arc::new(
+                move || match crate::lab_source::LabEndpoints::new(&lab, &node) {
+                    Ok(s) => Box::new(s) as Box<dyn meshauth_agent::endpoints::EndpointSource>,
+                    Err(e) => Box::new(FailedSource(format!("lab {lab}: {e:#}"))),
+                },
+            ),
+            None,
+        )
+    }))
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
