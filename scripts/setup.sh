@@ -9,6 +9,7 @@ packages=(
   protobuf-compiler libprotobuf-dev                            # gRPC definitions
   iproute2 iputils-ping iperf3 sockperf                        # lab and benchmarks
   iptables                                                     # the agent's hold queue rule (NFQUEUE)
+  podman runc busybox-static                                   # CNI plugin tests: containers from a local rootfs
 )
 
 missing=()
