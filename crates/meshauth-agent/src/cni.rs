@@ -316,6 +316,27 @@ impl CniEndpoints {
         Ok(Some(gone))
     }
 
+    /// Drops the endpoints whose node-side interface is gone (`exists(name, index)` is false):
+    /// the host rebooted or the veth was deleted while the agent was down, and no DEL will
+    /// come for them. Each is logged; returns them.
+    pub fn prune(&self, exists: impl Fn(&str, u32) -> bool) -> anyhow::Result<Vec<CniEndpoint>> {
+        let mut held = self.lock();
+        let (kept, gone): (Vec<CniEndpoint>, Vec<CniEndpoint>) = held
+            .iter()
+            .cloned()
+            .partition(|e| exists(&e.host_veth, e.host_ifindex));
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        self.save(&kept)?;
+        *held = kept;
+        self.publish(&held);
+        for e in &gone {
+            tracing::warn!(container = %e.container_id, pod = %e.pod(), iface = %e.host_veth, "container's interface is gone: dropped");
+        }
+        Ok(gone)
+    }
+
     fn save(&self, list: &[CniEndpoint]) -> anyhow::Result<()> {
         let data = serde_json::to_vec_pretty(list)?;
         crate::identity::write_atomic(&self.inner.path, &data, 0o600)
@@ -341,6 +362,11 @@ impl EndpointSource for Source {
     fn watch(self: Box<Self>) -> watch::Receiver<EndpointList> {
         self.0.inner.tx.subscribe()
     }
+}
+
+/// Whether interface `name` exists in this network namespace with index `index`.
+pub fn interface_exists(name: &str, index: u32) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok_and(|i| i == index)
 }
 
 /// What enforcement enforces on now, for the admin API to wait on: pod (`namespace/name`) →
@@ -478,6 +504,13 @@ mod tests {
         assert_eq!(again.list(), vec![a.clone()]);
         let rx = again.source().watch();
         assert_eq!(*rx.borrow(), Ok(vec![a.local()]));
+        // An interface gone while the agent was down: dropped at start.
+        let gone = again.prune(|name, _| name != "mcabc").unwrap();
+        assert_eq!(gone, vec![a]);
+        assert_eq!(*rx.borrow(), Ok(vec![]));
+        assert!(CniEndpoints::open(dir.path()).unwrap().list().is_empty());
+        assert!(!interface_exists("mc-no-such-if", 1));
+        assert!(interface_exists("lo", 1));
         std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
         let e = CniEndpoints::open(dir.path()).unwrap_err();
         assert!(format!("{e:#}").contains("is damaged"), "{e:#}");

@@ -328,6 +328,7 @@ fn enforce_settings(args: &RunArgs) -> anyhow::Result<Option<meshauth_agent::Enf
             anyhow::anyhow!("cannot create --data-dir {}: {e}", args.data_dir.display())
         })?;
         let store = meshauth_agent::cni::CniEndpoints::open(&args.data_dir)?;
+        store.prune(meshauth_agent::cni::interface_exists)?;
         let source: meshauth_agent::run::SourceFactory = {
             let store = store.clone();
             std::sync::Arc::new(move || store.source())
