@@ -23,6 +23,7 @@ pub struct AdminApi {
     readiness: meshauth_telemetry::Readiness,
     cni: Option<crate::cni::CniEndpoints>,
     enforced: tokio::sync::watch::Receiver<crate::cni::Enforced>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Longest the CNI plugin's ADD waits for enforcement to take its container's interface.
@@ -47,19 +48,44 @@ impl AdminApi {
             readiness,
             cni: None,
             enforced: tokio::sync::watch::channel(crate::cni::Enforced::default()).1,
+            metrics: crate::metrics::Metrics::default(),
         }
     }
 
     /// Takes the CNI plugin's calls into `cni` (none: they are refused), answering once
-    /// `enforced` says enforcement took or let go of an interface.
+    /// `enforced` says enforcement took or let go of an interface, and counting them in
+    /// `metrics`.
     pub fn with_cni(
         mut self,
         cni: Option<crate::cni::CniEndpoints>,
         enforced: tokio::sync::watch::Receiver<crate::cni::Enforced>,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         self.cni = cni;
         self.enforced = enforced;
+        self.metrics = metrics;
         self
+    }
+
+    /// Counts the outcome of a CNI call by its status.
+    fn count<T>(
+        &self,
+        operation: crate::metrics::CniOperation,
+        r: Result<Response<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        use crate::metrics::CniResult as R;
+        let result = match &r {
+            Ok(_) => R::Ok,
+            Err(s) => match s.code() {
+                tonic::Code::FailedPrecondition => R::Refused,
+                tonic::Code::InvalidArgument => R::Invalid,
+                tonic::Code::Unavailable => R::Unavailable,
+                tonic::Code::NotFound => R::NotFound,
+                _ => R::Failed,
+            },
+        };
+        self.metrics.cni_request(operation, result);
+        r
     }
 
     fn cni(&self) -> Result<&crate::cni::CniEndpoints, Status> {
@@ -298,8 +324,30 @@ impl AgentAdmin for AdminApi {
         &self,
         r: Request<AddEndpointRequest>,
     ) -> Result<Response<EndpointReply>, Status> {
+        let r = self.add(r.into_inner()).await;
+        self.count(crate::metrics::CniOperation::Add, r)
+    }
+
+    async fn delete_endpoint(
+        &self,
+        r: Request<EndpointRequest>,
+    ) -> Result<Response<DeleteEndpointReply>, Status> {
+        let r = self.delete(r.into_inner()).await;
+        self.count(crate::metrics::CniOperation::Delete, r)
+    }
+
+    async fn check_endpoint(
+        &self,
+        r: Request<EndpointRequest>,
+    ) -> Result<Response<EndpointReply>, Status> {
+        let r = self.check(&r.into_inner());
+        self.count(crate::metrics::CniOperation::Check, r)
+    }
+}
+
+impl AdminApi {
+    async fn add(&self, r: AddEndpointRequest) -> Result<Response<EndpointReply>, Status> {
         let cni = self.cni()?;
-        let r = r.into_inner();
         parse_endpoint(&EndpointRequest {
             container_id: r.container_id.clone(),
             ifname: r.ifname.clone(),
@@ -371,12 +419,8 @@ impl AgentAdmin for AdminApi {
         Ok(Response::new(self.reply(&endpoint)))
     }
 
-    async fn delete_endpoint(
-        &self,
-        r: Request<EndpointRequest>,
-    ) -> Result<Response<DeleteEndpointReply>, Status> {
+    async fn delete(&self, r: EndpointRequest) -> Result<Response<DeleteEndpointReply>, Status> {
         let cni = self.cni()?;
-        let r = r.into_inner();
         parse_endpoint(&r)?;
         let gone = cni
             .remove(&r.container_id, &r.ifname)
@@ -398,13 +442,9 @@ impl AgentAdmin for AdminApi {
         Ok(Response::new(DeleteEndpointReply { existed: true }))
     }
 
-    async fn check_endpoint(
-        &self,
-        r: Request<EndpointRequest>,
-    ) -> Result<Response<EndpointReply>, Status> {
+    fn check(&self, r: &EndpointRequest) -> Result<Response<EndpointReply>, Status> {
         let cni = self.cni()?;
-        let r = r.into_inner();
-        parse_endpoint(&r)?;
+        parse_endpoint(r)?;
         let e = cni.get(&r.container_id, &r.ifname).ok_or_else(|| {
             Status::not_found(format!(
                 "the agent holds no interface {} of container {}",

@@ -231,6 +231,40 @@ pub enum HoldDropLabel {
     KernelSocketFull,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    operation: CniOperation,
+    result: CniResult,
+}
+
+/// A CNI plugin call on the admin socket.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CniOperation {
+    /// ADD.
+    Add,
+    /// DEL.
+    Delete,
+    /// CHECK.
+    Check,
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CniResult {
+    /// Done.
+    Ok,
+    /// Refused: the pod is not placed on this node, already runs, or has no address left.
+    Refused,
+    /// The request was malformed.
+    Invalid,
+    /// Not now: not synced yet, or enforcement did not take (or let go of) it in time.
+    Unavailable,
+    /// Not held (CHECK).
+    NotFound,
+    /// The agent could not save it.
+    Failed,
+}
+
 /// Handles to the agent's metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -259,6 +293,7 @@ pub struct Metrics {
     hold_dropped: Family<HoldLabels, Counter>,
     hold_waiting: Gauge,
     hold_seconds: prometheus_client::metrics::histogram::Histogram,
+    cni_requests: Family<CniLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -419,8 +454,15 @@ impl Metrics {
             "How long the first held packet of a pair waited for its release",
             hold_seconds.clone(),
         );
+        let cni_requests = Family::<CniLabels, Counter>::default();
+        r.register(
+            "cni_requests",
+            "CNI plugin calls on the admin socket, by operation and result (refused: a container of a pod not placed here, or already running)",
+            cni_requests.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
+            cni_requests,
             attestations,
             hold_released,
             hold_dropped,
@@ -526,6 +568,13 @@ impl Metrics {
             mirror(&self.datapath_forwarded.get_or_create(&labels), *n);
         }
         mirror(&self.datapath_events_lost, s.events_lost);
+    }
+
+    /// Counts a CNI plugin call.
+    pub fn cni_request(&self, operation: CniOperation, result: CniResult) {
+        self.cni_requests
+            .get_or_create(&CniLabels { operation, result })
+            .inc();
     }
 
     pub(crate) fn hold_released(&self, n: u64, waited: std::time::Duration) {

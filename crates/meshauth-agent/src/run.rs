@@ -286,6 +286,7 @@ impl Agent {
                 .with_cni(
                     config.enforce.as_ref().and_then(|s| s.cni.clone()),
                     enforced_rx,
+                    metrics.clone(),
                 ),
             ))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
