@@ -19,12 +19,16 @@ const CNI: &str = env!("CARGO_BIN_EXE_meshauth-cni");
 const TD: &str = "cni.test";
 const POLICIES: &str = include_str!("../../meshauth-policy/tests/fixtures/walkthrough.yaml");
 const LIMIT: Duration = Duration::from_secs(30);
+/// Where each agent serves /metrics, inside its node's network namespace.
+const METRICS: &str = "127.0.0.1:9464";
 
 /// The lab, its server and agents, and each node's podman; all removed when dropped.
 struct Cluster {
     lab: meshauth_lab::Lab,
     work: tempfile::TempDir,
     children: Vec<Child>,
+    /// Each node's agent: its process (an index of `children`) and arguments.
+    agents: std::collections::BTreeMap<String, (usize, Vec<String>)>,
 }
 
 impl Drop for Cluster {
@@ -187,6 +191,50 @@ impl Cluster {
         })
     }
 
+    /// Stops `node`'s agent (SIGTERM) and starts it again with the same arguments.
+    fn restart_agent(&mut self, node: &str) {
+        let (i, args) = self.agents[node].clone();
+        let pid = self.children[i].id().to_string();
+        assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+        let _ = self.children[i].wait();
+        let netns = self.netns(node);
+        let mut argv = vec![BIN.to_owned()];
+        argv.extend(args);
+        let log = std::fs::File::options()
+            .append(true)
+            .open(self.path(&format!("agent-{node}.log")))
+            .unwrap();
+        self.children[i] = self
+            .lab
+            .exec_in(&netns, &argv)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = self.agent_socket(node);
+        wait(LIMIT, "the restarted agent to be ready", || {
+            Command::new(BIN)
+                .args(["agent", "healthcheck", "--agent-socket", &socket])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
+
+    /// `node`'s agent's metrics (fetched inside the node's network namespace).
+    fn metrics(&self, node: &str) -> String {
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns(node)))
+            .args([
+                "python3",
+                "-c",
+                &format!("import urllib.request; print(urllib.request.urlopen('http://{METRICS}/metrics', timeout=5).read().decode())"),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "metrics of {node}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// The node sides of container veths on `node`.
     fn veths(&self, node: &str) -> Vec<String> {
         let o = Command::new("ip")
@@ -252,6 +300,7 @@ fn up(name: &str) -> Cluster {
         lab,
         work: tempfile::tempdir().unwrap(),
         children: vec![],
+        agents: Default::default(),
     };
     write_rootfs(&c.path("rootfs"));
     let plugins = c.path("cni-bin");
@@ -346,8 +395,9 @@ fn up(name: &str) -> Cluster {
             &c.w(&format!("{node}-workload.sock")),
             "--agent-socket",
             &c.agent_socket(node),
+            // In the node's network namespace: the same port on every node.
             "--metrics-listen",
-            "127.0.0.1:0",
+            METRICS,
             "--join-token-file",
             &token_file.display().to_string(),
             // Under the lab's prefix, so that taking the lab down removes the pins.
@@ -355,6 +405,8 @@ fn up(name: &str) -> Cluster {
             &format!("{}/{}-{node}", meshauth_lab::BPF_PIN_ROOT, c.lab.name()),
         ]);
         let netns = c.netns(node);
+        c.agents
+            .insert(node.to_owned(), (c.children.len(), args.clone()));
         c.spawn(&netns, args, &format!("agent-{node}.log"));
     }
     for node in ["n1", "n2"] {
@@ -374,7 +426,7 @@ fn podman_containers_are_enforced_as_the_walkthrough_says() {
     if !require_root("cni_podman") {
         return;
     }
-    let c = up("cnipm");
+    let mut c = up("cnipm");
     let o = c.run(
         "n1",
         "demo-1",
@@ -435,6 +487,15 @@ fn podman_containers_are_enforced_as_the_walkthrough_says() {
         c.veths("n2")
     );
     assert!(c.pod_ip("stray-1").is_none(), "stray-1 was never reported");
+    let m = c.metrics("n2");
+    assert!(
+        m.contains("meshauth_agent_cni_requests_total{operation=\"Add\",result=\"Refused\"} 1"),
+        "the refusal is counted: {m}"
+    );
+    assert!(
+        m.contains("meshauth_agent_cni_requests_total{operation=\"Add\",result=\"Ok\"} 3"),
+        "{m}"
+    );
 
     // Removing a container revokes its pairs on both nodes.
     let start = Instant::now();
@@ -468,6 +529,16 @@ fn podman_containers_are_enforced_as_the_walkthrough_says() {
     assert_eq!(c.veths("n2").len(), 2, "{:?}", c.veths("n2"));
     // The others are untouched.
     assert!(c.get("n2", "client1-2", &demo));
+
+    // An agent restarted while its containers run keeps them: same address, still enforced.
+    c.restart_agent("n1");
+    assert_eq!(c.pod_ip("demo-1").as_deref(), Some(demo.as_str()));
+    wait(
+        LIMIT,
+        "client1 to reach demo-1 after n1's agent restarted",
+        || c.get("n2", "client1-2", &demo),
+    );
+    assert!(!c.get("n2", "client3-2", &demo), "client3 is still denied");
 }
 
 /// Runs the plugin binary as a runtime does, in `netns` of `node` (`CNI_NETNS` = `sandbox`).
