@@ -427,10 +427,18 @@ fn first_packets_of_new_pairs_are_not_dropped() {
         overflowed >= 100,
         "at least 200 - 64 datagrams beyond the pair's queue are shown dropped as overflow: {overflowed}"
     );
+    // The hold's limit and the handshake's are both 3 s: the queued ones go when the first
+    // of the two fires (on a loaded machine the handshake's timeout can come first).
     assert!(
-        udp.iter()
-            .any(|f| f["extensions"]["meshauth"]["reason"] == "hold: Timeout"),
+        udp.iter().any(|f| {
+            let r = &f["extensions"]["meshauth"]["reason"];
+            *r == "hold: Timeout" || *r == "hold: AuthFailed"
+        }),
         "the queued ones time out: {udp:#?}"
+    );
+    assert!(
+        !udp.iter().any(|f| f["verdict"] == "FORWARDED"),
+        "none of them is released: {udp:#?}"
     );
     lab.down().unwrap();
 }
