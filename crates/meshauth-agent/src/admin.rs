@@ -156,15 +156,6 @@ fn valid_ifname(s: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -352,9 +343,10 @@ impl AdminApi {
             container_id: r.container_id.clone(),
             ifname: r.ifname.clone(),
         })?;
-        if !dns_label(&r.namespace) || !dns_label(&r.name) {
+        // The pod's name is checked by looking it up in the cluster view (`cni::assign`).
+        if meshauth_policy::labels::check_namespace(&r.namespace).is_err() || r.name.is_empty() {
             return Err(Status::invalid_argument(format!(
-                "pod {:?}/{:?}: namespace and name must be DNS labels (lowercase letters, digits, '-'; set MESHAUTH_POD=namespace/name in CNI_ARGS)",
+                "pod {:?}/{:?}: the namespace must be a DNS-1123 label and the name not empty (set MESHAUTH_POD=namespace/name in CNI_ARGS)",
                 r.namespace, r.name
             )));
         }

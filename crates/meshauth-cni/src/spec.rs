@@ -182,17 +182,11 @@ pub fn pod(args: &BTreeMap<String, String>) -> Result<(String, String), CniError
     } else {
         return Err(bad("no pod named for the container".into()));
     };
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !s.starts_with('-')
-            && !s.ends_with('-')
-    };
-    if !label(&ns) || !label(&name) {
+    // Whether such a pod exists (and runs here) is the agent's answer, by the control plane's
+    // names; only an empty part is refused here.
+    if ns.is_empty() || name.is_empty() {
         return Err(bad(format!(
-            "pod {ns}/{name}: namespace and name must be DNS labels (lowercase letters, digits, '-')"
+            "pod {ns:?}/{name:?}: both the namespace and the name are needed"
         )));
     }
     Ok((ns, name))
@@ -359,7 +353,13 @@ mod tests {
         let e = pod(&args(&[("K8S_POD_NAME", "vigilant_margulis")])).unwrap_err();
         assert!(e.msg.contains("MESHAUTH_POD"), "{e}");
         assert!(pod(&args(&[("MESHAUTH_POD", "web")])).is_err());
-        assert!(pod(&args(&[("MESHAUTH_POD", "Default/web")])).is_err());
+        assert!(pod(&args(&[("MESHAUTH_POD", "/web")])).is_err());
+        assert!(pod(&args(&[("MESHAUTH_POD", "default/")])).is_err());
+        // Pod names may hold dots, as the control plane's do.
+        assert_eq!(
+            pod(&args(&[("MESHAUTH_POD", "default/web.v1")])).unwrap(),
+            ("default".into(), "web.v1".into())
+        );
     }
 
     #[test]
