@@ -61,13 +61,13 @@ fn dispatch(env: &dyn Fn(&str) -> Option<String>) -> Result<String, CniError> {
 
 type Client = AgentAdminClient<tonic::transport::Channel>;
 
-async fn agent(conf: &NetConf) -> Result<(Client, String), CniError> {
+async fn agent(conf: &NetConf) -> Result<Client, CniError> {
     let path = conf
         .agent_socket
         .clone()
         .unwrap_or_else(|| spec::DEFAULT_AGENT_SOCKET.to_owned());
     match meshauth_proto::uds::connect(std::path::Path::new(&path)).await {
-        Ok(c) => Ok((AgentAdminClient::new(c), path)),
+        Ok(c) => Ok(AgentAdminClient::new(c)),
         Err(e) => Err(CniError::new(
             Code::TryAgainLater,
             format!(
@@ -116,7 +116,7 @@ fn parse_addr(what: &str, s: &str) -> Result<Ipv4Addr, CniError> {
 
 async fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let (namespace, name) = spec::pod(&inv.args)?;
-    let (mut client, _) = agent(conf).await?;
+    let mut client = agent(conf).await?;
     let host = spec::host_veth(&inv.container_id, &inv.ifname);
     let (host_link, container_link) = link::create(&host, &inv.ifname, &inv.netns)?;
     let attached = async {
@@ -192,7 +192,7 @@ async fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
 async fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let host = spec::host_veth(&inv.container_id, &inv.ifname);
     let released = match agent(conf).await {
-        Ok((mut client, _)) => call(
+        Ok(mut client) => call(
             "the agent could not release the container",
             client.delete_endpoint(EndpointRequest {
                 container_id: inv.container_id.clone(),
@@ -210,7 +210,7 @@ async fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
 }
 
 async fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
-    let (mut client, _) = agent(conf).await?;
+    let mut client = agent(conf).await?;
     let reply: EndpointReply = call(
         "the agent does not hold the container",
         client.check_endpoint(EndpointRequest {
