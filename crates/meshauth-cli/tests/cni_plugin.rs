@@ -7,28 +7,17 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-const CNI: &str = env!("CARGO_BIN_EXE_meshauth-cni");
+mod cni_support;
+use cni_support::{CNI, run_plugin};
 
 fn run(env: &[(&str, &str)], stdin: &str) -> Output {
-    let mut child = Command::new(CNI)
-        .env_clear()
+    let mut cmd = Command::new(CNI);
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        .envs(env.iter().copied());
+    run_plugin(cmd, stdin)
 }
 
 /// The error document of a failed run: its code and message.

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use meshauth_test_support::require_root;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshauth");
-const CNI: &str = env!("CARGO_BIN_EXE_meshauth-cni");
+mod cni_support;
+use cni_support::{CNI, run_plugin};
 const TD: &str = "cni.test";
 const POLICIES: &str = include_str!("../../meshauth-policy/tests/fixtures/walkthrough.yaml");
 const LIMIT: Duration = Duration::from_secs(30);
@@ -543,28 +544,16 @@ fn podman_containers_are_enforced_as_the_walkthrough_says() {
 
 /// Runs the plugin binary as a runtime does, in `netns` of `node` (`CNI_NETNS` = `sandbox`).
 fn plugin(c: &Cluster, node: &str, command: &str, sandbox: &str, conf: &str) -> Output {
-    use std::io::Write as _;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", c.netns(node)))
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", c.netns(node)))
         .arg(CNI)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "direct0123456789")
         .env("CNI_NETNS", sandbox)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "IgnoreUnknown=1;MESHAUTH_POD=default/direct-1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        .env("CNI_ARGS", "IgnoreUnknown=1;MESHAUTH_POD=default/direct-1");
+    run_plugin(cmd, conf)
 }
 
 #[test]
