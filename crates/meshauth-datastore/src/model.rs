@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshauth_policy::NodeId;
+use meshauth_policy::{NodeId, TunnelKey};
 use meshauth_spiffe::SpiffeId;
 
 /// A node's name: the last segment of its SPIFFE ID `spiffe://<td>/node/<name>`.
@@ -238,6 +238,8 @@ pub struct NodeRecord {
     pub attested_at: SystemTime,
     /// How it last attested: what it can do when its SVID expires.
     pub attestation: NodeAttestation,
+    /// The WireGuard public key it published (encryption on), if any.
+    pub tunnel_key: Option<TunnelKey>,
 }
 
 /// How a node attested.

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use meshauth_policy::{IdentityId, Labels, NodeId};
+use meshauth_policy::{IdentityId, Labels, NodeId, TunnelKey};
 use meshauth_spiffe::SpiffeId;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
@@ -103,6 +103,16 @@ pub enum StoreError {
     /// The node is banned.
     #[error("agent {0} is banned; evict it with `meshauth agent evict` before it may attest again")]
     NodeBanned(NodeName),
+    /// Another node already published this WireGuard key.
+    #[error(
+        "agent {node} published the WireGuard key of agent {owner}: every node needs a key of its own (delete the agent's tunnel key file to make a new one)"
+    )]
+    DuplicateTunnelKey {
+        /// The node that published it.
+        node: NodeName,
+        /// The node that has it.
+        owner: String,
+    },
     /// No such entry.
     #[error("no entry with id {0} (see `meshauth entry show`)")]
     EntryNotFound(EntryId),
@@ -204,6 +214,10 @@ CREATE TABLE node_specs (
     // How each node attested (join token or x509pop): whether it can attest again by itself.
     r#"
 ALTER TABLE nodes ADD COLUMN attestation TEXT NOT NULL DEFAULT 'join_token';
+"#,
+    // The WireGuard public key each node published over its attested connection (base64).
+    r#"
+ALTER TABLE nodes ADD COLUMN tunnel_key TEXT;
 "#,
 ];
 
@@ -483,7 +497,7 @@ impl Store {
     pub fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
         self.conn()
             .query_row(
-                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation
+                "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation, tunnel_key
                  FROM nodes WHERE name = ?1",
                 params![node.as_str()],
                 node_row,
@@ -496,7 +510,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation
+            "SELECT name, node_id, serial, previous_serial, svid_not_after, banned, attested_at, address, attestation, tunnel_key
              FROM nodes ORDER BY name",
         )?;
         let rows = stmt.query_map([], node_row)?;
@@ -589,6 +603,34 @@ impl Store {
             params![node.as_str(), address.to_string()],
         )?;
         Ok(())
+    }
+
+    /// Records the WireGuard public key `node` published. Refused when another node has
+    /// published the same key: a node must not be able to make peers confuse it with another
+    /// (or, by copying a key, cut another node's tunnels).
+    pub fn set_node_tunnel_key(&self, node: &NodeName, key: TunnelKey) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let text = key.to_string();
+        let owner: Option<String> = tx
+            .query_row(
+                "SELECT name FROM nodes WHERE tunnel_key = ?1 AND name != ?2",
+                params![text, node.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(owner) = owner {
+            return Err(StoreError::DuplicateTunnelKey {
+                node: node.clone(),
+                owner,
+            });
+        }
+        let changed = tx.execute(
+            "UPDATE nodes SET tunnel_key = ?2 WHERE name = ?1 AND tunnel_key IS NOT ?2",
+            params![node.as_str(), text],
+        )?;
+        tx.commit()?;
+        Ok(changed > 0)
     }
 
     // --- identities, endpoints, policies ---
@@ -993,6 +1035,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
     let attested_at: i64 = r.get(6)?;
     let address: Option<String> = r.get(7)?;
     let attestation: String = r.get(8)?;
+    let tunnel_key: Option<String> = r.get(9)?;
     Ok((|| {
         Ok(NodeRecord {
             name: name.parse().map_err(|e| corrupt("nodes", e))?,
@@ -1004,6 +1047,10 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Result<NodeRecord>> {
             attested_at: from_unix_secs(attested_at),
             address: address.and_then(|a| a.parse().ok()),
             attestation: attestation.parse().map_err(|e| corrupt("nodes", e))?,
+            tunnel_key: tunnel_key
+                .map(|k| k.parse::<TunnelKey>())
+                .transpose()
+                .map_err(|e| corrupt("nodes", format!("node {name}: tunnel key: {e}")))?,
         })
     })())
 }
@@ -1058,6 +1105,47 @@ mod tests {
             x509_svid_ttl: Some(Duration::from_secs(300)),
             dns_names: vec!["web.local".into()],
         }
+    }
+
+    #[test]
+    fn tunnel_keys_are_kept_and_never_shared() {
+        let store = Store::in_memory().unwrap();
+        let now = SystemTime::now();
+        for (name, serial) in [("a", "01"), ("b", "02")] {
+            store
+                .record_attestation(&node(name), NodeAttestation::JoinToken, serial, now, now)
+                .unwrap();
+        }
+        let (k1, k2) = (TunnelKey::new([1; 32]), TunnelKey::new([2; 32]));
+        assert!(store.set_node_tunnel_key(&node("a"), k1).unwrap());
+        assert!(
+            !store.set_node_tunnel_key(&node("a"), k1).unwrap(),
+            "no change"
+        );
+        let err = store.set_node_tunnel_key(&node("b"), k1).unwrap_err();
+        assert!(
+            matches!(err, StoreError::DuplicateTunnelKey { ref owner, .. } if owner == "a"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("agent b published the WireGuard key of agent a")
+        );
+        assert!(store.set_node_tunnel_key(&node("b"), k2).unwrap());
+        assert_eq!(
+            store.node(&node("a")).unwrap().unwrap().tunnel_key,
+            Some(k1)
+        );
+        assert_eq!(
+            store.node(&node("b")).unwrap().unwrap().tunnel_key,
+            Some(k2)
+        );
+        // A node may replace its own key (a new key file).
+        assert!(
+            store
+                .set_node_tunnel_key(&node("a"), TunnelKey::new([3; 32]))
+                .unwrap()
+        );
     }
 
     #[test]

@@ -92,3 +92,51 @@ impl fmt::Display for NodeId {
         write!(f, "{}", self.0)
     }
 }
+
+/// A node's WireGuard public key (Curve25519, 32 bytes), as the node published it to the
+/// server over its attested connection. Shown in standard base64, as `wg` shows keys.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelKey([u8; 32]);
+
+impl TunnelKey {
+    /// Wraps 32 key bytes.
+    pub const fn new(bytes: [u8; 32]) -> Self {
+        TunnelKey(bytes)
+    }
+
+    /// The key from the wire or the store: exactly 32 bytes, else `None`.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(TunnelKey)
+    }
+
+    /// The key bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for TunnelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use base64::Engine as _;
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for TunnelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TunnelKey({self})")
+    }
+}
+
+impl std::str::FromStr for TunnelKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .ok()
+            .and_then(|b| TunnelKey::from_slice(&b))
+            .ok_or_else(|| format!("{s:?} is not a WireGuard key: expected 32 bytes in base64"))
+    }
+}

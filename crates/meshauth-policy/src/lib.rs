@@ -35,6 +35,6 @@ pub use entry::{
     AuthKey, AuthType, Connection, Direction, PolicyEntry, PortRange, Protocol, Verdict,
 };
 pub use identity::{IdentityAllocator, spiffe_id, spiffe_path};
-pub use ids::{IdentityId, NodeId};
+pub use ids::{IdentityId, NodeId, TunnelKey};
 pub use labels::{Labels, NAMESPACE_LABEL, Selector};
 pub use policy::{Policy, PolicyError, PolicyKey, parse_policies, parse_policies_in};

@@ -59,6 +59,8 @@ pub enum DenyReason {
     EntryUnknown,
     /// CSR rejected.
     BadCsr,
+    /// A node published a WireGuard key another node has.
+    DuplicateTunnelKey,
     /// Malformed request.
     InvalidRequest,
     /// Server-side failure.

@@ -100,7 +100,9 @@ pub(crate) fn status_of(err: RegistryError) -> Status {
         | RegistryError::PodNotPlacedHere { .. }
         | RegistryError::AddressOutOfRange { .. }
         | RegistryError::NodeAddressMismatch { .. } => Status::permission_denied(msg),
-        RegistryError::AddressInUse { .. } => Status::already_exists(msg),
+        RegistryError::AddressInUse { .. } | RegistryError::DuplicateTunnelKey(_) => {
+            Status::already_exists(msg)
+        }
         RegistryError::Store(StoreError::EntryNotFound(_) | StoreError::PolicyNotFound(_)) => {
             Status::not_found(msg)
         }
@@ -231,6 +233,10 @@ fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
                     .iter()
                     .find(|s| s.name == n.name)
                     .map(|s| s.pod_range.to_string())
+                    .unwrap_or_default(),
+                tunnel_key: n
+                    .tunnel_key
+                    .map(|k| k.as_bytes().to_vec())
                     .unwrap_or_default(),
             })
             .collect(),
@@ -472,6 +478,22 @@ impl Node for NodeApi {
         if let Some(address) = address {
             self.registry
                 .check_node_address(&node, address, claimed)
+                .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
+        }
+        let tunnel_key = &request.get_ref().tunnel_key;
+        if !tunnel_key.is_empty() {
+            let key = meshauth_policy::TunnelKey::from_slice(tunnel_key).ok_or_else(|| {
+                self.refuse(
+                    "sync",
+                    peer.as_ref(),
+                    RegistryError::Invalid(format!(
+                        "tunnel_key has {} bytes: a WireGuard public key has 32",
+                        tunnel_key.len()
+                    )),
+                )
+            })?;
+            self.registry
+                .publish_tunnel_key(&node, key)
                 .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
         }
         let (tx, rx) = mpsc::channel(SYNC_BUFFER);

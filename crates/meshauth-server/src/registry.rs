@@ -145,6 +145,9 @@ pub enum RegistryError {
     /// Bad input in a request.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A node published the WireGuard key another node has.
+    #[error("{0}")]
+    DuplicateTunnelKey(String),
 }
 
 impl RegistryError {
@@ -173,6 +176,7 @@ impl RegistryError {
                 DenyReason::X509PopRefused
             }
             RegistryError::Invalid(_) => DenyReason::InvalidRequest,
+            RegistryError::DuplicateTunnelKey(_) => DenyReason::DuplicateTunnelKey,
         }
     }
 }
@@ -636,6 +640,24 @@ impl Registry {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Records the WireGuard public key `node` publishes on its authenticated sync stream: a
+    /// node publishes only its own key (the stream is bound to its node SVID), and never one
+    /// another node published.
+    pub fn publish_tunnel_key(&self, node: &NodeName, key: meshauth_policy::TunnelKey) -> Result<()> {
+        match self.store.set_node_tunnel_key(node, key) {
+            Ok(true) => {
+                tracing::info!(node = %node, tunnel_key = %key, "tunnel key published");
+                self.changed();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e @ StoreError::DuplicateTunnelKey { .. }) => {
+                Err(RegistryError::DuplicateTunnelKey(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
