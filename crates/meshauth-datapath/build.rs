@@ -120,6 +120,8 @@ fn layout_check(out: &Path) {
                 "ipcache_gen",
                 "ct_timeout_tcp_s",
                 "ct_timeout_other_s",
+                "tunnel_ifindex",
+                "local_node",
             ],
         ),
         (

@@ -172,6 +172,8 @@ pub enum DropReasonLabel {
     SpoofedSource,
     /// Not a protocol the datapath handles.
     Unsupported,
+    /// Encryption on: from another node's pod, but not out of the tunnel.
+    Unencrypted,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -200,6 +202,7 @@ fn reason_label(r: meshauth_datapath::DropReason) -> DropReasonLabel {
         R::NoIdentity => DropReasonLabel::NoIdentity,
         R::SpoofedSource => DropReasonLabel::SpoofedSource,
         R::Unsupported => DropReasonLabel::Unsupported,
+        R::Unencrypted => DropReasonLabel::Unencrypted,
     }
 }
 

@@ -7,7 +7,7 @@
 #ifndef MESHAUTH_ABI_H
 #define MESHAUTH_ABI_H
 
-#define MA_ABI_VERSION 4
+#define MA_ABI_VERSION 5
 
 /* Direction, from the pod's point of view. */
 #define MA_DIR_EGRESS 0
@@ -33,7 +33,8 @@
 #define MA_REASON_NO_IDENTITY 3
 #define MA_REASON_SPOOFED 4
 #define MA_REASON_UNSUPPORTED 5
-#define MA_REASON_COUNT 6
+#define MA_REASON_UNENCRYPTED 6 /* from another node's pod, not out of the tunnel (encryption on) */
+#define MA_REASON_COUNT 7
 
 /* Event flags. */
 #define MA_EVF_ESTABLISHED 1 /* the packet belonged to a tracked flow that was re-checked */
@@ -60,6 +61,11 @@
 /* What to do with a packet whose pair is not authenticated yet. */
 #define MA_AUTH_MISS_DROP 0
 #define MA_AUTH_MISS_MARK 1 /* set skb->mark = hold_mark and pass, for a node-side hold queue */
+
+/* Identities of pods (label sets) are in [MA_FIRST_POD_IDENTITY, MA_FIRST_LOCAL_IDENTITY);
+ * below are the reserved ones (host, world, remote-node, ...), above the node-local CIDR ones. */
+#define MA_FIRST_POD_IDENTITY 256
+#define MA_FIRST_LOCAL_IDENTITY 0x1000000
 
 /* Policy-map endpoint ids at and above this one hold a remote identity's ingress entries toward
  * this node's identities (MA_PEER_ENDPOINT_BASE + identity): a pod's egress to that identity
@@ -170,6 +176,10 @@ struct ma_config {
 	__u32 ipcache_gen;       /* bumped when an ipcache entry changes or goes */
 	__u32 ct_timeout_tcp_s;  /* idle timeout of tracked TCP flows (0: MA_CT_TIMEOUT_TCP) */
 	__u32 ct_timeout_other_s; /* idle timeout of other tracked flows (0: MA_CT_TIMEOUT_OTHER) */
+	/* Encryption on: the ifindex of the node's tunnel device (0: off). A packet into a pod
+	 * from a pod of another node (local_node below) must have arrived on it. */
+	__u32 tunnel_ifindex;
+	__u32 local_node; /* this node's id, as the ipcache names it */
 	__u32 pad;
 };
 

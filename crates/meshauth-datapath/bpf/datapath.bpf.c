@@ -580,5 +580,16 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_DIR_INGRESS, MA_REASON_UNSUPPORTED);
 		return TC_ACT_SHOT;
 	}
+	/* Encryption on: what a pod of another node sends reaches this pod only out of the
+	 * tunnel, whose device let it in only from that node's session (cryptokey routing). The
+	 * same source address arriving any other way (plaintext on the underlay) is dropped. */
+	struct ma_config *cfg = config();
+	if (cfg && cfg->tunnel_ifindex != 0 && skb->ingress_ifindex != cfg->tunnel_ifindex) {
+		struct ma_ipcache_value *src = ipcache_lookup(f.saddr);
+		if (src && src->node_id != cfg->local_node && src->identity >= MA_FIRST_POD_IDENTITY &&
+		    src->identity < MA_FIRST_LOCAL_IDENTITY)
+			return drop(skb, &f, MA_REASON_UNENCRYPTED, src->identity, ep->identity,
+				    MA_DIR_INGRESS, 0, 0);
+	}
 	return enforce(skb, &f, ep, MA_DIR_INGRESS);
 }

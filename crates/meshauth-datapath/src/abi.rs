@@ -6,7 +6,7 @@
 )]
 
 /// `MA_ABI_VERSION`: part of the pin path, so maps of another layout are never reused.
-pub(crate) const ABI_VERSION: u32 = 4;
+pub(crate) const ABI_VERSION: u32 = 5;
 
 /// The numeric constants of `bpf/abi.h`; `tests::constants_match_c` checks each against C.
 #[allow(
@@ -31,12 +31,13 @@ pub(crate) mod c {
     pub(crate) const REASON_NO_IDENTITY: u8 = 3;
     pub(crate) const REASON_SPOOFED: u8 = 4;
     pub(crate) const REASON_UNSUPPORTED: u8 = 5;
-    pub(crate) const REASON_COUNT: u8 = 6;
+    pub(crate) const REASON_UNENCRYPTED: u8 = 6;
+    pub(crate) const REASON_COUNT: u8 = 7;
     pub(crate) const EVF_ESTABLISHED: u8 = 1;
-    pub(crate) const STAT_FORWARDED: u32 = 6;
-    pub(crate) const STAT_EVENTS_LOST: u32 = 7;
-    pub(crate) const STAT_PER_DIR: u32 = 8;
-    pub(crate) const STAT_COUNT: u32 = 16;
+    pub(crate) const STAT_FORWARDED: u32 = REASON_COUNT as u32;
+    pub(crate) const STAT_EVENTS_LOST: u32 = REASON_COUNT as u32 + 1;
+    pub(crate) const STAT_PER_DIR: u32 = REASON_COUNT as u32 + 2;
+    pub(crate) const STAT_COUNT: u32 = 2 * STAT_PER_DIR;
     pub(crate) const MAX_POLICY: u32 = 262_144;
     pub(crate) const MAX_AUTH: u32 = 131_072;
     pub(crate) const MAX_IPCACHE: u32 = 65_536;
@@ -50,6 +51,8 @@ pub(crate) mod c {
     pub(crate) const CT_FIN_ORIG: u32 = 2;
     pub(crate) const CT_FIN_REPLY: u32 = 4;
     pub(crate) const PEER_ENDPOINT_BASE: u32 = 0x8000_0000;
+    pub(crate) const FIRST_POD_IDENTITY: u32 = meshauth_policy::IdentityId::FIRST_ALLOCATED;
+    pub(crate) const FIRST_LOCAL_IDENTITY: u32 = meshauth_policy::IdentityId::FIRST_LOCAL;
 }
 
 /// `struct ma_endpoint`.
@@ -156,6 +159,8 @@ pub(crate) struct Config {
     pub(crate) ipcache_gen: u32,
     pub(crate) ct_timeout_tcp_s: u32,
     pub(crate) ct_timeout_other_s: u32,
+    pub(crate) tunnel_ifindex: u32,
+    pub(crate) local_node: u32,
     pub(crate) pad: u32,
 }
 
@@ -273,6 +278,8 @@ mod tests {
             ("ma_config", "ipcache_gen") => offset_of!(Config, ipcache_gen),
             ("ma_config", "ct_timeout_tcp_s") => offset_of!(Config, ct_timeout_tcp_s),
             ("ma_config", "ct_timeout_other_s") => offset_of!(Config, ct_timeout_other_s),
+            ("ma_config", "tunnel_ifindex") => offset_of!(Config, tunnel_ifindex),
+            ("ma_config", "local_node") => offset_of!(Config, local_node),
             ("ma_event", "(size)") => size_of::<Event>(),
             ("ma_event", "ts_ns") => offset_of!(Event, ts_ns),
             ("ma_event", "saddr") => offset_of!(Event, saddr),
@@ -319,6 +326,7 @@ mod tests {
             "MA_REASON_NO_IDENTITY" => REASON_NO_IDENTITY.into(),
             "MA_REASON_SPOOFED" => REASON_SPOOFED.into(),
             "MA_REASON_UNSUPPORTED" => REASON_UNSUPPORTED.into(),
+            "MA_REASON_UNENCRYPTED" => REASON_UNENCRYPTED.into(),
             "MA_REASON_COUNT" => REASON_COUNT.into(),
             "MA_EVF_ESTABLISHED" => EVF_ESTABLISHED.into(),
             "MA_STAT_FORWARDED" => STAT_FORWARDED.into(),
@@ -338,6 +346,8 @@ mod tests {
             "MA_CT_FIN_ORIG" => CT_FIN_ORIG.into(),
             "MA_CT_FIN_REPLY" => CT_FIN_REPLY.into(),
             "MA_PEER_ENDPOINT_BASE" => PEER_ENDPOINT_BASE.into(),
+            "MA_FIRST_POD_IDENTITY" => FIRST_POD_IDENTITY.into(),
+            "MA_FIRST_LOCAL_IDENTITY" => FIRST_LOCAL_IDENTITY.into(),
             _ => panic!("no Rust constant for {name}"),
         }
     }

@@ -395,6 +395,18 @@ impl Datapath {
         self.write_config(cfg)
     }
 
+    /// Encryption on (`Some`): packets into a pod from a pod of another node must arrive on
+    /// the tunnel device `tunnel_ifindex`, else they are dropped as unencrypted; `local_node`
+    /// is this node's id as the ipcache names it. `None` turns the check off.
+    pub fn set_tunnel(&mut self, tunnel: Option<(u32, meshauth_policy::NodeId)>) -> Result<()> {
+        let mut cfg = self.config()?;
+        (cfg.tunnel_ifindex, cfg.local_node) = match tunnel {
+            Some((ifindex, node)) => (ifindex, node.get()),
+            None => (0, 0),
+        };
+        self.write_config(cfg)
+    }
+
     /// Sets the ipcache generation: tracked flows accepted under another one are decided again
     /// on their next packet. Bump it after an ipcache entry changed or went away.
     pub fn set_ipcache_generation(&mut self, generation: u32) -> Result<()> {

@@ -130,16 +130,19 @@ pub enum DropReason {
     SpoofedSource,
     /// Not IPv4 (this datapath handles IPv4 only for now).
     Unsupported,
+    /// Encryption on: from a pod of another node, but not out of the tunnel (plaintext).
+    Unencrypted,
 }
 
 impl DropReason {
     /// Every reason.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::PolicyDenied,
         DropReason::AuthenticationRequired,
         DropReason::NoIdentity,
         DropReason::SpoofedSource,
         DropReason::Unsupported,
+        DropReason::Unencrypted,
     ];
 
     pub(crate) fn from_raw(v: u8) -> Option<Self> {
@@ -149,6 +152,7 @@ impl DropReason {
             c::REASON_NO_IDENTITY => Some(DropReason::NoIdentity),
             c::REASON_SPOOFED => Some(DropReason::SpoofedSource),
             c::REASON_UNSUPPORTED => Some(DropReason::Unsupported),
+            c::REASON_UNENCRYPTED => Some(DropReason::Unencrypted),
             _ => None,
         }
     }
@@ -160,6 +164,7 @@ impl DropReason {
             DropReason::NoIdentity => c::REASON_NO_IDENTITY,
             DropReason::SpoofedSource => c::REASON_SPOOFED,
             DropReason::Unsupported => c::REASON_UNSUPPORTED,
+            DropReason::Unencrypted => c::REASON_UNENCRYPTED,
         }
     }
 }
@@ -172,6 +177,7 @@ impl fmt::Display for DropReason {
             DropReason::NoIdentity => "no identity",
             DropReason::SpoofedSource => "spoofed source",
             DropReason::Unsupported => "unsupported protocol",
+            DropReason::Unencrypted => "unencrypted",
         })
     }
 }
