@@ -679,7 +679,7 @@ impl Handshaker {
 /// [`AcceptErrors::MIN`] to [`AcceptErrors::MAX`] and resets on success; at most one line per
 /// [`AcceptErrors::LOG_EVERY`], carrying the number of errors not logged since the last line.
 #[derive(Debug)]
-struct AcceptErrors {
+pub(crate) struct AcceptErrors {
     pause: Duration,
     last_log: Option<tokio::time::Instant>,
     suppressed: u64,
@@ -706,7 +706,7 @@ impl AcceptErrors {
     }
 
     /// Records a failed accept; returns how long to pause before the next one.
-    fn failed(&mut self, e: &std::io::Error, now: tokio::time::Instant) -> Duration {
+    pub(crate) fn failed(&mut self, e: &std::io::Error, now: tokio::time::Instant) -> Duration {
         let pause = self.pause;
         if self.may_log(now) {
             tracing::warn!(
@@ -726,7 +726,7 @@ impl AcceptErrors {
 
     /// Records a successful accept: the pause resets; errors not yet reported are reported
     /// (within the rate limit).
-    fn succeeded(&mut self, now: tokio::time::Instant) {
+    pub(crate) fn succeeded(&mut self, now: tokio::time::Instant) {
         self.pause = Self::MIN;
         if self.suppressed > 0 && self.may_log(now) {
             tracing::info!(
@@ -742,7 +742,7 @@ impl AcceptErrors {
 /// Rate limit of a warning the network can trigger: one per [`WarnLimit::EVERY`]; the others
 /// go to debug and are counted into the next warning's `suppressed` field.
 #[derive(Debug, Default)]
-struct WarnLimit {
+pub(crate) struct WarnLimit {
     /// When the last warning went out, and how many were held back since.
     state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
@@ -751,7 +751,7 @@ impl WarnLimit {
     const EVERY: Duration = Duration::from_secs(10);
 
     /// `Some(held back since the last warning)` if this event may be a warning.
-    fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         if state

@@ -4,6 +4,8 @@
 //! - [`handshake`]: the TLS 1.3 handshake on port 4250, both roles, with the checks both sides
 //!   make and the low-cardinality [`handshake::Reason`] of every failure.
 //!
+//! - [`tunnel_key`]: the node-pair key exchange behind encryption (TLS 1.3 with node SVIDs on
+//!   port 4251; its exporter is the pair's WireGuard pre-shared key).
 //! - [`manager`]: the auth manager: de-duplicated requests, a bounded queue and a fixed worker
 //!   pool, entries written with their expiry, retries on an exponential backoff schedule kept
 //!   in its state (pairs nobody asks for are forgotten), `test-always-fail` pairs failed
@@ -15,6 +17,7 @@
 
 pub mod handshake;
 pub mod manager;
+pub mod tunnel_key;
 
 pub use handshake::{
     AcceptHook, AuthError, Authenticated, Handshaker, LocalSvid, LocalSvids, Placement, Reason,
