@@ -24,6 +24,33 @@ pub struct AdminApi {
     cni: Option<crate::cni::CniEndpoints>,
     enforced: tokio::sync::watch::Receiver<crate::cni::Enforced>,
     metrics: crate::metrics::Metrics,
+    tunnel: crate::tunnel::TunnelStatus,
+}
+
+fn tunnel_msgs(status: &crate::tunnel::TunnelStatus) -> Vec<meshauth_proto::agent::Tunnel> {
+    status
+        .get()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| meshauth_proto::agent::Tunnel {
+            node: t.name,
+            state: match t.state {
+                meshauth_tunnel::TunnelState::NoKey => "no_key",
+                meshauth_tunnel::TunnelState::Handshaking => "handshaking",
+                meshauth_tunnel::TunnelState::Up => "up",
+            }
+            .into(),
+            endpoint: t.endpoint.to_string(),
+            allowed_ips: u32::try_from(t.allowed).unwrap_or(u32::MAX),
+            last_handshake_unix: t.last_handshake.map_or(0, unix),
+            tx_bytes: t.tx_bytes,
+            rx_bytes: t.rx_bytes,
+            key_rotations: t.rotations,
+            key_derived_unix: t.key.map_or(0, |k| unix(k.0)),
+            key_expires_unix: t.key.map_or(0, |k| unix(k.1)),
+            last_error: t.last_error.unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Longest the CNI plugin's ADD waits for enforcement to take its container's interface.
@@ -49,6 +76,7 @@ impl AdminApi {
             cni: None,
             enforced: tokio::sync::watch::channel(crate::cni::Enforced::default()).1,
             metrics: crate::metrics::Metrics::default(),
+            tunnel: crate::tunnel::TunnelStatus::default(),
         }
     }
 
@@ -64,6 +92,12 @@ impl AdminApi {
         self.cni = cni;
         self.enforced = enforced;
         self.metrics = metrics;
+        self
+    }
+
+    /// Serves the tunnel's state in `Health` and `ListAuth` (encryption on).
+    pub fn with_tunnel(mut self, tunnel: crate::tunnel::TunnelStatus) -> Self {
+        self.tunnel = tunnel;
         self
     }
 
@@ -194,6 +228,8 @@ impl AgentAdmin for AdminApi {
                     )
                 })
                 .collect(),
+            encryption: self.tunnel.get().is_some(),
+            tunnels: tunnel_msgs(&self.tunnel),
         }))
     }
 
@@ -238,6 +274,7 @@ impl AgentAdmin for AdminApi {
                     connection: k.connection.map(|c| c.to_string()).unwrap_or_default(),
                 })
                 .collect(),
+            tunnels: tunnel_msgs(&self.tunnel),
         }))
     }
 

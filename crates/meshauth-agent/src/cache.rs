@@ -98,6 +98,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, (meshauth_policy::NodeId, Option<std::net::IpAddr>)>,
     /// The pod range bound to each node (name → range), for the nodes that have one.
     pub pod_ranges: BTreeMap<String, meshauth_policy::Cidr>,
+    /// The WireGuard public key each node published (name → key), for those that did.
+    pub tunnel_keys: BTreeMap<String, meshauth_policy::TunnelKey>,
     /// Every policy, parsed.
     pub policies: Vec<meshauth_policy::Policy>,
     /// Policies this agent could not parse (key, `namespace/name` or `name`, → why): their

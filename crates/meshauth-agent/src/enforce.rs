@@ -95,6 +95,9 @@ pub struct EnforceConfig {
     /// Where enforcement says which pods it enforces on (after every pass), for the admin API
     /// to answer the CNI plugin once a container's interface is enforced on.
     pub enforced: watch::Sender<crate::cni::Enforced>,
+    /// Encryption on: the tunnel interface's ifindex. Packets into a pod from another node's
+    /// pod that did not come out of it are dropped as unencrypted.
+    pub tunnel: Option<u32>,
 }
 
 /// A datapath loaded early, for the first enforcement run to take. Loading parses the kernel's
@@ -486,6 +489,12 @@ async fn run_inner(
         }
         None => dp.set_auth_miss_action(meshauth_datapath::AuthMissAction::Drop)?,
     }
+    dp.set_tunnel(config.tunnel.map(|ifindex| {
+        (
+            ifindex,
+            meshauth_policy::NodeId::new(manager.node_svid().node_id),
+        )
+    }))?;
     // Entries a previous run of this agent wrote are still in the pinned map: track them
     // (read one at a time below, once the manager exists).
     let inherited = dp.auth_map_reader()?;

@@ -26,6 +26,8 @@
 //! - [`workload_api`]: the SPIFFE Workload API, behind [`authority_fix`] so that gRPC C-core
 //!   clients work too; [`admin`]: the operator API
 //!   (and the CNI plugin's calls).
+//! - [`tunnel_plan`]: what the node's WireGuard tunnel should hold (pure); [`tunnel`]: the
+//!   tunnel (encryption on): device, routes, the node-pair key exchange and its rotation.
 //! - [`metrics`]; [`run`]: wiring.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -48,6 +50,8 @@ pub mod node_attestation;
 pub mod plan;
 pub mod run;
 pub mod server_client;
+pub mod tunnel;
+pub mod tunnel_plan;
 pub mod workload_api;
 
 pub use run::{Agent, AgentConfig, EnforceSettings, defaults};

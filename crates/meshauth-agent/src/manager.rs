@@ -46,6 +46,8 @@ pub struct ManagerConfig {
     pub server: String,
     /// The trust domain.
     pub trust_domain: TrustDomain,
+    /// This node's WireGuard public key, published on every sync stream (encryption on).
+    pub tunnel_key: Option<meshauth_policy::TunnelKey>,
 }
 
 /// The running manager's shared parts.
@@ -144,6 +146,16 @@ fn cluster_of(
         });
     }
     for n in nodes {
+        if !n.tunnel_key.is_empty() {
+            match meshauth_policy::TunnelKey::from_slice(&n.tunnel_key) {
+                Some(k) => {
+                    out.tunnel_keys.insert(n.name.clone(), k);
+                }
+                None => {
+                    tracing::warn!(node = %n.name, bytes = n.tunnel_key.len(), "ignoring a node's invalid tunnel key: no tunnel to it")
+                }
+            }
+        }
         out.nodes.insert(
             n.name.clone(),
             (NodeId::new(n.node_id), n.address.parse().ok()),
@@ -276,6 +288,11 @@ impl Manager {
     /// Snapshots of the cache, for the Workload API and the admin API.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.state.subscribe()
+    }
+
+    /// The node SVID with its key, as TLS presents it (swapped on renewal).
+    pub fn node_key(&self) -> SharedCertifiedKey {
+        self.node_key.clone()
     }
 
     /// The current node SVID (without its key).
@@ -422,7 +439,14 @@ impl Manager {
             return Ok(SessionEnd::Renewed);
         }
         let mut stream = client
-            .sync(SyncRequest::default())
+            .sync(SyncRequest {
+                tunnel_key: self
+                    .config
+                    .tunnel_key
+                    .map(|k| k.as_bytes().to_vec())
+                    .unwrap_or_default(),
+                ..SyncRequest::default()
+            })
             .await
             .map_err(|s| {
                 self.note_refusal(&s);

@@ -297,6 +297,56 @@ pub struct Metrics {
     hold_waiting: Gauge,
     hold_seconds: prometheus_client::metrics::histogram::Histogram,
     cni_requests: Family<CniLabels, Counter>,
+    tunnel: meshauth_tunnel::TunnelMetrics,
+    tunnel_exchanges: Family<ExchangeLabels, Counter>,
+}
+
+/// How a node-pair key exchange ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ExchangeResult {
+    /// A new pre-shared key is in place on both sides.
+    Success,
+    /// The peer agent could not be reached.
+    Unreachable,
+    /// A step timed out.
+    Timeout,
+    /// The peer's node SVID was rejected.
+    PeerCertificateRejected,
+    /// The peer is not the node bound to its address, or published no key.
+    UnknownNode,
+    /// The two sides' views of the WireGuard keys differ.
+    KeyMismatch,
+    /// The wrong side initiated.
+    WrongRole,
+    /// The responder had no tunnel peer for the initiator yet.
+    NotReady,
+    /// The connection broke or spoke another protocol.
+    Io,
+    /// The responder was at its connection limit.
+    Overloaded,
+}
+
+impl From<meshauth_auth::tunnel_key::ExchangeReason> for ExchangeResult {
+    fn from(r: meshauth_auth::tunnel_key::ExchangeReason) -> Self {
+        use meshauth_auth::tunnel_key::ExchangeReason as R;
+        match r {
+            R::Unreachable => ExchangeResult::Unreachable,
+            R::Timeout => ExchangeResult::Timeout,
+            R::PeerCertificateRejected => ExchangeResult::PeerCertificateRejected,
+            R::UnknownNode => ExchangeResult::UnknownNode,
+            R::KeyMismatch => ExchangeResult::KeyMismatch,
+            R::WrongRole => ExchangeResult::WrongRole,
+            R::NotReady => ExchangeResult::NotReady,
+            R::Io => ExchangeResult::Io,
+            R::Overloaded => ExchangeResult::Overloaded,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExchangeLabels {
+    role: Role,
+    result: ExchangeResult,
 }
 
 impl Default for Metrics {
@@ -463,9 +513,19 @@ impl Metrics {
             "CNI plugin calls on the admin socket, by operation and result (refused: a container of a pod not placed here, or already running)",
             cni_requests.clone(),
         );
+        let tunnel = meshauth_tunnel::TunnelMetrics::new();
+        tunnel.register(&mut r);
+        let tunnel_exchanges = Family::<ExchangeLabels, Counter>::default();
+        r.register(
+            "tunnel_key_exchanges",
+            "Node-pair key exchanges (the WireGuard pre-shared key from the TLS exporter), by role and result",
+            tunnel_exchanges.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             cni_requests,
+            tunnel,
+            tunnel_exchanges,
             attestations,
             hold_released,
             hold_dropped,
@@ -637,6 +697,20 @@ impl Metrics {
     pub(crate) fn workload_connection_closed(&self, reason: WorkloadCloseReason) {
         self.workload_closed
             .get_or_create(&WorkloadCloseLabels { reason })
+            .inc();
+    }
+}
+
+impl Metrics {
+    /// The tunnel device's counters (bytes, drops by reason, handshakes, rotations).
+    pub fn tunnel(&self) -> &meshauth_tunnel::TunnelMetrics {
+        &self.tunnel
+    }
+
+    /// Counts a key exchange.
+    pub fn tunnel_exchange(&self, role: Role, result: ExchangeResult) {
+        self.tunnel_exchanges
+            .get_or_create(&ExchangeLabels { role, result })
             .inc();
     }
 }

@@ -143,6 +143,8 @@ pub struct EnforceSettings {
     pub pre_authenticate: Option<usize>,
     /// The endpoints the CNI plugin hands over on the admin socket, when they are the source.
     pub cni: Option<crate::cni::CniEndpoints>,
+    /// Encrypt pod traffic between nodes (WireGuard keyed by the node-pair key exchange).
+    pub encrypt: Option<crate::tunnel::TunnelSettings>,
 }
 
 impl std::fmt::Debug for EnforceSettings {
@@ -152,6 +154,7 @@ impl std::fmt::Debug for EnforceSettings {
             .field("node_address", &self.node_address)
             .field("auth", &self.auth)
             .field("hold", &self.hold)
+            .field("encrypt", &self.encrypt)
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +164,7 @@ impl std::fmt::Debug for EnforceSettings {
 pub struct Agent {
     config: AgentConfig,
     manager: Manager,
+    tunnel_key: Option<meshauth_tunnel::PrivateKey>,
     metrics: Metrics,
     workload: UnixListener,
     admin: UnixListener,
@@ -171,10 +175,19 @@ impl Agent {
     /// Loads or obtains the node identity and binds every socket.
     pub async fn bind(config: AgentConfig) -> anyhow::Result<Agent> {
         let data = DataDir::open(&config.data_dir)?;
+        let encrypt = config.enforce.as_ref().is_some_and(|e| e.encrypt.is_some());
+        let tunnel_key = if encrypt {
+            Some(meshauth_tunnel::PrivateKey::load_or_create(
+                &config.data_dir.join(crate::tunnel::KEY_FILE),
+            )?)
+        } else {
+            None
+        };
         let mconfig = ManagerConfig {
             node_name: config.node_name.clone(),
             server: config.server.clone(),
             trust_domain: config.trust_domain.clone(),
+            tunnel_key: tunnel_key.as_ref().map(|k| k.public().into()),
         };
         let (node, bundle) =
             bootstrap(&mconfig, &data, &config.trust_bundle, &config.attestor).await?;
@@ -215,6 +228,7 @@ impl Agent {
         Ok(Agent {
             config,
             manager,
+            tunnel_key,
             metrics,
             workload,
             admin,
@@ -233,12 +247,21 @@ impl Agent {
         let Agent {
             config,
             manager,
+            tunnel_key,
             metrics,
             workload,
             admin,
             metrics_listener,
         } = self;
         let auth_entries = crate::enforce::AuthEntries::default();
+        let tunnel_status = crate::tunnel::TunnelStatus::default();
+        // Encryption on: the tunnel interface exists before anything else runs, persistent, so
+        // that what is routed into it is dropped while no agent reads it (never sent in clear).
+        let encrypt = config.enforce.as_ref().and_then(|s| s.encrypt.clone());
+        let tunnel_ifindex = match &encrypt {
+            Some(t) => Some(crate::tunnel::prepare(&t.tun_name)?),
+            None => None,
+        };
         let (enforced_tx, enforced_rx) =
             tokio::sync::watch::channel(crate::cni::Enforced::default());
         let flow_log = crate::flows::FlowLog::default();
@@ -287,7 +310,8 @@ impl Agent {
                     config.enforce.as_ref().and_then(|s| s.cni.clone()),
                     enforced_rx,
                     metrics.clone(),
-                ),
+                )
+                .with_tunnel(tunnel_status.clone()),
             ))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone()));
         let admin_api = meshauth_telemetry::with_connection_grace(
@@ -394,8 +418,61 @@ impl Agent {
                             pre_authenticate: settings.pre_authenticate,
                             preloaded: preloaded.clone(),
                             enforced: enforced.clone(),
+                            tunnel: tunnel_ifindex,
                         };
                         crate::enforce::run(cfg, manager, (settings.source)(), stop).await
+                    }
+                },
+            );
+        }
+        if let (Some(settings), Some(private_key)) = (encrypt, tunnel_key) {
+            let ready = readiness.register("tunnel");
+            ready.set_not_ready("the tunnel is starting");
+            let server = config.server.clone();
+            let node = config.node_name.clone();
+            let node_address = config.enforce.as_ref().and_then(|s| s.node_address);
+            let (manager, metrics, status, stop) = (
+                manager.clone(),
+                metrics.clone(),
+                tunnel_status.clone(),
+                stop_rx.clone(),
+            );
+            sup.spawn_with_readiness(
+                "tunnel",
+                Restart::Backoff {
+                    min: std::time::Duration::from_secs(1),
+                    max: std::time::Duration::from_secs(30),
+                },
+                ready.clone(),
+                move |_| {
+                    let (settings, node, server) = (settings.clone(), node.clone(), server.clone());
+                    let private_key = private_key.clone();
+                    let (manager, metrics, status, stop, ready) = (
+                        manager.clone(),
+                        metrics.clone(),
+                        status.clone(),
+                        stop.clone(),
+                        ready.clone(),
+                    );
+                    async move {
+                        let node_address = match node_address {
+                            Some(a) => a,
+                            None => local_address_towards(&server).await?,
+                        };
+                        ready.set_ready();
+                        crate::tunnel::run(
+                            crate::tunnel::TunnelConfig {
+                                settings,
+                                node_name: node,
+                                node_address,
+                                private_key,
+                                metrics,
+                                status,
+                            },
+                            manager,
+                            stop,
+                        )
+                        .await
                     }
                 },
             );

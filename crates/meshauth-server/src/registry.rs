@@ -646,7 +646,11 @@ impl Registry {
     /// Records the WireGuard public key `node` publishes on its authenticated sync stream: a
     /// node publishes only its own key (the stream is bound to its node SVID), and never one
     /// another node published.
-    pub fn publish_tunnel_key(&self, node: &NodeName, key: meshauth_policy::TunnelKey) -> Result<()> {
+    pub fn publish_tunnel_key(
+        &self,
+        node: &NodeName,
+        key: meshauth_policy::TunnelKey,
+    ) -> Result<()> {
         match self.store.set_node_tunnel_key(node, key) {
             Ok(true) => {
                 tracing::info!(node = %node, tunnel_key = %key, "tunnel key published");
