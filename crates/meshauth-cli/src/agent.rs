@@ -199,6 +199,19 @@ struct RunArgs {
     /// Handshakes run concurrently.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     auth_workers: u32,
+    /// Encrypt pod traffic to other nodes: WireGuard (userspace, on the persistent TUN
+    /// `mawg0`, UDP 51871) whose pre-shared key with each node is derived from a TLS 1.3
+    /// handshake of the two agents' node SVIDs (TCP 4251). Each peer accepts only its own
+    /// pods' addresses; every other node's pod range is routed into the tunnel, so nothing
+    /// between pods of two nodes leaves in the clear, agent down or not. The node's WireGuard
+    /// key is kept in --data-dir (wireguard.key, 0600) and published to the server. Every node
+    /// must run with it. Needs --lab or --cni.
+    #[arg(long)]
+    encrypt: bool,
+    /// With --encrypt: derive a new pre-shared key with each node this often (and before the
+    /// earlier node SVID expires).
+    #[arg(long, value_parser = crate::common::parse_duration, default_value = "10m", requires = "encrypt")]
+    tunnel_rotate: std::time::Duration,
 }
 
 /// A source that could not be made: enforcement reports why and stays not ready.
@@ -322,7 +335,16 @@ fn enforce_settings(args: &RunArgs) -> anyhow::Result<Option<meshauth_agent::Enf
             ..Default::default()
         },
         cni,
+        encrypt: args
+            .encrypt
+            .then(|| meshauth_agent::tunnel::TunnelSettings {
+                rotate_every: args.tunnel_rotate,
+                ..Default::default()
+            }),
     };
+    if args.encrypt && !args.cni && args.lab.is_none() {
+        anyhow::bail!("--encrypt needs enforcement: add --lab LAB or --cni");
+    }
     if args.cni {
         std::fs::create_dir_all(&args.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create --data-dir {}: {e}", args.data_dir.display())

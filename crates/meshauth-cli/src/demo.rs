@@ -43,6 +43,15 @@ pub(crate) struct Cmd {
     /// SYN is held on client2's node while the agents authenticate, then released.
     #[arg(long)]
     pre_authenticate: bool,
+    /// Encrypt pod traffic between nodes (`agent run --encrypt`): WireGuard between the lab
+    /// nodes, keyed by the agents' node-SVID handshake, and the results add a capture of the
+    /// underlay showing no plaintext.
+    #[arg(long)]
+    encrypt: bool,
+    /// With --encrypt: how often the agents derive a new pre-shared key with each node
+    /// (`agent run --tunnel-rotate`).
+    #[arg(long, value_parser = crate::common::parse_duration, requires = "encrypt")]
+    tunnel_rotate: Option<std::time::Duration>,
     /// Nodes attest with certificates of an operator CA (x509pop) instead of join tokens: the
     /// demo makes the CA (`operator-ca.pem`) and one certificate per node in its work dir, and
     /// the server trusts it (`server run --x509pop-ca`). Such nodes attest again by themselves
@@ -534,6 +543,13 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
         agent_args.extend(credential);
         if cmd.pre_authenticate {
             agent_args.push("--pre-authenticate".into());
+        }
+        if cmd.encrypt {
+            agent_args.push("--encrypt".into());
+        }
+        if let Some(every) = cmd.tunnel_rotate {
+            agent_args.push("--tunnel-rotate".into());
+            agent_args.push(format!("{}ms", every.as_millis()));
         }
         spawn(
             &mut running,

@@ -15,6 +15,10 @@ pub(crate) struct Cmd {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
+    /// Also show this agent's readiness and (encryption on) its tunnel to every other node;
+    /// repeatable, one admin socket per node.
+    #[arg(long = "agent-socket", value_name = "SOCKET")]
+    agent_sockets: Vec<std::path::PathBuf>,
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -51,6 +55,20 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             .map_err(rpc)?
             .into_inner()
             .entries;
+        let mut agent_health = Vec::new();
+        for s in &cmd.agent_sockets {
+            let mut a = crate::common::agent_client(s).await?;
+            agent_health.push(
+                a.health(meshauth_proto::agent::HealthRequest {})
+                    .await
+                    .map_err(rpc)?
+                    .into_inner(),
+            );
+        }
+        let tunnels: Vec<(String, meshauth_proto::agent::Tunnel)> = agent_health
+            .iter()
+            .flat_map(|h| h.tunnels.iter().map(|t| (h.node_name.clone(), t.clone())))
+            .collect();
         match cmd.output {
             Output::Json => out!(
                 "{}",
@@ -63,6 +81,8 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     "endpoints": endpoints.len(),
                     "policies": policies.len(),
                     "entries": entries.len(),
+                    "agents_local": agent_health.iter().map(|h| serde_json::json!({"node": h.node_name, "ready": h.ready, "not_ready": h.not_ready, "encryption": h.encryption})).collect::<Vec<_>>(),
+                    "tunnels": tunnels.iter().map(|(n, t)| crate::auth::tunnel_json(n, t)).collect::<Vec<_>>(),
                 })
             ),
             Output::Text => {
@@ -96,6 +116,23 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     policies.len(),
                     entries.len()
                 );
+                for h in &agent_health {
+                    out!(
+                        "agent {}: {}, encryption {}",
+                        h.node_name,
+                        if h.ready {
+                            "ready".to_owned()
+                        } else {
+                            format!("not ready ({})", h.not_ready.join("; "))
+                        },
+                        if h.encryption { "on" } else { "off" }
+                    );
+                }
+                if !tunnels.is_empty() {
+                    for line in crate::auth::tunnel_lines(&tunnels) {
+                        out!("  {line}");
+                    }
+                }
             }
         }
         Ok(())

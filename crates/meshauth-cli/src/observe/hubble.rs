@@ -119,6 +119,7 @@ pub(crate) fn drop_reason_desc(reason: &str) -> &'static str {
         "no identity" => "INVALID_IDENTITY",
         "spoofed source" => "INVALID_SOURCE_IP",
         "unsupported protocol" => "UNKNOWN_L4_PROTOCOL",
+        "unencrypted" => "UNENCRYPTED_TRAFFIC",
         _ => "DROP_REASON_UNKNOWN",
     }
 }
