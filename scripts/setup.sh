@@ -10,6 +10,7 @@ packages=(
   iproute2 iputils-ping iperf3 sockperf                        # lab and benchmarks
   iptables                                                     # the agent's hold queue rule (NFQUEUE)
   podman runc busybox-static                                   # CNI plugin tests: containers from a local rootfs
+  tcpdump stunnel4                                             # encryption tests (underlay capture) and benchmark (mTLS baseline)
 )
 
 missing=()

@@ -172,6 +172,7 @@ async fn a_node_gets_only_what_the_control_plane_placed_on_it() {
     let e = c1
         .sync(SyncRequest {
             node_address: "10.199.0.2".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -184,6 +185,7 @@ async fn a_node_gets_only_what_the_control_plane_placed_on_it() {
     assert_eq!(denied(&server, "NodeAddressMismatch"), 1);
     c1.sync(SyncRequest {
         node_address: "10.199.0.1".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -345,4 +347,76 @@ async fn a_banned_node_and_its_pods_vanish_from_every_view() {
     );
     drop(stream);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_publishes_only_its_own_tunnel_key_and_never_another_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let n1 = attest_bound(&server, "n1", "10.199.0.1", "10.200.1.0/24").await;
+    let n2 = attest_bound(&server, "n2", "10.199.0.2", "10.200.2.0/24").await;
+    let mut c1 = node_client(server.addr, server.bundle(), Some(n1)).await;
+    let mut c2 = node_client(server.addr, server.bundle(), Some(n2)).await;
+    let key = |b: u8| vec![b; 32];
+
+    // n1 publishes its key on its stream; every agent's view carries it, bound to n1.
+    c1.sync(SyncRequest {
+        tunnel_key: key(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = c2.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let view = stream.message().await.unwrap().unwrap();
+    let keys: Vec<(&str, &[u8])> = view
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.tunnel_key.as_slice()))
+        .collect();
+    assert_eq!(keys, [("n1", key(1).as_slice()), ("n2", &[][..])]);
+
+    // The attacker, n2 with its real node SVID, publishes n1's key (to take n1's place in
+    // its peers' tunnels, or to cut n1's): refused, counted, and n1 keeps its key.
+    let e = c2
+        .sync(SyncRequest {
+            tunnel_key: key(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(
+        e.message()
+            .contains("agent n2 published the WireGuard key of agent n1"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(denied(&server, "DuplicateTunnelKey"), 1);
+    // Not a key: refused with what is wrong.
+    let e = c2
+        .sync(SyncRequest {
+            tunnel_key: vec![7; 31],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("31 bytes"), "{}", e.message());
+    // Its own key: accepted; n1's is untouched.
+    c2.sync(SyncRequest {
+        tunnel_key: key(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nodes = server.registry.nodes().unwrap();
+    let of = |n: &str| {
+        nodes
+            .iter()
+            .find(|r| r.name.as_str() == n)
+            .unwrap()
+            .tunnel_key
+            .map(|k| k.as_bytes().to_vec())
+    };
+    assert_eq!((of("n1"), of("n2")), (Some(key(1)), Some(key(2))));
 }
