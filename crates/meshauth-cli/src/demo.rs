@@ -44,8 +44,8 @@ pub(crate) struct Cmd {
     #[arg(long)]
     pre_authenticate: bool,
     /// Encrypt pod traffic between nodes (`agent run --encrypt`): WireGuard between the lab
-    /// nodes, keyed by the agents' node-SVID handshake, and the results add a capture of the
-    /// underlay showing no plaintext.
+    /// nodes, its pre-shared keys derived from the agents' node-SVID handshake; with --keep,
+    /// `meshauth status --agent-socket ...` shows the tunnels.
     #[arg(long)]
     encrypt: bool,
     /// With --encrypt: how often the agents derive a new pre-shared key with each node
@@ -731,6 +731,12 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     sockets.join(" --agent-socket ")
                 );
                 println!("  meshauth endpoint list --admin-socket {admin}");
+                if cmd.encrypt {
+                    println!(
+                        "  meshauth status --admin-socket {admin} --agent-socket {}   # the tunnels",
+                        sockets.join(" --agent-socket ")
+                    );
+                }
                 println!(
                     "  meshauth lab --lab {} exec client2-1 -- python3 -c \"import urllib.request as u; print(u.urlopen('http://demodeployment-3').status)\"",
                     cmd.lab
