@@ -23,7 +23,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use meshauth_auth::tunnel_key::{
-    ExchangeReason, KeyExchange, KeyHook, PairKey, TUNNEL_KEY_PORT, TunnelPeer, TunnelPeers,
+    ExchangeReason, KeyExchange, KeyHook, PairKey, RekeyHook, TUNNEL_KEY_PORT, TunnelPeer,
+    TunnelPeers,
 };
 use meshauth_policy::NodeId;
 use meshauth_tunnel::{Device, DeviceConfig, PeerConfig, PrivateKey, Psk, TunnelState};
@@ -247,6 +248,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often the routes and the interface are checked and put back.
 const ROUTE_CHECK: Duration = Duration::from_secs(5);
+/// How long the node that does not initiate waits for a key before it asks for one.
+const ASK_AFTER: Duration = Duration::from_secs(1);
 /// Key exchanges an initiator runs at once.
 const MAX_EXCHANGES: usize = 16;
 
@@ -319,18 +322,30 @@ pub async fn run(
         })
     };
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<ExchangeReason>(64);
-    let responder = tokio::spawn(exchange.clone().serve(
-        listener,
-        install,
-        failed_tx,
-        shutdown.clone(),
-    ));
+    let rekey: RekeyHook = {
+        let keys = Arc::clone(&keys);
+        Arc::new(move |peer: &TunnelPeer| {
+            let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = keys.get_mut(&peer.name)
+                && !st.in_flight
+            {
+                tracing::info!(peer.node = %peer.name, "the peer holds no tunnel key: deriving one now");
+                st.due = Some(Instant::now());
+            }
+        })
+    };
+    let responder =
+        tokio::spawn(
+            exchange
+                .clone()
+                .serve(listener, install, rekey, failed_tx, shutdown.clone()),
+        );
     let _abort_responder = AbortOnDrop(responder);
     let mut snapshots = manager.subscribe();
     // The view already there counts as a change.
     snapshots.mark_changed();
     let (done_tx, mut done_rx) =
-        tokio::sync::mpsc::channel::<(String, Result<PairKey, String>)>(MAX_EXCHANGES);
+        tokio::sync::mpsc::channel::<(String, Result<Option<PairKey>, String>)>(MAX_EXCHANGES);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut route_error: Option<String> = None;
@@ -384,7 +399,13 @@ pub async fn run(
                         if st.for_key != Some(p.key) {
                             // A new peer, or a new key: the device starts it over unkeyed.
                             *st = KeyState {
-                                due: p.initiator.then(Instant::now),
+                                // The initiator derives a key at once; the other node asks
+                                // for one if none came within a second (it restarted).
+                                due: Some(if p.initiator {
+                                    Instant::now()
+                                } else {
+                                    Instant::now() + ASK_AFTER
+                                }),
                                 ..KeyState::default()
                             };
                         }
@@ -398,7 +419,12 @@ pub async fn run(
                 let Some(st) = keys.get_mut(&name) else { continue };
                 st.in_flight = false;
                 match result {
-                    Ok(k) => {
+                    Ok(None) => {
+                        // Asked: the initiator's exchange brings the key; ask again if not.
+                        st.due = Some(now + ASK_AFTER * 5);
+                        st.backoff = None;
+                    }
+                    Ok(Some(k)) => {
                         let at = SystemTime::now();
                         st.for_key = Some(k.peer.key);
                         st.derived = Some((at, k.expires));
@@ -438,12 +464,14 @@ pub async fn run(
                 let plan = planned.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
                 let mut running = keys.values().filter(|k| k.in_flight).count();
-                for p in plan.peers.values().filter(|p| p.initiator) {
+                for p in plan.peers.values() {
                     if running >= MAX_EXCHANGES {
                         break;
                     }
                     let Some(st) = keys.get_mut(&p.name) else { continue };
-                    if st.in_flight || st.due.is_none_or(|d| d > now) {
+                    // The other node only asks, and only while it holds no key.
+                    let asks = !p.initiator && st.derived.is_none();
+                    if st.in_flight || st.due.is_none_or(|d| d > now) || !(p.initiator || asks) {
                         continue;
                     }
                     st.in_flight = true;
@@ -458,12 +486,24 @@ pub async fn run(
                     };
                     let key_port = settings.key_port;
                     tokio::spawn(async move {
+                        if asks {
+                            let result = exchange
+                                .request_rekey(&peer, key_port, Some(node_address))
+                                .await
+                                .map(|()| None)
+                                .map_err(|e| {
+                                    tracing::warn!(peer.node = %peer.name, reason = e.reason.as_str(), error = %e.detail, "cannot ask for a tunnel key; retrying");
+                                    e.to_string()
+                                });
+                            let _ = done.send((peer.name.clone(), result)).await;
+                            return;
+                        }
                         let result = match exchange.initiate(&peer, key_port, Some(node_address)).await {
                             Ok(k) => {
                                 if device.set_psk(k.peer.node, Psk::from_bytes(k.psk)) {
                                     metrics.tunnel_exchange(Role::Initiator, ExchangeResult::Success);
                                     tracing::info!(peer.node = %peer.name, "tunnel key installed (initiator)");
-                                    Ok(k)
+                                    Ok(Some(k))
                                 } else {
                                     Err("the peer left the tunnel meanwhile".to_owned())
                                 }

@@ -14,6 +14,9 @@
 //!   and both keys as the context ([`context`]): the PSK.
 //! - The responder installs the key (its accept hook) before it answers [`STATUS_OK`], so the
 //!   WireGuard handshake the initiator starts next finds the key on both sides.
+//! - Only the node that sorts first derives keys, one exchange at a time per peer, so the two
+//!   sides never install different keys. The other node, when it holds no key (it restarted),
+//!   asks for one ([`REQUEST_REKEY`], authenticated the same way).
 //!
 //! A WireGuard tunnel therefore comes up only between two nodes that passed mutual SVID
 //! authentication with each other, and a node's WireGuard private key alone is not enough to
@@ -43,8 +46,11 @@ pub const ALPN: &[u8] = b"meshauth-tunnel/1";
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshauth-wireguard-psk";
 /// Connections a responder serves at once; more are closed when accepted.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Version byte of the request.
-const VERSION: u8 = 1;
+/// First byte of a request: derive a key (from the node that sorts first).
+pub const REQUEST_EXCHANGE: u8 = 1;
+/// First byte of a request: ask the node that sorts first to derive a key now (from the other
+/// node, which has none: it restarted). It carries no key; the exchange that follows does.
+pub const REQUEST_REKEY: u8 = 2;
 /// The responder accepted and installed the key.
 pub const STATUS_OK: u8 = 1;
 /// The responder does not bind the initiator's node to the address it connects from, or the
@@ -194,6 +200,10 @@ fn peer_expiry(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Optio
 /// whether the key is in place (a tunnel peer exists for that node).
 pub type KeyHook = Arc<dyn Fn(&PairKey) -> bool + Send + Sync>;
 
+/// Called by the node that initiates for a pair when the other node asks for a key now
+/// ([`KeyExchange::request_rekey`]: it holds none); the caller schedules an exchange.
+pub type RekeyHook = Arc<dyn Fn(&TunnelPeer) + Send + Sync>;
+
 /// Runs key exchanges for the agent of one node, in both roles.
 #[derive(Clone)]
 pub struct KeyExchange {
@@ -260,6 +270,45 @@ impl KeyExchange {
                 format!("node {} initiates with {}", peer.name, self.own_name),
             ));
         }
+        let (psk, peer_expiry) = self.call(REQUEST_EXCHANGE, peer, port, source).await?;
+        Ok(PairKey {
+            peer: peer.clone(),
+            psk,
+            expires: (self.own_expiry)().min(peer_expiry),
+        })
+    }
+
+    /// Asks `peer` (the node that initiates for the pair: this one sorts after it) to derive a
+    /// key with this node now, because this node holds none (it restarted). Authenticated as
+    /// an exchange is; the key comes with the exchange the peer then starts.
+    pub async fn request_rekey(
+        &self,
+        peer: &TunnelPeer,
+        port: u16,
+        source: Option<IpAddr>,
+    ) -> Result<(), ExchangeError> {
+        if !initiates(&peer.name, &self.own_name) {
+            return Err(fail(
+                ExchangeReason::WrongRole,
+                format!(
+                    "node {} initiates with {}: no need to ask",
+                    self.own_name, peer.name
+                ),
+            ));
+        }
+        self.call(REQUEST_REKEY, peer, port, source)
+            .await
+            .map(|_| ())
+    }
+
+    /// One request to `peer`: the exported key and the peer's SVID expiry on success.
+    async fn call(
+        &self,
+        kind: u8,
+        peer: &TunnelPeer,
+        port: u16,
+        source: Option<IpAddr>,
+    ) -> Result<([u8; 32], SystemTime), ExchangeError> {
         let expected = meshauth_spiffe::node_spiffe_id(&self.trust_domain, &peer.name)
             .map_err(|e| fail(ExchangeReason::UnknownNode, e))?;
         let config = meshauth_tls::client_config(
@@ -293,7 +342,7 @@ impl KeyExchange {
                 .connect(sni, tcp)
                 .await
                 .map_err(|e| classify(&e))?;
-            let mut request = vec![VERSION];
+            let mut request = vec![kind];
             request.extend_from_slice(self.own_key.as_bytes());
             request.extend_from_slice(peer.key.as_bytes());
             tls.write_all(&request).await.map_err(|e| classify(&e))?;
@@ -335,14 +384,9 @@ impl KeyExchange {
                 other => Err(fail(ExchangeReason::Io, format!("status {other}"))),
             }
         };
-        let (psk, peer_expiry) = tokio::time::timeout(self.timeouts.handshake, exchange)
+        tokio::time::timeout(self.timeouts.handshake, exchange)
             .await
-            .map_err(|_| fail(ExchangeReason::Timeout, "exchange"))??;
-        Ok(PairKey {
-            peer: peer.clone(),
-            psk,
-            expires: (self.own_expiry)().min(peer_expiry),
-        })
+            .map_err(|_| fail(ExchangeReason::Timeout, "exchange"))?
     }
 
     /// Answers exchanges on `listener` until `shutdown`. Each key is handed to `install`
@@ -354,6 +398,7 @@ impl KeyExchange {
         self,
         listener: TcpListener,
         install: KeyHook,
+        rekey: RekeyHook,
         failed: mpsc::Sender<ExchangeReason>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
@@ -405,10 +450,11 @@ impl KeyExchange {
                 tracing::debug!(peer.addr = %from, "key exchange closed: at the connection limit");
                 continue;
             };
-            let (me, acceptor, install, failed, refused_log) = (
+            let (me, acceptor, install, rekey, failed, refused_log) = (
                 self.clone(),
                 acceptor.clone(),
                 Arc::clone(&install),
+                Arc::clone(&rekey),
                 failed.clone(),
                 Arc::clone(&refused_log),
             );
@@ -416,7 +462,7 @@ impl KeyExchange {
                 let _permit = permit;
                 let result = match tokio::time::timeout(
                     me.timeouts.handshake,
-                    me.respond(acceptor, tcp, from, &install),
+                    me.respond(acceptor, tcp, from, &install, &rekey),
                 )
                 .await
                 {
@@ -424,9 +470,10 @@ impl KeyExchange {
                     Err(_) => Err(fail(ExchangeReason::Timeout, "exchange")),
                 };
                 match result {
-                    Ok(k) => {
+                    Ok(Some(k)) => {
                         tracing::debug!(peer.node = %k.peer.name, "tunnel key derived (responder)")
                     }
+                    Ok(None) => tracing::debug!(peer.addr = %from, "new tunnel key requested"),
                     Err(e) => {
                         match refused_log.allow() {
                             Some(suppressed) => tracing::warn!(peer.addr = %from, reason = e.reason.as_str(), error = %e.detail, suppressed, "key exchange refused"),
@@ -445,7 +492,8 @@ impl KeyExchange {
         tcp: TcpStream,
         from: SocketAddr,
         install: &KeyHook,
-    ) -> Result<PairKey, ExchangeError> {
+        rekey: &RekeyHook,
+    ) -> Result<Option<PairKey>, ExchangeError> {
         let mut tls = acceptor.accept(tcp).await.map_err(|e| classify(&e))?;
         let (_, conn) = tls.get_ref();
         let certs = conn.peer_certificates();
@@ -470,7 +518,8 @@ impl KeyExchange {
             .map_err(|e| classify(&e))?;
         let refuse =
             |status: u8, reason: ExchangeReason, detail: String| (status, fail(reason, detail));
-        let outcome: Result<PairKey, (u8, ExchangeError)> = async {
+        let kind = request[0];
+        let outcome: Result<Option<PairKey>, (u8, ExchangeError)> = async {
             let Some(peer) = self.peers.peer_at(from.ip()).filter(|p| p.name == name) else {
                 return Err(refuse(
                     STATUS_UNKNOWN_NODE,
@@ -481,21 +530,32 @@ impl KeyExchange {
                     ),
                 ));
             };
-            if !initiates(&name, &self.own_name) {
+            let role_ok = match kind {
+                REQUEST_EXCHANGE => initiates(&name, &self.own_name),
+                REQUEST_REKEY => initiates(&self.own_name, &name),
+                _ => false,
+            };
+            if !role_ok {
                 return Err(refuse(
                     STATUS_WRONG_ROLE,
                     ExchangeReason::WrongRole,
-                    format!("node {} initiates with {name}", self.own_name),
+                    format!(
+                        "request {kind} from node {name}, which is not the node that may send it"
+                    ),
                 ));
             }
             let theirs = TunnelKey::from_slice(&request[1..33]);
             let ours = TunnelKey::from_slice(&request[33..65]);
-            if request[0] != VERSION || theirs != Some(peer.key) || ours != Some(self.own_key) {
+            if theirs != Some(peer.key) || ours != Some(self.own_key) {
                 return Err(refuse(
                     STATUS_KEY_MISMATCH,
                     ExchangeReason::KeyMismatch,
                     format!("node {name} named other WireGuard keys than the registry's"),
                 ));
+            }
+            if kind == REQUEST_REKEY {
+                rekey(&peer);
+                return Ok(None);
             }
             let (_, conn) = tls.get_ref();
             let psk = export(
@@ -515,7 +575,7 @@ impl KeyExchange {
                     format!("no tunnel peer for node {name} yet"),
                 ));
             }
-            Ok(key)
+            Ok(Some(key))
         }
         .await;
         match outcome {

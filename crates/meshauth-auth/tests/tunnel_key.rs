@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_auth::Timeouts;
 use meshauth_auth::tunnel_key::{
-    ExchangeReason, KeyExchange, KeyHook, PairKey, TunnelPeer, TunnelPeers,
+    ExchangeReason, KeyExchange, KeyHook, PairKey, RekeyHook, TunnelPeer, TunnelPeers,
 };
 use meshauth_ca::{Ca, CaConfig};
 use meshauth_policy::{NodeId, TunnelKey};
@@ -105,15 +105,32 @@ fn exchanger(
 struct Responder {
     port: u16,
     installed: Arc<Mutex<Vec<PairKey>>>,
+    rekeys: Arc<Mutex<Vec<TunnelPeer>>>,
     failed: mpsc::Receiver<ExchangeReason>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// n2's responder on 127.0.0.2, whose registry view holds `view`.
 async fn responder(ca: &Ca, view: &[TunnelPeer]) -> Responder {
-    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    responder_as(ca, 2, view).await
+}
+
+/// Node `n`'s responder on 127.0.0.`n`.
+async fn responder_as(ca: &Ca, n: u8, view: &[TunnelPeer]) -> Responder {
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.{n}:0"))
+        .await
+        .unwrap();
     let port = listener.local_addr().unwrap().port();
-    let ex = exchanger(ca, "spiffe://mesh.test/node/n2", "n2", key(2), view);
+    let ex = exchanger(
+        ca,
+        &format!("spiffe://mesh.test/node/n{n}"),
+        &format!("n{n}"),
+        key(n),
+        view,
+    );
+    let rekeys = Arc::new(Mutex::new(Vec::new()));
+    let asked = Arc::clone(&rekeys);
+    let rekey: RekeyHook = Arc::new(move |p: &TunnelPeer| asked.lock().unwrap().push(p.clone()));
     let installed = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&installed);
     let hook: KeyHook = Arc::new(move |k: &PairKey| {
@@ -122,10 +139,11 @@ async fn responder(ca: &Ca, view: &[TunnelPeer]) -> Responder {
     });
     let (ftx, failed) = mpsc::channel(8);
     let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(ex.serve(listener, hook, ftx, rx));
+    tokio::spawn(ex.serve(listener, hook, rekey, ftx, rx));
     Responder {
         port,
         installed,
+        rekeys,
         failed,
         _stop: stop,
     }
@@ -277,4 +295,38 @@ async fn the_initiator_checks_the_responders_node_svid() {
         .unwrap_err();
     assert_eq!(err.reason, ExchangeReason::PeerCertificateRejected, "{err}");
     assert!(r.installed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_node_that_sorts_second_asks_for_a_key_and_derives_none_itself() {
+    // n2 restarted and holds no key for n1: it asks n1 (which initiates for the pair).
+    let ca = ca();
+    let mut n1 = responder_as(&ca, 1, &[peer(1), peer(2)]).await;
+    let n2 = exchanger(&ca, "spiffe://mesh.test/node/n2", "n2", key(2), &[peer(1)]);
+    n2.request_rekey(&peer(1), n1.port, Some(ip("127.0.0.2")))
+        .await
+        .unwrap();
+    assert_eq!(*n1.rekeys.lock().unwrap(), vec![peer(2)]);
+    assert!(
+        n1.installed.lock().unwrap().is_empty(),
+        "a request carries no key"
+    );
+    // It may not derive one itself, nor may n1 ask n2.
+    let err = n2.initiate(&peer(1), n1.port, None).await.unwrap_err();
+    assert_eq!(err.reason, ExchangeReason::WrongRole);
+    let n1x = exchanger(&ca, "spiffe://mesh.test/node/n1", "n1", key(1), &[peer(2)]);
+    let err = n1x.request_rekey(&peer(2), 1, None).await.unwrap_err();
+    assert_eq!(err.reason, ExchangeReason::WrongRole);
+    // Another node's real SVID from n2's address cannot ask in n2's name.
+    let n3 = exchanger(&ca, "spiffe://mesh.test/node/n3", "n3", key(2), &[peer(1)]);
+    let err = n3
+        .request_rekey(&peer(1), n1.port, Some(ip("127.0.0.2")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, ExchangeReason::UnknownNode);
+    assert_eq!(
+        next_failure(&mut n1.failed).await,
+        ExchangeReason::UnknownNode
+    );
+    assert_eq!(n1.rekeys.lock().unwrap().len(), 1);
 }

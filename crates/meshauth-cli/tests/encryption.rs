@@ -262,6 +262,7 @@ fn pod_traffic_between_nodes_is_encrypted_and_bound_to_authentication() {
     }
     let mut d = DemoLab::up_with(LAB, &["--encrypt", "--tunnel-rotate", "2s"]);
     d.serve_http("demodeployment-1");
+    d.serve_http("demodeployment-2");
     let (server, client, authed) = ("demodeployment-1", "client1-2", "client2-2");
 
     // 1. Pod to pod across nodes passes, and the tunnel n1 <-> n2 is up.
@@ -394,6 +395,13 @@ fn pod_traffic_between_nodes_is_encrypted_and_bound_to_authentication() {
         .unwrap();
     let pids = String::from_utf8_lossy(&pids.stdout).to_string();
     assert!(!pids.trim().is_empty(), "n2's agent not found");
+    let first = pids.split_whitespace().next().unwrap().to_owned();
+    let agent_argv: Vec<String> = std::fs::read(format!("/proc/{first}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     for pid in pids.split_whitespace() {
         let _ = Command::new("kill").args(["-KILL", pid]).status();
     }
@@ -410,4 +418,25 @@ fn pod_traffic_between_nodes_is_encrypted_and_bound_to_authentication() {
         !contains(&pcap, secret.as_bytes()),
         "plaintext without n2's agent"
     );
+
+    // 8. The agent restarted (same data dir: same WireGuard key, no pre-shared key): it gets a
+    // new key from n1 and traffic flows again, both ways.
+    let log = std::fs::File::create(format!("{}/agent-n2-restarted.log", work())).unwrap();
+    let mut restarted = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node_ns("n2")))
+        .args(&agent_argv)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    until(
+        "traffic from n2 flows again after its agent restarted",
+        || request(&d, client, server, "again") == Some(404),
+    );
+    until("and toward n2", || {
+        request(&d, "client1-1", "demodeployment-2", "again").is_some()
+    });
+    assert_eq!(tunnel(&d, "n2", "n1")["state"], "up");
+    let _ = restarted.kill();
+    let _ = restarted.wait();
 }
