@@ -1,26 +1,36 @@
-//! Node-to-node WireGuard for meshauth, in userspace: one device per node, a TUN interface
-//! carrying pod packets to and from other nodes, one WireGuard peer per other node. The node
-//! agent decides the peers (public key, UDP endpoint, allowed pod addresses) and each peer's
-//! pre-shared key; this crate runs the tunnels and enforces cryptokey routing both ways.
+//! Node-to-node WireGuard for meshauth: one device per node, carrying pod packets to and from
+//! other nodes, one WireGuard peer per other node. The node agent decides the peers (public
+//! key, UDP endpoint, allowed pod addresses) and each peer's pre-shared key; this crate runs
+//! the tunnels and enforces cryptokey routing both ways. Where the kernel has WireGuard
+//! ([`kernel_available`]), the tunnel is the kernel's ([`KernelDevice`], configured over
+//! netlink); where it has not, the userspace [`Device`] on a TUN. Both are a [`Tunnel`].
 //!
 //! Modules:
 //! - [`keys`]: the node's private key on disk, public keys in `wg`'s base64, pre-shared keys.
-//! - [`device`]: the device (peers, pre-shared keys, status) on a TUN or any [`PacketIo`].
+//! - [`device`]: the userspace device (peers, pre-shared keys, status) on a TUN or any
+//!   [`PacketIo`].
+//! - [`kernel`]: the kernel's WireGuard link, configured over netlink.
+//! - [`backend`]: the [`Tunnel`] interface over both, and [`kernel_available`].
 //! - [`io`]: packet IO: the persistent TUN interface, and an in-memory pair for tests.
 //! - [`metrics`]: the Prometheus counters (bytes, drops by reason, handshakes, rotations).
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod device;
 pub mod io;
+pub mod kernel;
 pub mod keys;
 pub mod metrics;
+mod netlink;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use backend::{Backend, Tunnel, check_kernel, kernel_available};
 pub use device::{Device, DeviceConfig, PeerConfig, PeerStatus, TunnelState};
 pub use io::{MemoryIo, MemoryIoHandle, PacketIo, TunIo, memory_io};
+pub use kernel::KernelDevice;
 pub use keys::{PrivateKey, Psk, PublicKey};
 pub use metrics::{Direction, DropReason, TunnelMetrics};
 
@@ -93,4 +103,36 @@ pub enum TunnelError {
     /// The device is gone.
     #[error("the tunnel device has stopped; check the shutdown signal and the device's logs")]
     Stopped,
+    /// The kernel has no WireGuard (no `wireguard` generic netlink family or link kind).
+    #[error(
+        "the kernel has no WireGuard ({detail}): the userspace device is used instead; for the kernel's, load the module (modprobe wireguard) or run a kernel built with CONFIG_WIREGUARD"
+    )]
+    KernelUnavailable {
+        /// What the kernel answered.
+        detail: String,
+    },
+    /// The kernel tunnel's name belongs to a link that is not WireGuard.
+    #[error(
+        "the link {name} exists and is not a WireGuard link (kind {kind}); delete it (ip link del {name}) or give the kernel tunnel another name"
+    )]
+    NotWireguard {
+        /// The link name.
+        name: String,
+        /// Its kind, as the kernel names it (`tun`, `veth`; `none` for a link without one, such as
+        /// the loopback).
+        kind: String,
+    },
+    /// The kernel refused a netlink request for its WireGuard link.
+    #[error("cannot {what} (kernel WireGuard link {name}): {source}; {check}")]
+    Netlink {
+        /// The link name.
+        name: String,
+        /// What was asked.
+        what: String,
+        /// What to check.
+        check: String,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
+    },
 }
