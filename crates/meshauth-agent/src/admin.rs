@@ -30,6 +30,7 @@ pub struct AdminApi {
 fn tunnel_msgs(status: &crate::tunnel::TunnelStatus) -> Vec<meshauth_proto::agent::Tunnel> {
     status
         .get()
+        .map(|(_, peers)| peers)
         .unwrap_or_default()
         .into_iter()
         .map(|t| meshauth_proto::agent::Tunnel {
@@ -229,6 +230,11 @@ impl AgentAdmin for AdminApi {
                 })
                 .collect(),
             encryption: self.tunnel.get().is_some(),
+            encryption_backend: self
+                .tunnel
+                .get()
+                .map(|(b, _)| crate::tunnel::backend_name(b).to_owned())
+                .unwrap_or_default(),
             tunnels: tunnel_msgs(&self.tunnel),
         }))
     }

@@ -255,17 +255,23 @@ impl Agent {
         } = self;
         let auth_entries = crate::enforce::AuthEntries::default();
         let tunnel_status = crate::tunnel::TunnelStatus::default();
-        // Encryption on: the tunnel interface exists before anything else runs, persistent, so
-        // that what is routed into it is dropped while no agent reads it (never sent in clear).
-        let encrypt = config.enforce.as_ref().and_then(|s| s.encrypt.clone());
-        let tunnel_ifindex = match &encrypt {
-            Some(t) => Some(crate::tunnel::prepare(&t.tun_name)?),
-            None => None,
-        };
         let (enforced_tx, enforced_rx) =
             tokio::sync::watch::channel(crate::cni::Enforced::default());
         let flow_log = crate::flows::FlowLog::default();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Encryption on: the tunnel interface exists before anything else runs and outlives
+        // the agent, so that what is routed into it is never sent in the clear.
+        let encrypt = config.enforce.as_ref().and_then(|s| s.encrypt.clone());
+        let tunnel = match (&encrypt, tunnel_key) {
+            (Some(t), Some(key)) => Some(crate::tunnel::start(
+                t,
+                key,
+                metrics.tunnel().clone(),
+                stop_rx.clone(),
+            )?),
+            _ => None,
+        };
+        let tunnel_ifindex = tunnel.as_ref().map(|(_, index)| *index);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -425,7 +431,7 @@ impl Agent {
                 },
             );
         }
-        if let (Some(settings), Some(private_key)) = (encrypt, tunnel_key) {
+        if let (Some(settings), Some((device, _))) = (encrypt, tunnel) {
             let ready = readiness.register("tunnel");
             ready.set_not_ready("the tunnel is starting");
             let server = config.server.clone();
@@ -446,7 +452,7 @@ impl Agent {
                 ready.clone(),
                 move |_| {
                     let (settings, node, server) = (settings.clone(), node.clone(), server.clone());
-                    let private_key = private_key.clone();
+                    let device = Arc::clone(&device);
                     let (manager, metrics, status, stop, ready) = (
                         manager.clone(),
                         metrics.clone(),
@@ -459,15 +465,15 @@ impl Agent {
                             Some(a) => a,
                             None => local_address_towards(&server).await?,
                         };
-                        ready.set_ready();
                         crate::tunnel::run(
                             crate::tunnel::TunnelConfig {
                                 settings,
                                 node_name: node,
                                 node_address,
-                                private_key,
+                                device,
                                 metrics,
                                 status,
+                                ready,
                             },
                             manager,
                             stop,

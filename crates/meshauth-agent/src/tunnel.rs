@@ -27,7 +27,9 @@ use meshauth_auth::tunnel_key::{
     TunnelPeers,
 };
 use meshauth_policy::NodeId;
-use meshauth_tunnel::{Device, DeviceConfig, PeerConfig, PrivateKey, Psk, TunnelState};
+use meshauth_tunnel::{
+    Backend, Device, DeviceConfig, KernelDevice, PeerConfig, PrivateKey, Psk, Tunnel, TunnelState,
+};
 use tokio::sync::watch;
 
 use crate::manager::Manager;
@@ -96,16 +98,19 @@ pub struct PeerTunnel {
 
 /// The tunnel's state, shared with the admin API (empty while encryption is off).
 #[derive(Debug, Clone, Default)]
-pub struct TunnelStatus(Arc<Mutex<Option<Vec<PeerTunnel>>>>);
+pub struct TunnelStatus(Arc<Mutex<Option<TunnelsNow>>>);
+
+/// The device's backend and the peers' tunnels.
+pub type TunnelsNow = (Backend, Vec<PeerTunnel>);
 
 impl TunnelStatus {
-    /// The peers' tunnels, or `None` when encryption is off.
-    pub fn get(&self) -> Option<Vec<PeerTunnel>> {
+    /// The device's backend and the peers' tunnels, or `None` when encryption is off.
+    pub fn get(&self) -> Option<TunnelsNow> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set(&self, peers: Vec<PeerTunnel>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
+    fn set(&self, backend: Backend, peers: Vec<PeerTunnel>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((backend, peers));
     }
 }
 
@@ -122,6 +127,47 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts the node's WireGuard device: the kernel's (a `wireguard` link named
+/// `settings.tun_name`, configured over netlink) where the kernel has WireGuard, else the
+/// userspace device on a persistent TUN of that name ([`prepare`]). Returns it with its
+/// interface's ifindex. Either way the interface outlives the agent: the kernel's keeps
+/// encrypting with the keys it holds; the TUN drops what is routed to it while nobody reads.
+pub fn start(
+    settings: &TunnelSettings,
+    private_key: PrivateKey,
+    metrics: meshauth_tunnel::TunnelMetrics,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<dyn Tunnel>, u32)> {
+    if meshauth_tunnel::kernel_available() {
+        let k = KernelDevice::start(&settings.tun_name, settings.port, private_key, metrics)
+            .context("cannot set up the kernel's WireGuard")?;
+        tracing::info!(tun = %settings.tun_name, "encryption: the kernel's WireGuard");
+        let index = k.index();
+        return Ok((Arc::new(k), index));
+    }
+    let index = prepare(&settings.tun_name)?;
+    let device = Device::start(
+        DeviceConfig {
+            tun_name: settings.tun_name.clone(),
+            listen: SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), settings.port),
+            private_key,
+        },
+        metrics,
+        shutdown,
+    )
+    .context("cannot start the userspace WireGuard device")?;
+    tracing::info!(tun = %settings.tun_name, "encryption: userspace WireGuard on a TUN (the kernel has none)");
+    Ok((Arc::new(device), index))
+}
+
+/// The name shown for a backend.
+pub fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Kernel => "kernel WireGuard",
+        Backend::Userspace => "userspace WireGuard",
+    }
 }
 
 /// Makes `name` a persistent TUN (IFF_TUN, no packet information), up, with the tunnel's MTU
@@ -198,7 +244,6 @@ fn apply_routes(dev: &str, plan: &TunnelPlan) -> anyhow::Result<()> {
 }
 
 /// What the tunnel needs.
-#[derive(Debug)]
 pub struct TunnelConfig {
     /// How it runs.
     pub settings: TunnelSettings,
@@ -206,12 +251,26 @@ pub struct TunnelConfig {
     pub node_name: String,
     /// The node's address: WireGuard and the key exchange listen there.
     pub node_address: IpAddr,
-    /// The node's WireGuard key.
-    pub private_key: PrivateKey,
+    /// The node's WireGuard device (the kernel's or the userspace one), started by [`start`].
+    pub device: Arc<dyn Tunnel>,
     /// The agent's metrics.
     pub metrics: Metrics,
     /// Where the tunnel's state is published.
     pub status: TunnelStatus,
+    /// The agent's `tunnel` readiness condition: not ready while the routes into the tunnel
+    /// cannot be applied.
+    pub ready: meshauth_telemetry::ReadyHandle,
+}
+
+impl std::fmt::Debug for TunnelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelConfig")
+            .field("settings", &self.settings)
+            .field("node_name", &self.node_name)
+            .field("node_address", &self.node_address)
+            .field("backend", &self.device.backend())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The responder's registry view: the latest plan.
@@ -271,21 +330,12 @@ pub async fn run(
         settings,
         node_name,
         node_address,
-        private_key,
+        device,
         metrics,
         status,
+        ready,
     } = cfg;
-    let own_key: meshauth_policy::TunnelKey = private_key.public().into();
-    let device = Device::start(
-        DeviceConfig {
-            tun_name: settings.tun_name.clone(),
-            listen: SocketAddr::new(node_address, settings.port),
-            private_key,
-        },
-        metrics.tunnel().clone(),
-        shutdown.clone(),
-    )
-    .context("cannot start the tunnel device")?;
+    let own_key: meshauth_policy::TunnelKey = device.public_key().into();
     let planned = Arc::new(RwLock::new(TunnelPlan::default()));
     let keys: Arc<Mutex<BTreeMap<String, KeyState>>> = Arc::default();
     let exchange = {
@@ -306,7 +356,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen for key exchanges on {listen}"))?;
     let install: KeyHook = {
-        let (device, keys, metrics) = (device.clone(), Arc::clone(&keys), metrics.clone());
+        let (device, keys, metrics) = (Arc::clone(&device), Arc::clone(&keys), metrics.clone());
         Arc::new(move |k: &PairKey| {
             let ok = device.set_psk(k.peer.node, Psk::from_bytes(k.psk));
             if ok {
@@ -477,7 +527,7 @@ pub async fn run(
                     st.in_flight = true;
                     running += 1;
                     let (exchange, device, metrics, done) =
-                        (exchange.clone(), device.clone(), metrics.clone(), done_tx.clone());
+                        (exchange.clone(), Arc::clone(&device), metrics.clone(), done_tx.clone());
                     let peer = TunnelPeer {
                         name: p.name.clone(),
                         node: p.node,
@@ -517,6 +567,10 @@ pub async fn run(
                         let _ = done.send((peer.name.clone(), result)).await;
                     });
                 }
+                match &route_error {
+                    None => ready.set_ready(),
+                    Some(e) => ready.set_not_ready(format!("cannot route pod ranges into the tunnel: {e}")),
+                }
                 let device_status = device.status();
                 let wall = SystemTime::now();
                 let peers = plan
@@ -544,7 +598,7 @@ pub async fn run(
                         }
                     })
                     .collect();
-                status.set(peers);
+                status.set(device.backend(), peers);
             }
             () = &mut stopped => return Ok(()),
         }

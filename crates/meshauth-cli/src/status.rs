@@ -81,7 +81,7 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                     "endpoints": endpoints.len(),
                     "policies": policies.len(),
                     "entries": entries.len(),
-                    "agents_local": agent_health.iter().map(|h| serde_json::json!({"node": h.node_name, "ready": h.ready, "not_ready": h.not_ready, "encryption": h.encryption})).collect::<Vec<_>>(),
+                    "agents_local": agent_health.iter().map(|h| serde_json::json!({"node": h.node_name, "ready": h.ready, "not_ready": h.not_ready, "encryption": h.encryption, "encryption_backend": (!h.encryption_backend.is_empty()).then_some(&h.encryption_backend)})).collect::<Vec<_>>(),
                     "tunnels": tunnels.iter().map(|(n, t)| crate::auth::tunnel_json(n, t)).collect::<Vec<_>>(),
                 })
             ),
@@ -125,7 +125,11 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
                         } else {
                             format!("not ready ({})", h.not_ready.join("; "))
                         },
-                        if h.encryption { "on" } else { "off" }
+                        if h.encryption {
+                            format!("on ({})", h.encryption_backend)
+                        } else {
+                            "off".to_owned()
+                        }
                     );
                 }
                 if !tunnels.is_empty() {
