@@ -186,6 +186,10 @@ pub fn prepare(name: &str) -> anyhow::Result<u32> {
         name,
         "mtu",
         &TUNNEL_MTU.to_string(),
+        // A TUN's queue (500 packets by default) overflows under a fast sender before the
+        // device reads; a longer one absorbs the bursts.
+        "txqueuelen",
+        "4096",
         "up",
     ])?;
     nix::net::if_::if_nametoindex(name)

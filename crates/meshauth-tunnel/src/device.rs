@@ -63,6 +63,8 @@ const MAX_UNCONFIRMED: usize = 16;
 const REJECT_AFTER: Duration = Duration::from_secs(180);
 /// At most one warning per reason in this period.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// The UDP socket's receive and send buffers asked for, bytes.
+const SOCKET_BUFFER: usize = 7 << 20;
 /// Large enough for any UDP datagram and any IPv4 packet.
 const BUF_LEN: usize = 65_536;
 
@@ -311,6 +313,16 @@ impl Device {
         };
         let std_udp = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
         std_udp.set_nonblocking(true).map_err(bind_err)?;
+        // A burst of a fast sender outruns one receiving task: with the default ~208 KiB
+        // buffer the kernel drops datagrams and TCP inside the tunnel backs off. As wireguard-go
+        // does, ask for 7 MiB (beyond rmem_max as root; else what the limit allows).
+        use rustix::net::sockopt as so;
+        if so::set_socket_recv_buffer_size_force(&std_udp, SOCKET_BUFFER).is_err() {
+            let _ = so::set_socket_recv_buffer_size(&std_udp, SOCKET_BUFFER);
+        }
+        if so::set_socket_send_buffer_size_force(&std_udp, SOCKET_BUFFER).is_err() {
+            let _ = so::set_socket_send_buffer_size(&std_udp, SOCKET_BUFFER);
+        }
         let udp = {
             let _guard = runtime.enter();
             UdpSocket::from_std(std_udp).map_err(bind_err)?
