@@ -22,4 +22,4 @@ cargo test --workspace --locked --no-fail-fast
 
 # Coverage-guided fuzzing (AFL++ via cargo-afl, installed if missing): a short run of every
 # target on its seed corpus; any crash fails. Long runs and figures: docs/fuzzing.md.
-./scripts/fuzz.sh --seconds 15
+./scripts/fuzz.sh --seconds 10
