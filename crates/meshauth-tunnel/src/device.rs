@@ -397,41 +397,17 @@ impl Device {
     /// neither.
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
         let inner = &self.inner;
-        let mut wanted: BTreeMap<NodeId, PeerConfig> = BTreeMap::new();
-        for peer in peers {
-            if peer.public_key == inner.public_key {
-                tracing::warn!(peer.node = %peer.node, "a tunnel peer has this node's own public key; left out");
-                continue;
-            }
-            let node = peer.node;
-            if wanted.insert(node, peer).is_some() {
-                tracing::warn!(peer.node = %node, "the tunnel peer list names a node twice; the last entry is used");
-            }
-        }
-        let mut keys: HashMap<[u8; 32], NodeId> = HashMap::new();
-        wanted.retain(|node, peer| match keys.get(peer.public_key.as_bytes()) {
-            Some(first) => {
-                tracing::warn!(peer.node = %node, peer.other = %first, key.public = %peer.public_key,
-                    "two tunnel peers have the same public key; the second is left out");
-                false
-            }
-            None => {
-                keys.insert(*peer.public_key.as_bytes(), *node);
-                true
-            }
-        });
-        let mut owners: HashMap<Ipv4Addr, NodeId> = HashMap::new();
-        let mut conflicts: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for (node, peer) in &wanted {
-            for addr in &peer.allowed {
-                if let Some(other) = owners.insert(*addr, *node) {
-                    tracing::warn!(pod.addr = %addr, peer.node = %node, peer.other = %other,
-                        "an address is in two tunnel peers' allowed sets; routed to neither");
-                    conflicts.insert(*addr);
-                }
-            }
-        }
-        owners.retain(|addr, _| !conflicts.contains(addr));
+        // The same rules as the kernel device's: own key, a node named twice, a key used
+        // twice, an address in two allowed sets (then in neither).
+        let wanted = crate::kernel::sanitize_peers(inner.public_key, peers);
+        let keys: HashMap<[u8; 32], NodeId> = wanted
+            .iter()
+            .map(|(node, p)| (*p.public_key.as_bytes(), *node))
+            .collect();
+        let owners: HashMap<Ipv4Addr, NodeId> = wanted
+            .iter()
+            .flat_map(|(node, p)| p.allowed.iter().map(move |a| (*a, *node)))
+            .collect();
 
         let mut state = lock(&inner.state);
         let State { peers, by_idx, .. } = &mut *state;
@@ -458,8 +434,7 @@ impl Device {
             keep
         });
         for (node, config) in &wanted {
-            let allowed: BTreeSet<Ipv4Addr> =
-                config.allowed.difference(&conflicts).copied().collect();
+            let allowed = config.allowed.clone();
             match peers.get_mut(node) {
                 Some(peer) => {
                     peer.endpoint = config.endpoint;
