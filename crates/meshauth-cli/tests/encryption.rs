@@ -115,7 +115,7 @@ impl Capture {
     /// Stops the capture and returns the raw capture file.
     fn stop(mut self) -> Vec<u8> {
         std::thread::sleep(Duration::from_millis(300));
-        unsafe_free_sigint(self.child.id());
+        sigint(self.child.id());
         let _ = self.child.wait();
         std::fs::read(&self.file).unwrap()
     }
@@ -129,7 +129,7 @@ impl Drop for Capture {
 }
 
 /// SIGINT to `pid` (tcpdump flushes and closes its file), through kill(1).
-fn unsafe_free_sigint(pid: u32) {
+fn sigint(pid: u32) {
     let _ = Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status();
