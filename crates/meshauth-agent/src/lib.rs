@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`identity`]: the node key, SVID and bundle on disk.
 //! - [`server_client`]: dialing the server over mutual TLS; keys and CSRs.
+//! - [`sync_state`]: the whole state the sync stream brings up to date with deltas.
 //! - [`manager`]: bootstrap, sync stream, signing and rotation, reconnection.
 //! - [`node_attestation`]: obtaining a node SVID (x509pop or join token), again after an
 //!   outage outlived it.
@@ -50,6 +51,7 @@ pub mod node_attestation;
 pub mod plan;
 pub mod run;
 pub mod server_client;
+pub mod sync_state;
 pub mod tunnel;
 pub mod tunnel_plan;
 pub mod workload_api;

@@ -27,6 +27,7 @@ use crate::identity::{DataDir, NodeSvid, private_key, read_bundle};
 use crate::metrics::{AttestationResult, Metrics, SvidKind};
 use crate::node_attestation::{AttestationError, NodeAttestor};
 use crate::server_client::{connect, key_and_csr};
+use crate::sync_state::SyncState;
 
 /// First retry delay after losing the server.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -438,6 +439,8 @@ impl Manager {
         if self.rotate_node_if_due(&mut client).await? {
             return Ok(SessionEnd::Renewed);
         }
+        // The whole state, brought up to date by each delta of this stream.
+        let mut sync = SyncState::default();
         let mut stream = client
             .sync(SyncRequest {
                 tunnel_key: self
@@ -469,6 +472,7 @@ impl Manager {
                             return Err(anyhow::anyhow!("sync stream: {}", s.message()));
                         }
                     };
+                    let msg = sync.absorb(msg)?.clone();
                     self.apply(&mut client, msg).await?;
                     served.store(true, std::sync::atomic::Ordering::Relaxed);
                 }

@@ -56,6 +56,16 @@ impl AdminApi {
 }
 
 /// A stored policy as the API shows it: its key, document and namespace.
+/// Each node's ID by name.
+fn node_ids(
+    nodes: &[meshauth_datastore::NodeRecord],
+) -> std::collections::HashMap<meshauth_datastore::NodeName, u32> {
+    nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.node_id.get()))
+        .collect()
+}
+
 pub(crate) fn policy_document(key: String, yaml: String) -> PolicyDocument {
     let namespace = key
         .split_once('/')
@@ -337,9 +347,12 @@ impl Admin for AdminApi {
         _r: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
         let pods = self.registry.pods().map_err(status)?;
-        let nodes = self.registry.nodes().map_err(status)?;
+        let ids = node_ids(&self.registry.nodes().map_err(status)?);
         Ok(Response::new(ListEndpointsResponse {
-            endpoints: pods.iter().map(|p| endpoint_msg(p, &nodes)).collect(),
+            endpoints: pods
+                .iter()
+                .map(|p| endpoint_msg(p, ids.get(&p.node).copied().unwrap_or(0)))
+                .collect(),
         }))
     }
 
@@ -362,8 +375,11 @@ impl Admin for AdminApi {
             .registry
             .create_pod(namespace, &r.name, labels, &node)
             .map_err(status)?;
-        let nodes = self.registry.nodes().map_err(status)?;
-        Ok(Response::new(endpoint_msg(&pod, &nodes)))
+        let ids = node_ids(&self.registry.nodes().map_err(status)?);
+        Ok(Response::new(endpoint_msg(
+            &pod,
+            ids.get(&pod.node).copied().unwrap_or(0),
+        )))
     }
 
     async fn delete_pod(

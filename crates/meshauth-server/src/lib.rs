@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`registry`]: the core (CA + store + change feed); takes time as a parameter.
+//! - [`view`]: the in-memory cluster view, rebuilt once per change, and the per-stream deltas.
 //! - [`node_api`]: the agent-facing gRPC service, behind mutual TLS (`tls_incoming`).
 //! - [`admin_api`]: the operator gRPC service on the admin socket; [`admin_client`] dials it.
 //! - [`metrics`]: Prometheus metrics, served with health endpoints by `meshauth-telemetry`.
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod node_api;
 pub mod registry;
 pub mod run;
+pub mod view;
 mod tls_incoming;
 
 pub use run::{

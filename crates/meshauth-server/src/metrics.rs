@@ -9,6 +9,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Which kind of SVID was issued.
@@ -20,6 +21,20 @@ pub enum SvidKind {
     Workload,
     /// The server's own serving SVID.
     Server,
+}
+
+/// What a sync message carried.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum SyncKind {
+    /// The whole state (a stream's first message, or one that fell behind).
+    Full,
+    /// Only what changed since the stream's previous message.
+    Delta,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncKindLabels {
+    kind: SyncKind,
 }
 
 /// Why a request was refused (low cardinality).
@@ -125,6 +140,10 @@ pub struct Metrics {
     node_api_connections: Gauge,
     node_api_closed: Family<ConnectionCloseLabels, Counter>,
     ca_restarts: Counter,
+    sync_messages: Family<SyncKindLabels, Counter>,
+    view_builds: Counter,
+    view_build_seconds: Histogram,
+    view_revision: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -197,8 +216,37 @@ impl Metrics {
             "Times every CA authority had expired (the server was down longer than a CA lifetime) and a new one, cross-signed by the last, took over",
             ca_restarts.clone(),
         );
+        let sync_messages = Family::<SyncKindLabels, Counter>::default();
+        registry.register(
+            "sync_messages",
+            "Sync messages sent to agents, by kind (full state or delta)",
+            sync_messages.clone(),
+        );
+        let view_builds = Counter::default();
+        registry.register(
+            "view_builds",
+            "Rebuilds of the cluster view that sync streams serve (one per burst of changes)",
+            view_builds.clone(),
+        );
+        let view_build_seconds =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "view_build_seconds",
+            "Time to rebuild the cluster view (read the store, diff against the last view)",
+            view_build_seconds.clone(),
+        );
+        let view_revision = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "view_revision",
+            "Revision of the cluster view last built",
+            view_revision.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            sync_messages,
+            view_builds,
+            view_build_seconds,
+            view_revision,
             ca_restarts,
             svids_issued,
             attestations_ok,
@@ -245,6 +293,18 @@ impl Metrics {
         self.ticker_failures
             .get_or_create(&StepLabels { step })
             .inc();
+    }
+
+    pub(crate) fn sync_message(&self, kind: SyncKind) {
+        self.sync_messages
+            .get_or_create(&SyncKindLabels { kind })
+            .inc();
+    }
+
+    pub(crate) fn view_built(&self, took: std::time::Duration, revision: u64) {
+        self.view_builds.inc();
+        self.view_build_seconds.observe(took.as_secs_f64());
+        self.view_revision.set(revision);
     }
 
     pub(crate) fn sync_stream_opened(&self) {

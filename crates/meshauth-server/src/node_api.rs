@@ -3,14 +3,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshauth_ca::IssuedSvid;
 use meshauth_datastore::{EntryId, NodeName, RegistrationEntry, StoreError};
 use meshauth_proto::node::node_server::Node;
 use meshauth_proto::node::{
-    AttestJoinTokenRequest, AttestX509PopRequest, Bundle, ClusterNode, Endpoint as EndpointMsg,
-    Entry, Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
+    AttestJoinTokenRequest, AttestX509PopRequest, Bundle, Endpoint as EndpointMsg, Entry,
+    Identity as IdentityMsg, NodeSvidResponse, RenewNodeSvidRequest, ReportPodRequest,
     ReportPodResponse, Selector, SignIdentitySvidsRequest, SignIdentitySvidsResponse,
     SignWorkloadSvidsRequest, SignWorkloadSvidsResponse, SignedIdentitySvid, SignedSvid,
     SyncRequest, SyncResponse, UnsignedEntry, WithdrawPodRequest, WithdrawPodResponse,
@@ -21,26 +21,56 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::metrics::SyncKind;
 use crate::registry::{NodeSvid, Registry, RegistryError};
 use crate::tls_incoming::PeerInfo;
+use crate::view::{Cursor, Next, ViewFeed};
 
 /// Most certificates an x509pop chain may have (the node's and its intermediates).
 const MAX_X509POP_CHAIN: usize = 8;
-/// Messages buffered per sync stream; each is the full state, so a slow agent only needs the last.
+/// Messages buffered per sync stream. A slow agent holds its stream back; what changes
+/// meanwhile is composed into the next delta.
 const SYNC_BUFFER: usize = 2;
+/// How long a new sync stream waits for the cluster view to include its node.
+const VIEW_WAIT: Duration = Duration::from_secs(10);
 
 /// The node API over a shared registry.
 #[derive(Debug, Clone)]
 pub struct NodeApi {
     registry: Arc<Registry>,
+    views: ViewFeed,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl NodeApi {
-    /// Serves `registry`; sync streams end when `shutdown` turns true, so that a graceful
+    /// Serves `registry`, with sync streams fed from `views` (which the caller keeps built with
+    /// [`ViewFeed::run`]); sync streams end when `shutdown` turns true, so that a graceful
     /// shutdown does not wait for agents to hang up.
-    pub fn new(registry: Arc<Registry>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        NodeApi { registry, shutdown }
+    pub fn new(
+        registry: Arc<Registry>,
+        views: ViewFeed,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        NodeApi {
+            registry,
+            views,
+            shutdown,
+        }
+    }
+
+    /// Runs `f` on the registry off the async runtime: the store blocks (SQLite, etcd) and the
+    /// CA signs, neither of which may hold up the tasks that serve other agents.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let registry = Arc::clone(&self.registry);
+        tokio::task::spawn_blocking(move || f(&registry))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "a registry call panicked or was cancelled");
+                Status::internal("the server failed to answer this call; retry")
+            })
     }
 
     fn refuse(&self, op: &'static str, peer: Option<&PeerInfo>, err: RegistryError) -> Status {
@@ -174,17 +204,10 @@ pub(crate) fn identity_msg(
     }
 }
 
-pub(crate) fn endpoint_msg(
-    p: &meshauth_datastore::PodRecord,
-    nodes: &[meshauth_datastore::NodeRecord],
-) -> EndpointMsg {
+pub(crate) fn endpoint_msg(p: &meshauth_datastore::PodRecord, node_id: u32) -> EndpointMsg {
     EndpointMsg {
         node: p.node.to_string(),
-        node_id: nodes
-            .iter()
-            .find(|n| n.name == p.node)
-            .map(|n| n.node_id.get())
-            .unwrap_or(0),
+        node_id,
         name: p.name.clone(),
         ipv4: p
             .runtime
@@ -206,48 +229,6 @@ pub(crate) fn endpoint_msg(
     }
 }
 
-fn sync_msg(view: &crate::registry::NodeView) -> SyncResponse {
-    SyncResponse {
-        bundle: Some(bundle_msg(&view.bundle)),
-        entries: view.entries.iter().map(entry_msg).collect(),
-        identities: view
-            .identities
-            .iter()
-            .map(|(id, l)| identity_msg(*id, l))
-            .collect(),
-        endpoints: view
-            .pods
-            .iter()
-            .map(|e| endpoint_msg(e, &view.nodes))
-            .collect(),
-        nodes: view
-            .nodes
-            .iter()
-            .filter(|n| !n.banned)
-            .map(|n| ClusterNode {
-                name: n.name.to_string(),
-                node_id: n.node_id.get(),
-                address: n.address.map(|a| a.to_string()).unwrap_or_default(),
-                pod_range: view
-                    .node_specs
-                    .iter()
-                    .find(|s| s.name == n.name)
-                    .map(|s| s.pod_range.to_string())
-                    .unwrap_or_default(),
-                tunnel_key: n
-                    .tunnel_key
-                    .map(|k| k.as_bytes().to_vec())
-                    .unwrap_or_default(),
-            })
-            .collect(),
-        policies: view
-            .policies
-            .iter()
-            .map(|(key, yaml)| crate::admin_api::policy_document(key.clone(), yaml.clone()))
-            .collect(),
-    }
-}
-
 #[tonic::async_trait]
 impl Node for NodeApi {
     async fn attest_join_token(
@@ -257,15 +238,12 @@ impl Node for NodeApi {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let req = request.into_inner();
         let node = self.node_name("attest", peer.as_ref(), &req.node_name)?;
+        let from = peer.as_ref().map(|p| p.remote_addr.ip());
         let issued = self
-            .registry
-            .attest_join_token(
-                &req.token,
-                &node,
-                &req.csr,
-                peer.as_ref().map(|p| p.remote_addr.ip()),
-                SystemTime::now(),
-            )
+            .blocking(move |r| {
+                r.attest_join_token(&req.token, &node, &req.csr, from, SystemTime::now())
+            })
+            .await?
             .map_err(|e| self.refuse("attest", peer.as_ref(), e))?;
         Ok(Response::new(node_svid_msg(&issued)))
     }
@@ -299,24 +277,26 @@ impl Node for NodeApi {
                 )),
             ));
         }
-        let chain: Vec<rustls::pki_types::CertificateDer<'_>> = req
-            .cert_chain
-            .iter()
-            .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
-            .collect();
+        let exporter = peer.as_ref().and_then(|p| p.x509pop_exporter);
+        let from = peer.as_ref().map(|p| p.remote_addr.ip());
         let issued = self
-            .registry
-            .attest_x509pop(
-                &node,
-                &chain,
-                &req.csr,
-                (scheme, &req.signature),
-                peer.as_ref()
-                    .and_then(|p| p.x509pop_exporter.as_ref())
-                    .map(|e| e.as_slice()),
-                peer.as_ref().map(|p| p.remote_addr.ip()),
-                SystemTime::now(),
-            )
+            .blocking(move |r| {
+                let chain: Vec<rustls::pki_types::CertificateDer<'_>> = req
+                    .cert_chain
+                    .iter()
+                    .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
+                    .collect();
+                r.attest_x509pop(
+                    &node,
+                    &chain,
+                    &req.csr,
+                    (scheme, &req.signature),
+                    exporter.as_ref().map(|e| e.as_slice()),
+                    from,
+                    SystemTime::now(),
+                )
+            })
+            .await?
             .map_err(|e| self.refuse("attest-x509pop", peer.as_ref(), e))?;
         Ok(Response::new(node_svid_msg(&issued)))
     }
@@ -326,10 +306,11 @@ impl Node for NodeApi {
         request: Request<RenewNodeSvidRequest>,
     ) -> Result<Response<NodeSvidResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let caller = peer.as_ref().and_then(|p| p.caller.clone());
+        let csr = request.into_inner().csr;
         let issued = self
-            .registry
-            .renew_node(caller, &request.get_ref().csr, SystemTime::now())
+            .blocking(move |r| r.renew_node(caller.as_ref(), &csr, SystemTime::now()))
+            .await?
             .map_err(|e| self.refuse("renew", peer.as_ref(), e))?;
         Ok(Response::new(node_svid_msg(&issued)))
     }
@@ -350,9 +331,12 @@ impl Node for NodeApi {
             }
         }
         // Only a caller that is not a usable node fails the whole call.
+        let owned_caller = caller.cloned();
         let results = self
-            .registry
-            .sign_workload_svids(caller, &csrs, SystemTime::now())
+            .blocking(move |r| {
+                r.sign_workload_svids(owned_caller.as_ref(), &csrs, SystemTime::now())
+            })
+            .await?
             .map_err(|e| self.refuse("sign", peer.as_ref(), e))?;
         let mut svids = Vec::with_capacity(results.len());
         for (id, result) in results {
@@ -395,8 +379,8 @@ impl Node for NodeApi {
         request: Request<ReportPodRequest>,
     ) -> Result<Response<ReportPodResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
-        let req = request.get_ref();
+        let caller = peer.as_ref().and_then(|p| p.caller.clone());
+        let req = request.into_inner();
         let ipv4 = req.ipv4.parse().map_err(|_| {
             self.refuse(
                 "report-pod",
@@ -405,8 +389,16 @@ impl Node for NodeApi {
             )
         })?;
         let identity = self
-            .registry
-            .report_pod(caller, &req.namespace, &req.name, ipv4, &req.interface)
+            .blocking(move |r| {
+                r.report_pod(
+                    caller.as_ref(),
+                    &req.namespace,
+                    &req.name,
+                    ipv4,
+                    &req.interface,
+                )
+            })
+            .await?
             .map_err(|e| self.refuse("report-pod", peer.as_ref(), e))?;
         Ok(Response::new(ReportPodResponse {
             identity: identity.get(),
@@ -418,10 +410,10 @@ impl Node for NodeApi {
         request: Request<WithdrawPodRequest>,
     ) -> Result<Response<WithdrawPodResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
-        let req = request.get_ref();
-        self.registry
-            .withdraw_pod(caller, &req.namespace, &req.name)
+        let caller = peer.as_ref().and_then(|p| p.caller.clone());
+        let req = request.into_inner();
+        self.blocking(move |r| r.withdraw_pod(caller.as_ref(), &req.namespace, &req.name))
+            .await?
             .map_err(|e| self.refuse("withdraw-pod", peer.as_ref(), e))?;
         Ok(Response::new(WithdrawPodResponse {}))
     }
@@ -431,7 +423,7 @@ impl Node for NodeApi {
         request: Request<SignIdentitySvidsRequest>,
     ) -> Result<Response<SignIdentitySvidsResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let caller = peer.as_ref().and_then(|p| p.caller.clone());
         let csrs: Vec<(meshauth_policy::IdentityId, Vec<u8>)> = request
             .into_inner()
             .csrs
@@ -439,8 +431,8 @@ impl Node for NodeApi {
             .map(|c| (meshauth_policy::IdentityId::new(c.identity), c.csr))
             .collect();
         let signed = self
-            .registry
-            .sign_identity_svids(caller, &csrs, SystemTime::now())
+            .blocking(move |r| r.sign_identity_svids(caller.as_ref(), &csrs, SystemTime::now()))
+            .await?
             .map_err(|e| self.refuse("sign-identity", peer.as_ref(), e))?;
         Ok(Response::new(SignIdentitySvidsResponse {
             svids: signed
@@ -458,10 +450,10 @@ impl Node for NodeApi {
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = peer.as_ref().and_then(|p| p.caller.as_ref());
+        let caller = peer.as_ref().and_then(|p| p.caller.clone());
         let node = self
-            .registry
-            .authenticate_node(caller)
+            .blocking(move |r| r.authenticate_node(caller.as_ref()))
+            .await?
             .map_err(|e| self.refuse("sync", peer.as_ref(), e))?
             .name;
         let claimed = !request.get_ref().node_address.is_empty();
@@ -476,8 +468,9 @@ impl Node for NodeApi {
             })?),
         };
         if let Some(address) = address {
-            self.registry
-                .check_node_address(&node, address, claimed)
+            let n = node.clone();
+            self.blocking(move |r| r.check_node_address(&n, address, claimed))
+                .await?
                 .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
         }
         let tunnel_key = &request.get_ref().tunnel_key;
@@ -492,39 +485,61 @@ impl Node for NodeApi {
                     )),
                 )
             })?;
-            self.registry
-                .publish_tunnel_key(&node, key)
+            let n = node.clone();
+            self.blocking(move |r| r.publish_tunnel_key(&n, key))
+                .await?
                 .map_err(|e| self.refuse("sync", peer.as_ref(), e))?;
         }
         let (tx, rx) = mpsc::channel(SYNC_BUFFER);
         let registry = Arc::clone(&self.registry);
-        let mut changes = registry.subscribe();
+        let mut views = self.views.subscribe();
         let mut shutdown = self.shutdown.clone();
+        let parent = registry
+            .node_spiffe_id(&node)
+            .map_err(|e| self.refuse("sync", peer.as_ref(), e))?
+            .to_string();
+        // The view must include what this node just did (attested, published its key).
+        let opened_at = registry.revision();
         tokio::spawn(async move {
             registry.metrics().sync_stream_opened();
             tracing::info!(node = %node, "sync stream opened");
-            let mut last_sent: Option<SyncResponse> = None;
+            let mut cursor = Cursor::new(node.clone(), parent);
+            let Some(mut published) = ViewFeed::wait_for(&mut views, opened_at, VIEW_WAIT).await
+            else {
+                tracing::warn!(node = %node, "sync stream ended: the cluster view was not rebuilt in time");
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "the server's cluster view is not ready; reconnect",
+                    )))
+                    .await;
+                registry.metrics().sync_stream_closed();
+                return;
+            };
             loop {
-                changes.borrow_and_update();
-                let msg = registry
-                    .node_view(&node, SystemTime::now())
-                    .map(|view| sync_msg(&view));
-                let ended = msg.is_err();
-                // Changes of other nodes' entries wake every stream; send only what differs.
-                let unchanged = matches!((&msg, &last_sent), (Ok(m), Some(l)) if m == l);
-                if let Ok(m) = &msg {
-                    last_sent = Some(m.clone());
-                }
-                let msg = msg.map_err(|e| {
-                    registry.metrics().denied(e.reason());
-                    tracing::warn!(node = %node, error = %e, "sync stream ended by the server");
-                    node_status_of(e)
-                });
-                if !unchanged && (tx.send(msg).await.is_err() || ended) {
+                let msg = match cursor.next(&published) {
+                    Ok(Next::Nothing) => None,
+                    Ok(Next::Full(m)) => {
+                        registry.metrics().sync_message(SyncKind::Full);
+                        Some(Ok(m))
+                    }
+                    Ok(Next::Delta(m)) => {
+                        registry.metrics().sync_message(SyncKind::Delta);
+                        Some(Ok(m))
+                    }
+                    Err(e) => {
+                        registry.metrics().denied(e.reason());
+                        tracing::warn!(node = %node, error = %e, "sync stream ended by the server");
+                        let _ = tx.send(Err(node_status_of(e))).await;
+                        break;
+                    }
+                };
+                if let Some(msg) = msg
+                    && tx.send(msg).await.is_err()
+                {
                     break;
                 }
                 let stopping = tokio::select! {
-                    changed = changes.changed() => {
+                    changed = views.changed() => {
                         if changed.is_err() {
                             break;
                         }
@@ -539,6 +554,7 @@ impl Node for NodeApi {
                         .await;
                     break;
                 }
+                published = Arc::clone(&views.borrow_and_update());
             }
             registry.metrics().sync_stream_closed();
             tracing::info!(node = %node, "sync stream closed");

@@ -206,19 +206,21 @@ pub struct NodeSvid {
     pub bundle: X509Bundle,
 }
 
-/// What one node may see: the bundle and the entries parented to it, and the cluster state
-/// every agent needs to enforce policy (identities, endpoints, nodes, policies).
+/// Everything agents may see, read from the store in one pass: the bundle, every entry, and
+/// the cluster state every agent needs to enforce policy. [`crate::view`] turns it into the
+/// cluster view each sync stream serves its node from.
 #[derive(Debug, Clone)]
-pub struct NodeView {
+pub struct ClusterState {
     /// The trust bundle.
     pub bundle: X509Bundle,
-    /// Entries whose parent is the node.
+    /// Every registration entry (each stream serves those parented to its node).
     pub entries: Vec<RegistrationEntry>,
     /// Every identity.
     pub identities: Vec<(IdentityId, Labels)>,
-    /// Every pod: where the control plane placed it, and what its node reported.
+    /// Every pod of a node not banned: where the control plane placed it, and what its node
+    /// reported.
     pub pods: Vec<PodRecord>,
-    /// Every node.
+    /// Every node, banned ones included (their streams end; agents do not see them).
     pub nodes: Vec<NodeRecord>,
     /// The address and pod range bound to each node.
     pub node_specs: Vec<NodeSpec>,
@@ -566,45 +568,37 @@ impl Registry {
         Ok((entry, svid))
     }
 
-    /// What `node` may see now.
-    pub fn node_view(&self, node: &NodeName, now: SystemTime) -> Result<NodeView> {
-        self.store.usable_node(node)?;
-        let parent = self.node_spiffe_id(node)?;
-        let entries = self.store.list_entries(&EntryFilter {
-            parent_id: Some(parent),
-            ..Default::default()
-        })?;
+    /// Everything agents may see now (see [`ClusterState`]). Read after [`Registry::revision`]:
+    /// a change after that read bumps the revision again, so a view built from this is never
+    /// newer than it says.
+    pub fn cluster_state(&self, now: SystemTime) -> Result<ClusterState> {
+        let entries = self.store.list_entries(&EntryFilter::default())?;
+        let nodes = self.store.nodes()?;
         // A banned node and its pods vanish from every agent's view: their addresses lose
         // their identity (traffic from and to them drops) and every auth entry toward them is
         // no longer justified (revoked at once).
-        let nodes: Vec<NodeRecord> = self
-            .store
-            .nodes()?
-            .into_iter()
-            .filter(|n| !n.banned)
-            .collect();
-        let banned: std::collections::BTreeSet<NodeName> = self
-            .store
-            .nodes()?
-            .into_iter()
-            .filter(|n| n.banned)
-            .map(|n| n.name)
-            .collect();
+        let banned: std::collections::BTreeSet<&NodeName> =
+            nodes.iter().filter(|n| n.banned).map(|n| &n.name).collect();
         let pods = self
             .store
             .pods()?
             .into_iter()
             .filter(|p| !banned.contains(&p.node))
             .collect();
-        Ok(NodeView {
+        Ok(ClusterState {
             bundle: self.bundle(now),
             entries,
             identities: self.store.identities()?,
             pods,
-            nodes,
             node_specs: self.store.node_specs()?,
             policies: self.store.policies()?,
+            nodes,
         })
+    }
+
+    /// The number of changes visible to agents so far (the revision of the cluster view).
+    pub fn revision(&self) -> u64 {
+        *self.changes.borrow()
     }
 
     /// Checks the address a node claims for itself (or, with `claimed: false`, the address it
@@ -1371,7 +1365,7 @@ impl Registry {
 
     // --- helpers ---
 
-    fn node_spiffe_id(&self, node: &NodeName) -> Result<SpiffeId> {
+    pub(crate) fn node_spiffe_id(&self, node: &NodeName) -> Result<SpiffeId> {
         meshauth_spiffe::node_spiffe_id(&self.config.trust_domain, node.as_str())
             .map_err(|e| RegistryError::Invalid(e.to_string()))
     }

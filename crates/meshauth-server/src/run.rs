@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, TickStep};
 use crate::node_api::NodeApi;
 use crate::registry::{Registry, RegistryConfig};
 use crate::tls_incoming::accept_tls;
+use crate::view::ViewFeed;
 
 /// The server's defaults, in one place (also shown by `--help`).
 pub mod defaults {
@@ -225,6 +226,22 @@ impl Server {
             &[ALPN_H2],
         )?;
         let mut tasks = Supervisor::new();
+        // The cluster view sync streams serve, rebuilt once per change.
+        let views = ViewFeed::new();
+        tasks.spawn(
+            "view-builder",
+            Restart::Backoff {
+                min: TICK,
+                max: TICKER_MAX_BACKOFF,
+            },
+            {
+                let (registry, views) = (Arc::clone(&registry), views.clone());
+                move |token| {
+                    let (registry, views) = (Arc::clone(&registry), views.clone());
+                    async move { views.run(registry, token).await }
+                }
+            },
+        );
         tasks.spawn_once("node-api", {
             let registry = Arc::clone(&registry);
             move |token| async move {
@@ -238,7 +255,7 @@ impl Server {
                 ));
                 let stopping = token.clone();
                 let serve = tonic::transport::Server::builder()
-                    .add_service(NodeServer::new(NodeApi::new(registry, stop_rx)))
+                    .add_service(NodeServer::new(NodeApi::new(registry, views, stop_rx)))
                     .serve_with_incoming_shutdown(incoming, async move {
                         token.cancelled().await;
                         let _ = stop_tx.send(true);

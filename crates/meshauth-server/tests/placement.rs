@@ -321,22 +321,23 @@ async fn a_banned_node_and_its_pods_vanish_from_every_view() {
     let first = stream.message().await.unwrap().unwrap();
     assert!(first.endpoints.iter().any(|e| e.name == "web-1"));
     server.registry.ban_node(&"n1".parse().unwrap()).unwrap();
-    // Pushed to n2 (whose agent then revokes every entry toward n1 and drops n1's pods).
+    // Pushed to n2 as a delta that removes n1 and its pod (n2's agent then revokes every
+    // entry toward n1 and drops n1's pods).
     let after = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let m = stream.message().await.unwrap().unwrap();
-            if m.nodes.iter().all(|n| n.name != "n1") {
+            if m.removed.as_ref().is_some_and(|r| !r.nodes.is_empty()) {
                 return m;
             }
         }
     })
     .await
     .expect("the ban reaches n2's sync stream");
-    assert!(
-        after.endpoints.iter().all(|e| e.node != "n1"),
-        "{:?}",
-        after.endpoints
-    );
+    assert!(after.delta, "a change on an open stream is a delta");
+    let removed = after.removed.unwrap();
+    assert_eq!(removed.nodes, ["n1"]);
+    assert_eq!(removed.endpoints, ["default/web-1"]);
+    assert!(after.nodes.is_empty() && after.endpoints.is_empty());
     // And n1 itself is refused.
     assert_eq!(
         c1.report_pod(report("web-1", "10.200.1.10"))
@@ -419,4 +420,97 @@ async fn a_node_publishes_only_its_own_tunnel_key_and_never_another_nodes() {
             .map(|k| k.as_bytes().to_vec())
     };
     assert_eq!((of("n1"), of("n2")), (Some(key(1)), Some(key(2))));
+}
+
+/// The next message of a sync stream, within 10 s.
+async fn next(
+    s: &mut tonic::Streaming<meshauth_proto::node::SyncResponse>,
+) -> meshauth_proto::node::SyncResponse {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a message within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
+/// Counts `meshauth_server_sync_messages_total{kind}`.
+fn sync_messages(server: &TestServer, kind: &str) -> u64 {
+    let text = server.registry.metrics().encode();
+    text.lines()
+        .find(|l| {
+            l.starts_with("meshauth_server_sync_messages_total")
+                && l.contains(&format!("kind=\"{kind}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_open_stream_gets_deltas_with_only_its_own_entries_and_revisions_that_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let n1 = attest_bound(&server, "n1", "10.199.0.1", "10.200.1.0/24").await;
+    let n2 = attest_bound(&server, "n2", "10.199.0.2", "10.200.2.0/24").await;
+    let mut c1 = node_client(server.addr, server.bundle(), Some(n1)).await;
+    let mut c2 = node_client(server.addr, server.bundle(), Some(n2)).await;
+    let mut s1 = c1.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let mut s2 = c2.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let first1 = s1.message().await.unwrap().unwrap();
+    let first2 = s2.message().await.unwrap().unwrap();
+    assert!(
+        !first1.delta && !first2.delta,
+        "a stream starts with the whole state"
+    );
+    assert_eq!(first1.nodes.len(), 2);
+    // A pod placed on n1: both streams get a delta with just that endpoint.
+    place(&server, "web-1", "web", "n1");
+    let d1 = next(&mut s1).await;
+    let d2 = next(&mut s2).await;
+    for (d, first) in [(&d1, &first1), (&d2, &first2)] {
+        assert!(d.delta);
+        assert_eq!(
+            d.base_revision, first.revision,
+            "the delta applies to what is held"
+        );
+        assert!(d.revision > first.revision);
+        assert_eq!(
+            d.endpoints
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            ["web-1"]
+        );
+        assert!(d.nodes.is_empty() && d.policies.is_empty() && d.bundle.is_none());
+    }
+    // An entry of n2's: only n2's stream gets it; n1's next message is the next shared change,
+    // and its base is what n1 holds.
+    server
+        .registry
+        .create_entry(meshauth_datastore::NewEntry {
+            spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
+            parent_id: format!("spiffe://{TD}/node/n2").parse().unwrap(),
+            selectors: vec!["unix:uid:1000".parse().unwrap()],
+            x509_svid_ttl: None,
+            dns_names: vec![],
+        })
+        .unwrap();
+    let e2 = next(&mut s2).await;
+    assert_eq!(e2.entries.len(), 1);
+    assert_eq!(e2.base_revision, d2.revision);
+    server.registry.delete_pod("default", "web-1").unwrap();
+    let r1 = next(&mut s1).await;
+    assert!(
+        r1.entries.is_empty(),
+        "n1 never sees n2's entry: {:?}",
+        r1.entries
+    );
+    assert_eq!(r1.base_revision, d1.revision);
+    assert_eq!(r1.removed.unwrap().endpoints, ["default/web-1"]);
+    let r2 = next(&mut s2).await;
+    assert_eq!(r2.base_revision, e2.revision);
+    assert_eq!(sync_messages(&server, "Full"), 2);
+    assert!(sync_messages(&server, "Delta") >= 5);
+    drop((s1, s2));
+    server.stop().await;
 }
