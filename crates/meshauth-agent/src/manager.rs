@@ -29,6 +29,10 @@ use crate::node_attestation::{AttestationError, NodeAttestor};
 use crate::server_client::{connect, key_and_csr};
 use crate::sync_state::SyncState;
 
+pub mod servers;
+
+pub use servers::{Failover, ServerAddr, ServerList, ServerListError, SessionOutcome};
+
 /// First retry delay after losing the server.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest retry delay.
