@@ -1,19 +1,25 @@
-//! The meshauth server's registry store: the CA journal, attested nodes, join tokens and
-//! registration entries, in one SQLite file.
+//! The meshauth server's registry store: the CA journal, attested nodes, join tokens,
+//! identities, pods, policies and registration entries.
 //!
 //! # Layout
 //! - [`model`]: the records as domain types (`NodeName`, `EntryId`, `Selector`, ...).
-//! - [`Store`]: the SQLite implementation. A second backend (etcd, for HA) would put a trait in
-//!   front of it; until then the concrete type keeps the code direct.
+//! - [`Datastore`] (in `store.rs`): the trait the server uses, one atomic method per
+//!   operation, with the contract of each; [`StoreError`], the errors of every backend.
+//! - [`Store`]: the SQLite backend, one file for one server (`open`, `open_existing`, `check`;
+//!   `in_memory` for tests).
+//!
+//! The behaviour of every backend is tested by the same suite, `tests/conformance.rs`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod model;
 mod sqlite;
+mod store;
 
 pub use model::{
     EntryFilter, EntryId, InvalidEntryId, InvalidNodeName, InvalidSelector, Ipv4Range,
     IssuedJoinToken, NewEntry, NodeAttestation, NodeName, NodeRecord, NodeSpec, PodRecord,
     PodRuntime, RegistrationEntry, Selector,
 };
-pub use sqlite::{Store, StoreError};
+pub use sqlite::Store;
+pub use store::{Datastore, StoreError};

@@ -21,121 +21,7 @@ use crate::model::{
     unix_secs,
 };
 
-/// Errors of the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database file could not be created or opened.
-    #[error(
-        "cannot open the datastore at {path}: {source} (check that the data dir exists and is writable by this user)"
-    )]
-    Open {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// SQLite reported an error.
-    #[error("datastore error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The file was written by a newer meshauth.
-    #[error(
-        "the datastore has schema version {found}, newer than this binary's {supported}: upgrade meshauth"
-    )]
-    SchemaTooNew {
-        /// In the file.
-        found: i64,
-        /// This binary's.
-        supported: i64,
-    },
-    /// The database file of an initialized data dir is gone.
-    #[error(
-        "the datastore {path} is missing, but its data dir was initialized (it holds the trust domain's CA and registry): restore the file from a backup; to start a new trust domain instead (every agent must join again), remove the data dir"
-    )]
-    Missing {
-        /// The file.
-        path: String,
-    },
-    /// The database file is empty (truncated, or never written).
-    #[error(
-        "the datastore {path} is empty (0 bytes: truncated, or a copy that never finished): restore it from a backup; to start a new trust domain instead (every agent must join again), remove the data dir"
-    )]
-    Empty {
-        /// The file.
-        path: String,
-    },
-    /// The file is not a meshauth datastore (damaged, or another file).
-    #[error(
-        "{path} is not a readable meshauth datastore ({detail}): restore it from a backup, or check that --data-dir names the right directory"
-    )]
-    Damaged {
-        /// The file.
-        path: String,
-        /// What SQLite or the schema check said.
-        detail: String,
-    },
-    /// A stored row no longer parses (hand-edited or corrupted file).
-    #[error("corrupt row in table {table}: {detail}")]
-    Corrupt {
-        /// Where.
-        table: &'static str,
-        /// What.
-        detail: String,
-    },
-    /// The join token is unknown or already used.
-    #[error(
-        "join token is unknown or was already used: generate a new one with `meshauth token generate`"
-    )]
-    TokenUnknown,
-    /// The join token expired.
-    #[error("join token expired: generate a new one with `meshauth token generate`")]
-    TokenExpired,
-    /// The join token was issued for another node name.
-    #[error("join token was issued for node {expected}, not {presented}")]
-    TokenWrongNode {
-        /// Whom it was for.
-        expected: NodeName,
-        /// Who presented it.
-        presented: NodeName,
-    },
-    /// No such node.
-    #[error("no agent named {0} (see `meshauth agent list`)")]
-    NodeNotFound(NodeName),
-    /// The node is banned.
-    #[error("agent {0} is banned; evict it with `meshauth agent evict` before it may attest again")]
-    NodeBanned(NodeName),
-    /// Another node already published this WireGuard key.
-    #[error(
-        "agent {node} published the WireGuard key of agent {owner}: every node needs a key of its own (delete the agent's tunnel key file to make a new one)"
-    )]
-    DuplicateTunnelKey {
-        /// The node that published it.
-        node: NodeName,
-        /// The node that has it.
-        owner: String,
-    },
-    /// No such entry.
-    #[error("no entry with id {0} (see `meshauth entry show`)")]
-    EntryNotFound(EntryId),
-    /// No policy has this key.
-    #[error("no policy {0} (see `meshauth policy list`)")]
-    PolicyNotFound(String),
-    /// A lifetime that reaches past the latest time this system can represent.
-    #[error(
-        "a lifetime of {secs}s from now reaches past the latest time this system can represent: use a shorter one"
-    )]
-    LifetimeOutOfRange {
-        /// The lifetime asked for, in whole seconds.
-        secs: u64,
-    },
-    /// Another entry already has the same SPIFFE ID, parent ID and selectors.
-    #[error(
-        "entry {existing} already has this SPIFFE ID, parent ID and selector set: change that entry (`meshauth entry update --entry-id {existing}`) instead of adding a duplicate"
-    )]
-    DuplicateEntry {
-        /// The entry that has them.
-        existing: EntryId,
-    },
-}
+use crate::store::StoreError;
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -995,7 +881,8 @@ fn labels_from_json(text: &str) -> Result<Labels> {
     Labels::from_pairs(map).map_err(|e| corrupt("labels", e))
 }
 
-fn token_hash(token: &str) -> String {
+/// The hex SHA-256 of a join token: what both backends store instead of the token.
+pub(crate) fn token_hash(token: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
         .as_ref()
         .iter()
@@ -1010,7 +897,8 @@ fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn normalized(mut selectors: Vec<Selector>) -> Vec<Selector> {
+/// Selectors sorted, repeats dropped: the canonical form both backends store.
+pub(crate) fn normalized(mut selectors: Vec<Selector>) -> Vec<Selector> {
     selectors.sort();
     selectors.dedup();
     selectors
@@ -1108,266 +996,20 @@ mod tests {
     }
 
     #[test]
-    fn tunnel_keys_are_kept_and_never_shared() {
+    fn an_attestation_method_no_version_wrote_is_a_damaged_row() {
+        // The behaviour of every method is tested against both backends in
+        // tests/conformance.rs; what stays here needs SQLite itself.
         let store = Store::in_memory().unwrap();
         let now = SystemTime::now();
-        for (name, serial) in [("a", "01"), ("b", "02")] {
-            store
-                .record_attestation(&node(name), NodeAttestation::JoinToken, serial, now, now)
-                .unwrap();
-        }
-        let (k1, k2) = (TunnelKey::new([1; 32]), TunnelKey::new([2; 32]));
-        assert!(store.set_node_tunnel_key(&node("a"), k1).unwrap());
-        assert!(
-            !store.set_node_tunnel_key(&node("a"), k1).unwrap(),
-            "no change"
-        );
-        let err = store.set_node_tunnel_key(&node("b"), k1).unwrap_err();
-        assert!(
-            matches!(err, StoreError::DuplicateTunnelKey { ref owner, .. } if owner == "a"),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("agent b published the WireGuard key of agent a")
-        );
-        assert!(store.set_node_tunnel_key(&node("b"), k2).unwrap());
-        assert_eq!(
-            store.node(&node("a")).unwrap().unwrap().tunnel_key,
-            Some(k1)
-        );
-        assert_eq!(
-            store.node(&node("b")).unwrap().unwrap().tunnel_key,
-            Some(k2)
-        );
-        // A node may replace its own key (a new key file).
-        assert!(
-            store
-                .set_node_tunnel_key(&node("a"), TunnelKey::new([3; 32]))
-                .unwrap()
-        );
-    }
-
-    #[test]
-    fn join_token_works_once_and_for_its_node_only() {
-        let store = Store::in_memory().unwrap();
-        let now = SystemTime::now();
-        let t = store
-            .create_join_token(&node("n1"), Duration::from_secs(600), now)
-            .unwrap();
-        assert!(matches!(
-            store.consume_join_token(&t.token, &node("n2"), now),
-            Err(StoreError::TokenWrongNode { .. })
-        ));
-        // A refused attempt still burns the token.
-        assert!(matches!(
-            store.consume_join_token(&t.token, &node("n1"), now),
-            Err(StoreError::TokenUnknown)
-        ));
-        let t = store
-            .create_join_token(&node("n1"), Duration::from_secs(600), now)
-            .unwrap();
         store
-            .consume_join_token(&t.token, &node("n1"), now)
-            .unwrap();
-        assert!(matches!(
-            store.consume_join_token(&t.token, &node("n1"), now),
-            Err(StoreError::TokenUnknown)
-        ));
-    }
-
-    #[test]
-    fn join_token_expires() {
-        let store = Store::in_memory().unwrap();
-        let now = SystemTime::now();
-        let t = store
-            .create_join_token(&node("n1"), Duration::from_secs(10), now)
-            .unwrap();
-        assert!(matches!(
-            store.consume_join_token(&t.token, &node("n1"), now + Duration::from_secs(11)),
-            Err(StoreError::TokenExpired)
-        ));
-    }
-
-    #[test]
-    fn how_a_node_attested_is_kept_and_follows_its_latest_attestation() {
-        let store = Store::in_memory().unwrap();
-        let now = SystemTime::now();
-        let a = store
             .record_attestation(&node("a"), NodeAttestation::JoinToken, "01", now, now)
             .unwrap();
-        assert_eq!(a.attestation, NodeAttestation::JoinToken);
-        assert!(!a.attestation.can_reattest());
-        store
-            .record_attestation(&node("a"), NodeAttestation::X509Pop, "02", now, now)
-            .unwrap();
-        let a = store.node(&node("a")).unwrap().unwrap();
-        assert_eq!(a.attestation, NodeAttestation::X509Pop);
-        assert!(a.attestation.can_reattest());
-        assert_eq!(
-            store.nodes().unwrap()[0].attestation,
-            NodeAttestation::X509Pop
-        );
-        // A value no version wrote is a damaged row, named as such.
         store
             .conn()
             .execute("UPDATE nodes SET attestation = 'psk' WHERE name = 'a'", [])
             .unwrap();
         let e = store.nodes().unwrap_err().to_string();
         assert!(e.contains("nodes") && e.contains("psk"), "{e}");
-    }
-
-    #[test]
-    fn nodes_ban_evict_and_keep_ids() {
-        let store = Store::in_memory().unwrap();
-        let now = SystemTime::now();
-        let a = store
-            .record_attestation(&node("a"), NodeAttestation::JoinToken, "01", now, now)
-            .unwrap();
-        let b = store
-            .record_attestation(&node("b"), NodeAttestation::JoinToken, "02", now, now)
-            .unwrap();
-        assert_ne!(a.node_id, b.node_id);
-        let a2 = store
-            .record_attestation(&node("a"), NodeAttestation::JoinToken, "03", now, now)
-            .unwrap();
-        assert_eq!(a2.node_id, a.node_id);
-        assert_eq!(a2.serial, "03");
-        store.record_renewal(&node("a"), "03", "04", now).unwrap();
-        let a4 = store.node(&node("a")).unwrap().unwrap();
-        assert_eq!(a4.serial, "04");
-        assert!(a4.accepts_serial("04") && a4.accepts_serial("03") && !a4.accepts_serial("01"));
-        // Renewed again with 03 (04 was never saved, never used): 03 stays, 04 goes.
-        store.record_renewal(&node("a"), "03", "06", now).unwrap();
-        let a6 = store.node(&node("a")).unwrap().unwrap();
-        assert!(a6.accepts_serial("06") && a6.accepts_serial("03") && !a6.accepts_serial("04"));
-
-        store.ban_node(&node("a")).unwrap();
-        assert!(matches!(
-            store.record_renewal(&node("a"), "03", "05", now),
-            Err(StoreError::NodeBanned(_))
-        ));
-        assert!(matches!(
-            store.record_attestation(&node("a"), NodeAttestation::JoinToken, "05", now, now),
-            Err(StoreError::NodeBanned(_))
-        ));
-        store.evict_node(&node("a")).unwrap();
-        assert!(matches!(
-            store.usable_node(&node("a")),
-            Err(StoreError::NodeNotFound(_))
-        ));
-        // Re-attesting after eviction gets a new id: ids are never reused.
-        let a3 = store
-            .record_attestation(&node("a"), NodeAttestation::JoinToken, "06", now, now)
-            .unwrap();
-        assert!(a3.node_id > b.node_id);
-        assert_eq!(store.nodes().unwrap().len(), 2);
-        assert!(matches!(
-            store.evict_node(&node("zz")),
-            Err(StoreError::NodeNotFound(_))
-        ));
-    }
-
-    #[test]
-    fn entries_crud_and_filters() {
-        let store = Store::in_memory().unwrap();
-        let e1 = store
-            .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
-            .unwrap();
-        let e2 = store
-            .create_entry(new_entry("spiffe://td/db", "spiffe://td/node/n2"))
-            .unwrap();
-        assert_eq!(store.entry(&e1.id).unwrap(), e1);
-        assert_eq!(
-            e1.selectors[0].to_string(),
-            "unix:gid:0",
-            "selectors are sorted"
-        );
-
-        let by_parent = store
-            .list_entries(&EntryFilter {
-                parent_id: Some(id("spiffe://td/node/n2")),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(by_parent, vec![e2.clone()]);
-        let by_selector = store
-            .list_entries(&EntryFilter {
-                selectors: vec!["unix:uid:1000".parse().unwrap()],
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(by_selector.len(), 2);
-        let none = store
-            .list_entries(&EntryFilter {
-                selectors: vec!["unix:uid:1".parse().unwrap()],
-                ..Default::default()
-            })
-            .unwrap();
-        assert!(none.is_empty());
-
-        let mut changed = new_entry("spiffe://td/web2", "spiffe://td/node/n1");
-        changed.x509_svid_ttl = None;
-        let e1b = store.update_entry(&e1.id, changed).unwrap();
-        assert_eq!(e1b.revision, 2);
-        assert_eq!(store.entry(&e1.id).unwrap(), e1b);
-
-        store.delete_entry(&e1.id).unwrap();
-        assert!(matches!(
-            store.entry(&e1.id),
-            Err(StoreError::EntryNotFound(_))
-        ));
-        assert!(matches!(
-            store.delete_entry(&e1.id),
-            Err(StoreError::EntryNotFound(_))
-        ));
-        assert_eq!(store.count_entries().unwrap(), 1);
-    }
-
-    #[test]
-    fn duplicate_entries_are_refused() {
-        let store = Store::in_memory().unwrap();
-        let first = store
-            .create_entry(new_entry("spiffe://td/web", "spiffe://td/node/n1"))
-            .unwrap();
-        // The same selectors in another order, repeated, are the same set.
-        let mut same = new_entry("spiffe://td/web", "spiffe://td/node/n1");
-        same.selectors.reverse();
-        same.selectors.push("unix:gid:0".parse().unwrap());
-        same.x509_svid_ttl = None;
-        match store.create_entry(same.clone()) {
-            Err(StoreError::DuplicateEntry { existing }) => assert_eq!(existing, first.id),
-            other => panic!("duplicate accepted: {other:?}"),
-        }
-        // Another parent, SPIFFE ID or selector set is another entry.
-        let other_parent = new_entry("spiffe://td/web", "spiffe://td/node/n2");
-        store.create_entry(other_parent).unwrap();
-        let mut fewer = new_entry("spiffe://td/web", "spiffe://td/node/n1");
-        fewer.selectors.pop();
-        let second = store.create_entry(fewer.clone()).unwrap();
-        // An update may not turn one entry into a duplicate of another, but may keep its own.
-        assert!(matches!(
-            store.update_entry(&second.id, same),
-            Err(StoreError::DuplicateEntry { .. })
-        ));
-        assert_eq!(store.update_entry(&second.id, fewer).unwrap().revision, 2);
-        assert_eq!(store.count_entries().unwrap(), 3);
-        let msg = StoreError::DuplicateEntry {
-            existing: first.id.clone(),
-        }
-        .to_string();
-        assert!(msg.contains(first.id.as_str()), "{msg}");
-    }
-
-    #[test]
-    fn join_token_lifetime_past_the_clock_is_an_error() {
-        let store = Store::in_memory().unwrap();
-        for ttl in [Duration::from_secs(i64::MAX as u64), Duration::MAX] {
-            assert!(matches!(
-                store.create_join_token(&node("n1"), ttl, SystemTime::now()),
-                Err(StoreError::LifetimeOutOfRange { .. })
-            ));
-        }
     }
 
     #[test]
@@ -1395,104 +1037,6 @@ mod tests {
         );
         assert_eq!(store.nodes().unwrap().len(), 1);
         assert_eq!(store.count_entries().unwrap(), 1);
-    }
-
-    #[test]
-    fn identities_endpoints_policies() {
-        let store = Store::in_memory().unwrap();
-        let now = SystemTime::now();
-        store
-            .record_attestation(&node("n1"), NodeAttestation::JoinToken, "01", now, now)
-            .unwrap();
-        let web: Labels = "app=web,tier=a b".parse().unwrap();
-        store.insert_identity(IdentityId::new(256), &web).unwrap();
-        assert!(
-            store.insert_identity(IdentityId::new(257), &web).is_err(),
-            "labels are unique"
-        );
-        assert_eq!(
-            store.identities().unwrap(),
-            vec![(IdentityId::new(256), web.clone())]
-        );
-        let pod = PodRecord {
-            namespace: "default".into(),
-            name: "web-1".into(),
-            labels: web,
-            node: node("n1"),
-            identity: IdentityId::new(256),
-            runtime: None,
-        };
-        store.put_pod(&pod).unwrap();
-        assert_eq!(store.pods().unwrap(), vec![pod.clone()]);
-        let rt = PodRuntime {
-            ipv4: "10.200.1.10".parse().unwrap(),
-            interface: "lxc10".into(),
-        };
-        assert!(
-            store
-                .set_pod_runtime("default", "web-1", Some(&rt))
-                .unwrap()
-        );
-        assert_eq!(store.pods().unwrap()[0].runtime, Some(rt.clone()));
-        // Another pod cannot report the same address.
-        let other = PodRecord {
-            name: "web-2".into(),
-            ..pod.clone()
-        };
-        store.put_pod(&other).unwrap();
-        assert!(
-            store
-                .set_pod_runtime("default", "web-2", Some(&rt))
-                .is_err()
-        );
-        // Re-placing on another node forgets the runtime facts.
-        store
-            .put_pod(&PodRecord {
-                node: node("n2"),
-                ..pod.clone()
-            })
-            .unwrap();
-        assert_eq!(store.pods().unwrap()[0].runtime, None);
-        store.put_pod(&pod).unwrap();
-        store
-            .set_pod_runtime("default", "web-1", Some(&rt))
-            .unwrap();
-        store.evict_node(&node("n1")).unwrap();
-        assert!(
-            store.pods().unwrap().iter().all(|p| p.runtime.is_none()),
-            "eviction forgets what the node reported; the placement stays"
-        );
-        assert!(store.delete_pod("default", "web-1").unwrap());
-        assert!(!store.delete_pod("default", "web-1").unwrap());
-        let spec = NodeSpec {
-            name: node("n1"),
-            address: Some("10.199.0.1".parse().unwrap()),
-            pod_range: "10.200.1.0/24".parse().unwrap(),
-        };
-        store.put_node_spec(&spec).unwrap();
-        assert_eq!(store.node_spec(&node("n1")).unwrap(), Some(spec));
-
-        store
-            .put_policies(&[("a".into(), "x: 1".into()), ("b".into(), "y: 2".into())])
-            .unwrap();
-        store.put_policies(&[("a".into(), "x: 3".into())]).unwrap();
-        assert_eq!(
-            store.policies().unwrap(),
-            vec![("a".into(), "x: 3".into()), ("b".into(), "y: 2".into())]
-        );
-        store.delete_policy("a").unwrap();
-        assert!(matches!(
-            store.delete_policy("a"),
-            Err(StoreError::PolicyNotFound(_))
-        ));
-        // Keys of namespaced policies fit the same column; a rekey moves a row.
-        store
-            .rekey_policies(&[("b".into(), "default/b".into(), "y: 4".into())])
-            .unwrap();
-        assert_eq!(
-            store.policies().unwrap(),
-            vec![("default/b".into(), "y: 4".into())]
-        );
     }
 
     #[test]
