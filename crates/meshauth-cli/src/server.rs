@@ -82,6 +82,12 @@ struct RunArgs {
     /// The node name must be the certificate's subject common name or one of its DNS names.
     #[arg(long, value_name = "FILE")]
     x509pop_ca: Option<PathBuf>,
+    /// File of the key-encryption key (64 hex digits, mode 0600; make one with `openssl rand
+    /// -hex 32`) that seals the CA's private keys before they are stored. A store written
+    /// without it is sealed at the next start with it; one sealed with it does not start
+    /// without it.
+    #[arg(long, value_name = "FILE")]
+    kek_file: Option<PathBuf>,
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -144,6 +150,7 @@ fn run_server(args: RunArgs) -> anyhow::Result<()> {
         join_token_ttl: args.join_token_ttl,
         pod_cidr: args.pod_cidr,
         x509pop,
+        kek_file: args.kek_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -8,6 +8,7 @@
 //! - [`view`]: the in-memory cluster view, rebuilt once per change, and the per-stream deltas.
 //! - [`node_api`]: the agent-facing gRPC service, behind mutual TLS (`tls_incoming`).
 //! - [`admin_api`]: the operator gRPC service on the admin socket; [`admin_client`] dials it.
+//! - [`kek`]: the key-encryption key that seals the CA journal in the store.
 //! - [`metrics`]: Prometheus metrics, served with health endpoints by `meshauth-telemetry`.
 //! - [`run`]: configuration and wiring of the listeners and background tasks.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 
 pub mod admin_api;
 pub mod admin_client;
+pub mod kek;
 pub mod metrics;
 pub mod node_api;
 pub mod registry;

@@ -37,6 +37,9 @@ pub struct RegistryConfig {
     pub pod_cidr: Ipv4Range,
     /// The operator's CAs whose node certificates attest by x509pop; `None`: join tokens only.
     pub x509pop: Option<meshauth_tls::x509pop::OperatorRoots>,
+    /// The key-encryption key the CA journal is sealed under in the store (`--kek-file`);
+    /// `None`: stored as it is (the embedded SQLite store in a 0700 data dir).
+    pub kek: Option<std::sync::Arc<crate::kek::Kek>>,
 }
 
 /// The default `--pod-cidr`.
@@ -253,7 +256,8 @@ impl Registry {
             .with_ca_ttl(config.ca_ttl)
             .with_svid_ttl(config.svid_ttl);
         let ca = match store.load_ca_journal()? {
-            Some(json) => {
+            Some(stored) => {
+                let json = Self::unseal(&config, stored)?;
                 let journal: CaJournal = serde_json::from_str(&json).map_err(|e| {
                     anyhow::anyhow!("the CA journal in the datastore does not parse: {e}")
                 })?;
@@ -303,8 +307,30 @@ impl Registry {
     fn save_ca(&self) -> anyhow::Result<()> {
         let journal = self.ca().to_journal();
         let json = serde_json::to_string(&journal)?;
-        self.store.save_ca_journal(&json)?;
+        let stored = match &self.config.kek {
+            Some(kek) => kek.seal(&json, self.config.trust_domain.as_str())?,
+            None => json,
+        };
+        self.store.save_ca_journal(&stored)?;
         Ok(())
+    }
+
+    /// The journal as stored, opened with the key-encryption key if it is sealed. A journal
+    /// from before `--kek-file` is read as it is (and sealed when next saved).
+    fn unseal(config: &RegistryConfig, stored: String) -> anyhow::Result<String> {
+        match (&config.kek, crate::kek::Kek::is_sealed(&stored)) {
+            (Some(kek), true) => Ok(kek.open(&stored, config.trust_domain.as_str())?),
+            (None, true) => anyhow::bail!(
+                "the CA journal in the datastore is sealed under a key-encryption key: start the server with the --kek-file it was sealed with"
+            ),
+            (Some(_), false) => {
+                tracing::info!(
+                    "the CA journal in the datastore is not sealed yet: sealing it under --kek-file"
+                );
+                Ok(stored)
+            }
+            (None, false) => Ok(stored),
+        }
     }
 
     fn changed(&self) {

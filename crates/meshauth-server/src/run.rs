@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub pod_cidr: meshauth_datastore::Ipv4Range,
     /// The operator CAs whose node certificates attest by x509pop (`None`: join tokens only).
     pub x509pop: Option<meshauth_tls::x509pop::OperatorRoots>,
+    /// The file of the key-encryption key that seals the CA journal in the store (required
+    /// with etcd; optional with SQLite).
+    pub kek_file: Option<PathBuf>,
 }
 
 /// A server whose store is open and whose listeners are bound.
@@ -117,6 +120,10 @@ impl Server {
                 join_token_ttl: config.join_token_ttl,
                 pod_cidr: config.pod_cidr,
                 x509pop: config.x509pop.clone(),
+                kek: match &config.kek_file {
+                    Some(path) => Some(Arc::new(crate::kek::Kek::read(path)?)),
+                    None => None,
+                },
             },
             store,
             Metrics::new(),

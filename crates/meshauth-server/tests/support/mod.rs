@@ -41,6 +41,7 @@ pub fn config(dir: &Path, ca_ttl: Duration, svid_ttl: Duration) -> ServerConfig 
         svid_ttl,
         join_token_ttl: Duration::from_secs(600),
         x509pop: None,
+        kek_file: None,
         pod_cidr: meshauth_server::registry::DEFAULT_POD_CIDR,
     }
 }
