@@ -11,6 +11,7 @@ packages=(
   iptables                                                     # the agent's hold queue rule (NFQUEUE)
   podman runc busybox-static                                   # CNI plugin tests: containers from a local rootfs
   tcpdump stunnel4                                             # encryption tests (underlay capture) and benchmark (mTLS baseline)
+  etcd-server                                                  # the etcd datastore's tests (a real etcd 3.4)
 )
 
 missing=()

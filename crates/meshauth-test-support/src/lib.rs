@@ -29,6 +29,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod etcd;
+
 use std::future::Future;
 use std::io::Write;
 use std::time::{Duration, Instant};
