@@ -1,8 +1,9 @@
 //! The [`Datastore`] trait: what the server needs of its registry store, whichever backend
 //! keeps it, and the [`StoreError`] every backend reports.
 //!
-//! [`crate::Store`] (one SQLite file, one server) implements it. Every backend keeps the same
-//! invariants; where one reports a broken one differently, the method's doc says so.
+//! Two backends implement it: [`crate::Store`] (one SQLite file, one server) and
+//! [`crate::EtcdStore`] (etcd, several server replicas writing at once). Both keep the same
+//! invariants; where they report a broken one differently, the method's doc says so.
 //!
 //! The trait is synchronous and object safe: the server holds an `Arc<dyn Datastore>` and calls
 //! it from blocking threads. Every method is one atomic operation: it sees a consistent state

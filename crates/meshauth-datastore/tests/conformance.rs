@@ -1,5 +1,8 @@
 //! The contract of [`Datastore`], run against every backend: each `fn` below takes a
-//! `&dyn Datastore`, and `contract!` makes one `#[test]` per backend of it.
+//! `&dyn Datastore`, and `contract!` makes one `#[test]` per backend of it (`sqlite::<name>`
+//! on an in-memory store, `etcd::<name>` on a real etcd under a key prefix of its own). The
+//! etcd store's own promises (concurrent writers, the change feed, leader election, errors
+//! when etcd is gone) are tested in `etcd_only`.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,8 +14,7 @@ use meshauth_datastore::{
 use meshauth_policy::{IdentityId, Labels, TunnelKey};
 use meshauth_spiffe::SpiffeId;
 
-/// One `#[test]` per backend for each contract function: `sqlite::<name>` on an in-memory
-/// store.
+/// One `#[test]` per backend for each contract function.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -20,6 +22,17 @@ macro_rules! contract {
                 #[test]
                 fn $name() {
                     let store = meshauth_datastore::Store::in_memory().unwrap();
+                    super::$name(&store);
+                }
+            )*
+        }
+
+        mod etcd {
+            $(
+                #[test]
+                fn $name() {
+                    let etcd = super::harness::shared_etcd();
+                    let store = super::harness::store(&etcd.etcd, stringify!($name));
                     super::$name(&store);
                 }
             )*
@@ -46,7 +59,10 @@ contract!(
 
 /// Now, to the second: stores keep times to the second.
 fn now() -> SystemTime {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
@@ -639,4 +655,381 @@ fn policies_put_rekey_delete(store: &dyn Datastore) {
         store.policies().unwrap(),
         vec![("default/b".into(), "c: 2".into())]
     );
+}
+
+/// Starting etcd, connecting to it, talking to it directly.
+mod harness {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex, Weak};
+    use std::time::Duration;
+
+    use meshauth_datastore::EtcdStore;
+    use meshauth_test_support::etcd::Etcd;
+
+    /// An etcd and the directory of its data.
+    pub(crate) struct Running {
+        pub(crate) etcd: Etcd,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Running {
+        pub(crate) fn start() -> Running {
+            let dir = tempfile::tempdir().unwrap();
+            Running {
+                etcd: Etcd::start(dir.path()),
+                _dir: dir,
+            }
+        }
+    }
+
+    /// One etcd for the tests running at the same time (each under its own prefix); it is
+    /// killed when the last of them ends, and started again for later ones.
+    pub(crate) fn shared_etcd() -> Arc<Running> {
+        static SHARED: Mutex<Weak<Running>> = Mutex::new(Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = slot.upgrade() {
+            return running;
+        }
+        let running = Arc::new(Running::start());
+        *slot = Arc::downgrade(&running);
+        running
+    }
+
+    /// A key prefix no other test uses, not even one run before on the same etcd.
+    pub(crate) fn prefix(test: &str) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "/conformance/{test}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A store on `etcd` under a fresh prefix for `test`.
+    pub(crate) fn store(etcd: &Etcd, test: &str) -> EtcdStore {
+        connect(etcd, &prefix(test))
+    }
+
+    pub(crate) fn connect(etcd: &Etcd, prefix: &str) -> EtcdStore {
+        EtcdStore::connect(&[etcd.endpoint()], prefix, Duration::from_secs(5)).unwrap()
+    }
+
+    /// Runs `f` with a plain etcd client of its own, to act behind the store's back.
+    pub(crate) fn raw<T, F, Fut>(etcd: &Etcd, f: F) -> T
+    where
+        F: FnOnce(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = etcd_client::Client::connect([etcd.endpoint()], None)
+                .await
+                .unwrap();
+            f(client).await
+        })
+    }
+}
+
+mod etcd_only {
+    use std::sync::Barrier;
+    use std::time::{Duration, Instant};
+
+    use meshauth_datastore::{Datastore, EtcdStore, NodeAttestation, StoreError};
+    use meshauth_policy::IdentityId;
+    use meshauth_test_support::eventually;
+
+    use super::harness::{self, Running};
+    use super::{new_entry, node, now};
+
+    /// Leases of the election tests: etcd's minimum with the harness's timers is 1 s; 2 s
+    /// leaves room for a loaded machine.
+    const TTL: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn concurrent_writers_keep_every_invariant() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("concurrent");
+        let (a, b) = (
+            harness::connect(&etcd.etcd, &prefix),
+            harness::connect(&etcd.etcd, &prefix),
+        );
+        assert_eq!(a.kind(), "etcd");
+        let now = now();
+        let token = a
+            .create_join_token(&node("n"), Duration::from_secs(600), now)
+            .unwrap();
+        let start = Barrier::new(2);
+        #[derive(Default)]
+        struct Outcome {
+            consumed: usize,
+            entries: Vec<meshauth_datastore::EntryId>,
+            duplicates: usize,
+            node_ids: Vec<u32>,
+            identities: usize,
+        }
+        let run = |t: u32, store: &EtcdStore| {
+            let mut out = Outcome::default();
+            start.wait();
+            for i in 0..50u32 {
+                match store.consume_join_token(&token.token, &node("n"), now) {
+                    Ok(()) => out.consumed += 1,
+                    Err(StoreError::TokenUnknown) => {}
+                    Err(e) => panic!("consume_join_token: {e}"),
+                }
+                let fields = new_entry(&format!("spiffe://td/w{i}"), "spiffe://td/node/n1");
+                match store.create_entry(fields) {
+                    Ok(e) => out.entries.push(e.id),
+                    Err(StoreError::DuplicateEntry { .. }) => out.duplicates += 1,
+                    Err(e) => panic!("create_entry: {e}"),
+                }
+                let n = store
+                    .record_attestation(
+                        &node(&format!("t{t}-{i}")),
+                        NodeAttestation::JoinToken,
+                        "01",
+                        now,
+                        now,
+                    )
+                    .unwrap();
+                out.node_ids.push(n.node_id.get());
+                let labels = format!("i={i},t={t}").parse().unwrap();
+                match store.insert_identity(IdentityId::new(256 + i), &labels) {
+                    Ok(()) => out.identities += 1,
+                    Err(StoreError::IdentityTaken { .. }) => {}
+                    Err(e) => panic!("insert_identity: {e}"),
+                }
+            }
+            out
+        };
+        let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+            let ha = s.spawn(|| run(0, &a));
+            let hb = s.spawn(|| run(1, &b));
+            vec![ha.join().unwrap(), hb.join().unwrap()]
+        });
+        let sum = |f: fn(&Outcome) -> usize| outcomes.iter().map(f).sum::<usize>();
+        assert_eq!(sum(|o| o.consumed), 1, "a token works exactly once");
+        assert_eq!(
+            sum(|o| o.entries.len()),
+            50,
+            "one of each pair of creations"
+        );
+        assert_eq!(sum(|o| o.duplicates), 50, "the other is a duplicate");
+        assert_eq!(sum(|o| o.identities), 50, "one label set per identity id");
+        let mut entries: Vec<_> = outcomes.iter().flat_map(|o| o.entries.clone()).collect();
+        entries.sort();
+        entries.dedup();
+        assert_eq!(entries.len(), 50, "no entry id reused");
+        let mut ids: Vec<u32> = outcomes.iter().flat_map(|o| o.node_ids.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 100, "no node id reused");
+        assert_eq!(b.count_entries().unwrap(), 50);
+        assert_eq!(a.nodes().unwrap().len(), 100);
+        assert_eq!(b.identities().unwrap().len(), 50);
+    }
+
+    #[test]
+    fn the_watch_fires_on_another_clients_write() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("watch");
+        let a = harness::connect(&etcd.etcd, &prefix);
+        let b = harness::connect(&etcd.etcd, &prefix);
+        // A prefix that merely starts with a's is another store.
+        let neighbour = harness::connect(&etcd.etcd, &format!("{prefix}x"));
+        let mut changes = a.watch();
+        let before = *changes.borrow_and_update();
+        neighbour.save_ca_journal("{}").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!changes.has_changed().unwrap(), "another prefix's write");
+        b.save_ca_journal("{\"v\":1}").unwrap();
+        eventually(Duration::from_secs(5), "a's watch to see b's write", || {
+            changes.has_changed().unwrap().then_some(())
+        });
+        let first = *changes.borrow_and_update();
+        assert!(first > before);
+        b.put_policies(&[("p".into(), "x: 1".into())]).unwrap();
+        eventually(Duration::from_secs(5), "a second change", || {
+            changes.has_changed().unwrap().then_some(())
+        });
+        assert!(*changes.borrow() > first);
+    }
+
+    #[test]
+    fn leadership_passes_on_at_a_resignation_and_after_a_crash() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("election");
+        let a = harness::connect(&etcd.etcd, &prefix);
+        let b = harness::connect(&etcd.etcd, &prefix);
+        let la = a.campaign("ctl", "a", TTL).unwrap();
+        eventually(Duration::from_secs(5), "a to lead", || {
+            la.leading().then_some(())
+        });
+        let lb = b.campaign("ctl", "b", TTL).unwrap();
+        assert_eq!(b.leader("ctl").unwrap().as_deref(), Some("a"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!lb.leading(), "one leader at a time");
+
+        la.resign().unwrap();
+        eventually(Duration::from_secs(2), "b to lead once a resigned", || {
+            lb.leading().then_some(())
+        });
+        assert_eq!(a.leader("ctl").unwrap().as_deref(), Some("b"));
+
+        // b crashes (stops renewing without resigning): c leads once b's lease expired.
+        let lc = a.campaign("ctl", "c", TTL).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!lc.leading());
+        let crashed = Instant::now();
+        lb.abandon();
+        eventually(
+            TTL + Duration::from_secs(3),
+            "c to lead after b crashed",
+            || lc.leading().then_some(()),
+        );
+        let took = crashed.elapsed();
+        assert!(
+            took >= TTL / 2 && took <= TTL + Duration::from_millis(1500),
+            "c took {took:?} to replace a crashed leader with a {TTL:?} lease"
+        );
+        assert_eq!(b.leader("ctl").unwrap().as_deref(), Some("c"));
+        drop(lc);
+        eventually(Duration::from_secs(2), "nobody to lead", || {
+            a.leader("ctl").unwrap().is_none().then_some(())
+        });
+    }
+
+    #[test]
+    fn a_revoked_lease_ends_the_leadership() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("revoked");
+        let a = harness::connect(&etcd.etcd, &prefix);
+        let la = a.campaign("ctl", "a", TTL).unwrap();
+        let mut is_leader = la.is_leader();
+        eventually(Duration::from_secs(5), "a to lead", || {
+            la.leading().then_some(())
+        });
+        is_leader.borrow_and_update();
+        let lb = a.campaign("ctl", "b", TTL).unwrap();
+        let elections = format!("{prefix}/elections/ctl/");
+        harness::raw(&etcd.etcd, |mut c| async move {
+            let keys = c
+                .get(
+                    elections,
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            let a_key = keys.kvs().iter().find(|kv| kv.value() == b"a").unwrap();
+            c.lease_revoke(a_key.lease()).await.unwrap();
+        });
+        eventually(Duration::from_secs(3), "a to learn it lost", || {
+            (!la.leading()).then_some(())
+        });
+        assert!(is_leader.has_changed().unwrap());
+        eventually(Duration::from_secs(3), "b to lead", || {
+            lb.leading().then_some(())
+        });
+        assert!(!la.leading(), "a campaigns again, behind b");
+    }
+
+    #[test]
+    fn a_leader_cut_off_from_etcd_steps_down_and_requests_fail_clearly() {
+        let running = Running::start();
+        let endpoint = running.etcd.endpoint();
+        let a = EtcdStore::connect(
+            std::slice::from_ref(&endpoint),
+            "/cut-off",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let la = a.campaign("ctl", "a", TTL).unwrap();
+        eventually(Duration::from_secs(5), "a to lead", || {
+            la.leading().then_some(())
+        });
+        let killed = Instant::now();
+        drop(running);
+        eventually(TTL + Duration::from_secs(2), "a to step down", || {
+            (!la.leading()).then_some(())
+        });
+        assert!(
+            killed.elapsed() <= TTL,
+            "a stepped down {:?} after etcd died: it must before its {TTL:?} lease can expire",
+            killed.elapsed()
+        );
+        let asked = Instant::now();
+        let err = a.nodes().unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "cannot reach etcd at {endpoint}: is it running? check --datastore"
+            )),
+            "{msg}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "bounded by the timeout"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_etcd_is_a_clear_error() {
+        let endpoint = meshauth_test_support::etcd::unused_endpoint();
+        let asked = Instant::now();
+        let err = EtcdStore::connect(
+            std::slice::from_ref(&endpoint),
+            "/meshauth",
+            Duration::from_millis(500),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "cannot reach etcd at {endpoint}: is it running? check --datastore"
+            )),
+            "{msg}"
+        );
+        assert!(asked.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_store_works_inside_a_tokio_runtime() {
+        let etcd = harness::shared_etcd();
+        let store = harness::store(&etcd.etcd, "tokio");
+        let mut changes = store.watch();
+        store.save_ca_journal("{}").unwrap();
+        assert_eq!(store.load_ca_journal().unwrap().as_deref(), Some("{}"));
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let leadership = store.campaign("ctl", "a", TTL).unwrap();
+        drop(leadership);
+        drop(store);
+    }
+
+    #[test]
+    fn a_record_that_does_not_parse_is_named_with_its_key() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("corrupt");
+        let store = harness::connect(&etcd.etcd, &prefix);
+        let key = format!("{prefix}/nodes/a");
+        let k = key.clone();
+        harness::raw(&etcd.etcd, |mut c| async move {
+            c.put(k, "not json", None).await.unwrap();
+        });
+        let err = store.nodes().unwrap_err();
+        assert!(
+            matches!(err, StoreError::CorruptKey { key: ref k, .. } if *k == key),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&key), "{err}");
+        // Evicting the node gets rid of it.
+        store.evict_node(&node("a")).unwrap();
+        assert!(store.nodes().unwrap().is_empty());
+    }
 }
