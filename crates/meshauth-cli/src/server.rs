@@ -20,10 +20,11 @@ pub(crate) struct Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum Sub {
-    /// Run the server: CA, registry (SQLite in --data-dir), node API, admin socket, metrics.
+    /// Run the server: CA, registry (SQLite in --data-dir, or etcd shared by replicas), node
+    /// API, admin socket, metrics.
     ///
     /// The CA and every record survive restarts: SVIDs issued before a restart keep validating.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a data dir's datastore without starting a server: that it is there, readable, of
     /// this trust domain, holds its CA, and that every row decodes (what `server run` checks
     /// before it serves). Prints the rows of each table; exits non-zero naming the damage.
@@ -52,9 +53,18 @@ struct RunArgs {
     /// Trust domain served (lowercase letters, digits, `.`, `-`, `_`).
     #[arg(long, default_value = defaults::TRUST_DOMAIN)]
     trust_domain: TrustDomain,
-    /// Directory of the SQLite datastore (holds the CA keys; created with mode 0700).
+    /// Directory of the SQLite datastore (holds the CA keys; created with mode 0700). With
+    /// etcd it holds no records, only the lock that keeps two servers off one directory.
     #[arg(long, default_value = defaults::DATA_DIR)]
     data_dir: PathBuf,
+    /// Where the registry is kept: `sqlite` (one server, the file in --data-dir), or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` for several replicas of this server on one
+    /// etcd cluster (needs --kek-file). Every replica serves the node and admin APIs; one,
+    /// elected through etcd, rotates the CA, and the others follow. Records live under PREFIX
+    /// (default /meshauth/<trust domain>). Give agents every replica: `agent run --server
+    /// A:8081,B:8081,C:8081`.
+    #[arg(long, default_value = "sqlite", value_name = "URL")]
+    datastore: meshauth_server::datastore_url::DatastoreUrl,
     /// Address of the node API (gRPC over mutual TLS 1.3) that agents dial.
     #[arg(long, default_value = defaults::LISTEN)]
     listen: SocketAddr,
@@ -85,14 +95,14 @@ struct RunArgs {
     /// File of the key-encryption key (64 hex digits, mode 0600; make one with `openssl rand
     /// -hex 32`) that seals the CA's private keys before they are stored. A store written
     /// without it is sealed at the next start with it; one sealed with it does not start
-    /// without it.
+    /// without it. Required with --datastore etcd://.
     #[arg(long, value_name = "FILE")]
     kek_file: Option<PathBuf>,
 }
 
 pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd.command {
-        Sub::Run(args) => run_server(args),
+        Sub::Run(args) => run_server(*args),
         Sub::Healthcheck { socket, output } => block_on(healthcheck(socket, output)),
         Sub::Check {
             data_dir,
@@ -151,6 +161,7 @@ fn run_server(args: RunArgs) -> anyhow::Result<()> {
         pod_cidr: args.pod_cidr,
         x509pop,
         kek_file: args.kek_file,
+        datastore: args.datastore,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -204,6 +215,8 @@ async fn healthcheck(socket: AdminSocket, output: Output) -> anyhow::Result<()> 
                     "authorities": authorities,
                     "agents": h.agents,
                     "entries": h.entries,
+                    "datastore": h.datastore,
+                    "leader": h.leader,
                 })
             );
         }
@@ -212,6 +225,15 @@ async fn healthcheck(socket: AdminSocket, output: Output) -> anyhow::Result<()> 
             out!("trust domain:    {}", h.trust_domain);
             out!("bundle sequence: {}", h.bundle_sequence);
             out!("agents: {}  entries: {}", h.agents, h.entries);
+            out!(
+                "datastore: {}  {}",
+                h.datastore,
+                if h.leader {
+                    "leader (rotates the CA)"
+                } else {
+                    "follower (the leader rotates the CA)"
+                }
+            );
             for a in &h.authorities {
                 out!(
                     "CA {:<8} serial {}  expires {} (in {}s)",

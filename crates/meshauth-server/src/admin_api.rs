@@ -172,6 +172,8 @@ impl Admin for AdminApi {
                 .collect(),
             agents: self.registry.nodes().map_err(status)?.len() as u32,
             entries: self.registry.count_entries().map_err(status)? as u32,
+            datastore: self.registry.datastore_kind().to_owned(),
+            leader: self.registry.is_leader(),
         }))
     }
 

@@ -144,6 +144,7 @@ pub struct Metrics {
     view_builds: Counter,
     view_build_seconds: Histogram,
     view_revision: Gauge<u64, AtomicU64>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -228,8 +229,7 @@ impl Metrics {
             "Rebuilds of the cluster view that sync streams serve (one per burst of changes)",
             view_builds.clone(),
         );
-        let view_build_seconds =
-            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        let view_build_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
         registry.register(
             "view_build_seconds",
             "Time to rebuild the cluster view (read the store, diff against the last view)",
@@ -241,7 +241,14 @@ impl Metrics {
             "Revision of the cluster view last built",
             view_revision.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the one that rotates the CA (always 1 with one server)",
+            leader.clone(),
+        );
         Metrics {
+            leader,
             registry: Arc::new(registry),
             sync_messages,
             view_builds,
@@ -293,6 +300,10 @@ impl Metrics {
         self.ticker_failures
             .get_or_create(&StepLabels { step })
             .inc();
+    }
+
+    pub(crate) fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     pub(crate) fn sync_message(&self, kind: SyncKind) {

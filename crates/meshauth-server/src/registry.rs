@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
 use meshauth_datastore::{
-    EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeAttestation, NodeName,
-    NodeRecord, NodeSpec, PodRecord, PodRuntime, RegistrationEntry, Store, StoreError,
+    Datastore, EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeAttestation,
+    NodeName, NodeRecord, NodeSpec, PodRecord, PodRuntime, RegistrationEntry, StoreError,
 };
 use meshauth_policy::labels::check_namespace;
 use meshauth_policy::policy::DEFAULT_NAMESPACE;
@@ -40,6 +40,9 @@ pub struct RegistryConfig {
     /// The key-encryption key the CA journal is sealed under in the store (`--kek-file`);
     /// `None`: stored as it is (the embedded SQLite store in a 0700 data dir).
     pub kek: Option<std::sync::Arc<crate::kek::Kek>>,
+    /// Whether other replicas share the store (etcd): then only the elected leader rotates the
+    /// CA ([`Registry::set_leader`]), the others follow the journal it writes.
+    pub replicated: bool,
 }
 
 /// The default `--pod-cidr`.
@@ -235,10 +238,14 @@ pub struct ClusterState {
 #[derive(Debug)]
 pub struct Registry {
     config: RegistryConfig,
-    store: Store,
+    store: std::sync::Arc<dyn Datastore>,
     ca: Mutex<Ca>,
+    /// The journal as last read or written here: another replica's write differs from it.
+    journal_seen: Mutex<Option<String>>,
     allocator: Mutex<IdentityAllocator>,
     changes: watch::Sender<u64>,
+    /// Whether this replica rotates the CA (always, with one server).
+    leader: std::sync::atomic::AtomicBool,
     metrics: Metrics,
 }
 
@@ -248,14 +255,20 @@ impl Registry {
     /// Loads the CA from the store's journal, or creates one and saves it.
     pub fn open(
         config: RegistryConfig,
-        store: Store,
+        store: std::sync::Arc<dyn Datastore>,
         metrics: Metrics,
         now: SystemTime,
     ) -> anyhow::Result<Self> {
         let ca_config = CaConfig::new(config.trust_domain.clone())
             .with_ca_ttl(config.ca_ttl)
             .with_svid_ttl(config.svid_ttl);
-        let ca = match store.load_ca_journal()? {
+        let stored = store.load_ca_journal()?;
+        // Written back only when new, or not sealed yet: a replica never overwrites a journal
+        // another one may have just rotated.
+        let save = stored
+            .as_ref()
+            .is_none_or(|s| config.kek.is_some() && !crate::kek::Kek::is_sealed(s));
+        let ca = match stored.clone() {
             Some(stored) => {
                 let json = Self::unseal(&config, stored)?;
                 let journal: CaJournal = serde_json::from_str(&json).map_err(|e| {
@@ -276,15 +289,21 @@ impl Registry {
                 .map_err(|e| {
                     anyhow::anyhow!("the identities in the datastore are inconsistent: {e}")
                 })?;
+        let leader = !config.replicated;
         let registry = Registry {
             config,
             store,
             ca: Mutex::new(ca),
+            journal_seen: Mutex::new(stored),
             allocator: Mutex::new(allocator),
             changes: watch::Sender::new(0),
+            leader: std::sync::atomic::AtomicBool::new(leader),
             metrics,
         };
-        registry.save_ca()?;
+        registry.metrics.set_leader(leader);
+        if save {
+            registry.save_ca()?;
+        }
         registry.upgrade_to_namespaces()?;
         registry.tick(now)?;
         Ok(registry)
@@ -312,6 +331,73 @@ impl Registry {
             None => json,
         };
         self.store.save_ca_journal(&stored)?;
+        *self.journal_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        Ok(())
+    }
+
+    /// Makes this replica the one that rotates the CA, or a follower of the one that does.
+    pub fn set_leader(&self, leader: bool) {
+        let was = self
+            .leader
+            .swap(leader, std::sync::atomic::Ordering::SeqCst);
+        if was != leader {
+            tracing::info!(leader, "CA rotation role changed");
+            self.metrics.set_leader(leader);
+        }
+    }
+
+    /// The kind of store this registry is kept in ("sqlite", "etcd").
+    pub fn datastore_kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    /// Whether this replica rotates the CA.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes in what another replica changed in the shared store: the CA journal if it was
+    /// rotated, the identities allocated, and a new view for every sync stream. Returns whether
+    /// the CA changed.
+    pub fn store_changed(&self) -> anyhow::Result<bool> {
+        let rotated = self.follow_ca()?;
+        self.reload_allocator()?;
+        self.changed();
+        Ok(rotated)
+    }
+
+    /// Loads the CA from the journal if another replica wrote a new one.
+    fn follow_ca(&self) -> anyhow::Result<bool> {
+        let stored = self.store.load_ca_journal()?;
+        let mut seen = self.journal_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == stored {
+            return Ok(false);
+        }
+        let Some(text) = stored.clone() else {
+            anyhow::bail!("the CA journal vanished from the datastore: restore it from a backup");
+        };
+        let json = Self::unseal(&self.config, text)?;
+        let journal: CaJournal = serde_json::from_str(&json)
+            .map_err(|e| anyhow::anyhow!("the CA journal in the datastore does not parse: {e}"))?;
+        let ca_config = CaConfig::new(self.config.trust_domain.clone())
+            .with_ca_ttl(self.config.ca_ttl)
+            .with_svid_ttl(self.config.svid_ttl);
+        *self.ca() = Ca::from_journal(ca_config, journal)?;
+        *seen = stored;
+        tracing::info!("CA journal rotated by another replica: loaded");
+        Ok(true)
+    }
+
+    /// Re-reads the identities (another replica may have allocated some).
+    fn reload_allocator(&self) -> Result<()> {
+        let restored =
+            IdentityAllocator::restore(self.store.identities()?.into_iter().map(|(id, l)| (l, id)))
+                .map_err(|e| {
+                    RegistryError::Invalid(format!(
+                        "the identities in the datastore are inconsistent: {e}"
+                    ))
+                })?;
+        *self.allocator.lock().unwrap_or_else(|p| p.into_inner()) = restored;
         Ok(())
     }
 
@@ -343,7 +429,20 @@ impl Registry {
     }
 
     /// Advances CA rotation; persists and announces any change. Returns whether one happened.
+    /// A replica that is not the leader follows the journal the leader writes instead.
     pub fn tick(&self, now: SystemTime) -> anyhow::Result<bool> {
+        if !self.is_leader() {
+            let rotated = self.follow_ca()?;
+            if rotated {
+                self.metrics.observe_bundle(&self.bundle(now));
+                self.changed();
+            }
+            return Ok(rotated);
+        }
+        // The leader, too, reads the journal first: a leader before it may have rotated.
+        if self.config.replicated && self.follow_ca()? {
+            self.changed();
+        }
         let events = self.ca().tick(now)?;
         if events.is_empty() {
             let b = self.bundle(now);
@@ -803,7 +902,25 @@ impl Registry {
             .allocate(labels)
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         if new {
-            self.store.insert_identity(id, labels)?;
+            if let Err(e) = self.store.insert_identity(id, labels) {
+                if !self.config.replicated {
+                    return Err(e.into());
+                }
+                // Another replica allocated this id, or these labels, meanwhile: take what
+                // the store holds and allocate again.
+                drop(alloc);
+                tracing::debug!(identity = %id, error = %e, "identity allocation raced another replica; retrying");
+                self.reload_allocator()?;
+                let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
+                let (id, new) = alloc
+                    .allocate(labels)
+                    .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+                if new {
+                    self.store.insert_identity(id, labels)?;
+                    tracing::info!(identity = %id, labels = %labels, "identity allocated");
+                }
+                return Ok(id);
+            }
             tracing::info!(identity = %id, labels = %labels, "identity allocated");
         }
         Ok(id)

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::admin_api::AdminApi;
+use crate::datastore_url::DatastoreUrl;
 use crate::metrics::{Metrics, TickStep};
 use crate::node_api::NodeApi;
 use crate::registry::{Registry, RegistryConfig};
@@ -82,6 +83,8 @@ pub struct ServerConfig {
     /// The file of the key-encryption key that seals the CA journal in the store (required
     /// with etcd; optional with SQLite).
     pub kek_file: Option<PathBuf>,
+    /// Where the registry is kept: the SQLite file in `data_dir`, or etcd shared by replicas.
+    pub datastore: DatastoreUrl,
 }
 
 /// A server whose store is open and whose listeners are bound.
@@ -97,6 +100,8 @@ pub struct Server {
     own_expiry: (SystemTime, SystemTime),
     /// Held while the server runs, so that a second server on the same data dir refuses to start.
     data_lock: meshauth_telemetry::DataDirLock,
+    /// With etcd: the shared store and this replica's candidacy for CA leader.
+    shared: Option<Shared>,
 }
 
 /// The SPIFFE ID the server presents to agents: `spiffe://<td>/meshauth/server`.
@@ -110,7 +115,8 @@ impl Server {
     /// Opens the store, loads or creates the CA, issues the server's own SVID and binds.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
         let data_lock = open_data_dir(&config.data_dir)?;
-        let store = open_store(&config.data_dir, &config.trust_domain, true)?;
+        let (store, shared) = open_datastore(&config).await?;
+        let replicated = shared.is_some();
         let now = SystemTime::now();
         let registry = Arc::new(Registry::open(
             RegistryConfig {
@@ -124,6 +130,7 @@ impl Server {
                     Some(path) => Some(Arc::new(crate::kek::Kek::read(path)?)),
                     None => None,
                 },
+                replicated,
             },
             store,
             Metrics::new(),
@@ -171,6 +178,7 @@ impl Server {
             own_id,
             own_expiry: (now, not_after),
             data_lock,
+            shared,
         })
     }
 
@@ -211,6 +219,7 @@ impl Server {
             own_id,
             own_expiry,
             data_lock: _data_lock,
+            shared,
         } = self;
         let readiness = Readiness::new();
         let ticker = Ticker::new(
@@ -233,6 +242,10 @@ impl Server {
             &[ALPN_H2],
         )?;
         let mut tasks = Supervisor::new();
+        let leadership = shared.as_ref().map(|s| Arc::clone(&s.leadership));
+        if let Some(shared) = shared {
+            spawn_replica_tasks(&mut tasks, &registry, shared);
+        }
         // The cluster view sync streams serve, rebuilt once per change.
         let views = ViewFeed::new();
         tasks.spawn(
@@ -314,9 +327,70 @@ impl Server {
             },
             move |token| run_ticker(Arc::clone(&ticker), TICK, token),
         );
-        tasks.run_until(shutdown).await?;
+        let served = tasks.run_until(shutdown).await;
+        // Another replica takes over CA rotation now rather than when the lease runs out.
+        let candidacy = leadership.and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(l) = candidacy {
+            match tokio::task::spawn_blocking(move || l.resign()).await {
+                Ok(Ok(())) => tracing::info!("resigned as CA leader"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot resign as CA leader; the lease expires by itself")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot resign as CA leader; the lease expires by itself")
+                }
+            }
+        }
+        served?;
         Ok(())
     }
+}
+
+/// The tasks of a replica on etcd: the CA leader role follows the election, and what other
+/// replicas write reaches this one's registry (new CA journal, identities, sync streams).
+fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared: Shared) {
+    let backoff = Restart::Backoff {
+        min: TICK,
+        max: TICKER_MAX_BACKOFF,
+    };
+    tasks.spawn("ca-leader-election", backoff, {
+        let (registry, is_leader) = (Arc::clone(registry), shared.is_leader.clone());
+        move |token| {
+            let (registry, mut is_leader) = (Arc::clone(&registry), is_leader.clone());
+            async move {
+                loop {
+                    let leader = *is_leader.borrow_and_update();
+                    registry.set_leader(leader);
+                    tokio::select! {
+                        changed = is_leader.changed() => changed?,
+                        () = token.cancelled() => {
+                            registry.set_leader(false);
+                            return Ok::<(), anyhow::Error>(());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    tasks.spawn("store-watch", backoff, {
+        let (registry, store) = (Arc::clone(registry), Arc::clone(&shared.store));
+        move |token| {
+            let (registry, mut changes) = (Arc::clone(&registry), store.watch());
+            async move {
+                loop {
+                    tokio::select! {
+                        changed = changes.changed() => changed?,
+                        () = token.cancelled() => return Ok::<(), anyhow::Error>(()),
+                    }
+                    changes.borrow_and_update();
+                    let reg = Arc::clone(&registry);
+                    if let Err(e) = tokio::task::spawn_blocking(move || reg.store_changed()).await? {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot take in another replica's change; retrying on the next one");
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// What the ticker needs from the registry (a seam for its tests).
@@ -538,6 +612,87 @@ fn issue_own_svid(registry: &Registry, id: &SpiffeId, now: SystemTime) -> anyhow
 /// naming the directory and the pid of the first.
 fn open_data_dir(dir: &Path) -> anyhow::Result<meshauth_telemetry::DataDirLock> {
     Ok(meshauth_telemetry::lock_data_dir(dir, "--data-dir")?)
+}
+
+/// How long a request to etcd may take.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The lease of the CA leader: a leader that dies is replaced within about this long.
+const LEADER_LEASE: Duration = Duration::from_secs(5);
+/// How long a replica that finds no CA waits for the leader to create it.
+const FIRST_CA_WAIT: Duration = Duration::from_secs(30);
+
+/// The store the server runs on, and, with etcd, the shared store and this replica's
+/// candidacy for CA leader.
+async fn open_datastore(
+    config: &ServerConfig,
+) -> anyhow::Result<(Arc<dyn meshauth_datastore::Datastore>, Option<Shared>)> {
+    let (endpoints, prefix) = match &config.datastore {
+        DatastoreUrl::Sqlite => {
+            let store = open_store(&config.data_dir, &config.trust_domain, true)?;
+            return Ok((Arc::new(store), None));
+        }
+        DatastoreUrl::Etcd { endpoints, prefix } => (endpoints.clone(), prefix.clone()),
+    };
+    if config.kek_file.is_none() {
+        anyhow::bail!(
+            "--datastore etcd:// needs --kek-file: the replicas share the CA's private keys through etcd, which must only hold them sealed (every replica reads the same key file)"
+        );
+    }
+    let prefix = prefix.unwrap_or_else(|| format!("/meshauth/{}", config.trust_domain));
+    let store = tokio::task::spawn_blocking(move || {
+        meshauth_datastore::EtcdStore::connect(&endpoints, &prefix, ETCD_TIMEOUT)
+    })
+    .await??;
+    let store = Arc::new(store);
+    let candidate = format!(
+        "{}/{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown-host".into()),
+        config.listen
+    );
+    let leadership = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || store.campaign("ca-leader", &candidate, LEADER_LEASE))
+            .await??
+    };
+    // On a first start of several replicas, only the leader creates the CA; the others wait
+    // for the journal it writes instead of creating CAs of their own.
+    let deadline = tokio::time::Instant::now() + FIRST_CA_WAIT;
+    let mut is_leader = leadership.is_leader();
+    loop {
+        let probe = Arc::clone(&store);
+        let journal = tokio::task::spawn_blocking(move || {
+            meshauth_datastore::Datastore::load_ca_journal(&*probe)
+        })
+        .await??;
+        if journal.is_some() || *is_leader.borrow_and_update() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "no CA in etcd and this replica was not elected to create it within {}s: check that etcd has quorum and that the other replicas are healthy",
+                FIRST_CA_WAIT.as_secs()
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), is_leader.changed()).await;
+    }
+    let shared = Shared {
+        store: Arc::clone(&store),
+        is_leader: leadership.is_leader(),
+        leadership: Arc::new(Mutex::new(Some(leadership))),
+    };
+    Ok((store, Some(shared)))
+}
+
+/// What a replica on etcd has beyond its store: the store's change feed and its candidacy.
+#[derive(Debug, Clone)]
+struct Shared {
+    store: Arc<meshauth_datastore::EtcdStore>,
+    /// Whether this replica leads now.
+    is_leader: tokio::sync::watch::Receiver<bool>,
+    /// The candidacy, resigned on a clean shutdown so that another replica leads at once.
+    leadership: Arc<Mutex<Option<meshauth_datastore::Leadership>>>,
 }
 
 /// The datastore's file in a data dir.

@@ -66,6 +66,9 @@ impl Etcd {
     pub fn cluster(n: usize, dir: &Path) -> Etcd {
         assert!(n > 0, "an etcd cluster needs at least one member");
         let binary = etcd_binary().unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            panic!("cannot create the etcd directory {}: {e}", dir.display());
+        }
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let mut etcd = Etcd {
@@ -123,6 +126,19 @@ impl Etcd {
         let binary = self.binary.clone();
         let member = &mut self.members[i];
         if let Err(e) = member.spawn(&binary).and_then(|()| member.wait_healthy()) {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts every member again on its ports and data (after the whole cluster was killed:
+    /// a member alone cannot answer without quorum, so they are started together) and waits
+    /// until each answers.
+    #[track_caller]
+    pub fn restart_all(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+        if let Err(e) = self.start_all() {
             panic!("{e}");
         }
     }

@@ -42,6 +42,7 @@ pub fn config(dir: &Path, ca_ttl: Duration, svid_ttl: Duration) -> ServerConfig 
         join_token_ttl: Duration::from_secs(600),
         x509pop: None,
         kek_file: None,
+        datastore: meshauth_server::datastore_url::DatastoreUrl::Sqlite,
         pod_cidr: meshauth_server::registry::DEFAULT_POD_CIDR,
     }
 }

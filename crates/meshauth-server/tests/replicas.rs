@@ -1,0 +1,190 @@
+//! Server replicas sharing one etcd (a real etcd process): one CA sealed in etcd, one leader
+//! that rotates it while the other follows, and what one replica registers reaches the sync
+//! streams of agents connected to the other.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use meshauth_proto::node::{AttestJoinTokenRequest, SyncRequest};
+use meshauth_server::datastore_url::DatastoreUrl;
+use meshauth_test_support::etcd::Etcd;
+use support::*;
+
+fn replica_config(
+    dir: &std::path::Path,
+    name: &str,
+    etcd: &Etcd,
+    kek: &std::path::Path,
+    ca_ttl: Duration,
+) -> meshauth_server::ServerConfig {
+    let mut c = config(&dir.join(name), ca_ttl, Duration::from_secs(2));
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    c.datastore = DatastoreUrl::Etcd {
+        endpoints: vec![etcd.endpoint()],
+        prefix: Some("/test/replicas".into()),
+    };
+    c.kek_file = Some(kek.to_owned());
+    c
+}
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_ca_one_leader_and_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&dir.path().join("etcd"));
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "c3".repeat(32)).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A short CA lifetime: the leader prepares a new authority after 6 s.
+    let ca_ttl = Duration::from_secs(12);
+    let a = TestServer::start(replica_config(dir.path(), "a", &etcd, &kek, ca_ttl)).await;
+    let b = TestServer::start(replica_config(dir.path(), "b", &etcd, &kek, ca_ttl)).await;
+
+    // One CA: b loaded the one a created and sealed.
+    assert_eq!(a.bundle().authorities, b.bundle().authorities);
+    let leaders = || [a.registry.is_leader(), b.registry.is_leader()];
+    wait_for("one leader", || {
+        (leaders().iter().filter(|l| **l).count() == 1).then_some(())
+    })
+    .await;
+
+    // A node attests at b with a token made at a, and syncs from b.
+    let token = a.token("n1");
+    let mut attest = node_client(b.addr, b.bundle(), None).await;
+    let (key, csr) = key_and_csr();
+    let issued = attest
+        .attest_join_token(AttestJoinTokenRequest {
+            token: token.clone(),
+            node_name: "n1".into(),
+            csr,
+        })
+        .await
+        .expect("a token made at one replica attests at the other")
+        .into_inner();
+    let n1 = (chain(&issued.svid_chain), pkcs8(&key));
+    let e = attest
+        .attest_join_token(AttestJoinTokenRequest {
+            token,
+            node_name: "n1".into(),
+            csr: key_and_csr().1,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("already used"),
+        "a token works once, across replicas: {e}"
+    );
+    let mut c = node_client(b.addr, b.bundle(), Some(n1)).await;
+    let mut stream = c.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.entries.is_empty());
+
+    // An entry and a policy registered at a reach the stream at b.
+    a.registry
+        .create_entry(meshauth_datastore::NewEntry {
+            spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
+            parent_id: format!("spiffe://{TD}/node/n1").parse().unwrap(),
+            selectors: vec!["unix:uid:1000".parse().unwrap()],
+            x509_svid_ttl: None,
+            dns_names: vec![],
+        })
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            if !m.entries.is_empty() {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("a's registration reaches b's sync stream");
+    assert!(got.delta);
+    assert_eq!(got.entries[0].spiffe_id, format!("spiffe://{TD}/w"));
+
+    // Identities allocated at both replicas at once agree.
+    let (ra, rb) = (
+        std::sync::Arc::clone(&a.registry),
+        std::sync::Arc::clone(&b.registry),
+    );
+    let ta = tokio::task::spawn_blocking(move || {
+        (0..10)
+            .map(|i| {
+                ra.create_pod(
+                    "default",
+                    &format!("pa{i}"),
+                    format!("app=x{i}").parse().unwrap(),
+                    &"n1".parse().unwrap(),
+                )
+                .unwrap()
+                .identity
+            })
+            .collect::<Vec<_>>()
+    });
+    let tb = tokio::task::spawn_blocking(move || {
+        (0..10)
+            .map(|i| {
+                rb.create_pod(
+                    "default",
+                    &format!("pb{i}"),
+                    format!("app=x{i}").parse().unwrap(),
+                    &"n1".parse().unwrap(),
+                )
+                .unwrap()
+                .identity
+            })
+            .collect::<Vec<_>>()
+    });
+    let (ia, ib) = (ta.await.unwrap(), tb.await.unwrap());
+    assert_eq!(
+        ia, ib,
+        "the same labels have one identity, whichever replica placed them"
+    );
+
+    // The leader prepares the next authority; the follower serves it in its bundle too.
+    let before = a.bundle().authorities.len();
+    wait_for("a rotation seen by both replicas", || {
+        let (na, nb) = (a.bundle(), b.bundle());
+        (na.authorities.len() > before && na.authorities == nb.authorities).then_some(())
+    })
+    .await;
+    let now = SystemTime::now();
+    assert_eq!(
+        a.registry.bundle(now).sequence,
+        b.registry.bundle(now).sequence
+    );
+    drop(stream);
+
+    // The leader stops (and resigns): the other leads.
+    let (leader, follower) = if a.registry.is_leader() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader.stop().await;
+    wait_for("the follower to lead", || {
+        follower.registry.is_leader().then_some(())
+    })
+    .await;
+    follower.stop().await;
+}
