@@ -62,6 +62,29 @@ async fn two_replicas_share_one_ca_one_leader_and_every_change() {
 
     // One CA: b loaded the one a created and sealed.
     assert_eq!(a.bundle().authorities, b.bundle().authorities);
+    // What etcd holds, read as anyone with access to etcd (or its backups) would: sealed.
+    let raw = meshauth_datastore::EtcdStore::connect(
+        &[etcd.endpoint()],
+        "/test/replicas",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let stored = meshauth_datastore::Datastore::load_ca_journal(&raw)
+        .unwrap()
+        .unwrap();
+    assert!(stored.starts_with("meshauth-sealed:v1:"));
+    assert!(!stored.contains('"'), "no JSON of the CA journal in etcd");
+    // A replica with another key-encryption key cannot take the CA, and says why.
+    let other = dir.path().join("other-kek");
+    std::fs::write(&other, "d4".repeat(32)).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let e = meshauth_server::Server::bind(replica_config(dir.path(), "c", &etcd, &other, ca_ttl))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("every replica must read the same --kek-file"),
+        "{e:#}"
+    );
     let leaders = || [a.registry.is_leader(), b.registry.is_leader()];
     wait_for("one leader", || {
         (leaders().iter().filter(|l| **l).count() == 1).then_some(())
