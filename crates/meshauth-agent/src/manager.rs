@@ -2,8 +2,9 @@
 //! workload SVIDs for the entries it streams, and rotation of every SVID at about half-life.
 //!
 //! When the server is unreachable, the manager keeps what it has (the Workload API goes on
-//! serving it until expiry) and reconnects with exponential backoff; nothing needs a restart or
-//! a new token once the node has attested.
+//! serving it until expiry) and moves to the next server of its list (any replica serves),
+//! backing off exponentially per round of failures ([`servers::Failover`]); nothing needs a
+//! restart or a new token once the node has attested.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -47,8 +48,8 @@ const UNSIGNABLE_RETRY: Duration = Duration::from_secs(60);
 pub struct ManagerConfig {
     /// The node's name.
     pub node_name: String,
-    /// The server, `host:port`.
-    pub server: String,
+    /// The servers (replicas: any serves the node API), in the order of preference.
+    pub servers: ServerList,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// This node's WireGuard public key, published on every sync stream (encryption on).
@@ -69,6 +70,8 @@ pub struct Manager {
     /// Set when the server refused the node SVID (evicted, re-attested elsewhere): the next
     /// attempt attests again instead of presenting it.
     refused: Arc<std::sync::atomic::AtomicBool>,
+    /// Index in `config.servers` of the server of the current (or last) session.
+    current: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A renewal time at about half of the lifetime, ±5 % jitter so that nodes spread out.
@@ -196,13 +199,15 @@ fn cluster_of(
     out
 }
 
-/// Loads the node identity from the data dir, or attests (x509pop, else the join token).
+/// Loads the node identity from the data dir, or attests (x509pop, else the join token),
+/// trying each server in turn. Also returns the index of the server to start with: the one
+/// that attested the node, else the first.
 pub async fn bootstrap(
     config: &ManagerConfig,
     data: &DataDir,
     trust_bundle: &std::path::Path,
     attestor: &NodeAttestor,
-) -> anyhow::Result<(NodeSvid, X509Bundle)> {
+) -> anyhow::Result<(NodeSvid, X509Bundle, usize)> {
     let td = &config.trust_domain;
     let now = SystemTime::now();
     let bundle = match data.load_bundle(td)? {
@@ -212,7 +217,7 @@ pub async fn bootstrap(
     match data.load_node_svid(&bundle, now) {
         Ok(Some(svid)) => {
             tracing::info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, "re-using the node SVID from the data dir");
-            return Ok((svid, bundle));
+            return Ok((svid, bundle, 0));
         }
         Ok(None) => {}
         Err(e) if attestor.has_credential() => {
@@ -226,8 +231,8 @@ pub async fn bootstrap(
             config.node_name
         );
     }
-    let (svid, bundle) = attestor
-        .attest(&config.node_name, &config.server, td, &bundle, false)
+    let (svid, bundle, index) = attestor
+        .attest_first_answering(&config.node_name, &config.servers, 0, td, &bundle, false)
         .await
         .map_err(anyhow::Error::new)?;
     data.save_node_svid(&svid)?;
@@ -237,8 +242,8 @@ pub async fn bootstrap(
     } else {
         "the join token"
     };
-    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, "attested with {how}");
-    Ok((svid, bundle))
+    tracing::info!(spiffe_id = %svid.spiffe_id, node.id = svid.node_id, server = %config.servers.get(index), "attested with {how}");
+    Ok((svid, bundle, index))
 }
 
 impl Manager {
@@ -266,7 +271,33 @@ impl Manager {
             metrics,
             attestor,
             refused: Arc::default(),
+            current: Arc::default(),
         })
+    }
+
+    /// The same manager, starting its sessions at server `index` of the list (the one that
+    /// attested the node, from [`bootstrap`]).
+    pub fn with_current_server(self, index: usize) -> Manager {
+        let index = index % self.config.servers.as_slice().len().max(1);
+        self.current
+            .store(index, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_server_index(index);
+        self
+    }
+
+    /// Every server the manager may use, in the order of preference.
+    pub fn servers(&self) -> &ServerList {
+        &self.config.servers
+    }
+
+    /// The index in [`Manager::servers`] of the server of the current (or last) session.
+    pub fn current_index(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The server of the current (or last) session.
+    pub fn current_server(&self) -> ServerAddr {
+        self.config.servers.get(self.current_index()).clone()
     }
 
     /// The trust domain.
@@ -279,10 +310,10 @@ impl Manager {
         self.bundle.clone()
     }
 
-    /// A new connection to the server, authenticated by the node SVID.
+    /// A new connection to the current server, authenticated by the node SVID.
     pub async fn connect(&self) -> anyhow::Result<NodeClient<Channel>> {
         connect(
-            &self.config.server,
+            &self.current_server().to_string(),
             &self.config.trust_domain,
             self.bundle.clone(),
             Some(self.node_key.clone()),
@@ -327,13 +358,25 @@ impl Manager {
         self.metrics.set_unsignable_entries(state.unsignable.len());
     }
 
-    /// Runs until `shutdown` completes: sync sessions with reconnection and backoff.
+    /// Runs until `shutdown` completes: sync sessions, each ended one followed by the next
+    /// server of the list after the [`Failover`] schedule's delay. Everything held (SVIDs,
+    /// bundle, cluster state) is kept from one session to the next, whichever server.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut failover = Failover::new(
+            self.config.servers.as_slice().len(),
+            BACKOFF_MIN,
+            BACKOFF_MAX,
+        )
+        .starting_at(self.current_index());
         loop {
+            let index = failover.current();
+            self.current
+                .store(index, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.set_server_index(index);
+            let server = self.config.servers.get(index).clone();
             let served = std::sync::atomic::AtomicBool::new(false);
             let outcome = tokio::select! {
-                r = self.session(&served) => r,
+                r = self.session(&server, &served) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             self.metrics.set_connected(false);
@@ -341,30 +384,44 @@ impl Manager {
             // A session that got service (a sync message) resets the backoff; one that did not
             // (refused, dropped at once) backs off like a failure, so a server that accepts and
             // drops us is never redialed in a tight loop.
-            if served.load(std::sync::atomic::Ordering::Relaxed) {
-                backoff = BACKOFF_MIN;
-            }
-            let delay = match outcome {
+            let served = served.load(std::sync::atomic::Ordering::Relaxed);
+            let step = match (&outcome, served) {
+                (Ok(SessionEnd::Renewed), _) => failover.next(SessionOutcome::Renewed { served }),
+                (_, true) => failover.next(SessionOutcome::Served),
+                (_, false) => failover.next(SessionOutcome::Failed),
+            };
+            let next = self.config.servers.get(step.index);
+            // ±20 % jitter, so that nodes cut off together do not return together.
+            let delay = step.delay.mul_f64(rand::rng().random_range(0.8..1.2));
+            let retry_in_ms = delay.as_millis() as u64;
+            match outcome {
                 // The node SVID was renewed: the new one is presented on a new connection now.
                 Ok(SessionEnd::Renewed) => {
-                    tracing::debug!("reconnecting with the renewed node SVID");
+                    tracing::debug!(server = %server, "reconnecting with the renewed node SVID");
                     continue;
                 }
                 Ok(SessionEnd::ServerEnded) => {
                     tracing::info!(
-                        retry_in_ms = backoff.as_millis() as u64,
+                        server = %server,
+                        next_server = %next,
+                        retry_in_ms,
                         "the server ended the sync stream; reconnecting"
                     );
-                    backoff
                 }
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "lost the server; serving cached SVIDs");
-                    backoff
+                    tracing::warn!(server = %server, next_server = %next, retry_in_ms, error = %format!("{e:#}"), "lost the server; serving cached SVIDs");
                 }
-            };
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            // ±20 % jitter, so that nodes cut off together do not return together.
-            let delay = delay.mul_f64(rand::rng().random_range(0.8..1.2));
+            }
+            if step.failed_over {
+                self.metrics.server_failover();
+                tracing::info!(
+                    from = %server,
+                    server = %next,
+                    failures = failover.failures(),
+                    retry_in_ms,
+                    "failing over to the next server"
+                );
+            }
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -372,9 +429,11 @@ impl Manager {
         }
     }
 
-    /// Attests again if the node SVID expired (a server outage longer than its lifetime) or
-    /// the server refused it. The new SVID is saved before it replaces the old one.
-    async fn attest_if_needed(&self) -> anyhow::Result<()> {
+    /// Attests again at `server` if the node SVID expired (a server outage longer than its
+    /// lifetime) or the server refused it. The new SVID is saved before it replaces the old one.
+    /// When `server` cannot attest the node, the session fails and the next one tries the next
+    /// server: re-attestation goes through the list as sessions do.
+    async fn attest_if_needed(&self, server: &ServerAddr) -> anyhow::Result<()> {
         use std::sync::atomic::Ordering;
         let expired = self.node_svid().not_after <= SystemTime::now();
         let refused = self.refused.load(Ordering::Relaxed);
@@ -391,7 +450,7 @@ impl Manager {
             .attestor
             .attest(
                 &self.config.node_name,
-                &self.config.server,
+                &server.to_string(),
                 &self.config.trust_domain,
                 &bundle,
                 true,
@@ -412,7 +471,7 @@ impl Manager {
         self.node_key
             .set(svid.chain.clone(), private_key(&svid.key))?;
         self.bundle.set(bundle);
-        tracing::info!(reason = why, serial = %svid.serial, x509pop = self.attestor.can_reattest(), "attested again");
+        tracing::info!(reason = why, server = %server, serial = %svid.serial, x509pop = self.attestor.can_reattest(), "attested again");
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = svid;
         self.refused.store(false, Ordering::Relaxed);
         self.metrics.attested_again(AttestationResult::Ok);
@@ -428,12 +487,17 @@ impl Manager {
         }
     }
 
-    /// One connection: sync, sign, rotate. `served` turns true once a sync message arrived.
-    async fn session(&self, served: &std::sync::atomic::AtomicBool) -> anyhow::Result<SessionEnd> {
-        self.attest_if_needed().await?;
+    /// One connection to `server`: sync, sign, rotate. `served` turns true once a sync message
+    /// arrived.
+    async fn session(
+        &self,
+        server: &ServerAddr,
+        served: &std::sync::atomic::AtomicBool,
+    ) -> anyhow::Result<SessionEnd> {
+        self.attest_if_needed(server).await?;
         let td = &self.config.trust_domain;
         let mut client = connect(
-            &self.config.server,
+            &server.to_string(),
             td,
             self.bundle.clone(),
             Some(self.node_key.clone()),
@@ -462,7 +526,7 @@ impl Manager {
             .into_inner();
         self.metrics.set_connected(true);
         self.publish(|s| s.connected = true);
-        tracing::info!(server = %self.config.server, "sync stream up");
+        tracing::info!(server = %server, "sync stream up");
         loop {
             let wake = self.next_refresh();
             let sleep = wake.duration_since(SystemTime::now()).unwrap_or_default();

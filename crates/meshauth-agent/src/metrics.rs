@@ -279,6 +279,8 @@ pub struct Metrics {
     attestations: Family<AttestationLabels, Counter>,
     soonest_expiry: Gauge,
     server_connected: Gauge,
+    server_failovers: Counter,
+    server_index: Gauge,
     workload_api: Family<ApiLabels, Counter>,
     workload_connections: Gauge,
     workload_accepted: Counter,
@@ -400,6 +402,18 @@ impl Metrics {
             "server_connected",
             "1 while the sync stream with the server is up",
             server_connected.clone(),
+        );
+        let server_failovers = Counter::default();
+        r.register(
+            "server_failovers",
+            "Times a session with a server ended and the next was with another server of --server",
+            server_failovers.clone(),
+        );
+        let server_index = Gauge::default();
+        r.register(
+            "server_index",
+            "Index in --server of the server of the current (or last) session; 0: the first",
+            server_index.clone(),
         );
         let workload_api = Family::<ApiLabels, Counter>::default();
         r.register(
@@ -546,6 +560,8 @@ impl Metrics {
             rotation_failures,
             soonest_expiry,
             server_connected,
+            server_failovers,
+            server_index,
             workload_api,
             workload_connections,
             workload_accepted,
@@ -593,6 +609,17 @@ impl Metrics {
 
     pub(crate) fn set_connected(&self, up: bool) {
         self.server_connected.set(i64::from(up));
+    }
+
+    /// The next session is with another server than the last.
+    pub(crate) fn server_failover(&self) {
+        self.server_failovers.inc();
+    }
+
+    /// Sessions are now with server `index` of the list.
+    pub(crate) fn set_server_index(&self, index: usize) {
+        self.server_index
+            .set(i64::try_from(index).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn handshake(&self, role: Role, result: HandshakeResult, seconds: Option<f64>) {
@@ -729,6 +756,8 @@ mod tests {
             None,
         );
         m.set_unsignable_entries(2);
+        m.server_failover();
+        m.set_server_index(1);
         m.auth_state(3, 1, 5, 2);
         m.auth_state(2, 0, 7, 2);
         let mut stats = meshauth_datapath::Stats::default();
@@ -755,6 +784,8 @@ mod tests {
             "meshauth_agent_datapath_drops_total{direction=\"Ingress\",reason=\"PolicyDenied\"} 4",
             "meshauth_agent_datapath_events_lost_total 5",
             "meshauth_agent_unsignable_entries 2",
+            "meshauth_agent_server_failovers_total 1",
+            "meshauth_agent_server_index 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -18,6 +18,7 @@ use meshauth_tls::SharedBundle;
 use meshauth_tls::x509pop::{EXPORTER_LEN, NodeCredential};
 
 use crate::identity::NodeSvid;
+use crate::manager::ServerList;
 use crate::server_client::{connect_for_attestation, key_and_csr};
 
 /// The files of a node's x509pop credential, read again at each attestation (so an operator
@@ -176,6 +177,45 @@ impl NodeAttestor {
                 .into_inner()
         };
         crate::manager::node_svid_of(resp, key, td, bundle).map_err(AttestationError::Unreachable)
+    }
+
+    /// [`NodeAttestor::attest`] at each of `servers` in turn, from index `start` (wrapping
+    /// around), until one issues a node SVID; also returns that server's index. A server that
+    /// cannot be reached (or fails) is skipped; a refusal, or a credential that cannot be read,
+    /// ends the search at once: replicas share one registry, so the next would refuse too.
+    pub async fn attest_first_answering(
+        &self,
+        node_name: &str,
+        servers: &ServerList,
+        start: usize,
+        td: &TrustDomain,
+        bundle: &X509Bundle,
+        again: bool,
+    ) -> Result<(NodeSvid, X509Bundle, usize), AttestationError> {
+        let several = servers.as_slice().len() > 1;
+        let mut last = None;
+        for (index, server) in servers.starting_at(start) {
+            match self
+                .attest(node_name, &server.to_string(), td, bundle, again)
+                .await
+            {
+                Ok((svid, bundle)) => return Ok((svid, bundle, index)),
+                Err(AttestationError::Unreachable(e)) => {
+                    if several {
+                        tracing::warn!(server = %server, error = %format!("{e:#}"), "cannot attest at this server; trying the next");
+                    }
+                    last = Some((server, e));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(match last {
+            Some((_, e)) if !several => AttestationError::Unreachable(e),
+            Some((server, e)) => AttestationError::Unreachable(e.context(format!(
+                "none of the servers {servers} could attest this node; the last one tried, {server}"
+            ))),
+            None => AttestationError::NoCredential("no server to attest at: pass --server".into()),
+        })
     }
 
     fn token(&self, node_name: &str, again: bool) -> Result<String, AttestationError> {

@@ -13,13 +13,13 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::admin::AdminApi;
 use crate::identity::DataDir;
-use crate::manager::{Manager, ManagerConfig, bootstrap};
+use crate::manager::{Manager, ManagerConfig, ServerList, bootstrap};
 use crate::metrics::Metrics;
 use crate::workload_api::WorkloadApi;
 
 /// The agent's defaults, in one place (also shown by `--help`).
 pub mod defaults {
-    /// The server.
+    /// The server (`--server` takes a comma-separated list of replicas).
     pub const SERVER: &str = "127.0.0.1:8081";
     /// Trust domain.
     pub const TRUST_DOMAIN: &str = "meshauth.local";
@@ -39,8 +39,8 @@ pub mod defaults {
 pub struct AgentConfig {
     /// This node's name.
     pub node_name: String,
-    /// The server, `host:port`.
-    pub server: String,
+    /// The servers (replicas of one registry), in the order of preference.
+    pub servers: ServerList,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// What the node attests with: a join token (a secret: redacted in `Debug`) or an
@@ -65,7 +65,7 @@ impl std::fmt::Debug for AgentConfig {
         // Destructured so that a new field cannot be left out (or leak) unnoticed.
         let AgentConfig {
             node_name,
-            server,
+            servers,
             trust_domain,
             attestor,
             trust_bundle,
@@ -77,7 +77,7 @@ impl std::fmt::Debug for AgentConfig {
         } = self;
         f.debug_struct("AgentConfig")
             .field("node_name", node_name)
-            .field("server", server)
+            .field("servers", &servers.to_string())
             .field("trust_domain", trust_domain)
             .field("attestor", attestor)
             .field("trust_bundle", trust_bundle)
@@ -101,7 +101,7 @@ mod config_debug_tests {
     fn debug_never_shows_the_join_token() {
         let config = super::AgentConfig {
             node_name: "n1".into(),
-            server: "127.0.0.1:8081".into(),
+            servers: "127.0.0.1:8081".parse().unwrap(),
             trust_domain: "test.local".parse().unwrap(),
             attestor: crate::node_attestation::NodeAttestor {
                 join_token: Some("s3cr3t-t0ken".into()),
@@ -185,11 +185,11 @@ impl Agent {
         };
         let mconfig = ManagerConfig {
             node_name: config.node_name.clone(),
-            server: config.server.clone(),
+            servers: config.servers.clone(),
             trust_domain: config.trust_domain.clone(),
             tunnel_key: tunnel_key.as_ref().map(|k| k.public().into()),
         };
-        let (node, bundle) =
+        let (node, bundle, first_server) =
             bootstrap(&mconfig, &data, &config.trust_bundle, &config.attestor).await?;
         let metrics = Metrics::new();
         let manager = Manager::new(
@@ -199,7 +199,8 @@ impl Agent {
             bundle,
             metrics.clone(),
             config.attestor.clone(),
-        )?;
+        )?
+        .with_current_server(first_server);
         let workload = meshauth_telemetry::bind_unix_socket(
             &config.workload_socket,
             0o777,
@@ -219,7 +220,8 @@ impl Agent {
             })?;
         tracing::info!(
             node = %config.node_name,
-            server = %config.server,
+            servers = %config.servers,
+            server = %manager.current_server(),
             workload_socket = %config.workload_socket.display(),
             admin_socket = %config.admin_socket.display(),
             metrics = %metrics_listener.local_addr()?,
@@ -385,7 +387,6 @@ impl Agent {
                     }
                 });
             }
-            let server = config.server.clone();
             let node = config.node_name.clone();
             let (manager, metrics) = (manager.clone(), metrics.clone());
             let (published, flows, stop) =
@@ -399,7 +400,7 @@ impl Agent {
                 ready,
                 move |_| {
                     let settings = settings.clone();
-                    let (server, node) = (server.clone(), node.clone());
+                    let node = node.clone();
                     let (manager, metrics) = (manager.clone(), metrics.clone());
                     let (published, flows, stop) = (published.clone(), flows.clone(), stop.clone());
                     let status = status_tx.clone();
@@ -408,7 +409,7 @@ impl Agent {
                     async move {
                         let node_address = match settings.node_address {
                             Some(a) => a,
-                            None => local_address_towards(&server).await?,
+                            None => local_address_towards_servers(&manager).await?,
                         };
                         let cfg = crate::enforce::EnforceConfig {
                             node_name: node,
@@ -434,7 +435,6 @@ impl Agent {
         if let (Some(settings), Some((device, _))) = (encrypt, tunnel) {
             let ready = readiness.register("tunnel");
             ready.set_not_ready("the tunnel is starting");
-            let server = config.server.clone();
             let node = config.node_name.clone();
             let node_address = config.enforce.as_ref().and_then(|s| s.node_address);
             let (manager, metrics, status, stop) = (
@@ -451,7 +451,7 @@ impl Agent {
                 },
                 ready.clone(),
                 move |_| {
-                    let (settings, node, server) = (settings.clone(), node.clone(), server.clone());
+                    let (settings, node) = (settings.clone(), node.clone());
                     let device = Arc::clone(&device);
                     let (manager, metrics, status, stop, ready) = (
                         manager.clone(),
@@ -463,7 +463,7 @@ impl Agent {
                     async move {
                         let node_address = match node_address {
                             Some(a) => a,
-                            None => local_address_towards(&server).await?,
+                            None => local_address_towards_servers(&manager).await?,
                         };
                         crate::tunnel::run(
                             crate::tunnel::TunnelConfig {
@@ -494,6 +494,24 @@ impl Agent {
         }
         result.map_err(|e| anyhow::anyhow!("{e}"))
     }
+}
+
+/// The local address this host uses to reach the servers: towards the current one, else the
+/// next of the list that resolves and has a route (a UDP socket's connect: nothing is sent).
+async fn local_address_towards_servers(manager: &Manager) -> anyhow::Result<std::net::IpAddr> {
+    let servers = manager.servers();
+    let mut errors = Vec::new();
+    for (_, server) in servers.starting_at(manager.current_index()) {
+        match local_address_towards(&server.to_string()).await {
+            Ok(a) => return Ok(a),
+            Err(e) if servers.as_slice().len() == 1 => return Err(e),
+            Err(e) => errors.push(format!("{server}: {e:#}")),
+        }
+    }
+    anyhow::bail!(
+        "no local address towards any server ({}): pass --node-address",
+        errors.join("; ")
+    )
 }
 
 /// The local address this host uses to reach `server` (`host:port`).

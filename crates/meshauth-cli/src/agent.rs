@@ -31,6 +31,9 @@ enum Sub {
     /// Later starts re-use the node SVID kept in --data-dir. If it expired (the server was down
     /// longer than its lifetime), an x509pop node attests again by itself; a join-token node
     /// takes a new token written to --join-token-file, without a restart.
+    ///
+    /// Server replicas: --server s1:8081,s2:8081 (any serves; the agent fails over between
+    /// them and keeps serving what it holds).
     Run(Box<RunArgs>),
     /// Ask a running agent whether it is healthy and ready; exits non-zero, naming what is not
     /// ready and why (first sync pending, enforcement not in force, ...), when it is not.
@@ -125,9 +128,22 @@ struct RunArgs {
     /// This node's name (becomes spiffe://<td>/node/<name>).
     #[arg(long)]
     node: NodeName,
-    /// The server's node API, HOST:PORT.
-    #[arg(long, default_value = defaults::SERVER)]
-    server: String,
+    /// The server's node API, HOST:PORT; replicas as HOST:PORT,HOST:PORT,... (or the flag given
+    /// again, once per replica: both forms mix).
+    ///
+    /// Any replica serves the node API (attestation, renewal, signing, sync): they share one
+    /// registry. The order is the preference: the agent attests at the first server that
+    /// answers, keeps its sync stream on one server, and when that session fails (connect
+    /// error, stream error, the server ended the stream) moves to the next, wrapping around.
+    /// Within a round of the list the next server is dialed after 0.5 s; once every server of a
+    /// round failed, the agent waits 0.5 s, doubled for each further failed round up to 30 s
+    /// (±20 % jitter); the waits start over as soon as a server served a sync. Meanwhile it
+    /// keeps serving everything it holds (SVIDs, bundle, policy) until expiry. A node whose
+    /// SVID expired attests again at the server of the session, moving through the list the
+    /// same way. `meshauth_agent_server_index` says which server it is on,
+    /// `meshauth_agent_server_failovers_total` how often it moved.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", default_value = defaults::SERVER)]
+    server: Vec<meshauth_agent::manager::ServerList>,
     /// Trust domain.
     #[arg(long, default_value = defaults::TRUST_DOMAIN)]
     trust_domain: TrustDomain,
@@ -297,9 +313,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         files.load()?;
     }
     let enforce = enforce_settings(&args)?;
+    let servers = meshauth_agent::manager::ServerList::join(args.server)
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     let config = AgentConfig {
         node_name: args.node.to_string(),
-        server: args.server,
+        servers,
         trust_domain: args.trust_domain,
         attestor,
         trust_bundle: args.trust_bundle,
@@ -677,5 +695,41 @@ mod join_token_tests {
             "/f",
         ]);
         assert!(both.is_err(), "one source of the token at a time");
+    }
+
+    fn servers(args: &[&str]) -> Result<String, String> {
+        use clap::Parser as _;
+        let mut argv = vec!["meshauth", "--node", "n1"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        meshauth_agent::manager::ServerList::join(cli.run.server)
+            .map(|l| l.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn server_lists_come_as_commas_or_repeated_flags() {
+        assert_eq!(servers(&[]).unwrap(), "127.0.0.1:8081", "the default");
+        assert_eq!(
+            servers(&["--server", "s1:8081"]).unwrap(),
+            "s1:8081",
+            "one server, as before"
+        );
+        assert_eq!(
+            servers(&["--server", "s1:8081,s2:8081", "--server", "s3:9000"]).unwrap(),
+            "s1:8081,s2:8081,s3:9000"
+        );
+        let no_port = servers(&["--server", "s1:8081,s2"]).unwrap_err();
+        assert!(
+            no_port.contains("server address \"s2\" has no port"),
+            "{no_port}"
+        );
+        let twice = servers(&["--server", "s1:8081,s2:8081", "--server", "s2:8081"]).unwrap_err();
+        assert_eq!(
+            twice,
+            "server s2:8081 is listed twice: give each replica once, in the order of preference"
+        );
+        let empty = servers(&["--server", ""]).unwrap_err();
+        assert!(empty.contains("no server given"), "{empty}");
     }
 }
