@@ -15,19 +15,9 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{BIN, ServerProcess, TD, eventually, free_port, terminate};
-
-fn uid() -> u32 {
-    // Read from procfs: this crate has no `unsafe`, so no getuid(2).
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
+use support::{ListAgent as Agent, ServerProcess, TD, eventually, free_port, uid};
 
 /// An entry of node n1 for this test process's uid.
 fn create_entry(server: &ServerProcess, name: &str) {
@@ -41,123 +31,6 @@ fn create_entry(server: &ServerProcess, name: &str) {
         "--selector",
         &format!("unix:uid:{}", uid()),
     ]);
-}
-
-/// `meshauth agent run` with a `--server` list of our own (support's agent always passes the
-/// one server it was given) and a known metrics port.
-struct Agent {
-    child: Child,
-    admin_socket: PathBuf,
-    metrics_port: u16,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, servers: &str, extra: &[&str]) -> Agent {
-        let admin_socket = dir.join("n1-agent.sock");
-        let metrics_port = free_port();
-        let log = dir.join("n1-agent.log");
-        let child = Command::new(BIN)
-            .args(["agent", "run", "--node", "n1", "--trust-domain", TD])
-            .args(["--server", servers])
-            .arg("--trust-bundle")
-            .arg(dir.join("bundle.pem"))
-            .arg("--data-dir")
-            .arg(dir.join("n1-data"))
-            .arg("--workload-socket")
-            .arg(dir.join("n1-workload.sock"))
-            .arg("--agent-socket")
-            .arg(&admin_socket)
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            ))
-            .spawn()
-            .expect("agent starts");
-        let agent = Agent {
-            child,
-            admin_socket,
-            metrics_port,
-            log,
-        };
-        eventually(Duration::from_secs(20), "agent health", || {
-            agent.health().filter(|h| h["ready"] == true)
-        });
-        agent
-    }
-
-    fn agent_cli(&self, args: &[&str]) -> Option<serde_json::Value> {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--agent-socket")
-            .arg(&self.admin_socket)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn health(&self) -> Option<serde_json::Value> {
-        self.agent_cli(&["agent", "healthcheck", "-o", "json"])
-    }
-
-    /// SPIFFE ID → serial of every SVID held.
-    fn svids(&self) -> Vec<(String, String)> {
-        let list = self
-            .agent_cli(&["agent", "svids", "-o", "json"])
-            .unwrap_or_default();
-        list.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                Some((
-                    s["spiffe_id"].as_str()?.into(),
-                    s["serial"].as_str()?.into(),
-                ))
-            })
-            .collect()
-    }
-
-    fn serial_of(&self, name: &str) -> Option<String> {
-        let id = format!("spiffe://{TD}/{name}");
-        self.svids()
-            .into_iter()
-            .find(|(s, _)| *s == id)
-            .map(|s| s.1)
-    }
-
-    /// The value of metric `name` (no labels), if the agent answers.
-    fn metric(&self, name: &str) -> Option<f64> {
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut body = String::new();
-        c.read_to_string(&mut body).ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) {
-        terminate(&mut self.child, "agent");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A TCP forwarder from a loopback port to `target`: one path to the server, which
