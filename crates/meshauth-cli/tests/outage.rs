@@ -26,48 +26,6 @@ fn work() -> String {
     format!("{}/{LAB}", meshauth_lab::STATE_DIR)
 }
 
-/// The demo server's process: its pid and command line.
-fn server_process() -> (u32, Vec<String>) {
-    let data_dir = format!("{}/server", work());
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if argv.iter().any(|a| a == "server")
-            && argv
-                .windows(2)
-                .any(|w| w[0] == "--data-dir" && w[1] == data_dir)
-        {
-            return (pid, argv);
-        }
-    }
-    panic!("no server process of lab {LAB}");
-}
-
-/// `agent healthcheck -o json` of a node's agent (printed also when not ready).
-fn health(node: &str) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args([
-            "agent",
-            "healthcheck",
-            "-o",
-            "json",
-            "--agent-socket",
-            &format!("{}/{node}-agent.sock", work()),
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 fn unix_of(rfc3339: &serde_json::Value) -> SystemTime {
     humantime::parse_rfc3339(rfc3339.as_str().unwrap()).unwrap()
 }
@@ -91,11 +49,11 @@ fn x509pop_nodes_recover_by_themselves_after_an_outage_past_their_svid_lifetime(
     );
     let serials: Vec<serde_json::Value> = NODES
         .iter()
-        .map(|n| health(n)["node_svid_serial"].clone())
+        .map(|n| d.agent_health(n)["node_svid_serial"].clone())
         .collect();
 
     // The outage: until every node SVID has expired and client2 is cut off.
-    let (pid, argv) = server_process();
+    let (pid, argv) = d.server_process("server");
     let down = Instant::now();
     assert!(
         Command::new("kill")
@@ -109,7 +67,7 @@ fn x509pop_nodes_recover_by_themselves_after_an_outage_past_their_svid_lifetime(
     });
     let latest_expiry = NODES
         .iter()
-        .map(|n| unix_of(&health(n)["node_svid_expires_at"]))
+        .map(|n| unix_of(&d.agent_health(n)["node_svid_expires_at"]))
         .max()
         .unwrap();
     let wait = latest_expiry
@@ -119,7 +77,7 @@ fn x509pop_nodes_recover_by_themselves_after_an_outage_past_their_svid_lifetime(
     assert!(wait <= SVID_TTL + Duration::from_secs(3), "{wait:?}");
     std::thread::sleep(wait);
     for n in NODES {
-        let h = health(n);
+        let h = d.agent_health(n);
         assert_eq!(h["server_connected"], false, "{n}: {h}");
         assert!(
             unix_of(&h["node_svid_expires_at"]) < SystemTime::now(),
@@ -151,7 +109,7 @@ fn x509pop_nodes_recover_by_themselves_after_an_outage_past_their_svid_lifetime(
             Duration::from_secs(60),
             &format!("{n} to sync again"),
             || {
-                let h = health(n);
+                let h = d.agent_health(n);
                 (h["server_connected"] == true
                     && unix_of(&h["node_svid_expires_at"]) > SystemTime::now())
                 .then_some(())
@@ -165,7 +123,7 @@ fn x509pop_nodes_recover_by_themselves_after_an_outage_past_their_svid_lifetime(
     });
     let traffic_back = back.elapsed();
     for (n, before) in NODES.iter().zip(&serials) {
-        let h = health(n);
+        let h = d.agent_health(n);
         assert_ne!(
             &h["node_svid_serial"], before,
             "{n} has a new node SVID: {h}"

@@ -252,6 +252,46 @@ impl DemoLab {
         String::from_utf8_lossy(&out.stdout).trim() == "200"
     }
 
+    /// The pid and command line of the lab's server whose data dir is `<work>/<data_dir>`
+    /// (`server` for the first replica, `server-<i>` for the others).
+    pub fn server_process(&self, data_dir: &str) -> (u32, Vec<String>) {
+        let data_dir = self.work().join(data_dir).display().to_string();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let argv: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if argv.iter().any(|a| a == "server")
+                && argv
+                    .windows(2)
+                    .any(|w| w[0] == "--data-dir" && w[1] == data_dir)
+            {
+                return (pid, argv);
+            }
+        }
+        panic!(
+            "no server process with data dir {data_dir} in lab {}",
+            self.name
+        );
+    }
+
+    /// `agent healthcheck -o json` of a node's agent (printed also when not ready).
+    pub fn agent_health(&self, node: &str) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["agent", "healthcheck", "-o", "json", "--agent-socket"])
+            .arg(self.work().join(format!("{node}-agent.sock")))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
     /// The address of pod `pod`.
     pub fn ip_of(&self, pod: &str) -> String {
         self.lab
