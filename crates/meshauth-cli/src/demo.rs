@@ -58,6 +58,13 @@ pub(crate) struct Cmd {
     /// after an outage longer than their SVID lifetime.
     #[arg(long)]
     x509pop: bool,
+    /// Run this many server replicas (2-5) on an etcd the demo starts on the underlay (the
+    /// `etcd` binary of the Debian package etcd-server), ports 8081 up, the CA sealed under a
+    /// key-encryption key in the work dir; agents get every replica in `--server`. With --keep,
+    /// stop a replica (`server healthcheck --admin-socket .../server-admin-<i>.sock` names the
+    /// leader) and watch the others take over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: u8,
 }
 
 struct Running {
@@ -317,6 +324,47 @@ except Exception as e:
 "#;
 
 /// Writes a new file of mode 0600 (a token or a key).
+/// The client address of the demo's etcd, in the lab's underlay namespace.
+const DEMO_ETCD: &str = "127.0.0.1:2379";
+
+/// Starts a one-member etcd in the underlay namespace for the replicas, data in the work dir,
+/// and waits until it answers.
+fn start_etcd(lab: &Lab, work: &std::path::Path) -> anyhow::Result<Child> {
+    let client = format!("http://{DEMO_ETCD}");
+    let argv: Vec<String> = [
+        "etcd",
+        "--name",
+        "demo",
+        "--data-dir",
+        &work.join("etcd").display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster",
+        "demo=http://127.0.0.1:2380",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let log = std::fs::File::create(work.join("etcd.log"))?;
+    let child = lab
+        .exec_in(&lab.underlay_netns(), &argv)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start etcd for --replicas: install the Debian package etcd-server")?;
+    // etcd says so in its log once it serves clients.
+    let log = work.join("etcd.log");
+    wait_until(Duration::from_secs(20), "etcd", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ready to serve client requests"))
+    })?;
+    Ok(child)
+}
+
 fn write_secret(path: &str, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -394,7 +442,11 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
     }
 
     say(out, "server on the underlay, policies applied");
-    let server = format!("{}:8081", meshauth_lab::SERVER_ADDRESS);
+    let replicas: Vec<String> = (0..u16::from(cmd.replicas))
+        .map(|i| format!("{}:{}", meshauth_lab::SERVER_ADDRESS, 8081 + i))
+        .collect();
+    // Agents are given every replica.
+    let server = replicas.join(",");
     let admin = w("server-admin.sock");
     let spawn =
         |running: &mut Running, netns: &str, args: Vec<String>, log: &str| -> anyhow::Result<()> {
@@ -410,32 +462,72 @@ pub(crate) fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let mut server_args = s(&[
+    let mut shared_args = s(&[
         "server",
         "run",
         "--trust-domain",
         TRUST_DOMAIN,
-        "--listen",
-        &server,
         "--metrics-listen",
         "127.0.0.1:0",
-        "--data-dir",
-        &w("server"),
-        "--admin-socket",
-        &admin,
         "--svid-ttl",
         &humantime::format_duration(cmd.svid_ttl).to_string(),
     ]);
     if cmd.x509pop {
         make_operator_credentials(&work, 3)?;
-        server_args.extend(s(&["--x509pop-ca", &w("operator-ca.pem")]));
+        shared_args.extend(s(&["--x509pop-ca", &w("operator-ca.pem")]));
     }
-    spawn(
-        &mut running,
-        &lab.underlay_netns(),
-        server_args,
-        "server.log",
-    )?;
+    if replicas.len() > 1 {
+        let etcd = start_etcd(&lab, &work)?;
+        running.children.push(etcd);
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+            .context("cannot read /dev/urandom for the key-encryption key")?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        write_secret(&w("kek"), hex.as_bytes())?;
+        shared_args.extend(s(&[
+            "--datastore",
+            &format!("etcd://{DEMO_ETCD}"),
+            "--kek-file",
+            &w("kek"),
+        ]));
+    }
+    for (i, listen) in replicas.iter().enumerate() {
+        let (data, socket, log) = match i {
+            0 => ("server".to_owned(), admin.clone(), "server.log".to_owned()),
+            i => (
+                format!("server-{i}"),
+                w(&format!("server-admin-{i}.sock")),
+                format!("server-{i}.log"),
+            ),
+        };
+        let mut args = shared_args.clone();
+        args.extend(s(&[
+            "--listen",
+            listen,
+            "--data-dir",
+            &w(&data),
+            "--admin-socket",
+            &socket,
+        ]));
+        spawn(&mut running, &lab.underlay_netns(), args, &log)?;
+        if i == 0 && replicas.len() > 1 {
+            // The first replica creates the CA; the others start once it is there.
+            wait_until(Duration::from_secs(20), "the first replica", || {
+                Command::new(&exe)
+                    .args([
+                        "--log",
+                        "warn",
+                        "server",
+                        "healthcheck",
+                        "--admin-socket",
+                        &admin,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })?;
+        }
+    }
     let cli = |args: &[&str]| -> anyhow::Result<String> {
         let o = Command::new(&exe)
             .args(["--log", "warn"])
