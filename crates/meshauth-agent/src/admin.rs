@@ -209,6 +209,7 @@ impl AgentAdmin for AdminApi {
             node_svid_serial: node.serial.clone(),
             node_svid_expires_at_unix: unix(node.not_after),
             server_connected: snap.connected,
+            server: self.manager.current_server().to_string(),
             bundle_sequence: snap.bundle.as_ref().map(|b| b.sequence).unwrap_or(0),
             entries: snap.entries.len() as u32,
             svids: snap.svids.len() as u32,

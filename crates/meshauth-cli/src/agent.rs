@@ -427,6 +427,7 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             "node_svid_serial": h.node_svid_serial,
                             "node_svid_expires_at": time(h.node_svid_expires_at_unix),
                             "server_connected": h.server_connected,
+                            "server": h.server,
                             "bundle_sequence": h.bundle_sequence,
                             "entries": h.entries,
                             "svids": h.svids,
@@ -444,7 +445,8 @@ async fn operate(sub: Sub) -> anyhow::Result<()> {
                             seconds_left(h.node_svid_expires_at_unix)
                         );
                         println!(
-                            "server: {}  entries: {}  SVIDs: {}  bundle sequence: {}",
+                            "server {}: {}  entries: {}  SVIDs: {}  bundle sequence: {}",
+                            h.server,
                             if h.server_connected {
                                 "connected"
                             } else {

@@ -135,7 +135,7 @@ fn replicas_on_etcd_survive_the_leader_and_etcd_itself() {
         .token("n1");
     // The leader first: the agent's sessions start there, so its death is the agent's too.
     let order: Vec<usize> = (0..REPLICAS).map(|k| (leader + k) % REPLICAS).collect();
-    let servers: Vec<&str> = order.iter().map(|&i| replicas[i].addr.as_str()).collect();
+    let servers: Vec<String> = order.iter().map(|&i| replicas[i].addr.clone()).collect();
     let agent = ListAgent::start(dir.path(), &servers.join(","), &["--join-token", &token]);
 
     // Registrations through each replica in turn; the leader is killed in the middle.
@@ -207,6 +207,14 @@ fn replicas_on_etcd_survive_the_leader_and_etcd_itself() {
         agent.metric("meshauth_agent_server_index"),
         Some(0.0),
         "the agent is on another replica"
+    );
+    let on = agent.health().unwrap()["server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        on != replicas[leader].addr && servers.contains(&on),
+        "agent healthcheck names the replica it is on now: {on}"
     );
     eprintln!(
         "leader killed: a new leader after {took:?}; the agent held all {} SVIDs {failed_over:?} after the kill",
