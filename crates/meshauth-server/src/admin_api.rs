@@ -152,6 +152,23 @@ fn status(e: RegistryError) -> Status {
     status_of(e)
 }
 
+impl AdminApi {
+    /// Runs `f` on the registry off the async runtime (the store blocks: SQLite, etcd).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let registry = Arc::clone(&self.registry);
+        tokio::task::spawn_blocking(move || f(&registry))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "a registry call panicked or was cancelled");
+                Status::internal("the server failed to answer this call; retry")
+            })?
+            .map_err(status)
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn health(&self, _r: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
@@ -170,8 +187,8 @@ impl Admin for AdminApi {
                     not_after_unix: unix(a.not_after),
                 })
                 .collect(),
-            agents: self.registry.nodes().map_err(status)?.len() as u32,
-            entries: self.registry.count_entries().map_err(status)? as u32,
+            agents: self.blocking(|r| r.nodes()).await?.len() as u32,
+            entries: self.blocking(|r| r.count_entries()).await? as u32,
             datastore: self.registry.datastore_kind().to_owned(),
             leader: self.registry.is_leader(),
         }))
@@ -190,14 +207,13 @@ impl Admin for AdminApi {
         };
         if !r.address.is_empty() || !r.pod_range.is_empty() {
             let (address, range) = node_binding(&r.address, &r.pod_range)?;
-            self.registry
-                .register_node(&node, address, range)
-                .map_err(status)?;
+            let n = node.clone();
+            self.blocking(move |reg| reg.register_node(&n, address, range))
+                .await?;
         }
         let t = self
-            .registry
-            .create_join_token(&node, ttl, SystemTime::now())
-            .map_err(status)?;
+            .blocking(move |reg| reg.create_join_token(&node, ttl, SystemTime::now()))
+            .await?;
         Ok(Response::new(JoinToken {
             token: t.token,
             node_name: t.node.to_string(),
@@ -209,25 +225,21 @@ impl Admin for AdminApi {
         &self,
         _r: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        let nodes = self.registry.nodes().map_err(status)?;
+        let nodes = self.blocking(|r| r.nodes()).await?;
         Ok(Response::new(ListAgentsResponse {
             agents: nodes.iter().map(|n| self.agent_msg(n)).collect(),
         }))
     }
 
     async fn get_agent(&self, r: Request<AgentRequest>) -> Result<Response<Agent>, Status> {
-        let n = self
-            .registry
-            .node(&node_name(&r.get_ref().node_name)?)
-            .map_err(status)?;
+        let node = node_name(&r.get_ref().node_name)?;
+        let n = self.blocking(move |reg| reg.node(&node)).await?;
         Ok(Response::new(self.agent_msg(&n)))
     }
 
     async fn ban_agent(&self, r: Request<AgentRequest>) -> Result<Response<Agent>, Status> {
-        let n = self
-            .registry
-            .ban_node(&node_name(&r.get_ref().node_name)?)
-            .map_err(status)?;
+        let node = node_name(&r.get_ref().node_name)?;
+        let n = self.blocking(move |reg| reg.ban_node(&node)).await?;
         Ok(Response::new(self.agent_msg(&n)))
     }
 
@@ -235,26 +247,21 @@ impl Admin for AdminApi {
         &self,
         r: Request<AgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
-        self.registry
-            .evict_node(&node_name(&r.get_ref().node_name)?)
-            .map_err(status)?;
+        let node = node_name(&r.get_ref().node_name)?;
+        self.blocking(move |reg| reg.evict_node(&node)).await?;
         Ok(Response::new(EvictAgentResponse {}))
     }
 
     async fn create_entry(&self, r: Request<Entry>) -> Result<Response<Entry>, Status> {
-        let e = self
-            .registry
-            .create_entry(new_entry(r.get_ref())?)
-            .map_err(status)?;
+        let new = new_entry(r.get_ref())?;
+        let e = self.blocking(move |reg| reg.create_entry(new)).await?;
         Ok(Response::new(entry_msg(&e)))
     }
 
     async fn update_entry(&self, r: Request<Entry>) -> Result<Response<Entry>, Status> {
         let id = entry_id(&r.get_ref().id)?;
-        let e = self
-            .registry
-            .update_entry(&id, new_entry(r.get_ref())?)
-            .map_err(status)?;
+        let new = new_entry(r.get_ref())?;
+        let e = self.blocking(move |reg| reg.update_entry(&id, new)).await?;
         Ok(Response::new(entry_msg(&e)))
     }
 
@@ -262,17 +269,14 @@ impl Admin for AdminApi {
         &self,
         r: Request<EntryRequest>,
     ) -> Result<Response<DeleteEntryResponse>, Status> {
-        self.registry
-            .delete_entry(&entry_id(&r.get_ref().id)?)
-            .map_err(status)?;
+        let id = entry_id(&r.get_ref().id)?;
+        self.blocking(move |reg| reg.delete_entry(&id)).await?;
         Ok(Response::new(DeleteEntryResponse {}))
     }
 
     async fn get_entry(&self, r: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
-        let e = self
-            .registry
-            .entry(&entry_id(&r.get_ref().id)?)
-            .map_err(status)?;
+        let id = entry_id(&r.get_ref().id)?;
+        let e = self.blocking(move |reg| reg.entry(&id)).await?;
         Ok(Response::new(entry_msg(&e)))
     }
 
@@ -290,7 +294,7 @@ impl Admin for AdminApi {
                 .transpose()?,
             selectors: selectors(&r.selectors)?,
         };
-        let entries = self.registry.entries(&filter).map_err(status)?;
+        let entries = self.blocking(move |reg| reg.entries(&filter)).await?;
         Ok(Response::new(ListEntriesResponse {
             entries: entries.iter().map(entry_msg).collect(),
         }))
@@ -301,11 +305,12 @@ impl Admin for AdminApi {
         r: Request<ApplyPoliciesRequest>,
     ) -> Result<Response<ApplyPoliciesResponse>, Status> {
         let r = r.into_inner();
-        let namespace = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
         let keys = self
-            .registry
-            .apply_policies(&r.yaml, namespace)
-            .map_err(status)?;
+            .blocking(move |reg| {
+                let namespace = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+                reg.apply_policies(&r.yaml, namespace)
+            })
+            .await?;
         Ok(Response::new(ApplyPoliciesResponse {
             names: keys.iter().map(ToString::to_string).collect(),
         }))
@@ -315,9 +320,8 @@ impl Admin for AdminApi {
         &self,
         r: Request<DeletePolicyRequest>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
-        self.registry
-            .delete_policy(&r.get_ref().name)
-            .map_err(status)?;
+        let name = r.into_inner().name;
+        self.blocking(move |reg| reg.delete_policy(&name)).await?;
         Ok(Response::new(DeletePolicyResponse {}))
     }
 
@@ -325,7 +329,7 @@ impl Admin for AdminApi {
         &self,
         _r: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let policies = self.registry.policies().map_err(status)?;
+        let policies = self.blocking(|r| r.policies()).await?;
         Ok(Response::new(ListPoliciesResponse {
             policies: policies
                 .into_iter()
@@ -338,7 +342,7 @@ impl Admin for AdminApi {
         &self,
         _r: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
-        let ids = self.registry.identities().map_err(status)?;
+        let ids = self.blocking(|r| r.identities()).await?;
         Ok(Response::new(ListIdentitiesResponse {
             identities: ids.iter().map(|(id, l)| identity_msg(*id, l)).collect(),
         }))
@@ -348,8 +352,8 @@ impl Admin for AdminApi {
         &self,
         _r: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
-        let pods = self.registry.pods().map_err(status)?;
-        let ids = node_ids(&self.registry.nodes().map_err(status)?);
+        let (pods, nodes) = self.blocking(|r| Ok((r.pods()?, r.nodes()?))).await?;
+        let ids = node_ids(&nodes);
         Ok(Response::new(ListEndpointsResponse {
             endpoints: pods
                 .iter()
@@ -368,16 +372,20 @@ impl Admin for AdminApi {
             r.labels.iter().map(|(k, v)| (k.as_str(), v.clone())),
         )
         .map_err(invalid)?;
-        let namespace = if r.namespace.is_empty() {
-            meshauth_policy::policy::DEFAULT_NAMESPACE
-        } else {
-            r.namespace.as_str()
-        };
-        let pod = self
-            .registry
-            .create_pod(namespace, &r.name, labels, &node)
-            .map_err(status)?;
-        let ids = node_ids(&self.registry.nodes().map_err(status)?);
+        let (pod, nodes) = self
+            .blocking(move |reg| {
+                let namespace = if r.namespace.is_empty() {
+                    meshauth_policy::policy::DEFAULT_NAMESPACE
+                } else {
+                    r.namespace.as_str()
+                };
+                Ok((
+                    reg.create_pod(namespace, &r.name, labels, &node)?,
+                    reg.nodes()?,
+                ))
+            })
+            .await?;
+        let ids = node_ids(&nodes);
         Ok(Response::new(endpoint_msg(
             &pod,
             ids.get(&pod.node).copied().unwrap_or(0),
@@ -389,14 +397,15 @@ impl Admin for AdminApi {
         r: Request<PodRequest>,
     ) -> Result<Response<DeletePodResponse>, Status> {
         let r = r.into_inner();
-        let namespace = if r.namespace.is_empty() {
-            "default"
-        } else {
-            r.namespace.as_str()
-        };
-        self.registry
-            .delete_pod(namespace, &r.name)
-            .map_err(status)?;
+        self.blocking(move |reg| {
+            let namespace = if r.namespace.is_empty() {
+                "default"
+            } else {
+                r.namespace.as_str()
+            };
+            reg.delete_pod(namespace, &r.name)
+        })
+        .await?;
         Ok(Response::new(DeletePodResponse {}))
     }
 
@@ -408,9 +417,8 @@ impl Admin for AdminApi {
         let node = node_name(&r.node_name)?;
         let (address, range) = node_binding(&r.address, &r.pod_range)?;
         let spec = self
-            .registry
-            .register_node(&node, address, range)
-            .map_err(status)?;
+            .blocking(move |reg| reg.register_node(&node, address, range))
+            .await?;
         Ok(Response::new(NodeSpecMsg {
             node_name: spec.name.to_string(),
             address: spec.address.map(|a| a.to_string()).unwrap_or_default(),
