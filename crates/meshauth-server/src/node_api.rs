@@ -504,8 +504,7 @@ impl Node for NodeApi {
             registry.metrics().sync_stream_opened();
             tracing::info!(node = %node, "sync stream opened");
             let mut cursor = Cursor::new(node.clone(), parent);
-            let Some(mut published) = ViewFeed::wait_for(&mut views, opened_at, VIEW_WAIT).await
-            else {
+            let Some(first) = ViewFeed::wait_for(&mut views, opened_at, VIEW_WAIT).await else {
                 tracing::warn!(node = %node, "sync stream ended: the cluster view was not rebuilt in time");
                 let _ = tx
                     .send(Err(Status::unavailable(
@@ -515,8 +514,16 @@ impl Node for NodeApi {
                 registry.metrics().sync_stream_closed();
                 return;
             };
+            let mut next = Some(first);
             loop {
-                let msg = match cursor.next(&published) {
+                // The view is let go before the message is sent: a stream whose agent reads
+                // slowly must not keep old views alive.
+                let published = next
+                    .take()
+                    .unwrap_or_else(|| Arc::clone(&views.borrow_and_update()));
+                let decided = cursor.next(&published);
+                drop(published);
+                let msg = match decided {
                     Ok(Next::Nothing) => None,
                     Ok(Next::Full(m)) => {
                         registry.metrics().sync_message(SyncKind::Full);
@@ -554,7 +561,6 @@ impl Node for NodeApi {
                         .await;
                     break;
                 }
-                published = Arc::clone(&views.borrow_and_update());
             }
             registry.metrics().sync_stream_closed();
             tracing::info!(node = %node, "sync stream closed");
