@@ -104,6 +104,9 @@ struct Owned {
     dir: Option<PathBuf>,
 }
 
+/// Set on SIGINT/SIGTERM: what fails after it is the interruption, not the server.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 static OWNED: Mutex<Owned> = Mutex::new(Owned {
     server: None,
     dir: None,
@@ -165,6 +168,7 @@ fn on_signal_cleanup() {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
+                INTERRUPTED.store(true, Ordering::SeqCst);
                 eprintln!("server_scale: interrupted: cleaning up");
                 cleanup(false);
                 std::process::exit(130);
@@ -1096,6 +1100,10 @@ fn main() {
                 println!("   - {f}");
             }
             std::process::exit(1);
+        }
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            cleanup(false);
+            std::process::exit(130);
         }
         Err(e) => {
             cleanup(true);
