@@ -357,11 +357,11 @@ impl Registry {
     }
 
     /// Takes in what another replica changed in the shared store: the CA journal if it was
-    /// rotated, the identities allocated, and a new view for every sync stream. Returns whether
-    /// the CA changed.
+    /// rotated, and a new view for every sync stream. Returns whether the CA changed.
+    /// (Identities another replica allocated are read when an allocation here collides with
+    /// one: see `allocate`.)
     pub fn store_changed(&self) -> anyhow::Result<bool> {
         let rotated = self.follow_ca()?;
-        self.reload_allocator()?;
         self.changed();
         Ok(rotated)
     }
@@ -388,17 +388,14 @@ impl Registry {
         Ok(true)
     }
 
-    /// Re-reads the identities (another replica may have allocated some).
-    fn reload_allocator(&self) -> Result<()> {
-        let restored =
-            IdentityAllocator::restore(self.store.identities()?.into_iter().map(|(id, l)| (l, id)))
-                .map_err(|e| {
-                    RegistryError::Invalid(format!(
-                        "the identities in the datastore are inconsistent: {e}"
-                    ))
-                })?;
-        *self.allocator.lock().unwrap_or_else(|p| p.into_inner()) = restored;
-        Ok(())
+    /// The allocator of the identities the store holds now.
+    fn restored_allocator(&self) -> Result<IdentityAllocator> {
+        IdentityAllocator::restore(self.store.identities()?.into_iter().map(|(id, l)| (l, id)))
+            .map_err(|e| {
+                RegistryError::Invalid(format!(
+                    "the identities in the datastore are inconsistent: {e}"
+                ))
+            })
     }
 
     /// The journal as stored, opened with the key-encryption key if it is sealed. A journal
@@ -896,34 +893,35 @@ impl Registry {
     }
 
     /// The identity of `labels` (a label set with its namespace), allocated and stored if new.
+    ///
+    /// The allocator's lock is held from the allocation to the store's answer, so this
+    /// replica never hands one id out twice. With replicas, the store refuses an id or a label
+    /// set another replica stored first; the identities are then read again, under the same
+    /// lock, and the allocation retried (a bounded number of times).
     fn allocate(&self, labels: &Labels) -> Result<IdentityId> {
+        const ATTEMPTS: usize = 8;
         let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-        let (id, new) = alloc
-            .allocate(labels)
-            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        if new {
-            if let Err(e) = self.store.insert_identity(id, labels) {
-                if !self.config.replicated {
-                    return Err(e.into());
-                }
-                // Another replica allocated this id, or these labels, meanwhile: take what
-                // the store holds and allocate again.
-                drop(alloc);
-                tracing::debug!(identity = %id, error = %e, "identity allocation raced another replica; retrying");
-                self.reload_allocator()?;
-                let mut alloc = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-                let (id, new) = alloc
-                    .allocate(labels)
-                    .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-                if new {
-                    self.store.insert_identity(id, labels)?;
-                    tracing::info!(identity = %id, labels = %labels, "identity allocated");
-                }
+        let mut attempt = 1;
+        loop {
+            let (id, new) = alloc
+                .allocate(labels)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            if !new {
                 return Ok(id);
             }
-            tracing::info!(identity = %id, labels = %labels, "identity allocated");
+            match self.store.insert_identity(id, labels) {
+                Ok(()) => {
+                    tracing::info!(identity = %id, labels = %labels, "identity allocated");
+                    return Ok(id);
+                }
+                Err(e) if self.config.replicated && attempt < ATTEMPTS => {
+                    tracing::debug!(identity = %id, error = %e, attempt, "identity allocation raced another replica; reading the identities again");
+                    *alloc = self.restored_allocator()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(id)
     }
 
     /// Places a pod on a node (or re-places it). Its identity is that of its labels **in its

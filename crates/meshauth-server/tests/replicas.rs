@@ -145,43 +145,42 @@ async fn two_replicas_share_one_ca_one_leader_and_every_change() {
     assert!(got.delta);
     assert_eq!(got.entries[0].spiffe_id, format!("spiffe://{TD}/w"));
 
-    // Identities allocated at both replicas at once agree.
-    let (ra, rb) = (
-        std::sync::Arc::clone(&a.registry),
-        std::sync::Arc::clone(&b.registry),
-    );
-    let ta = tokio::task::spawn_blocking(move || {
-        (0..10)
-            .map(|i| {
-                ra.create_pod(
-                    "default",
-                    &format!("pa{i}"),
-                    format!("app=x{i}").parse().unwrap(),
-                    &"n1".parse().unwrap(),
-                )
-                .unwrap()
-                .identity
-            })
-            .collect::<Vec<_>>()
-    });
-    let tb = tokio::task::spawn_blocking(move || {
-        (0..10)
-            .map(|i| {
-                rb.create_pod(
-                    "default",
-                    &format!("pb{i}"),
-                    format!("app=x{i}").parse().unwrap(),
-                    &"n1".parse().unwrap(),
-                )
-                .unwrap()
-                .identity
-            })
-            .collect::<Vec<_>>()
-    });
-    let (ia, ib) = (ta.await.unwrap(), tb.await.unwrap());
+    // Identities allocated at both replicas at once, by several threads each (as concurrent
+    // admin calls are), agree: one identity per label set, never one id for two sets.
+    let mut threads = Vec::new();
+    for (r, reg) in [&a, &b].into_iter().enumerate() {
+        for t in 0..4 {
+            let reg = std::sync::Arc::clone(&reg.registry);
+            threads.push(tokio::task::spawn_blocking(move || {
+                (0..12)
+                    .map(|i| {
+                        let labels = format!("app=x{}", (i + t) % 12);
+                        let pod = reg
+                            .create_pod(
+                                "default",
+                                &format!("p{r}-{t}-{i}"),
+                                labels.parse().unwrap(),
+                                &"n1".parse().unwrap(),
+                            )
+                            .unwrap();
+                        (labels, pod.identity)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+    }
+    let mut by_labels = std::collections::BTreeMap::new();
+    for t in threads {
+        for (labels, id) in t.await.unwrap() {
+            let first = *by_labels.entry(labels.clone()).or_insert(id);
+            assert_eq!(first, id, "{labels} got two identities");
+        }
+    }
+    let ids: std::collections::BTreeSet<_> = by_labels.values().collect();
     assert_eq!(
-        ia, ib,
-        "the same labels have one identity, whichever replica placed them"
+        ids.len(),
+        12,
+        "twelve label sets, twelve identities: {by_labels:?}"
     );
 
     // The leader prepares the next authority; the follower serves it in its bundle too.
