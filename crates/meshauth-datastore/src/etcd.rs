@@ -40,7 +40,9 @@
 //! `mod_revision(P/rev)` is still what it read (0 if absent), put/delete its records and the
 //! guard; *else* nothing. A failed compare means another writer (thread or replica) committed
 //! in between: the operation starts over, after a short random pause, at most
-//! [`MAX_ATTEMPTS`] times, then fails with [`StoreError::Conflict`]. Writes are therefore
+//! [`MAX_ATTEMPTS`] times, then fails with [`StoreError::Conflict`]. Within one process the
+//! guarded writes take turns (a local lock), so only other replicas' writes cause conflicts;
+//! many threads of one server writing at once made attempts run out. Writes are therefore
 //! serializable, as with SQLite's single writer: every check (token unused, id free, key
 //! unique...) holds at the moment of the commit. Operations that read nothing (saving the CA
 //! journal, putting policies or node specs) commit without a compare but still bump the
@@ -191,6 +193,9 @@ impl Runner {
 
 /// What every operation needs: the client, where the records are, how long to wait.
 struct Inner {
+    /// Held by every guarded write of this process, so that its threads never conflict with
+    /// one another (only other replicas' writes make an attempt start over).
+    writer: tokio::sync::Mutex<()>,
     client: Client,
     /// Without a trailing `/`.
     prefix: String,
@@ -262,6 +267,7 @@ impl EtcdStore {
                         Ok(Ok(c)) => c,
                     };
                 let inner = Inner {
+                    writer: tokio::sync::Mutex::new(()),
                     client,
                     prefix,
                     endpoints: shown.clone(),
@@ -1184,6 +1190,8 @@ impl Inner {
             node: node.to_string(),
             expires_at: unix_secs(expires_at),
         };
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("create_join_token");
         loop {
             let mut tx = self.tx();
@@ -1219,6 +1227,8 @@ impl Inner {
         now: SystemTime,
     ) -> Result<()> {
         let key = self.key(&["tokens", &token_hash(&token)]);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("consume_join_token");
         let kv = loop {
             let mut tx = self.tx();
@@ -1267,6 +1277,8 @@ impl Inner {
     ) -> Result<NodeRecord> {
         let key = self.node_key(&node);
         let counter = self.key(&["counters", "node_id"]);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("record_attestation");
         loop {
             let mut tx = self.tx();
@@ -1325,6 +1337,8 @@ impl Inner {
         not_after: SystemTime,
     ) -> Result<NodeRecord> {
         let key = self.node_key(&node);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("record_renewal");
         loop {
             let mut tx = self.tx();
@@ -1384,6 +1398,8 @@ impl Inner {
         mut f: impl FnMut(&mut NodeRecord) -> Result<bool>,
     ) -> Result<Option<NodeRecord>> {
         let key = self.node_key(node);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new(op);
         loop {
             let mut tx = self.tx();
@@ -1423,6 +1439,8 @@ impl Inner {
 
     async fn evict_node(&self, node: NodeName) -> Result<()> {
         let key = self.node_key(&node);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("evict_node");
         loop {
             let mut tx = self.tx();
@@ -1448,6 +1466,8 @@ impl Inner {
     async fn set_node_tunnel_key(&self, node: NodeName, key: TunnelKey) -> Result<bool> {
         let node_key = self.node_key(&node);
         let index = self.tunnel_key_key(&key);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("set_node_tunnel_key");
         loop {
             let mut tx = self.tx();
@@ -1534,6 +1554,8 @@ impl Inner {
     async fn insert_identity(&self, id: IdentityId, labels: Labels) -> Result<()> {
         let id_key = self.key(&["identities", &id.to_string()]);
         let labels_key = self.key(&["identity_labels", &labels_hash(&labels)]);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("insert_identity");
         loop {
             let mut tx = self.tx();
@@ -1668,6 +1690,8 @@ impl Inner {
             node: pod.node.to_string(),
             identity: pod.identity.get(),
         };
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("put_pod");
         loop {
             let mut tx = self.tx();
@@ -1712,6 +1736,8 @@ impl Inner {
         name: String,
         runtime: Option<PodRuntime>,
     ) -> Result<bool> {
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("set_pod_runtime");
         loop {
             let mut tx = self.tx();
@@ -1745,6 +1771,8 @@ impl Inner {
     }
 
     async fn delete_pod(&self, namespace: String, name: String) -> Result<bool> {
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("delete_pod");
         loop {
             let mut tx = self.tx();
@@ -1836,6 +1864,8 @@ impl Inner {
 
     async fn delete_policy(&self, key: String) -> Result<()> {
         let k = self.policy_key(&key);
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("delete_policy");
         loop {
             let mut tx = self.tx();
@@ -1918,6 +1948,8 @@ impl Inner {
             dns_names: new.dns_names,
             revision: 1,
         };
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("create_entry");
         loop {
             let mut tx = self.tx();
@@ -1946,6 +1978,8 @@ impl Inner {
             dns_names: new.dns_names,
             revision: 0,
         };
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("update_entry");
         loop {
             let mut tx = self.tx();
@@ -1966,6 +2000,8 @@ impl Inner {
     }
 
     async fn delete_entry(&self, id: EntryId) -> Result<()> {
+        // One writer at a time in this process: conflicts are left to other replicas.
+        let _writer = self.writer.lock().await;
         let mut attempts = Attempts::new("delete_entry");
         loop {
             let mut tx = self.tx();

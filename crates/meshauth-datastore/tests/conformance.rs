@@ -748,6 +748,34 @@ mod etcd_only {
     /// leaves room for a loaded machine.
     const TTL: Duration = Duration::from_secs(2);
 
+    /// Many threads of one server writing at once (as its blocking pool does under load) take
+    /// turns: none runs out of attempts.
+    #[test]
+    fn many_threads_of_one_store_never_run_out_of_attempts() {
+        let etcd = harness::shared_etcd();
+        let store = harness::connect(&etcd.etcd, &harness::prefix("threads"));
+        let now = now();
+        std::thread::scope(|s| {
+            for t in 0..32u32 {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..5u32 {
+                        store
+                            .record_attestation(
+                                &node(&format!("t{t}-{i}")),
+                                NodeAttestation::JoinToken,
+                                "01",
+                                now,
+                                now,
+                            )
+                            .unwrap_or_else(|e| panic!("thread {t}: {e}"));
+                    }
+                });
+            }
+        });
+        assert_eq!(store.nodes().unwrap().len(), 160);
+    }
+
     #[test]
     fn concurrent_writers_keep_every_invariant() {
         let etcd = harness::shared_etcd();
