@@ -347,7 +347,7 @@ impl Server {
 }
 
 /// The tasks of a replica on etcd: the CA leader role follows the election, and what other
-/// replicas write reaches this one's registry (new CA journal, identities, sync streams).
+/// replicas write reaches this one's registry (a new CA journal) and its sync streams.
 fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared: Shared) {
     let backoff = Restart::Backoff {
         min: TICK,
