@@ -164,12 +164,12 @@ fn on_signal_cleanup() {
                 else {
                     return;
                 };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+                let which = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                };
                 INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("server_scale: interrupted: cleaning up");
+                eprintln!("server_scale: interrupted ({which}): cleaning up");
                 cleanup(false);
                 std::process::exit(130);
             });
