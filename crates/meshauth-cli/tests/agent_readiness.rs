@@ -145,6 +145,8 @@ fn an_agent_that_cannot_load_the_datapath_is_not_ready_and_says_why() {
     let token = server.token("n1");
     // A map of another shape is pinned where the datapath's auth map belongs (incompatible
     // state left behind): loading must fail.
+    // On a fresh machine nothing has mounted bpffs yet (the agent would, as it loads).
+    meshauth_datapath::ensure_bpffs().expect("mount bpffs at /sys/fs/bpf");
     let pins = meshauth_datapath::Datapath::pin_dir_for("rdyb-n1");
     let _ = meshauth_datapath::Datapath::remove_pins(&pins);
     let abi = pins.join(format!("abi-v{}", meshauth_datapath::ABI_VERSION));

@@ -54,7 +54,7 @@ pub mod capacity {
 
 pub use loader::{
     AuthMapReader, AuthMissAction, Datapath, DatapathError, EventReader, Observed, PIN_ROOT, Stats,
-    boot_time_ns, release_freed_heap,
+    boot_time_ns, ensure_bpffs, release_freed_heap,
 };
 pub use types::{
     AuthKey, AuthType, Direction, DropReason, EndpointId, EndpointInfo, FlowEvent, PolicyEntry,

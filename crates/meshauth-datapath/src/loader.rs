@@ -91,8 +91,10 @@ fn pin_err(path: &Path, source: std::io::Error) -> DatapathError {
     }
 }
 
-/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as Cilium's agent does).
-fn ensure_bpffs() -> Result<()> {
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as Cilium's agent does). Loading
+/// does it first; whoever creates pin directories without loading (tests) calls it too, since
+/// on a fresh machine /sys/fs/bpf is a plain sysfs directory where nothing can be created.
+pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts
         .lines()
