@@ -9,7 +9,8 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P/rev` | the guard (see below); its value names the last operation |
+//! | `P/rev` | the guard (see below); its value names the writer and the last operation |
+//! | `P/layout` | the version of this layout, `2` once every pod has its `node_pods` key |
 //! | `P/ca/journal` | the CA journal, as given |
 //! | `P/tokens/<sha256 of token>` | a join token's node and expiry (never the token) |
 //! | `P/nodes/<name>` | a node record |
@@ -19,6 +20,7 @@
 //! | `P/identities/<id>` | an identity's labels |
 //! | `P/identity_labels/<sha256 of labels>` | the identity of a label set |
 //! | `P/pods/<ns>/<name>` | a pod's placement |
+//! | `P/node_pods/<node>/<ns>/<name>` | the same placement, under the node it is on |
 //! | `P/runtime/<node>/<ns>/<name>` | what `node` reported of a pod placed on it |
 //! | `P/pod_ips/<ipv4>` | the pod that reported this address |
 //! | `P/policies/<key>` | a policy (key and YAML) |
@@ -30,7 +32,10 @@
 //! schema's UNIQUE constraints: written in the same transaction as the records they index.
 //! Runtime facts live under their node so that an eviction forgets them with one range delete
 //! (whatever the number of pods); a `pod_ips` key whose pod no longer has that address is stale
-//! and is overwritten by the next pod to report it.
+//! and is overwritten by the next pod to report it. `node_pods` repeats each placement under
+//! its node, written in the same transaction, so that a node's pods are two range reads
+//! ([`Datastore::pods_on_node`]); a store written before that index existed (layout 1) gets it
+//! when a replica next connects.
 //!
 //! # Concurrency: optimistic, on one guard key
 //!
@@ -196,6 +201,9 @@ struct Inner {
     /// Held by every guarded write of this process, so that its threads never conflict with
     /// one another (only other replicas' writes make an attempt start over).
     writer: tokio::sync::Mutex<()>,
+    /// This store's name among the writers (random): the guard's value starts with it, so
+    /// that the change feed can leave out this store's own writes.
+    writer_id: String,
     client: Client,
     /// Without a trailing `/`.
     prefix: String,
@@ -268,6 +276,7 @@ impl EtcdStore {
                     };
                 let inner = Inner {
                     writer: tokio::sync::Mutex::new(()),
+                    writer_id: format!("{:016x}", random_below(u64::MAX)),
                     client,
                     prefix,
                     endpoints: shown.clone(),
@@ -275,6 +284,7 @@ impl EtcdStore {
                 };
                 // The client connects lazily: one read proves etcd answers.
                 let revision = inner.current_revision().await?;
+                inner.index_pods_by_node().await?;
                 Ok((Arc::new(inner), revision))
             },
             || stopped(&stopped_endpoints),
@@ -297,11 +307,12 @@ impl EtcdStore {
         &self.inner.prefix
     }
 
-    /// A receiver notified whenever any record under the prefix changes, by any writer (this
-    /// replica or another); its value is the etcd revision of the latest change seen. The etcd
-    /// watch behind it is re-established after errors without missing a change; if etcd
-    /// compacted the changes it missed, the receiver is notified anyway. Election keys do not
-    /// count as changes.
+    /// A receiver notified whenever another writer (another replica, or another
+    /// [`EtcdStore`] in this process) changes a record under the prefix; its value is the etcd
+    /// revision of the latest such change seen. This store's own writes are left out: whoever
+    /// made them knows what changed. The etcd watch behind it is re-established after errors
+    /// without missing a change; if etcd compacted the changes it missed, the receiver is
+    /// notified anyway. Election keys do not count as changes.
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -379,10 +390,12 @@ fn stopped(endpoints: &str) -> StoreError {
 // === the change feed ===
 
 /// Follows every change under the prefix from revision `seen` on, forever (until the runtime
-/// stops), and publishes the revision of each on `changes`.
+/// stops), and publishes on `changes` the revision of each that another writer made.
 async fn watch_changes(inner: Arc<Inner>, changes: Arc<watch::Sender<u64>>, mut seen: i64) {
     let prefix = inner.dir(&[]);
     let elections = inner.dir(&["elections"]);
+    let guard = inner.guard_key();
+    let own = format!("{} ", inner.writer_id);
     let mut backoff = Duration::from_millis(100);
     loop {
         let options = WatchOptions::new()
@@ -403,10 +416,21 @@ async fn watch_changes(inner: Arc<Inner>, changes: Arc<watch::Sender<u64>>, mut 
                     }
                     break;
                 }
+                // Every write transaction puts the guard, naming its writer: the revisions
+                // whose guard names this store are its own.
+                let kvs: Vec<&KeyValue> = resp.events().iter().filter_map(|e| e.kv()).collect();
+                let mine: Vec<i64> = kvs
+                    .iter()
+                    .filter(|kv| {
+                        kv.key() == guard.as_bytes() && kv.value().starts_with(own.as_bytes())
+                    })
+                    .map(|kv| kv.mod_revision())
+                    .collect();
                 let mut relevant = false;
-                for kv in resp.events().iter().filter_map(|e| e.kv()) {
+                for kv in &kvs {
                     seen = seen.max(kv.mod_revision());
-                    relevant |= !kv.key().starts_with(elections.as_bytes());
+                    relevant |= !kv.key().starts_with(elections.as_bytes())
+                        && !mine.contains(&kv.mod_revision());
                 }
                 if relevant {
                     changes.send_replace(u64::try_from(seen).unwrap_or(0));
@@ -908,7 +932,11 @@ impl Inner {
                 None => TxnOp::delete(k, None),
             });
         }
-        ops.push(TxnOp::put(guard_key.clone(), op, None));
+        ops.push(TxnOp::put(
+            guard_key.clone(),
+            format!("{} {op}", self.writer_id),
+            None,
+        ));
         let mut txn = Txn::new();
         if let Some(g) = guard {
             txn = txn.when(vec![Compare::mod_revision(guard_key, CompareOp::Equal, g)]);
@@ -1607,6 +1635,10 @@ impl Inner {
         self.key(&["runtime", node, namespace, name])
     }
 
+    fn node_pod_key(&self, node: &str, namespace: &str, name: &str) -> String {
+        self.key(&["node_pods", node, namespace, name])
+    }
+
     fn pod_ip_key(&self, ip: Ipv4Addr) -> String {
         self.key(&["pod_ips", &ip.to_string()])
     }
@@ -1699,10 +1731,11 @@ impl Inner {
             match self.read_pod(&mut tx, &pod.namespace, &pod.name).await? {
                 Some((old, runtime)) => {
                     // Runtime facts stay only on the same node.
-                    if let Some(rt) = runtime
-                        && old.node != row.node
-                    {
-                        self.clear_runtime(&mut w, &rt);
+                    if old.node != row.node {
+                        w.delete(self.node_pod_key(&old.node, &old.namespace, &old.name));
+                        if let Some(rt) = runtime {
+                            self.clear_runtime(&mut w, &rt);
+                        }
                     }
                 }
                 None => {
@@ -1723,6 +1756,10 @@ impl Inner {
                 }
             }
             w.put_json(key.clone(), &row);
+            w.put_json(
+                self.node_pod_key(&row.node, &row.namespace, &row.name),
+                &row,
+            );
             if tx.commit("put_pod", w).await? {
                 return Ok(());
             }
@@ -1776,11 +1813,12 @@ impl Inner {
         let mut attempts = Attempts::new("delete_pod");
         loop {
             let mut tx = self.tx();
-            let Some((_, runtime)) = self.read_pod(&mut tx, &namespace, &name).await? else {
+            let Some((pod, runtime)) = self.read_pod(&mut tx, &namespace, &name).await? else {
                 return Ok(false);
             };
             let mut w = Writes::default();
             w.delete(self.pod_key(&namespace, &name));
+            w.delete(self.node_pod_key(&pod.node, &namespace, &name));
             if let Some(rt) = &runtime {
                 self.clear_runtime(&mut w, rt);
             }
@@ -1792,12 +1830,45 @@ impl Inner {
     }
 
     async fn pods(&self) -> Result<Vec<PodRecord>> {
-        let mut got = self
-            .read(vec![
-                Read::Prefix(self.dir(&["pods"])),
-                Read::Prefix(self.dir(&["runtime"])),
-            ])
-            .await?;
+        self.pods_from(Read::Prefix(self.dir(&["pods"])), self.dir(&["runtime"]))
+            .await
+    }
+
+    async fn pod(&self, namespace: String, name: String) -> Result<Option<PodRecord>> {
+        let mut tx = self.tx();
+        let Some((row, runtime)) = self.read_pod(&mut tx, &namespace, &name).await? else {
+            return Ok(None);
+        };
+        let key = self.pod_key(&namespace, &name);
+        let bad = |detail: String| StoreError::CorruptKey {
+            key: key.clone(),
+            detail,
+        };
+        Ok(Some(PodRecord {
+            labels: Labels::from_pairs(row.labels).map_err(|e| bad(e.to_string()))?,
+            node: row.node.parse().map_err(|e| bad(format!("{e}")))?,
+            identity: IdentityId::new(row.identity),
+            namespace: row.namespace,
+            name: row.name,
+            runtime: runtime.map(|r| PodRuntime {
+                ipv4: r.ipv4,
+                interface: r.interface,
+            }),
+        }))
+    }
+
+    async fn pods_on_node(&self, node: NodeName) -> Result<Vec<PodRecord>> {
+        self.pods_from(
+            Read::Prefix(self.dir(&["node_pods", node.as_str()])),
+            self.dir(&["runtime", node.as_str()]),
+        )
+        .await
+    }
+
+    /// The pods whose placements `placements` reads, with the runtime facts under the range
+    /// `runtimes`, read at one revision; by namespace then name.
+    async fn pods_from(&self, placements: Read, runtimes: String) -> Result<Vec<PodRecord>> {
+        let mut got = self.read(vec![placements, Read::Prefix(runtimes)]).await?;
         let runtimes = got.pop().unwrap_or_default();
         let pods = got.pop().unwrap_or_default();
         let mut by_pod: BTreeMap<(String, String, String), PodRuntime> = BTreeMap::new();
@@ -1827,6 +1898,71 @@ impl Inner {
         }
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(out)
+    }
+
+    /// Brings a store of layout 1 (before `node_pods`) to layout 2: writes the `node_pods`
+    /// key of every pod that lacks one (and drops those whose pod moved or is gone), a few
+    /// at a time within etcd's transaction limit, each batch guarded as any write. Nothing to
+    /// do once `P/layout` says 2.
+    async fn index_pods_by_node(&self) -> Result<()> {
+        /// Writes per transaction, below etcd's default `--max-txn-ops` of 128.
+        const BATCH: usize = 100;
+        let layout = self.key(&["layout"]);
+        if let Some(kv) = self.get(layout.clone()).await?
+            && text(&kv)?.trim() == "2"
+        {
+            return Ok(());
+        }
+        let _writer = self.writer.lock().await;
+        let mut attempts = Attempts::new("index_pods_by_node");
+        loop {
+            let mut tx = self.tx();
+            let mut got = tx
+                .read(vec![
+                    Read::Prefix(self.dir(&["pods"])),
+                    Read::Prefix(self.dir(&["node_pods"])),
+                ])
+                .await?;
+            let indexed = got.pop().unwrap_or_default();
+            let pods = got.pop().unwrap_or_default();
+            let mut wanted: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for kv in &pods {
+                let row: PodRow = decode(kv)?;
+                wanted.insert(
+                    self.node_pod_key(&row.node, &row.namespace, &row.name),
+                    kv.value().to_vec(),
+                );
+            }
+            let mut w = Writes::default();
+            for kv in &indexed {
+                let key = key_text(kv);
+                match wanted.remove(&key) {
+                    Some(value) if value == kv.value() => {}
+                    Some(value) => w.put(key, value),
+                    None => w.delete(key),
+                }
+                if w.keys.len() >= BATCH {
+                    break;
+                }
+            }
+            for (key, value) in wanted {
+                if w.keys.len() >= BATCH {
+                    break;
+                }
+                w.put(key, value);
+            }
+            let last = w.keys.len() < BATCH;
+            if last {
+                w.put(layout.clone(), "2");
+            }
+            if tx.commit("index_pods_by_node", w).await? {
+                if last {
+                    return Ok(());
+                }
+            } else {
+                attempts.conflicted().await?;
+            }
+        }
     }
 
     // --- policies ---
@@ -2200,6 +2336,16 @@ impl Datastore for EtcdStore {
 
     fn pods(&self) -> Result<Vec<PodRecord>> {
         on_runtime!(self, pods())
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>> {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        on_runtime!(self, pod(namespace, name))
+    }
+
+    fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>> {
+        let node = node.clone();
+        on_runtime!(self, pods_on_node(node))
     }
 
     fn put_policies(&self, docs: &[(String, String)]) -> Result<()> {

@@ -105,6 +105,10 @@ ALTER TABLE nodes ADD COLUMN attestation TEXT NOT NULL DEFAULT 'join_token';
     r#"
 ALTER TABLE nodes ADD COLUMN tunnel_key TEXT;
 "#,
+    // A node's pods are read without a scan of every pod (SVID signing, the server's view).
+    r#"
+CREATE INDEX pods_by_node ON pods (node);
+"#,
 ];
 
 /// The registry store on one SQLite file.
@@ -547,13 +551,15 @@ impl Store {
     }
 
     /// Places a pod (or replaces its labels, identity and node). Its runtime facts are kept
-    /// only if it stays on the same node.
+    /// only if it stays on the same node. A runtime address another pod has is
+    /// [`StoreError::AddressInUse`].
     pub fn put_pod(&self, pod: &PodRecord) -> Result<()> {
         let (ipv4, interface) = match &pod.runtime {
             Some(r) => (Some(r.ipv4.to_string()), Some(r.interface.clone())),
             None => (None, None),
         };
-        self.conn().execute(
+        let conn = self.conn();
+        let done = conn.execute(
             "INSERT INTO pods (namespace, name, labels, node, identity, ipv4, interface)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (namespace, name) DO UPDATE SET labels = excluded.labels,
@@ -570,19 +576,21 @@ impl Store {
                 ipv4,
                 interface
             ],
-        )?;
+        );
+        address_checked(&conn, done, pod.runtime.as_ref())?;
         Ok(())
     }
 
     /// Records (or, with `None`, clears) what a pod's node reported. The address is unique in
-    /// the cluster: a second pod reporting it fails with a constraint error.
+    /// the cluster: a second pod reporting it is [`StoreError::AddressInUse`].
     pub fn set_pod_runtime(
         &self,
         namespace: &str,
         name: &str,
         runtime: Option<&PodRuntime>,
     ) -> Result<bool> {
-        Ok(self.conn().execute(
+        let conn = self.conn();
+        let done = conn.execute(
             "UPDATE pods SET ipv4 = ?3, interface = ?4 WHERE namespace = ?1 AND name = ?2",
             params![
                 namespace,
@@ -590,7 +598,8 @@ impl Store {
                 runtime.map(|r| r.ipv4.to_string()),
                 runtime.map(|r| r.interface.clone())
             ],
-        )? > 0)
+        );
+        Ok(address_checked(&conn, done, runtime)? > 0)
     }
 
     /// Removes a pod; false when there was none.
@@ -603,12 +612,30 @@ impl Store {
 
     /// Every pod, by namespace then name.
     pub fn pods(&self) -> Result<Vec<PodRecord>> {
+        self.pods_where("1", &[])
+    }
+
+    /// One pod, `None` if there is none.
+    pub fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>> {
+        Ok(self
+            .pods_where("namespace = ?1 AND name = ?2", &[namespace, name])?
+            .pop())
+    }
+
+    /// The pods placed on `node`, by namespace then name (read through an index).
+    pub fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>> {
+        self.pods_where("node = ?1", &[node.as_str()])
+    }
+
+    /// The pods passing the SQL condition `filter` (on the `pods` table), by namespace then
+    /// name.
+    fn pods_where(&self, filter: &str, params: &[&str]) -> Result<Vec<PodRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare(&format!(
             "SELECT namespace, name, labels, node, identity, ipv4, interface FROM pods
-             ORDER BY namespace, name",
-        )?;
-        let rows = stmt.query_map([], |r| {
+             WHERE {filter} ORDER BY namespace, name"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -866,6 +893,33 @@ fn refuse_duplicate(
 
 const ENTRY_SELECT: &str =
     "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl, dns_names, revision FROM entries";
+
+/// The result of a write that may set a pod address: a broken uniqueness of the address
+/// (`pods_by_ipv4`) becomes [`StoreError::AddressInUse`], naming the pod that has it.
+fn address_checked(
+    conn: &Connection,
+    done: rusqlite::Result<usize>,
+    runtime: Option<&PodRuntime>,
+) -> Result<usize> {
+    match (done, runtime) {
+        (Err(rusqlite::Error::SqliteFailure(e, detail)), Some(rt))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            let owner: Option<String> = conn
+                .query_row(
+                    "SELECT namespace || '/' || name FROM pods WHERE ipv4 = ?1",
+                    [rt.ipv4.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match owner {
+                Some(pod) => Err(StoreError::AddressInUse { ipv4: rt.ipv4, pod }),
+                None => Err(rusqlite::Error::SqliteFailure(e, detail).into()),
+            }
+        }
+        (done, _) => Ok(done?),
+    }
+}
 
 fn labels_json(labels: &Labels) -> String {
     let map: serde_json::Map<String, serde_json::Value> = labels

@@ -138,7 +138,7 @@ pub enum StoreError {
         /// Their identity.
         existing: IdentityId,
     },
-    /// Another pod already reported this address (etcd; SQLite reports a constraint error).
+    /// Another pod already reported this address.
     #[error(
         "address {ipv4} is already reported for pod {pod}: every pod needs an address of its own"
     )]
@@ -327,8 +327,8 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     fn put_pod(&self, pod: &PodRecord) -> Result<()>;
 
     /// Records (or, with `None`, clears) what a pod's node reported; `false` if there is no
-    /// such pod. Pod addresses are unique in the cluster: an address another pod has fails
-    /// (SQLite: a constraint error; etcd: [`StoreError::AddressInUse`]).
+    /// such pod. Pod addresses are unique in the cluster: an address another pod has is
+    /// [`StoreError::AddressInUse`] (checked and written in one step).
     fn set_pod_runtime(
         &self,
         namespace: &str,
@@ -341,6 +341,13 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 
     /// Every pod, by namespace then name.
     fn pods(&self) -> Result<Vec<PodRecord>>;
+
+    /// One pod, `None` if there is none.
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>>;
+
+    /// The pods placed on `node`, by namespace then name: work in proportion to those pods,
+    /// not to every pod of the cluster.
+    fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>>;
 
     /// Stores policies (key, YAML document) in one step, replacing those with the same key (of
     /// repeated keys, the last wins). The key is the policy's `namespace/name` or `name`.
@@ -496,6 +503,14 @@ impl Datastore for Store {
 
     fn pods(&self) -> Result<Vec<PodRecord>> {
         Store::pods(self)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>> {
+        Store::pod(self, namespace, name)
+    }
+
+    fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>> {
+        Store::pods_on_node(self, node)
     }
 
     fn put_policies(&self, docs: &[(String, String)]) -> Result<()> {

@@ -511,6 +511,11 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
     };
     store.put_pod(&pod).unwrap();
     assert_eq!(store.pods().unwrap(), vec![pod.clone()]);
+    assert_eq!(store.pod("default", "web-1").unwrap(), Some(pod.clone()));
+    assert_eq!(store.pod("default", "nope").unwrap(), None);
+    assert_eq!(store.pod("other", "web-1").unwrap(), None);
+    assert_eq!(store.pods_on_node(&node("n1")).unwrap(), vec![pod.clone()]);
+    assert_eq!(store.pods_on_node(&node("n2")).unwrap(), vec![]);
     let rt = PodRuntime {
         ipv4: "10.200.1.10".parse().unwrap(),
         interface: "lxc10".into(),
@@ -527,6 +532,15 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
         "the pod exists"
     );
     assert_eq!(store.pods().unwrap()[0].runtime, Some(rt.clone()));
+    let reported = PodRecord {
+        runtime: Some(rt.clone()),
+        ..pod.clone()
+    };
+    assert_eq!(
+        store.pod("default", "web-1").unwrap(),
+        Some(reported.clone())
+    );
+    assert_eq!(store.pods_on_node(&node("n1")).unwrap(), vec![reported]);
     assert!(
         !store.set_pod_runtime("default", "nope", Some(&rt)).unwrap(),
         "no such pod"
@@ -537,11 +551,13 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
         ..pod.clone()
     };
     store.put_pod(&other).unwrap();
-    assert!(
-        store
-            .set_pod_runtime("default", "web-2", Some(&rt))
-            .is_err()
-    );
+    match store.set_pod_runtime("default", "web-2", Some(&rt)) {
+        Err(StoreError::AddressInUse { ipv4, pod }) => {
+            assert_eq!((ipv4, pod.as_str()), (rt.ipv4, "default/web-1"));
+        }
+        other => panic!("a taken address: {other:?}"),
+    }
+    assert_eq!(store.pod("default", "web-2").unwrap(), Some(other.clone()));
     // Re-placing on the same node keeps the runtime facts (those given are ignored); on
     // another node forgets them, and frees the address.
     store
@@ -559,6 +575,18 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
         })
         .unwrap();
     assert_eq!(store.pods().unwrap()[0].runtime, None);
+    // A moved pod is listed under its new node only.
+    assert_eq!(
+        store.pods_on_node(&node("n1")).unwrap(),
+        vec![other.clone()]
+    );
+    assert_eq!(
+        store.pods_on_node(&node("n2")).unwrap(),
+        vec![PodRecord {
+            node: node("n2"),
+            ..pod.clone()
+        }]
+    );
     assert!(
         store
             .set_pod_runtime("default", "web-2", Some(&rt))
@@ -593,6 +621,17 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
         .unwrap();
     assert!(store.delete_pod("default", "web-1").unwrap());
     assert!(!store.delete_pod("default", "web-1").unwrap());
+    assert_eq!(store.pod("default", "web-1").unwrap(), None);
+    assert_eq!(
+        store
+            .pods_on_node(&node("n1"))
+            .unwrap()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["web-2"],
+        "a deleted pod leaves its node's list"
+    );
     // A deleted pod's address is free; a new pod may come with its runtime facts.
     assert!(store.delete_pod("default", "web-2").unwrap());
     let placed = PodRecord {
@@ -607,10 +646,15 @@ fn pods_and_their_runtime(store: &dyn Datastore) {
         ..placed.clone()
     };
     assert!(
-        store.put_pod(&later).is_err(),
+        matches!(
+            store.put_pod(&later),
+            Err(StoreError::AddressInUse { pod, .. }) if pod == "other/a"
+        ),
         "a new pod with a taken address"
     );
-    assert_eq!(store.pods().unwrap(), vec![placed]);
+    assert_eq!(store.pods().unwrap(), vec![placed.clone()]);
+    assert_eq!(store.pods_on_node(&node("n1")).unwrap(), vec![placed]);
+    assert_eq!(store.pods_on_node(&node("n2")).unwrap(), vec![]);
 }
 
 fn policies_put_rekey_delete(store: &dyn Datastore) {
@@ -886,6 +930,74 @@ mod etcd_only {
     }
 
     #[test]
+    fn the_watch_leaves_out_the_stores_own_writes() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("own-writes");
+        let a = harness::connect(&etcd.etcd, &prefix);
+        let b = harness::connect(&etcd.etcd, &prefix);
+        let mut changes = a.watch();
+        changes.borrow_and_update();
+        a.save_ca_journal("{}").unwrap();
+        a.put_policies(&[("p".into(), "x: 1".into())]).unwrap();
+        a.create_join_token(&node("n1"), Duration::from_secs(60), now())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !changes.has_changed().unwrap(),
+            "a's own writes reached a's change feed"
+        );
+        // b's feed sees them, and a's sees b's.
+        let mut theirs = b.watch();
+        theirs.borrow_and_update();
+        a.delete_policy("p").unwrap();
+        eventually(Duration::from_secs(5), "b's watch to see a's write", || {
+            theirs.has_changed().unwrap().then_some(())
+        });
+        b.save_ca_journal("{\"v\":2}").unwrap();
+        eventually(Duration::from_secs(5), "a's watch to see b's write", || {
+            changes.has_changed().unwrap().then_some(())
+        });
+    }
+
+    #[test]
+    fn pods_written_before_the_node_index_are_indexed_at_the_next_connect() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("layout");
+        // A store of layout 1: 150 placements (more than one transaction's worth) and no
+        // node_pods keys, as the version before the index wrote them.
+        harness::raw(&etcd.etcd, |mut client| {
+            let prefix = prefix.clone();
+            async move {
+                for i in 0..150 {
+                    let value = format!(
+                        r#"{{"namespace":"default","name":"p{i}","labels":{{"app":"web"}},"node":"n{}","identity":256}}"#,
+                        i % 3
+                    );
+                    client
+                        .put(format!("{prefix}/pods/default/p{i}"), value, None)
+                        .await
+                        .unwrap();
+                }
+                // A stale index key of a pod that is gone.
+                client
+                    .put(format!("{prefix}/node_pods/n9/default/gone"), "{}", None)
+                    .await
+                    .unwrap();
+            }
+        });
+        let store = harness::connect(&etcd.etcd, &prefix);
+        for n in 0..3 {
+            let on = store.pods_on_node(&node(&format!("n{n}"))).unwrap();
+            assert_eq!(on.len(), 50, "node n{n}");
+            assert!(on.iter().all(|p| p.node == node(&format!("n{n}"))));
+        }
+        assert_eq!(store.pods_on_node(&node("n9")).unwrap(), vec![]);
+        // Connecting again finds the layout current and changes nothing.
+        let again = harness::connect(&etcd.etcd, &prefix);
+        assert_eq!(again.pods_on_node(&node("n1")).unwrap().len(), 50);
+    }
+
+    #[test]
     fn leadership_passes_on_at_a_resignation_and_after_a_crash() {
         let etcd = harness::shared_etcd();
         let prefix = harness::prefix("election");
@@ -1028,8 +1140,9 @@ mod etcd_only {
     async fn the_store_works_inside_a_tokio_runtime() {
         let etcd = harness::shared_etcd();
         let store = harness::store(&etcd.etcd, "tokio");
+        let other = harness::connect(&etcd.etcd, store.prefix());
         let mut changes = store.watch();
-        store.save_ca_journal("{}").unwrap();
+        other.save_ca_journal("{}").unwrap();
         assert_eq!(store.load_ca_journal().unwrap().as_deref(), Some("{}"));
         tokio::time::timeout(Duration::from_secs(5), changes.changed())
             .await
@@ -1037,7 +1150,7 @@ mod etcd_only {
             .unwrap();
         let leadership = store.campaign("ctl", "a", TTL).unwrap();
         drop(leadership);
-        drop(store);
+        drop((store, other));
     }
 
     #[test]
