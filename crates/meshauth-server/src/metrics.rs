@@ -37,6 +37,20 @@ struct SyncKindLabels {
     kind: SyncKind,
 }
 
+/// How a new cluster view was made.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ViewBuild {
+    /// From the whole store (the first view, another replica's change, a failed update).
+    Full,
+    /// The previous view with the parts that changed read again.
+    Incremental,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViewBuildLabels {
+    kind: ViewBuild,
+}
+
 /// Why a request was refused (low cardinality).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum DenyReason {
@@ -141,7 +155,7 @@ pub struct Metrics {
     node_api_closed: Family<ConnectionCloseLabels, Counter>,
     ca_restarts: Counter,
     sync_messages: Family<SyncKindLabels, Counter>,
-    view_builds: Counter,
+    view_builds: Family<ViewBuildLabels, Counter>,
     view_build_seconds: Histogram,
     view_revision: Gauge<u64, AtomicU64>,
     leader: Gauge,
@@ -223,16 +237,16 @@ impl Metrics {
             "Sync messages sent to agents, by kind (full state or delta)",
             sync_messages.clone(),
         );
-        let view_builds = Counter::default();
+        let view_builds = Family::<ViewBuildLabels, Counter>::default();
         registry.register(
             "view_builds",
-            "Rebuilds of the cluster view that sync streams serve (one per burst of changes)",
+            "New cluster views for sync streams (one per burst of changes), by how they were made",
             view_builds.clone(),
         );
         let view_build_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
         registry.register(
             "view_build_seconds",
-            "Time to rebuild the cluster view (read the store, diff against the last view)",
+            "Time to make a new cluster view (read what changed, or the whole store; diff against the last view)",
             view_build_seconds.clone(),
         );
         let view_revision = Gauge::<u64, AtomicU64>::default();
@@ -312,8 +326,10 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn view_built(&self, took: std::time::Duration, revision: u64) {
-        self.view_builds.inc();
+    pub(crate) fn view_built(&self, kind: ViewBuild, took: std::time::Duration, revision: u64) {
+        self.view_builds
+            .get_or_create(&ViewBuildLabels { kind })
+            .inc();
         self.view_build_seconds.observe(took.as_secs_f64());
         self.view_revision.set(revision);
     }

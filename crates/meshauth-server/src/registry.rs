@@ -21,6 +21,7 @@ use meshauth_spiffe::{SpiffeId, TrustDomain, X509Bundle};
 use tokio::sync::watch;
 
 use crate::metrics::{DenyReason, Metrics, SvidKind};
+use crate::view::{Change, Changed, ViewSource};
 
 /// Settings of the registry.
 #[derive(Debug, Clone)]
@@ -244,9 +245,68 @@ pub struct Registry {
     journal_seen: Mutex<Option<String>>,
     allocator: Mutex<IdentityAllocator>,
     changes: watch::Sender<u64>,
+    /// What changed since the cluster view last took it (recorded before `changes` counts it).
+    pending: Mutex<Pending>,
     /// Whether this replica rotates the CA (always, with one server).
     leader: std::sync::atomic::AtomicBool,
     metrics: Metrics,
+}
+
+/// The changes the cluster view has not taken yet.
+#[derive(Debug)]
+struct Pending {
+    /// Anything may have changed (the start, another replica's change, a failed view, too
+    /// many changes at once).
+    everything: bool,
+    parts: std::collections::BTreeSet<Change>,
+}
+
+/// More changes than this pending at once are taken as "everything changed".
+const PENDING_LIMIT: usize = 100_000;
+
+/// Reads what changed for the cluster view, from the registry's store.
+#[derive(Debug)]
+pub struct LiveSource<'a> {
+    registry: &'a Registry,
+    now: SystemTime,
+}
+
+impl ViewSource for LiveSource<'_> {
+    fn state(&self) -> Result<ClusterState> {
+        self.registry.cluster_state(self.now)
+    }
+
+    fn bundle(&self) -> X509Bundle {
+        self.registry.bundle(self.now)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>> {
+        Ok(self.registry.store.pod(namespace, name)?)
+    }
+
+    fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>> {
+        Ok(self.registry.store.pods_on_node(node)?)
+    }
+
+    fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
+        Ok(self.registry.store.node(node)?)
+    }
+
+    fn node_spec(&self, node: &NodeName) -> Result<Option<NodeSpec>> {
+        Ok(self.registry.store.node_spec(node)?)
+    }
+
+    fn entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+        match self.registry.store.entry(id) {
+            Ok(e) => Ok(Some(e)),
+            Err(StoreError::EntryNotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn policies(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.registry.store.policies()?)
+    }
 }
 
 // === impl Registry ===
@@ -297,6 +357,10 @@ impl Registry {
             journal_seen: Mutex::new(stored),
             allocator: Mutex::new(allocator),
             changes: watch::Sender::new(0),
+            pending: Mutex::new(Pending {
+                everything: true,
+                parts: std::collections::BTreeSet::new(),
+            }),
             leader: std::sync::atomic::AtomicBool::new(leader),
             metrics,
         };
@@ -362,7 +426,7 @@ impl Registry {
     /// one: see `allocate`.)
     pub fn store_changed(&self) -> anyhow::Result<bool> {
         let rotated = self.follow_ca()?;
-        self.changed();
+        self.changed_everything();
         Ok(rotated)
     }
 
@@ -416,8 +480,56 @@ impl Registry {
         }
     }
 
-    fn changed(&self) {
+    /// Records what a change touched, then counts it.
+    fn changed(&self, change: Change) {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if !p.everything {
+                if p.parts.len() >= PENDING_LIMIT {
+                    p.everything = true;
+                    p.parts.clear();
+                } else {
+                    p.parts.insert(change);
+                }
+            }
+        }
         self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Counts a change of unknown extent: the next view reads the whole store.
+    fn changed_everything(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .everything = true;
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// What changed since the last call (the cluster view's builder takes it).
+    pub fn take_changes(&self) -> Changed {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = std::mem::take(&mut p.parts);
+        if std::mem::replace(&mut p.everything, false) {
+            Changed::Everything
+        } else {
+            Changed::Parts(parts)
+        }
+    }
+
+    /// The builder could not apply what it took: the next view reads the whole store.
+    pub fn view_failed(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .everything = true;
+    }
+
+    /// Where the cluster view reads what changed, at `now` (for the bundle).
+    pub fn view_source(&self, now: SystemTime) -> LiveSource<'_> {
+        LiveSource {
+            registry: self,
+            now,
+        }
     }
 
     /// A receiver that is notified on every change visible to agents.
@@ -432,13 +544,13 @@ impl Registry {
             let rotated = self.follow_ca()?;
             if rotated {
                 self.metrics.observe_bundle(&self.bundle(now));
-                self.changed();
+                self.changed(Change::Bundle);
             }
             return Ok(rotated);
         }
         // The leader, too, reads the journal first: a leader before it may have rotated.
         if self.config.replicated && self.follow_ca()? {
-            self.changed();
+            self.changed(Change::Bundle);
         }
         let events = self.ca().tick(now)?;
         if events.is_empty() {
@@ -467,7 +579,7 @@ impl Registry {
         }
         self.save_ca()?;
         self.metrics.observe_bundle(&self.bundle(now));
-        self.changed();
+        self.changed(Change::Bundle);
         Ok(true)
     }
 
@@ -580,7 +692,7 @@ impl Registry {
         }
         self.metrics.svid_issued(SvidKind::Node);
         tracing::info!(node = %node, node.id = %record.node_id, serial = %svid.serial, address = ?spec.address, pod_range = %spec.pod_range, attestation = how.as_str(), "node attested");
-        self.changed();
+        self.changed(Change::Node(node.clone()));
         Ok(NodeSvid {
             node: record,
             svid,
@@ -738,7 +850,7 @@ impl Registry {
                 && let Some(bound) = spec.address
             {
                 self.store.set_node_address(node, bound)?;
-                self.changed();
+                self.changed(Change::Node(node.clone()));
             }
             return Ok(());
         }
@@ -752,7 +864,7 @@ impl Registry {
             _ => {
                 if self.store.node(node)?.and_then(|n| n.address) != Some(claimed) {
                     self.store.set_node_address(node, claimed)?;
-                    self.changed();
+                    self.changed(Change::Node(node.clone()));
                 }
                 Ok(())
             }
@@ -770,7 +882,7 @@ impl Registry {
         match self.store.set_node_tunnel_key(node, key) {
             Ok(true) => {
                 tracing::info!(node = %node, tunnel_key = %key, "tunnel key published");
-                self.changed();
+                self.changed(Change::Node(node.clone()));
                 Ok(())
             }
             Ok(false) => Ok(()),
@@ -871,7 +983,7 @@ impl Registry {
             self.store.set_node_address(node, ip)?;
         }
         tracing::info!(node = %node, address = ?spec.address, pod_range = %spec.pod_range, "node registered");
-        self.changed();
+        self.changed(Change::Node(node.clone()));
         Ok(spec)
     }
 
@@ -912,6 +1024,7 @@ impl Registry {
             match self.store.insert_identity(id, labels) {
                 Ok(()) => {
                     tracing::info!(identity = %id, labels = %labels, "identity allocated");
+                    self.changed(Change::Identity(id, labels.clone()));
                     return Ok(id);
                 }
                 Err(e) if self.config.replicated && attempt < ATTEMPTS => {
@@ -952,13 +1065,11 @@ impl Registry {
         };
         self.store.put_pod(&pod)?;
         tracing::info!(pod = %format!("{namespace}/{name}"), node = %node, identity = %identity, "pod placed");
-        self.changed();
-        Ok(self
-            .store
-            .pods()?
-            .into_iter()
-            .find(|p| p.namespace == namespace && p.name == name)
-            .unwrap_or(pod))
+        self.changed(Change::Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+        Ok(self.store.pod(namespace, name)?.unwrap_or(pod))
     }
 
     /// Removes a pod from the control plane.
@@ -967,7 +1078,10 @@ impl Registry {
             return Err(RegistryError::Invalid(format!("no pod {namespace}/{name}")));
         }
         tracing::info!(pod = %format!("{namespace}/{name}"), "pod deleted");
-        self.changed();
+        self.changed(Change::Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
         Ok(())
     }
 
@@ -987,10 +1101,10 @@ impl Registry {
                 "invalid interface name {interface:?}"
             )));
         }
-        let pods = self.store.pods()?;
-        let pod = pods
-            .iter()
-            .find(|p| p.namespace == namespace && p.name == name && p.node == node.name)
+        let pod = self
+            .store
+            .pod(namespace, name)?
+            .filter(|p| p.node == node.name)
             .ok_or_else(|| RegistryError::PodNotPlacedHere {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
@@ -1002,15 +1116,6 @@ impl Registry {
                 ip: ipv4,
                 node: node.name.clone(),
                 range: spec.pod_range,
-            });
-        }
-        if let Some(other) = pods.iter().find(|p| {
-            !(p.namespace == namespace && p.name == name)
-                && p.runtime.as_ref().is_some_and(|r| r.ipv4 == ipv4)
-        }) {
-            return Err(RegistryError::AddressInUse {
-                ip: ipv4,
-                by: format!("pod {}/{}", other.namespace, other.name),
             });
         }
         if let Some(n) = self
@@ -1029,10 +1134,22 @@ impl Registry {
             interface: interface.to_owned(),
         };
         if pod.runtime.as_ref() != Some(&runtime) {
-            self.store
-                .set_pod_runtime(namespace, name, Some(&runtime))?;
+            // The store refuses an address another pod holds.
+            match self.store.set_pod_runtime(namespace, name, Some(&runtime)) {
+                Ok(_) => {}
+                Err(StoreError::AddressInUse { pod, .. }) => {
+                    return Err(RegistryError::AddressInUse {
+                        ip: ipv4,
+                        by: format!("pod {pod}"),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(node = %node.name, pod = %format!("{namespace}/{name}"), ip = %ipv4, interface, "pod reported");
-            self.changed();
+            self.changed(Change::Pod {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
         }
         Ok(pod.identity)
     }
@@ -1047,9 +1164,8 @@ impl Registry {
         let node = self.authenticate_node(caller)?;
         let placed_here = self
             .store
-            .pods()?
-            .iter()
-            .any(|p| p.namespace == namespace && p.name == name && p.node == node.name);
+            .pod(namespace, name)?
+            .is_some_and(|p| p.node == node.name);
         if !placed_here {
             return Err(RegistryError::PodNotPlacedHere {
                 namespace: namespace.to_owned(),
@@ -1059,7 +1175,10 @@ impl Registry {
         }
         self.store.set_pod_runtime(namespace, name, None)?;
         tracing::info!(node = %node.name, pod = %format!("{namespace}/{name}"), "pod withdrawn");
-        self.changed();
+        self.changed(Change::Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
         Ok(())
     }
 
@@ -1074,9 +1193,8 @@ impl Registry {
         let node = self.authenticate_node(caller)?;
         let hosted: std::collections::BTreeSet<IdentityId> = self
             .store
-            .pods()?
+            .pods_on_node(&node.name)?
             .into_iter()
-            .filter(|p| p.node == node.name)
             .map(|p| p.identity)
             .collect();
         let mut out = Vec::with_capacity(csrs.len());
@@ -1147,7 +1265,7 @@ impl Registry {
         self.store.put_policies(&docs)?;
         let keys: Vec<PolicyKey> = parsed.iter().map(Policy::key).collect();
         tracing::info!(policies = ?docs.iter().map(|(k, _)| k).collect::<Vec<_>>(), "policies applied");
-        self.changed();
+        self.changed(Change::Policies);
         Ok(keys)
     }
 
@@ -1179,7 +1297,7 @@ impl Registry {
         }
         self.store.delete_policy(&target.to_string())?;
         tracing::info!(policy = %target, "policy deleted");
-        self.changed();
+        self.changed(Change::Policies);
         Ok(target)
     }
 
@@ -1268,7 +1386,7 @@ impl Registry {
     pub fn ban_node(&self, node: &NodeName) -> Result<NodeRecord> {
         let record = self.store.ban_node(node)?;
         tracing::warn!(node = %node, "node banned");
-        self.changed();
+        self.changed(Change::Node(node.clone()));
         Ok(record)
     }
 
@@ -1276,7 +1394,7 @@ impl Registry {
     pub fn evict_node(&self, node: &NodeName) -> Result<()> {
         self.store.evict_node(node)?;
         tracing::warn!(node = %node, "node evicted");
-        self.changed();
+        self.changed(Change::Node(node.clone()));
         Ok(())
     }
 
@@ -1463,7 +1581,7 @@ impl Registry {
             .create_entry(new)
             .map_err(Self::entry_store_error)?;
         tracing::info!(entry.id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, "entry created");
-        self.changed();
+        self.changed(Change::Entry(entry.id.clone()));
         Ok(entry)
     }
 
@@ -1477,7 +1595,7 @@ impl Registry {
             .update_entry(id, new)
             .map_err(Self::entry_store_error)?;
         tracing::info!(entry.id = %entry.id, revision = entry.revision, "entry updated");
-        self.changed();
+        self.changed(Change::Entry(entry.id.clone()));
         Ok(entry)
     }
 
@@ -1485,7 +1603,7 @@ impl Registry {
     pub fn delete_entry(&self, id: &EntryId) -> Result<()> {
         self.store.delete_entry(id)?;
         tracing::info!(entry.id = %id, "entry deleted");
-        self.changed();
+        self.changed(Change::Entry(id.clone()));
         Ok(())
     }
 

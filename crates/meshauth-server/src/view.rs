@@ -1,31 +1,100 @@
 //! The cluster view that sync streams serve: one in-memory snapshot of what agents may see,
-//! rebuilt once per change (not once per stream), and the deltas between snapshots.
+//! made once per burst of changes (not once per stream), and the deltas between snapshots.
 //!
-//! A change costs one rebuild (a read of the store and a diff against the previous view) plus,
-//! for each stream, work in proportion to the delta: a stream sends its node the shared parts
-//! that changed (identities, endpoints, nodes, policies, the bundle) and only its own node's
-//! entries. A stream that fell further behind than the deltas kept sends the whole state again.
+//! A change costs work in proportion to the change, not to the cluster:
+//! - the registry reports what each change touched ([`Change`]: a pod, a node, an entry, the
+//!   policies, the bundle, a new identity); the builder reads just those parts again and
+//!   applies them to a copy of the last view ([`ClusterView::apply`]). The maps are persistent
+//!   (`imbl`), so the copy is O(1) and the diff that makes the delta skips what they share;
+//! - each stream sends its node the shared parts that changed (identities, endpoints, nodes,
+//!   policies, the bundle) and only its own node's entries.
 //!
+//! The whole store is read only for the first view, for changes other replicas made (the
+//! store reports that something changed, not what), and after an update failed. A stream that
+//! fell further behind than the deltas kept sends the whole state again.
+//!
+//! - [`Change`]: what one registry change touched.
 //! - [`ClusterView`]: a snapshot, in wire form, keyed as agents key it.
+//! - [`ViewSource`]: where the parts that changed are read again (the registry's store).
 //! - [`ViewDelta`]: what changed from one snapshot to the next.
 //! - [`Cursor`]: one stream's position; decides what its node gets next (pure, tested here).
 //! - [`ViewFeed`]: the builder task's output that streams subscribe to.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use meshauth_datastore::{NodeName, StoreError};
+use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
+use meshauth_datastore::{
+    EntryId, NodeName, NodeRecord, NodeSpec, PodRecord, RegistrationEntry, StoreError,
+};
+use meshauth_policy::{IdentityId, Labels};
 use meshauth_proto::node::{
     Bundle, ClusterNode, Endpoint, Entry, Identity, PolicyDocument, SyncRemoved, SyncResponse,
 };
+use meshauth_spiffe::X509Bundle;
 use meshauth_telemetry::CancellationToken;
 use tokio::sync::watch;
 
+use crate::metrics::ViewBuild;
 use crate::registry::{ClusterState, Registry, RegistryError};
 
 /// How many deltas are kept for streams that are behind; further behind gets the whole state.
 pub const KEPT_DELTAS: usize = 256;
+
+/// What one registry change touched: the builder reads that part again. Applying a change
+/// twice, or one that changed nothing, is harmless.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    /// The CA rotated: the bundle.
+    Bundle,
+    /// A new identity and its labels (an identity never changes once allocated).
+    Identity(IdentityId, Labels),
+    /// A pod was placed, re-placed, reported, withdrawn or deleted.
+    Pod {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// A node attested, was bound, published its key, was banned or evicted (its pods'
+    /// endpoints follow it).
+    Node(NodeName),
+    /// An entry was created, updated or deleted.
+    Entry(EntryId),
+    /// Policies were applied or deleted.
+    Policies,
+}
+
+/// What the builder takes in at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have changed: read the whole store.
+    Everything,
+    /// These parts changed.
+    Parts(BTreeSet<Change>),
+}
+
+/// Where the builder reads again what changed. The registry answers from its store.
+pub trait ViewSource {
+    /// The whole state (for a full build).
+    fn state(&self) -> Result<ClusterState, RegistryError>;
+    /// The trust bundle.
+    fn bundle(&self) -> X509Bundle;
+    /// One pod, if it exists.
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>, RegistryError>;
+    /// The pods placed on `node`.
+    fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>, RegistryError>;
+    /// One node's record, if it attested and was not evicted.
+    fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>, RegistryError>;
+    /// What is bound to one node (address, pod range), if anything.
+    fn node_spec(&self, node: &NodeName) -> Result<Option<NodeSpec>, RegistryError>;
+    /// One entry, if it exists.
+    fn entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, RegistryError>;
+    /// Every policy document (key, YAML).
+    fn policies(&self) -> Result<Vec<(String, String)>, RegistryError>;
+}
 
 /// How a node stands in the view: its stream goes on only while it is usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,100 +103,194 @@ enum Standing {
     Banned,
 }
 
-/// One snapshot of what agents may see, in wire form.
+/// One snapshot of what agents may see, in wire form. Cloning it is O(1).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
     revision: u64,
     bundle: Bundle,
-    identities: BTreeMap<u32, Identity>,
-    endpoints: BTreeMap<String, Endpoint>,
-    nodes: BTreeMap<String, ClusterNode>,
-    policies: BTreeMap<String, PolicyDocument>,
-    /// Entries by parent SPIFFE ID, then by entry ID.
-    entries: BTreeMap<String, BTreeMap<String, Entry>>,
-    standing: BTreeMap<NodeName, Standing>,
+    identities: OrdMap<u32, Identity>,
+    endpoints: OrdMap<String, Endpoint>,
+    nodes: OrdMap<String, ClusterNode>,
+    policies: OrdMap<String, PolicyDocument>,
+    /// Entries by parent SPIFFE ID, then by entry ID (no empty inner map).
+    entries: OrdMap<String, OrdMap<String, Entry>>,
+    /// The parent of each entry, by entry ID.
+    entry_parents: OrdMap<String, String>,
+    /// Every node record's standing (banned ones included).
+    standing: OrdMap<NodeName, Standing>,
+    /// Every node record's ID (banned ones included).
+    node_ids: OrdMap<NodeName, u32>,
+}
+
+/// Inserts `value` unless `map` holds an equal one (an equal value left in place keeps the
+/// structure shared with earlier views, which the diff skips).
+fn put<K: Ord + Clone, V: Clone + PartialEq>(map: &mut OrdMap<K, V>, key: K, value: V) {
+    if map.get(&key) != Some(&value) {
+        map.insert(key, value);
+    }
+}
+
+fn cluster_node(record: &NodeRecord, spec: Option<&NodeSpec>) -> ClusterNode {
+    ClusterNode {
+        name: record.name.to_string(),
+        node_id: record.node_id.get(),
+        address: record.address.map(|a| a.to_string()).unwrap_or_default(),
+        pod_range: spec.map(|s| s.pod_range.to_string()).unwrap_or_default(),
+        tunnel_key: record
+            .tunnel_key
+            .map(|k| k.as_bytes().to_vec())
+            .unwrap_or_default(),
+    }
 }
 
 impl ClusterView {
     /// The view of `state`, at `revision`.
     pub fn build(revision: u64, state: &ClusterState) -> ClusterView {
-        let node_ids: HashMap<&NodeName, u32> = state
-            .nodes
-            .iter()
-            .map(|n| (&n.name, n.node_id.get()))
-            .collect();
-        let ranges: HashMap<&NodeName, String> = state
-            .node_specs
-            .iter()
-            .map(|s| (&s.name, s.pod_range.to_string()))
-            .collect();
-        let mut entries: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
-        for e in &state.entries {
-            entries
-                .entry(e.parent_id.to_string())
-                .or_default()
-                .insert(e.id.to_string(), crate::node_api::entry_msg(e));
-        }
-        ClusterView {
+        let specs: BTreeMap<&NodeName, &NodeSpec> =
+            state.node_specs.iter().map(|s| (&s.name, s)).collect();
+        let mut view = ClusterView {
             revision,
             bundle: crate::node_api::bundle_msg(&state.bundle),
-            identities: state
-                .identities
-                .iter()
-                .map(|(id, l)| (id.get(), crate::node_api::identity_msg(*id, l)))
-                .collect(),
-            endpoints: state
-                .pods
-                .iter()
-                .map(|p| {
-                    let node_id = node_ids.get(&p.node).copied().unwrap_or(0);
-                    (
-                        endpoint_key(&p.namespace, &p.name),
-                        crate::node_api::endpoint_msg(p, node_id),
-                    )
-                })
-                .collect(),
-            nodes: state
-                .nodes
-                .iter()
-                .filter(|n| !n.banned)
-                .map(|n| {
-                    let msg = ClusterNode {
-                        name: n.name.to_string(),
-                        node_id: n.node_id.get(),
-                        address: n.address.map(|a| a.to_string()).unwrap_or_default(),
-                        pod_range: ranges.get(&n.name).cloned().unwrap_or_default(),
-                        tunnel_key: n
-                            .tunnel_key
-                            .map(|k| k.as_bytes().to_vec())
-                            .unwrap_or_default(),
-                    };
-                    (msg.name.clone(), msg)
-                })
-                .collect(),
-            policies: state
-                .policies
-                .iter()
-                .map(|(key, yaml)| {
-                    (
-                        key.clone(),
-                        crate::admin_api::policy_document(key.clone(), yaml.clone()),
-                    )
-                })
-                .collect(),
-            entries,
-            standing: state
-                .nodes
-                .iter()
-                .map(|n| {
-                    let s = if n.banned {
-                        Standing::Banned
-                    } else {
-                        Standing::Usable
-                    };
-                    (n.name.clone(), s)
-                })
-                .collect(),
+            ..ClusterView::default()
+        };
+        for n in &state.nodes {
+            view.set_node(&n.name, Some(n), specs.get(&n.name).copied());
+        }
+        for (id, labels) in &state.identities {
+            view.identities
+                .insert(id.get(), crate::node_api::identity_msg(*id, labels));
+        }
+        for p in &state.pods {
+            view.set_pod(&p.namespace, &p.name, Some(p));
+        }
+        view.set_policies(&state.policies);
+        for e in &state.entries {
+            view.set_entry(&e.id, Some(e));
+        }
+        view
+    }
+
+    /// This view with `changes` read again from `source`, at `revision`.
+    pub fn apply(
+        &self,
+        revision: u64,
+        changes: &BTreeSet<Change>,
+        source: &dyn ViewSource,
+    ) -> Result<ClusterView, RegistryError> {
+        let mut next = self.clone();
+        next.revision = revision;
+        for change in changes {
+            match change {
+                Change::Bundle => next.bundle = crate::node_api::bundle_msg(&source.bundle()),
+                Change::Identity(id, labels) => put(
+                    &mut next.identities,
+                    id.get(),
+                    crate::node_api::identity_msg(*id, labels),
+                ),
+                Change::Pod { namespace, name } => {
+                    let pod = source.pod(namespace, name)?;
+                    next.set_pod(namespace, name, pod.as_ref());
+                }
+                Change::Node(node) => {
+                    let record = source.node(node)?;
+                    let spec = source.node_spec(node)?;
+                    next.set_node(node, record.as_ref(), spec.as_ref());
+                    // Its pods' endpoints carry its ID and vanish while it is banned.
+                    for pod in source.pods_on_node(node)? {
+                        next.set_pod(&pod.namespace, &pod.name, Some(&pod));
+                    }
+                }
+                Change::Entry(id) => {
+                    let entry = source.entry(id)?;
+                    next.set_entry(id, entry.as_ref());
+                }
+                Change::Policies => next.set_policies(&source.policies()?),
+            }
+        }
+        Ok(next)
+    }
+
+    /// Sets (or, with `None`, removes) a node's record.
+    fn set_node(&mut self, name: &NodeName, record: Option<&NodeRecord>, spec: Option<&NodeSpec>) {
+        match record {
+            Some(r) => {
+                put(&mut self.node_ids, name.clone(), r.node_id.get());
+                let standing = if r.banned {
+                    Standing::Banned
+                } else {
+                    Standing::Usable
+                };
+                put(&mut self.standing, name.clone(), standing);
+                if r.banned {
+                    self.nodes.remove(name.as_str());
+                } else {
+                    put(&mut self.nodes, name.to_string(), cluster_node(r, spec));
+                }
+            }
+            None => {
+                self.node_ids.remove(name);
+                self.standing.remove(name);
+                self.nodes.remove(name.as_str());
+            }
+        }
+    }
+
+    /// Sets (or, with `None`, removes) a pod's endpoint: none while its node is banned.
+    fn set_pod(&mut self, namespace: &str, name: &str, pod: Option<&PodRecord>) {
+        let key = endpoint_key(namespace, name);
+        match pod.filter(|p| self.standing.get(&p.node) != Some(&Standing::Banned)) {
+            Some(p) => {
+                let node_id = self.node_ids.get(&p.node).copied().unwrap_or(0);
+                put(
+                    &mut self.endpoints,
+                    key,
+                    crate::node_api::endpoint_msg(p, node_id),
+                );
+            }
+            None => {
+                self.endpoints.remove(&key);
+            }
+        }
+    }
+
+    /// Sets (or, with `None`, removes) an entry, under its parent.
+    fn set_entry(&mut self, id: &EntryId, entry: Option<&RegistrationEntry>) {
+        let id = id.to_string();
+        if let Some(parent) = self.entry_parents.remove(&id)
+            && let Some(of_parent) = self.entries.get_mut(&parent)
+        {
+            of_parent.remove(&id);
+            if of_parent.is_empty() {
+                self.entries.remove(&parent);
+            }
+        }
+        if let Some(e) = entry {
+            let parent = e.parent_id.to_string();
+            self.entry_parents.insert(id.clone(), parent.clone());
+            let mut of_parent = self.entries.get(&parent).cloned().unwrap_or_default();
+            of_parent.insert(id, crate::node_api::entry_msg(e));
+            put(&mut self.entries, parent, of_parent);
+        }
+    }
+
+    /// Sets the policies to `docs` (key, YAML).
+    fn set_policies(&mut self, docs: &[(String, String)]) {
+        let keys: BTreeSet<&str> = docs.iter().map(|(k, _)| k.as_str()).collect();
+        let gone: Vec<String> = self
+            .policies
+            .keys()
+            .filter(|k| !keys.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.policies.remove(&k);
+        }
+        for (key, yaml) in docs {
+            put(
+                &mut self.policies,
+                key.clone(),
+                crate::admin_api::policy_document(key.clone(), yaml.clone()),
+            );
         }
     }
 
@@ -188,19 +351,20 @@ impl<K: Ord, V> Default for Changes<K, V> {
 }
 
 impl<K: Ord + Clone, V: Clone + PartialEq> Changes<K, V> {
-    /// What turns `old` into `new`.
-    fn between(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Self {
-        let put = new
-            .iter()
-            .filter(|(k, v)| old.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let removed = old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect();
-        Changes { put, removed }
+    /// What turns `old` into `new` (visiting only what the two do not share).
+    fn between(old: &OrdMap<K, V>, new: &OrdMap<K, V>) -> Self {
+        let mut c = Changes::default();
+        for item in old.diff(new) {
+            match item {
+                DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
+                    c.put.insert(k.clone(), v.clone());
+                }
+                DiffItem::Remove(k, _) => {
+                    c.removed.insert(k.clone());
+                }
+            }
+        }
+        c
     }
 
     /// These changes followed by `later`'s.
@@ -237,16 +401,20 @@ pub struct ViewDelta {
 impl ViewDelta {
     /// What turns `old` into `new`.
     pub fn between(old: &ClusterView, new: &ClusterView) -> ViewDelta {
-        let parents: BTreeSet<&String> = old.entries.keys().chain(new.entries.keys()).collect();
-        let empty = BTreeMap::new();
-        let entries = parents
-            .into_iter()
-            .filter_map(|p| {
-                let c = Changes::between(
-                    old.entries.get(p).unwrap_or(&empty),
-                    new.entries.get(p).unwrap_or(&empty),
-                );
-                (!c.is_empty()).then(|| (p.clone(), c))
+        let empty = OrdMap::new();
+        let entries = old
+            .entries
+            .diff(&new.entries)
+            .filter_map(|item| {
+                let (parent, c) = match item {
+                    DiffItem::Add(p, n) => (p, Changes::between(&empty, n)),
+                    DiffItem::Update {
+                        old: (p, o),
+                        new: (_, n),
+                    } => (p, Changes::between(o, n)),
+                    DiffItem::Remove(p, o) => (p, Changes::between(o, &empty)),
+                };
+                (!c.is_empty()).then(|| (parent.clone(), c))
             })
             .collect();
         ViewDelta {
@@ -485,8 +653,9 @@ impl ViewFeed {
         }
     }
 
-    /// Rebuilds the view on every change of `registry` until `token` is cancelled. Changes
-    /// that arrive during a rebuild are taken together by the next one.
+    /// Makes a new view on every change of `registry` until `token` is cancelled: the last
+    /// one with what changed read again, or the whole store when the registry cannot say what
+    /// changed. Changes that arrive meanwhile are taken together by the next one.
     pub async fn run(
         &self,
         registry: Arc<Registry>,
@@ -495,24 +664,43 @@ impl ViewFeed {
         let mut changes = registry.subscribe();
         loop {
             let revision = *changes.borrow_and_update();
+            // Taken after the revision: every change counted in it is among these (a change is
+            // recorded before it is counted).
+            let taken = registry.take_changes();
             let started = Instant::now();
             let reg = Arc::clone(&registry);
-            let state =
-                tokio::task::spawn_blocking(move || reg.cluster_state(SystemTime::now())).await?;
-            match state {
-                Ok(state) => {
-                    let view = ClusterView::build(revision, &state);
-                    let current = Arc::clone(&self.tx.borrow());
-                    let next = if current.built {
-                        current.next(view)
-                    } else {
-                        Published::first(view)
-                    };
+            let current = Arc::clone(&self.tx.borrow());
+            let made = tokio::task::spawn_blocking(move || {
+                let source = reg.view_source(SystemTime::now());
+                let (view, kind) = match (&taken, current.built) {
+                    (Changed::Parts(parts), true) => (
+                        current.view.apply(revision, parts, &source)?,
+                        ViewBuild::Incremental,
+                    ),
+                    _ => (
+                        ClusterView::build(revision, &source.state()?),
+                        ViewBuild::Full,
+                    ),
+                };
+                let next = if current.built {
+                    current.next(view)
+                } else {
+                    Published::first(view)
+                };
+                Ok::<_, RegistryError>((next, kind))
+            })
+            .await?;
+            match made {
+                Ok((next, kind)) => {
                     self.tx.send_replace(Arc::new(next));
-                    registry.metrics().view_built(started.elapsed(), revision);
+                    registry
+                        .metrics()
+                        .view_built(kind, started.elapsed(), revision);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = RETRY.as_millis() as u64, "cannot read the store to rebuild the cluster view");
+                    // What was taken is lost: the next view is read from the whole store.
+                    registry.view_failed();
+                    tracing::warn!(error = %e, retry_in_ms = RETRY.as_millis() as u64, "cannot read the store to make the cluster view");
                     tokio::select! {
                         () = tokio::time::sleep(RETRY) => continue,
                         () = token.cancelled() => return Ok(()),
@@ -634,9 +822,7 @@ mod tests {
         let mut v2 = v1.clone();
         v2.revision = 2;
         v2.entries
-            .entry(N2.into())
-            .or_default()
-            .insert("e2".into(), entry("e2", N2));
+            .insert(N2.into(), OrdMap::unit("e2".to_owned(), entry("e2", N2)));
         p = p.next(v2.clone());
         assert_eq!(c1.next(&p).expect("usable"), Next::Nothing);
         let Next::Delta(m) = c2.next(&p).expect("usable") else {
@@ -738,5 +924,342 @@ mod tests {
         v.revision = 2;
         let p = p.next(v);
         assert_eq!(c.next(&p).expect("usable"), Next::Nothing);
+    }
+
+    // --- incremental views: applying what changed equals building from the whole state ---
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use meshauth_datastore::{Ipv4Range, NodeAttestation, PodRuntime};
+    use meshauth_policy::NodeId;
+    use proptest::prelude::*;
+    use rustls::pki_types::CertificateDer;
+
+    const NODES: u8 = 4;
+    const PODS: u8 = 8;
+    const ENTRIES: u8 = 4;
+    const POLICIES: u8 = 3;
+
+    /// The whole state, as the store holds it (pods of banned nodes included).
+    #[derive(Debug, Clone)]
+    struct Model {
+        bundle_sequence: u64,
+        identities: BTreeMap<IdentityId, Labels>,
+        nodes: BTreeMap<NodeName, NodeRecord>,
+        specs: BTreeMap<NodeName, NodeSpec>,
+        pods: BTreeMap<(String, String), PodRecord>,
+        entries: BTreeMap<EntryId, RegistrationEntry>,
+        policies: BTreeMap<String, String>,
+    }
+
+    fn node_name(i: u8) -> NodeName {
+        node(&format!("n{i}"))
+    }
+
+    fn entry_id(i: u8) -> EntryId {
+        format!("{i:032x}").parse().expect("entry id")
+    }
+
+    fn labels(k: u8) -> Labels {
+        Labels::from_pairs([("app", format!("a{k}"))]).expect("labels")
+    }
+
+    impl Model {
+        fn new() -> Model {
+            Model {
+                bundle_sequence: 1,
+                identities: BTreeMap::new(),
+                nodes: BTreeMap::new(),
+                specs: BTreeMap::new(),
+                pods: BTreeMap::new(),
+                entries: BTreeMap::new(),
+                policies: BTreeMap::new(),
+            }
+        }
+
+        fn bundle(&self) -> X509Bundle {
+            X509Bundle {
+                trust_domain: "td".parse().expect("trust domain"),
+                authorities: vec![CertificateDer::from(vec![
+                    1,
+                    (self.bundle_sequence % 256) as u8,
+                ])],
+                sequence: self.bundle_sequence,
+                refresh_hint: None,
+            }
+        }
+
+        fn banned(&self, n: &NodeName) -> bool {
+            self.nodes.get(n).is_some_and(|r| r.banned)
+        }
+
+        /// Applies `op`; returns what it touched, as the registry reports it.
+        fn apply(&mut self, op: &Op) -> Option<Change> {
+            let now = SystemTime::UNIX_EPOCH;
+            Some(match *op {
+                Op::Attest(i) => {
+                    let name = node_name(i);
+                    let record = NodeRecord {
+                        name: name.clone(),
+                        node_id: NodeId::new(u32::from(i) + 1),
+                        serial: "01".into(),
+                        previous_serial: None,
+                        svid_not_after: now,
+                        banned: false,
+                        address: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, i))),
+                        attested_at: now,
+                        attestation: NodeAttestation::JoinToken,
+                        tunnel_key: None,
+                    };
+                    self.nodes.entry(name.clone()).or_insert(record);
+                    Change::Node(name)
+                }
+                Op::Bind(i, octet) => {
+                    let name = node_name(i);
+                    self.specs.insert(
+                        name.clone(),
+                        NodeSpec {
+                            name: name.clone(),
+                            address: None,
+                            pod_range: Ipv4Range {
+                                base: Ipv4Addr::new(10, 1, octet, 0),
+                                prefix: 24,
+                            },
+                        },
+                    );
+                    Change::Node(name)
+                }
+                Op::Ban(i) => {
+                    let name = node_name(i);
+                    self.nodes.get_mut(&name)?.banned = true;
+                    Change::Node(name)
+                }
+                Op::Evict(i) => {
+                    let name = node_name(i);
+                    self.nodes.remove(&name)?;
+                    for p in self.pods.values_mut().filter(|p| p.node == name) {
+                        p.runtime = None;
+                    }
+                    Change::Node(name)
+                }
+                Op::Identity(k) => {
+                    let id = IdentityId::new(256 + u32::from(k));
+                    if self.identities.contains_key(&id) {
+                        return None;
+                    }
+                    self.identities.insert(id, labels(k));
+                    Change::Identity(id, labels(k))
+                }
+                Op::Place(j, i, k) => {
+                    let key = ("default".to_owned(), format!("p{j}"));
+                    let node = node_name(i);
+                    let runtime = self
+                        .pods
+                        .get(&key)
+                        .filter(|p| p.node == node)
+                        .and_then(|p| p.runtime.clone());
+                    self.pods.insert(
+                        key.clone(),
+                        PodRecord {
+                            namespace: key.0.clone(),
+                            name: key.1.clone(),
+                            labels: labels(k),
+                            node,
+                            identity: IdentityId::new(256 + u32::from(k)),
+                            runtime,
+                        },
+                    );
+                    Change::Pod {
+                        namespace: key.0,
+                        name: key.1,
+                    }
+                }
+                Op::Report(j, host) => {
+                    let key = ("default".to_owned(), format!("p{j}"));
+                    self.pods.get_mut(&key)?.runtime = Some(PodRuntime {
+                        ipv4: Ipv4Addr::new(10, 2, j, host),
+                        interface: format!("eth{host}"),
+                    });
+                    Change::Pod {
+                        namespace: key.0,
+                        name: key.1,
+                    }
+                }
+                Op::DeletePod(j) => {
+                    let key = ("default".to_owned(), format!("p{j}"));
+                    self.pods.remove(&key)?;
+                    Change::Pod {
+                        namespace: key.0,
+                        name: key.1,
+                    }
+                }
+                Op::PutEntry(e, i, rev) => {
+                    let id = entry_id(e);
+                    self.entries.insert(
+                        id.clone(),
+                        RegistrationEntry {
+                            id: id.clone(),
+                            spiffe_id: format!("spiffe://td/w{e}").parse().expect("id"),
+                            parent_id: format!("spiffe://td/node/n{i}").parse().expect("id"),
+                            selectors: Vec::new(),
+                            x509_svid_ttl: None,
+                            dns_names: Vec::new(),
+                            revision: u64::from(rev),
+                        },
+                    );
+                    Change::Entry(id)
+                }
+                Op::DeleteEntry(e) => {
+                    let id = entry_id(e);
+                    self.entries.remove(&id)?;
+                    Change::Entry(id)
+                }
+                Op::Policy(k, yaml) => {
+                    let key = format!("default/pol{k}");
+                    match yaml {
+                        Some(y) => self.policies.insert(key, format!("v{y}")),
+                        None => self.policies.remove(&key),
+                    };
+                    Change::Policies
+                }
+                Op::Rotate => {
+                    self.bundle_sequence += 1;
+                    Change::Bundle
+                }
+            })
+        }
+    }
+
+    impl ViewSource for Model {
+        fn state(&self) -> Result<ClusterState, RegistryError> {
+            Ok(ClusterState {
+                bundle: self.bundle(),
+                entries: self.entries.values().cloned().collect(),
+                identities: self
+                    .identities
+                    .iter()
+                    .map(|(id, l)| (*id, l.clone()))
+                    .collect(),
+                // As `Registry::cluster_state`: a banned node's pods are left out.
+                pods: self
+                    .pods
+                    .values()
+                    .filter(|p| !self.banned(&p.node))
+                    .cloned()
+                    .collect(),
+                nodes: self.nodes.values().cloned().collect(),
+                node_specs: self.specs.values().cloned().collect(),
+                policies: self
+                    .policies
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        }
+
+        fn bundle(&self) -> X509Bundle {
+            Model::bundle(self)
+        }
+
+        fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodRecord>, RegistryError> {
+            Ok(self
+                .pods
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .cloned())
+        }
+
+        fn pods_on_node(&self, node: &NodeName) -> Result<Vec<PodRecord>, RegistryError> {
+            Ok(self
+                .pods
+                .values()
+                .filter(|p| p.node == *node)
+                .cloned()
+                .collect())
+        }
+
+        fn node(&self, node: &NodeName) -> Result<Option<NodeRecord>, RegistryError> {
+            Ok(self.nodes.get(node).cloned())
+        }
+
+        fn node_spec(&self, node: &NodeName) -> Result<Option<NodeSpec>, RegistryError> {
+            Ok(self.specs.get(node).cloned())
+        }
+
+        fn entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, RegistryError> {
+            Ok(self.entries.get(id).cloned())
+        }
+
+        fn policies(&self) -> Result<Vec<(String, String)>, RegistryError> {
+            Ok(self
+                .policies
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+
+    /// One registry operation on the model.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Attest(u8),
+        Bind(u8, u8),
+        Ban(u8),
+        Evict(u8),
+        Identity(u8),
+        Place(u8, u8, u8),
+        Report(u8, u8),
+        DeletePod(u8),
+        PutEntry(u8, u8, u8),
+        DeleteEntry(u8),
+        Policy(u8, Option<u8>),
+        Rotate,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..NODES).prop_map(Op::Attest),
+            (0..NODES, 0..3u8).prop_map(|(i, o)| Op::Bind(i, o)),
+            (0..NODES).prop_map(Op::Ban),
+            (0..NODES).prop_map(Op::Evict),
+            (0..4u8).prop_map(Op::Identity),
+            (0..PODS, 0..NODES, 0..4u8).prop_map(|(j, i, k)| Op::Place(j, i, k)),
+            (0..PODS, 1..3u8).prop_map(|(j, h)| Op::Report(j, h)),
+            (0..PODS).prop_map(Op::DeletePod),
+            (0..ENTRIES, 0..NODES, 0..3u8).prop_map(|(e, i, r)| Op::PutEntry(e, i, r)),
+            (0..ENTRIES).prop_map(Op::DeleteEntry),
+            (0..POLICIES, proptest::option::of(0..3u8)).prop_map(|(k, y)| Op::Policy(k, y)),
+            Just(Op::Rotate),
+        ]
+    }
+
+    proptest! {
+        /// The contract of incremental views: after any sequence of changes, in bursts of any
+        /// size, the view made by applying what each burst touched is the view built from the
+        /// whole state, and so is every delta streams send.
+        #[test]
+        fn applying_what_changed_equals_building_from_the_whole_state(
+            bursts in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..25),
+        ) {
+            let mut model = Model::new();
+            let mut revision = 0;
+            let mut built = ClusterView::build(revision, &model.state().expect("state"));
+            let mut published = Published::first(built.clone());
+            for burst in &bursts {
+                let mut changes = BTreeSet::new();
+                for op in burst {
+                    changes.extend(model.apply(op));
+                }
+                revision += 1;
+                let applied = published.view().apply(revision, &changes, &model).expect("apply");
+                let rebuilt = ClusterView::build(revision, &model.state().expect("state"));
+                prop_assert_eq!(&applied, &rebuilt, "after {:?}", burst);
+                prop_assert_eq!(
+                    ViewDelta::between(published.view(), &applied),
+                    ViewDelta::between(&built, &rebuilt)
+                );
+                published = published.next(applied);
+                built = rebuilt;
+            }
+        }
     }
 }
