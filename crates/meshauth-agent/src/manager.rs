@@ -540,7 +540,10 @@ impl Manager {
                             return Err(anyhow::anyhow!("sync stream: {}", s.message()));
                         }
                     };
-                    let msg = sync.absorb(msg)?.clone();
+                    // None: a page of a whole state that has not arrived in full.
+                    let Some(msg) = sync.absorb(msg)?.cloned() else {
+                        continue;
+                    };
                     self.apply(&mut client, msg).await?;
                     served.store(true, std::sync::atomic::Ordering::Relaxed);
                 }

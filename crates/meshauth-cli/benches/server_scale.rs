@@ -544,8 +544,13 @@ struct StreamStats {
     bytes: AtomicU64,
     revision: AtomicU64,
     chain_breaks: AtomicU64,
-    /// The first message: after how long (from the Sync call), its size, its endpoints.
-    first: OnceLock<(Duration, usize, usize)>,
+    /// The largest message, in bytes.
+    largest: AtomicU64,
+    /// The first whole state (all its pages): after how long (from the Sync call to its last
+    /// page), its size, its endpoints, its pages.
+    first: OnceLock<(Duration, usize, usize, usize)>,
+    /// A whole state whose pages are arriving: bytes, endpoints and pages so far.
+    arriving: Mutex<Option<(usize, usize, usize)>>,
     ended: Mutex<Option<String>>,
 }
 
@@ -567,18 +572,32 @@ impl Shared {
         );
         st.messages.fetch_add(1, Ordering::Relaxed);
         st.bytes.fetch_add(size as u64, Ordering::Relaxed);
-        if msg.delta {
-            if st.first.get().is_none() || msg.base_revision != st.revision.load(Ordering::Relaxed)
-            {
+        st.largest.fetch_max(size as u64, Ordering::Relaxed);
+        let held = st.revision.load(Ordering::Relaxed);
+        let mut arriving = st.arriving.lock().unwrap_or_else(|p| p.into_inner());
+        if !msg.delta || arriving.is_some() {
+            // A whole state, or one of its later pages (deltas from its revision to itself).
+            if !msg.delta {
+                if st.first.get().is_some() || arriving.is_some() {
+                    st.resent_full.fetch_add(1, Ordering::Relaxed);
+                }
+                *arriving = Some((0, 0, 0));
+            } else if msg.base_revision != held {
                 st.chain_breaks.fetch_add(1, Ordering::Relaxed);
             }
-        } else if st.first.get().is_some() {
-            st.resent_full.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let _ = st
-                .first
-                .set((now.duration_since(opened), size, msg.endpoints.len()));
+            if let Some((b, e, n)) = arriving.as_mut() {
+                *b += size;
+                *e += msg.endpoints.len();
+                *n += 1;
+            }
+            if !msg.more {
+                let (b, e, n) = arriving.take().unwrap_or_default();
+                let _ = st.first.set((now.duration_since(opened), b, e, n));
+            }
+        } else if st.first.get().is_none() || msg.base_revision != held {
+            st.chain_breaks.fetch_add(1, Ordering::Relaxed);
         }
+        drop(arriving);
         st.revision.store(msg.revision, Ordering::Relaxed);
         let probe = self
             .probe
@@ -803,7 +822,7 @@ async fn setup_node(ctx: Arc<Ctx>, i: usize) -> anyhow::Result<SimNode> {
     let deadline = Instant::now() + ctx.args.timeout;
     let first = loop {
         let st = &ctx.shared.streams[i];
-        if let Some((after, _, _)) = st.first.get() {
+        if let Some((after, _, _, _)) = st.first.get() {
             break *after;
         }
         if let Some(why) = st.ended.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -1573,6 +1592,18 @@ async fn run(args: Args) -> anyhow::Result<Vec<String>> {
         .filter_map(|s| s.first.get().map(|f| f.2))
         .max()
         .unwrap_or(0);
+    let full_pages = shared
+        .streams
+        .iter()
+        .filter_map(|s| s.first.get().map(|f| f.3))
+        .max()
+        .unwrap_or(0);
+    let largest = shared
+        .streams
+        .iter()
+        .map(|s| s.largest.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0) as usize;
 
     // --- The table.
     let times = ctx.times.lock().unwrap_or_else(|p| p.into_inner());
@@ -1633,7 +1664,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<String>> {
         dist(&times.report_pod)
     );
     println!(
-        "| ... Sync call to its first message (whole state) | {} |",
+        "| ... Sync call to the whole state (its last page) | {} |",
         dist(&times.first_message)
     );
     println!(
@@ -1652,11 +1683,13 @@ async fn run(args: Args) -> anyhow::Result<Vec<String>> {
         settled_after.as_secs_f64()
     );
     println!(
-        "| whole state (first message): size p50 / max; endpoints | {} / {}; {} ({}) |",
+        "| whole state (first one of each stream): size p50 / max; endpoints; pages (max); largest message of any stream | {} / {}; {}; {} ; {} ({}) |",
         bytes(pct(&first_sizes, 0.5).unwrap_or(0) as f64),
         bytes(first_sizes.last().copied().unwrap_or(0) as f64),
         thousands(full_endpoints),
-        if first_sizes.last().copied().unwrap_or(0) > TONIC_DEFAULT_LIMIT {
+        full_pages,
+        bytes(largest as f64),
+        if largest > TONIC_DEFAULT_LIMIT {
             "above tonic's default 4 MiB decoding limit, which the agent's client keeps"
         } else {
             "under tonic's default 4 MiB decoding limit"

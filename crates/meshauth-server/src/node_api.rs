@@ -523,15 +523,15 @@ impl Node for NodeApi {
                     .unwrap_or_else(|| Arc::clone(&views.borrow_and_update()));
                 let decided = cursor.next(&published);
                 drop(published);
-                let msg = match decided {
-                    Ok(Next::Nothing) => None,
-                    Ok(Next::Full(m)) => {
+                let msgs = match decided {
+                    Ok(Next::Nothing) => Vec::new(),
+                    Ok(Next::Full(pages)) => {
                         registry.metrics().sync_message(SyncKind::Full);
-                        Some(Ok(m))
+                        pages
                     }
                     Ok(Next::Delta(m)) => {
                         registry.metrics().sync_message(SyncKind::Delta);
-                        Some(Ok(m))
+                        vec![*m]
                     }
                     Err(e) => {
                         registry.metrics().denied(e.reason());
@@ -540,9 +540,14 @@ impl Node for NodeApi {
                         break;
                     }
                 };
-                if let Some(msg) = msg
-                    && tx.send(msg).await.is_err()
-                {
+                let mut gone = false;
+                for msg in msgs {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        gone = true;
+                        break;
+                    }
+                }
+                if gone {
                     break;
                 }
                 let stopping = tokio::select! {

@@ -43,6 +43,12 @@ use crate::registry::{ClusterState, Registry, RegistryError};
 /// How many deltas are kept for streams that are behind; further behind gets the whole state.
 pub const KEPT_DELTAS: usize = 256;
 
+/// A whole state larger than this goes out in pages of about this size (`more` in
+/// node.proto). tonic encodes a stream's messages into one buffer that keeps the capacity of
+/// the largest message for as long as the stream lasts: unpaged, a whole state of 30,000
+/// endpoints (1.25 MiB) kept about 2 MiB per stream, 1.9 GB for 1,000 streams.
+pub const PAGE_BYTES: usize = 64 * 1024;
+
 /// What one registry change touched: the builder reads that part again. Applying a change
 /// twice, or one that changed nothing, is harmless.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -308,24 +314,89 @@ impl ClusterView {
         }
     }
 
-    /// The whole state for the node whose SPIFFE ID is `parent`.
-    fn full(&self, parent: &str) -> SyncResponse {
-        SyncResponse {
-            bundle: Some(self.bundle.clone()),
-            entries: self
-                .entries
-                .get(parent)
-                .map(|e| e.values().cloned().collect())
-                .unwrap_or_default(),
-            identities: self.identities.values().cloned().collect(),
-            endpoints: self.endpoints.values().cloned().collect(),
-            nodes: self.nodes.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-            revision: self.revision,
-            delta: false,
-            base_revision: 0,
-            removed: None,
+    /// The whole state for the node whose SPIFFE ID is `parent`, in pages of about
+    /// [`PAGE_BYTES`] (one page when it is smaller).
+    fn full(&self, parent: &str) -> Vec<SyncResponse> {
+        let mut pages = Pages::new(self.revision, self.bundle.clone());
+        if let Some(entries) = self.entries.get(parent) {
+            for e in entries.values() {
+                pages.add(e, |m| &mut m.entries);
+            }
         }
+        for i in self.identities.values() {
+            pages.add(i, |m| &mut m.identities);
+        }
+        for n in self.nodes.values() {
+            pages.add(n, |m| &mut m.nodes);
+        }
+        for p in self.policies.values() {
+            pages.add(p, |m| &mut m.policies);
+        }
+        for e in self.endpoints.values() {
+            pages.add(e, |m| &mut m.endpoints);
+        }
+        pages.done()
+    }
+}
+
+/// The bytes `more: true` adds to a message (tag and value).
+const MORE_BYTES: usize = 2;
+
+/// A whole state cut into pages (see `more` in node.proto): the first is the whole-state
+/// message, the others deltas from its revision to the same one that only add items.
+struct Pages {
+    revision: u64,
+    pages: Vec<SyncResponse>,
+    /// The encoded size of the last page so far.
+    size: usize,
+}
+
+impl Pages {
+    fn new(revision: u64, bundle: Bundle) -> Pages {
+        let first = SyncResponse {
+            bundle: Some(bundle),
+            revision,
+            ..SyncResponse::default()
+        };
+        Pages {
+            revision,
+            size: prost::Message::encoded_len(&first) + MORE_BYTES,
+            pages: vec![first],
+        }
+    }
+
+    /// Adds `item` to the list `field` picks, on a new page if the last one is full.
+    fn add<T: prost::Message + Clone>(
+        &mut self,
+        item: &T,
+        field: impl Fn(&mut SyncResponse) -> &mut Vec<T>,
+    ) {
+        // The item's bytes, its length prefix and its tag (one byte for these fields).
+        let len = item.encoded_len();
+        let len = len + prost::encoding::encoded_len_varint(len as u64) + 1;
+        if self.size + len > PAGE_BYTES {
+            let page = SyncResponse {
+                revision: self.revision,
+                delta: true,
+                base_revision: self.revision,
+                ..SyncResponse::default()
+            };
+            self.size = prost::Message::encoded_len(&page) + MORE_BYTES;
+            self.pages.push(page);
+        }
+        if let Some(page) = self.pages.last_mut() {
+            field(page).push(item.clone());
+        }
+        self.size += len;
+    }
+
+    /// The pages, each but the last marked `more`.
+    fn done(mut self) -> Vec<SyncResponse> {
+        let last = self.pages.len().saturating_sub(1);
+        for page in &mut self.pages[..last] {
+            page.more = true;
+        }
+        self.pages
     }
 }
 
@@ -486,6 +557,7 @@ impl ViewDelta {
             revision: self.revision,
             delta: true,
             base_revision: base,
+            more: false,
             removed: Some(SyncRemoved {
                 entries: entries
                     .map(|c| c.removed.iter().cloned().collect())
@@ -545,10 +617,11 @@ impl Published {
 pub enum Next {
     /// Nothing changed for this node.
     Nothing,
-    /// The whole state (first message, or the stream fell behind the deltas kept).
-    Full(SyncResponse),
+    /// The whole state (first message, or the stream fell behind the deltas kept), in pages
+    /// to send in order.
+    Full(Vec<SyncResponse>),
     /// What changed since the last message.
-    Delta(SyncResponse),
+    Delta(Box<SyncResponse>),
 }
 
 /// One sync stream's position in the feed: what its agent holds.
@@ -601,7 +674,7 @@ impl Cursor {
             return Ok(Next::Nothing);
         }
         self.sent = Some(view.revision);
-        Ok(Next::Delta(delta.message(sent)))
+        Ok(Next::Delta(Box::new(delta.message(sent))))
     }
 
     fn full(&mut self, view: &ClusterView) -> Next {
@@ -750,6 +823,14 @@ mod tests {
         }
     }
 
+    /// The one page of a small whole state.
+    fn single(mut pages: Vec<SyncResponse>) -> SyncResponse {
+        assert_eq!(pages.len(), 1, "a small whole state is one message");
+        let page = pages.remove(0);
+        assert!(!page.more && !page.delta);
+        page
+    }
+
     const N1: &str = "spiffe://td/node/n1";
     const N2: &str = "spiffe://td/node/n2";
 
@@ -787,6 +868,7 @@ mod tests {
         let Next::Full(first) = c.next(&p).expect("usable") else {
             panic!("first message must be full");
         };
+        let first = single(first);
         assert_eq!(first.policies.len(), 1);
         assert_eq!(c.next(&p).expect("usable"), Next::Nothing);
 
@@ -798,6 +880,7 @@ mod tests {
         let Next::Delta(d) = c.next(&p).expect("usable") else {
             panic!("a change after the first message is a delta");
         };
+        let d = *d;
         assert_eq!(d.base_revision, 1);
         assert_eq!(d.revision, 2);
         assert_eq!(d.policies, vec![policy("b", "2")]);
@@ -816,6 +899,7 @@ mod tests {
             let Next::Full(m) = c.next(&p).expect("usable") else {
                 panic!("full first");
             };
+            let m = single(m);
             apply(s, m);
         }
         // An entry of n2: n1's stream sends nothing.
@@ -828,6 +912,7 @@ mod tests {
         let Next::Delta(m) = c2.next(&p).expect("usable") else {
             panic!("n2 gets its entry");
         };
+        let m = *m;
         assert_eq!(m.entries, vec![entry("e2", N2)]);
         apply(&mut s2, m);
         // Then a policy: n1's delta applies to revision 1 (what it holds), not 2.
@@ -838,18 +923,20 @@ mod tests {
         let Next::Delta(m) = c1.next(&p).expect("usable") else {
             panic!("n1 gets the policy");
         };
+        let m = *m;
         assert_eq!(m.base_revision, 1);
         assert!(m.entries.is_empty(), "not n2's entry");
         apply(&mut s1, m);
         let Next::Delta(m) = c2.next(&p).expect("usable") else {
             panic!("n2 gets the policy");
         };
+        let m = *m;
         apply(&mut s2, m);
         assert_eq!(s1.as_ref().map(|s| s.policies.len()), Some(1));
         assert_eq!(s2.as_ref().map(|s| s.entries.len()), Some(1));
         // What each agent holds equals the whole state a new stream would get.
         for (s, parent) in [(&s1, N1), (&s2, N2)] {
-            let full = v3.full(parent);
+            let full = single(v3.full(parent));
             let held = s.as_ref().expect("state");
             assert_eq!(held.policies, full.policies);
             assert_eq!(held.entries, full.entries);
@@ -866,6 +953,7 @@ mod tests {
         let Next::Full(m) = c.next(&p).expect("usable") else {
             panic!("full first");
         };
+        let m = single(m);
         apply(&mut held, m);
         // Three changes before the stream looks again: added, changed, another removed.
         let mut cur = v.clone();
@@ -880,6 +968,7 @@ mod tests {
         let Next::Delta(m) = c.next(&p).expect("usable") else {
             panic!("composed delta");
         };
+        let m = *m;
         assert_eq!((m.base_revision, m.revision), (1, 5));
         assert_eq!(m.policies, vec![policy("a", "2")]);
         apply(&mut held, m);
@@ -912,6 +1001,69 @@ mod tests {
             gone,
             Err(RegistryError::Store(StoreError::NodeNotFound(_)))
         ));
+    }
+
+    #[test]
+    fn a_large_whole_state_comes_in_pages_that_add_up_to_it() {
+        let mut v = view(7);
+        for i in 0..5_000u32 {
+            let name = format!("pod-{i:05}");
+            v.endpoints.insert(
+                endpoint_key("default", &name),
+                Endpoint {
+                    namespace: "default".into(),
+                    name,
+                    node: "n1".into(),
+                    ipv4: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                    identity: 256 + i % 300,
+                    ..Endpoint::default()
+                },
+            );
+        }
+        for i in 0..300u32 {
+            v.identities.insert(
+                256 + i,
+                Identity {
+                    id: 256 + i,
+                    ..Identity::default()
+                },
+            );
+        }
+        let mut mine = OrdMap::new();
+        mine.insert("e1".to_owned(), entry("e1", N1));
+        v.entries.insert(N1.to_owned(), mine);
+        v.policies.insert("a".into(), policy("a", "1"));
+        let p = Published::first(v.clone());
+        let mut c = Cursor::new(node("n1"), N1.into());
+        let Next::Full(pages) = c.next(&p).expect("usable") else {
+            panic!("first message must be full");
+        };
+        assert!(pages.len() > 2, "{} pages", pages.len());
+        for (i, page) in pages.iter().enumerate() {
+            assert!(
+                prost::Message::encoded_len(page) <= PAGE_BYTES,
+                "page {i} is {} bytes",
+                prost::Message::encoded_len(page)
+            );
+            assert_eq!(page.more, i + 1 < pages.len(), "page {i}: more");
+            assert_eq!(page.revision, 7);
+            if i == 0 {
+                assert!(!page.delta && page.bundle.is_some());
+            } else {
+                assert!(page.delta && page.base_revision == 7 && page.bundle.is_none());
+                assert!(page.removed.is_none(), "continuations only add");
+            }
+        }
+        // Together they are the whole state, each item once, in the view's order.
+        let all = |f: fn(&SyncResponse) -> usize| pages.iter().map(f).sum::<usize>();
+        assert_eq!(all(|m| m.endpoints.len()), 5_000);
+        assert_eq!(all(|m| m.identities.len()), 300);
+        assert_eq!(all(|m| m.entries.len()), 1);
+        assert_eq!(all(|m| m.policies.len()), 1);
+        let endpoints: Vec<Endpoint> = pages.iter().flat_map(|m| m.endpoints.clone()).collect();
+        assert_eq!(endpoints, v.endpoints.values().cloned().collect::<Vec<_>>());
+        // Then the stream goes on with deltas against that revision.
+        assert_eq!(c.next(&p).expect("usable"), Next::Nothing);
     }
 
     #[test]

@@ -514,3 +514,50 @@ async fn an_open_stream_gets_deltas_with_only_its_own_entries_and_revisions_that
     drop((s1, s2));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_large_whole_state_comes_in_pages_no_larger_than_64_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path(), 24 * HOUR, HOUR)).await;
+    let n1 = attest_bound(&server, "n1", "10.199.0.1", "10.200.0.0/16").await;
+    const PODS: usize = 2_000;
+    for i in 0..PODS {
+        place(
+            &server,
+            &format!("a-pod-with-a-longer-name-{i:05}"),
+            "web",
+            "n1",
+        );
+    }
+    let mut c1 = node_client(server.addr, server.bundle(), Some(n1)).await;
+    let mut s1 = c1.sync(SyncRequest::default()).await.unwrap().into_inner();
+    let first = next(&mut s1).await;
+    assert!(
+        !first.delta && first.more,
+        "the first page of the whole state"
+    );
+    let mut pages = vec![first];
+    while pages.last().is_some_and(|p| p.more) {
+        pages.push(next(&mut s1).await);
+    }
+    let revision = pages[0].revision;
+    assert!(pages.len() >= 2, "{} pages", pages.len());
+    for (i, page) in pages.iter().enumerate() {
+        let size = prost::Message::encoded_len(page);
+        assert!(size <= 64 * 1024, "page {i} is {size} bytes");
+        if i > 0 {
+            assert!(
+                page.delta && page.base_revision == revision && page.revision == revision,
+                "page {i} continues revision {revision}"
+            );
+        }
+    }
+    let endpoints: usize = pages.iter().map(|p| p.endpoints.len()).sum();
+    assert_eq!(endpoints, PODS, "the pages hold every endpoint once");
+    assert_eq!(sync_messages(&server, "Full"), 1, "one whole state");
+    // Then deltas go on from that revision.
+    place(&server, "one-more", "web", "n1");
+    let d = next(&mut s1).await;
+    assert!(d.delta && !d.more && d.base_revision == revision);
+    assert_eq!(d.endpoints.len(), 1);
+}
