@@ -1,5 +1,6 @@
 //! The etcd backend: [`EtcdStore`], for several server replicas sharing one registry, with a
-//! change feed ([`EtcdStore::watch`]) and leader election ([`EtcdStore::campaign`]).
+//! change feed of what other replicas changed ([`EtcdStore::watch`],
+//! [`EtcdStore::take_changes`]) and leader election ([`EtcdStore::campaign`]).
 //!
 //! # Layout
 //!
@@ -58,6 +59,22 @@
 //! [`Datastore::put_policies`] or [`Datastore::rekey_policies`] batch larger than that fails
 //! with an error that names the flag.
 //!
+//! # Change feed
+//!
+//! One etcd watch on the prefix follows every write, from the revision the store connected
+//! at. A revision whose guard value starts with this store's writer id (drawn at random when
+//! it connects) is its own write and is left out: the caller that made it knows what changed.
+//! Every key another writer put or deleted is mapped to what it changed ([`crate::feed`]): a
+//! `nodes` or `specs` key to that node, a `pods` or `runtime` key to that pod, an
+//! `identities` key to that identity, a `policies` key to the policies, an `entries` key to
+//! that entry, `ca/journal` to the CA journal; the guard, `layout`, the tokens, the counter
+//! and the index keys (`tunnel_keys`, `identity_labels`, `node_pods`, `pod_ips`,
+//! `entry_keys`, which change with the records they index) and the election keys to nothing.
+//! A key outside this layout, or one whose segments do not parse, means that anything may
+//! have changed, and so does a watch that etcd compacted from under it. What was changed is
+//! gathered for [`EtcdStore::take_changes`] *before* [`EtcdStore::watch`] announces the
+//! revision, so a follower woken by the one finds the changes in the other.
+//!
 //! # Threads
 //!
 //! The [`Datastore`] trait is synchronous. The client runs on a current-thread Tokio runtime on
@@ -85,7 +102,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
@@ -98,6 +115,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::feed::{KeyMeaning, StoreChanges, etcd_key_meaning};
 use crate::model::{
     EntryFilter, EntryId, IssuedJoinToken, NewEntry, NodeAttestation, NodeName, NodeRecord,
     NodeSpec, PodRecord, PodRuntime, RegistrationEntry, Selector, from_unix_secs, unix_secs,
@@ -125,6 +143,9 @@ pub struct EtcdStore {
     inner: Arc<Inner>,
     runner: Arc<Runner>,
     changes: Arc<watch::Sender<u64>>,
+    /// What other writers changed since [`EtcdStore::take_changes`] last took it (recorded
+    /// before `changes` announces it).
+    pending: Arc<Mutex<StoreChanges>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -290,15 +311,20 @@ impl EtcdStore {
             || stopped(&stopped_endpoints),
         )?;
         let changes = Arc::new(watch::channel(u64::try_from(revision).unwrap_or(0)).0);
+        let pending = Arc::new(Mutex::new(StoreChanges::default()));
         runner.handle.spawn(watch_changes(
             Arc::clone(&inner),
-            Arc::clone(&changes),
+            Feed {
+                changes: Arc::clone(&changes),
+                pending: Arc::clone(&pending),
+            },
             revision,
         ));
         Ok(EtcdStore {
             inner,
             runner,
             changes,
+            pending,
         })
     }
 
@@ -309,12 +335,27 @@ impl EtcdStore {
 
     /// A receiver notified whenever another writer (another replica, or another
     /// [`EtcdStore`] in this process) changes a record under the prefix; its value is the etcd
-    /// revision of the latest such change seen. This store's own writes are left out: whoever
-    /// made them knows what changed. The etcd watch behind it is re-established after errors
-    /// without missing a change; if etcd compacted the changes it missed, the receiver is
-    /// notified anyway. Election keys do not count as changes.
+    /// revision of the latest such change seen, and [`EtcdStore::take_changes`] says what
+    /// changed. This store's own writes are left out: whoever made them knows what changed.
+    /// The etcd watch behind it is re-established after errors without missing a change; if
+    /// etcd compacted the changes it missed, the receiver is notified anyway and
+    /// [`EtcdStore::take_changes`] answers [`StoreChanges::Everything`]. Election keys do not
+    /// count as changes.
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// What other writers changed since the last call (drained): the records their writes
+    /// touched ([`crate::StoreChange`]; an empty set when nothing a follower reads changed,
+    /// such as a join token or an index), or [`StoreChanges::Everything`] when that cannot be
+    /// told (a key outside the layout, changes lost to an etcd compaction, or more than
+    /// 100,000 parts pending). This store's own writes are never in it.
+    ///
+    /// Order: the changes are recorded before [`EtcdStore::watch`] announces their revision,
+    /// so a receiver woken by the watch that then calls this gets at least the changes up to
+    /// the revision it was woken for (and perhaps later ones, which it is woken for again).
+    pub fn take_changes(&self) -> StoreChanges {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Campaigns for the leadership `name` (one leader among all candidates of that name under
@@ -389,9 +430,32 @@ fn stopped(endpoints: &str) -> StoreError {
 
 // === the change feed ===
 
+/// Where [`watch_changes`] publishes what other writers changed.
+struct Feed {
+    /// The revision of the latest change seen.
+    changes: Arc<watch::Sender<u64>>,
+    /// What those changes touched, recorded before `changes` announces them.
+    pending: Arc<Mutex<StoreChanges>>,
+}
+
+impl Feed {
+    /// Records what the keys mean, then announces `revision`.
+    fn publish(&self, meanings: impl IntoIterator<Item = KeyMeaning>, revision: i64) {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for meaning in meanings {
+                pending.record(meaning);
+            }
+        }
+        self.changes
+            .send_replace(u64::try_from(revision).unwrap_or(0));
+    }
+}
+
 /// Follows every change under the prefix from revision `seen` on, forever (until the runtime
-/// stops), and publishes on `changes` the revision of each that another writer made.
-async fn watch_changes(inner: Arc<Inner>, changes: Arc<watch::Sender<u64>>, mut seen: i64) {
+/// stops), and publishes on `feed` what each that another writer made touched, and its
+/// revision.
+async fn watch_changes(inner: Arc<Inner>, feed: Feed, mut seen: i64) {
     let prefix = inner.dir(&[]);
     let elections = inner.dir(&["elections"]);
     let guard = inner.guard_key();
@@ -410,9 +474,13 @@ async fn watch_changes(inner: Arc<Inner>, changes: Arc<watch::Sender<u64>>, mut 
                 if resp.compact_revision() > 0 || resp.canceled() {
                     // The changes since `seen` are gone: start from now, and make every
                     // follower rebuild.
+                    feed.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(KeyMeaning::Everything);
                     if let Ok(now) = inner.current_revision().await {
                         seen = now;
-                        changes.send_replace(u64::try_from(now).unwrap_or(0));
+                        feed.publish([], now);
                     }
                     break;
                 }
@@ -426,14 +494,17 @@ async fn watch_changes(inner: Arc<Inner>, changes: Arc<watch::Sender<u64>>, mut 
                     })
                     .map(|kv| kv.mod_revision())
                     .collect();
-                let mut relevant = false;
+                let mut theirs = Vec::new();
                 for kv in &kvs {
                     seen = seen.max(kv.mod_revision());
-                    relevant |= !kv.key().starts_with(elections.as_bytes())
-                        && !mine.contains(&kv.mod_revision());
+                    if !kv.key().starts_with(elections.as_bytes())
+                        && !mine.contains(&kv.mod_revision())
+                    {
+                        theirs.push(key_meaning(kv.key(), &prefix));
+                    }
                 }
-                if relevant {
-                    changes.send_replace(u64::try_from(seen).unwrap_or(0));
+                if !theirs.is_empty() {
+                    feed.publish(theirs, seen);
                 }
             }
         }
@@ -953,6 +1024,14 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// What a write of the etcd key `key` (under `prefix`, which ends with `/`) means for a
+/// follower: a key outside the prefix or not UTF-8 means everything.
+fn key_meaning(key: &[u8], prefix: &str) -> KeyMeaning {
+    key.strip_prefix(prefix.as_bytes())
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .map_or(KeyMeaning::Everything, etcd_key_meaning)
 }
 
 /// A free-text key segment: `%` and `/` percent-encoded.
@@ -2406,6 +2485,25 @@ mod tests {
         assert_eq!(seg("default/b"), "default%2Fb");
         assert_eq!(seg("100%/x"), "100%25%2Fx");
         assert_ne!(seg("a/b"), seg("a%2Fb"), "an escaped text stays distinct");
+    }
+
+    #[test]
+    fn escaped_keys_mean_what_they_were_written_for() {
+        use crate::feed::StoreChange;
+        for (namespace, name) in [("default", "web-1"), ("a/b", "100%/x"), ("%2F", "%25")] {
+            let key = format!("P/runtime/n1/{}/{}", seg(namespace), seg(name));
+            assert_eq!(
+                key_meaning(key.as_bytes(), "P/"),
+                KeyMeaning::Part(StoreChange::Pod {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }),
+                "{key}"
+            );
+        }
+        assert_eq!(key_meaning(b"P/rev", "P/"), KeyMeaning::Nothing);
+        assert_eq!(key_meaning(b"Q/rev", "P/"), KeyMeaning::Everything);
+        assert_eq!(key_meaning(b"P/pods/\xff/x", "P/"), KeyMeaning::Everything);
     }
 
     #[test]

@@ -781,12 +781,17 @@ mod etcd_only {
     use std::sync::Barrier;
     use std::time::{Duration, Instant};
 
-    use meshauth_datastore::{Datastore, EtcdStore, NodeAttestation, StoreError};
+    use std::collections::BTreeSet;
+
+    use meshauth_datastore::{
+        Datastore, EtcdStore, NodeAttestation, NodeSpec, PodRecord, PodRuntime, StoreChange,
+        StoreChanges, StoreError,
+    };
     use meshauth_policy::IdentityId;
     use meshauth_test_support::eventually;
 
     use super::harness::{self, Running};
-    use super::{new_entry, node, now};
+    use super::{attest, new_entry, node, now};
 
     /// Leases of the election tests: etcd's minimum with the harness's timers is 1 s; 2 s
     /// leaves room for a loaded machine.
@@ -957,6 +962,138 @@ mod etcd_only {
         eventually(Duration::from_secs(5), "a's watch to see b's write", || {
             changes.has_changed().unwrap().then_some(())
         });
+    }
+
+    /// Takes `store`'s changes until they hold `want` (or time out); returns them all.
+    fn changes_until(store: &EtcdStore, want: &StoreChange) -> BTreeSet<StoreChange> {
+        let mut got = BTreeSet::new();
+        eventually(Duration::from_secs(5), &format!("{want:?}"), || {
+            match store.take_changes() {
+                StoreChanges::Parts(parts) => got.extend(parts),
+                StoreChanges::Everything => panic!("everything changed, after {got:?}"),
+            }
+            got.contains(want).then_some(())
+        });
+        got
+    }
+
+    #[test]
+    fn the_feed_says_what_another_client_changed() {
+        let etcd = harness::shared_etcd();
+        let prefix = harness::prefix("parts");
+        let a = harness::connect(&etcd.etcd, &prefix);
+        let b = harness::connect(&etcd.etcd, &prefix);
+        assert_eq!(a.take_changes(), StoreChanges::default());
+        // a's own writes are not in a's feed.
+        a.save_ca_journal("{}").unwrap();
+        a.put_policies(&[("mine".into(), "x: 1".into())]).unwrap();
+        attest(&a, "mine", "01");
+        // b's are, as the records they touched; a join token is nothing a follower reads.
+        b.create_join_token(&node("n1"), Duration::from_secs(60), now())
+            .unwrap();
+        attest(&b, "n1", "02");
+        b.put_node_spec(&NodeSpec {
+            name: node("n2"),
+            address: None,
+            pod_range: "10.200.2.0/24".parse().unwrap(),
+        })
+        .unwrap();
+        // A name whose key segment is escaped.
+        let pod = PodRecord {
+            namespace: "default".into(),
+            name: "web/1%".into(),
+            labels: "app=web".parse().unwrap(),
+            node: node("n1"),
+            identity: IdentityId::new(256),
+            runtime: None,
+        };
+        b.put_pod(&pod).unwrap();
+        let runtime = PodRuntime {
+            ipv4: "10.200.1.10".parse().unwrap(),
+            interface: "lxc10".into(),
+        };
+        assert!(
+            b.set_pod_runtime("default", "web/1%", Some(&runtime))
+                .unwrap()
+        );
+        b.put_policies(&[("default/p".into(), "x: 1".into())])
+            .unwrap();
+        let entry = b
+            .create_entry(new_entry("spiffe://td/w", "spiffe://td/node/n1"))
+            .unwrap();
+        b.insert_identity(IdentityId::new(256), &"app=web".parse().unwrap())
+            .unwrap();
+        b.save_ca_journal("{\"v\":1}").unwrap();
+        let want: BTreeSet<StoreChange> = [
+            StoreChange::Node(node("n1")),
+            StoreChange::Node(node("n2")),
+            StoreChange::Pod {
+                namespace: "default".into(),
+                name: "web/1%".into(),
+            },
+            StoreChange::Policies,
+            StoreChange::Entry(entry.id),
+            StoreChange::Identity(IdentityId::new(256)),
+            StoreChange::CaJournal,
+        ]
+        .into_iter()
+        .collect();
+        // The CA journal was written last: once it is in, so is everything before it.
+        assert_eq!(changes_until(&a, &StoreChange::CaJournal), want);
+        assert_eq!(a.take_changes(), StoreChanges::default(), "drained");
+
+        // An own write, then a token of b's: neither is a change; b's next spec marks the end.
+        a.put_policies(&[("mine".into(), "x: 2".into())]).unwrap();
+        b.create_join_token(&node("n3"), Duration::from_secs(60), now())
+            .unwrap();
+        let spec = NodeSpec {
+            name: node("n3"),
+            address: None,
+            pod_range: "10.200.3.0/24".parse().unwrap(),
+        };
+        b.put_node_spec(&spec).unwrap();
+        let n3 = StoreChange::Node(node("n3"));
+        assert_eq!(changes_until(&a, &n3), BTreeSet::from([n3.clone()]));
+        // An eviction deletes the node's runtime keys with one range delete: each is its pod.
+        b.evict_node(&node("n1")).unwrap();
+        b.put_node_spec(&spec).unwrap();
+        assert_eq!(
+            changes_until(&a, &n3),
+            BTreeSet::from([
+                StoreChange::Node(node("n1")),
+                StoreChange::Pod {
+                    namespace: "default".into(),
+                    name: "web/1%".into(),
+                },
+                n3,
+            ])
+        );
+        assert_eq!(a.take_changes(), StoreChanges::default());
+    }
+
+    #[test]
+    fn a_watch_etcd_compacted_from_under_it_means_everything_changed() {
+        // An etcd of its own: it is restarted.
+        let mut running = Running::start();
+        let a = harness::connect(&running.etcd, "/compacted");
+        let mut changes = a.watch();
+        changes.borrow_and_update();
+        // Writes under another prefix move the revision on unseen by a's watch, which would
+        // start again from before them; then etcd forgets them.
+        harness::raw(&running.etcd, |mut c| async move {
+            c.put("/elsewhere/1", "x", None).await.unwrap();
+            let put = c.put("/elsewhere/2", "x", None).await.unwrap();
+            let revision = put.header().unwrap().revision();
+            c.compact(revision, None).await.unwrap();
+        });
+        assert_eq!(a.take_changes(), StoreChanges::default());
+        // A restart breaks the watch; it is re-established from a compacted revision.
+        running.etcd.restart(0);
+        eventually(Duration::from_secs(15), "a's watch to announce it", || {
+            changes.has_changed().unwrap().then_some(())
+        });
+        assert_eq!(a.take_changes(), StoreChanges::Everything);
+        assert_eq!(a.take_changes(), StoreChanges::default(), "drained");
     }
 
     #[test]
