@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 use meshauth_ca::{Ca, CaConfig, CaJournal, IssuedSvid};
 use meshauth_datastore::{
     Datastore, EntryFilter, EntryId, Ipv4Range, IssuedJoinToken, NewEntry, NodeAttestation,
-    NodeName, NodeRecord, NodeSpec, PodRecord, PodRuntime, RegistrationEntry, StoreError,
+    NodeName, NodeRecord, NodeSpec, PodRecord, PodRuntime, RegistrationEntry, StoreChange,
+    StoreChanges, StoreError,
 };
 use meshauth_policy::labels::check_namespace;
 use meshauth_policy::policy::DEFAULT_NAMESPACE;
@@ -255,8 +256,8 @@ pub struct Registry {
 /// The changes the cluster view has not taken yet.
 #[derive(Debug)]
 struct Pending {
-    /// Anything may have changed (the start, another replica's change, a failed view, too
-    /// many changes at once).
+    /// Anything may have changed (the start, another replica's change the store could not
+    /// describe, a failed view, too many changes at once).
     everything: bool,
     parts: std::collections::BTreeSet<Change>,
 }
@@ -420,14 +421,63 @@ impl Registry {
         self.leader.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Takes in what another replica changed in the shared store: the CA journal if it was
-    /// rotated, and a new view for every sync stream. Returns whether the CA changed.
-    /// (Identities another replica allocated are read when an allocation here collides with
-    /// one: see `allocate`.)
-    pub fn store_changed(&self) -> anyhow::Result<bool> {
-        let rotated = self.follow_ca()?;
-        self.changed_everything();
-        Ok(rotated)
+    /// Takes in what another replica changed in the shared store, as the store's change feed
+    /// reports it: the CA journal if it was rotated, and what the cluster view reads again for
+    /// every sync stream, as for a change made here (the parts touched: a node, a pod, an
+    /// identity with its labels read from the store, an entry, the policies, the bundle), or
+    /// the whole store for [`StoreChanges::Everything`] or an identity the store does not
+    /// hold. Returns whether the CA changed. The parts other than the CA journal are recorded
+    /// even when the journal cannot be read (the error is returned). (Identities another
+    /// replica allocated are not added to this replica's allocator: they are read when an
+    /// allocation here collides with one, see `allocate`.)
+    pub fn store_changed(&self, changes: StoreChanges) -> anyhow::Result<bool> {
+        let parts = match changes {
+            StoreChanges::Everything => {
+                let rotated = self.follow_ca();
+                self.changed_everything();
+                return rotated;
+            }
+            StoreChanges::Parts(parts) => parts,
+        };
+        let rotated = if parts.contains(&StoreChange::CaJournal) {
+            self.follow_ca()
+        } else {
+            Ok(false)
+        };
+        let identities = if parts.iter().any(|p| matches!(p, StoreChange::Identity(_))) {
+            match self.store.identities() {
+                Ok(all) => all.into_iter().collect(),
+                Err(e) => {
+                    self.changed_everything();
+                    return Err(e.into());
+                }
+            }
+        } else {
+            std::collections::BTreeMap::new()
+        };
+        let mut touched = Vec::with_capacity(parts.len() + 1);
+        if matches!(rotated, Ok(true)) {
+            touched.push(Change::Bundle);
+        }
+        for part in parts {
+            touched.push(match part {
+                StoreChange::CaJournal => continue,
+                StoreChange::Node(node) => Change::Node(node),
+                StoreChange::Pod { namespace, name } => Change::Pod { namespace, name },
+                StoreChange::Policies => Change::Policies,
+                StoreChange::Entry(id) => Change::Entry(id),
+                StoreChange::Identity(id) => match identities.get(&id) {
+                    Some(labels) => Change::Identity(id, labels.clone()),
+                    None => {
+                        tracing::warn!(identity = %id, "another replica's identity is not in the datastore: reading the whole store");
+                        self.changed_everything();
+                        return rotated;
+                    }
+                },
+            });
+        }
+        self.changed_all(touched);
+        rotated
     }
 
     /// Loads the CA from the journal if another replica wrote a new one.
@@ -482,9 +532,19 @@ impl Registry {
 
     /// Records what a change touched, then counts it.
     fn changed(&self, change: Change) {
+        self.changed_all([change]);
+    }
+
+    /// Records what several changes touched, then counts them as one (nothing for none).
+    fn changed_all(&self, changes: impl IntoIterator<Item = Change>) {
+        let mut any = false;
         {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if !p.everything {
+            for change in changes {
+                any = true;
+                if p.everything {
+                    continue;
+                }
                 if p.parts.len() >= PENDING_LIMIT {
                     p.everything = true;
                     p.parts.clear();
@@ -493,7 +553,9 @@ impl Registry {
                 }
             }
         }
-        self.changes.send_modify(|v| *v += 1);
+        if any {
+            self.changes.send_modify(|v| *v += 1);
+        }
     }
 
     /// Counts a change of unknown extent: the next view reads the whole store.

@@ -347,7 +347,9 @@ impl Server {
 }
 
 /// The tasks of a replica on etcd: the CA leader role follows the election, and what other
-/// replicas write reaches this one's registry (a new CA journal) and its sync streams.
+/// replicas write reaches this one's registry (a new CA journal) and its sync streams, as the
+/// parts it touched ([`meshauth_datastore::EtcdStore::take_changes`]), so that the cluster view
+/// reads just those again, as for this replica's own changes.
 fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared: Shared) {
     let backoff = Restart::Backoff {
         min: TICK,
@@ -375,7 +377,10 @@ fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared:
     tasks.spawn("store-watch", backoff, {
         let (registry, store) = (Arc::clone(registry), Arc::clone(&shared.store));
         move |token| {
-            let (registry, mut changes) = (Arc::clone(&registry), store.watch());
+            let (registry, store) = (Arc::clone(&registry), Arc::clone(&store));
+            let mut changes = store.watch();
+            // What was recorded before this (re)start is taken at once.
+            changes.mark_changed();
             async move {
                 loop {
                     tokio::select! {
@@ -383,8 +388,10 @@ fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared:
                         () = token.cancelled() => return Ok::<(), anyhow::Error>(()),
                     }
                     changes.borrow_and_update();
-                    let reg = Arc::clone(&registry);
-                    if let Err(e) = tokio::task::spawn_blocking(move || reg.store_changed()).await? {
+                    // Taken after the revision: the changes up to it are among these.
+                    let (reg, store) = (Arc::clone(&registry), Arc::clone(&store));
+                    let took = move || reg.store_changed(store.take_changes());
+                    if let Err(e) = tokio::task::spawn_blocking(took).await? {
                         tracing::warn!(error = %format!("{e:#}"), "cannot take in another replica's change; retrying on the next one");
                     }
                 }

@@ -1,6 +1,7 @@
 //! Server replicas sharing one etcd (a real etcd process): one CA sealed in etcd, one leader
 //! that rotates it while the other follows, and what one replica registers reaches the sync
-//! streams of agents connected to the other.
+//! streams of agents connected to the other, as the parts it touched (no full rebuild of the
+//! other's cluster view).
 
 #![allow(
     clippy::unwrap_used,
@@ -48,13 +49,28 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Writes a fresh key-encryption key file into `dir`.
+fn kek_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let kek = dir.join("kek");
+    std::fs::write(&kek, "c3".repeat(32)).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    kek
+}
+
+/// Counts `meshauth_server_view_builds_total{kind}` of `server`.
+fn view_builds(server: &TestServer, kind: &str) -> u64 {
+    let text = server.registry.metrics().encode();
+    let line = format!("meshauth_server_view_builds_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_ca_one_leader_and_every_change() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&dir.path().join("etcd"));
-    let kek = dir.path().join("kek");
-    std::fs::write(&kek, "c3".repeat(32)).unwrap();
-    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kek = kek_file(dir.path());
     // A short CA lifetime: the leader prepares a new authority after 6 s.
     let ca_ttl = Duration::from_secs(12);
     let a = TestServer::start(replica_config(dir.path(), "a", &etcd, &kek, ca_ttl)).await;
@@ -209,4 +225,94 @@ async fn two_replicas_share_one_ca_one_leader_and_every_change() {
     })
     .await;
     follower.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replicas_changes_update_the_view_without_a_full_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&dir.path().join("etcd"));
+    let kek = kek_file(dir.path());
+    // No CA rotation during the test.
+    let ca_ttl = Duration::from_secs(24 * 3600);
+    let a = TestServer::start(replica_config(dir.path(), "a", &etcd, &kek, ca_ttl)).await;
+    let b = TestServer::start(replica_config(dir.path(), "b", &etcd, &kek, ca_ttl)).await;
+
+    // A node attests at b and syncs from b: b has built its first view.
+    let token = a.token("n1");
+    let mut attest = node_client(b.addr, b.bundle(), None).await;
+    let (key, csr) = key_and_csr();
+    let issued = attest
+        .attest_join_token(AttestJoinTokenRequest {
+            token,
+            node_name: "n1".into(),
+            csr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let n1 = (chain(&issued.svid_chain), pkcs8(&key));
+    let mut c = node_client(b.addr, b.bundle(), Some(n1)).await;
+    let mut stream = c.sync(SyncRequest::default()).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    let full = view_builds(&b, "Full");
+    let incremental = view_builds(&b, "Incremental");
+    assert!(full >= 1, "b's first view is a full build");
+
+    // A pod (with a new identity), a policy and an entry, made at a.
+    let pod = a
+        .registry
+        .create_pod(
+            "default",
+            "web-1",
+            "app=web".parse().unwrap(),
+            &"n1".parse().unwrap(),
+        )
+        .unwrap();
+    a.registry
+        .apply_policies(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{}]}]\n",
+            None,
+        )
+        .unwrap();
+    a.registry
+        .create_entry(meshauth_datastore::NewEntry {
+            spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
+            parent_id: format!("spiffe://{TD}/node/n1").parse().unwrap(),
+            selectors: vec!["unix:uid:1000".parse().unwrap()],
+            x509_svid_ttl: None,
+            dns_names: vec![],
+        })
+        .unwrap();
+    // All of them reach the stream at b.
+    let (mut identity, mut endpoint, mut policy, mut entry) = (false, false, false, false);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !(identity && endpoint && policy && entry) {
+            let m = stream.message().await.unwrap().unwrap();
+            identity |= m.identities.iter().any(|i| i.id == pod.identity.get());
+            endpoint |= m.endpoints.iter().any(|e| e.name == "web-1");
+            policy |= !m.policies.is_empty();
+            entry |= m
+                .entries
+                .iter()
+                .any(|e| e.spiffe_id == format!("spiffe://{TD}/w"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "a's changes reach b's stream: identity {identity}, endpoint {endpoint}, policy {policy}, entry {entry}"
+        )
+    });
+    assert_eq!(
+        view_builds(&b, "Full"),
+        full,
+        "a's changes made b read the whole store again"
+    );
+    assert!(
+        view_builds(&b, "Incremental") > incremental,
+        "b applied a's changes to its view"
+    );
+    drop(stream);
+    a.stop().await;
+    b.stop().await;
 }
