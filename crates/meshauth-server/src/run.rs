@@ -197,6 +197,12 @@ impl Server {
         Arc::clone(&self.registry)
     }
 
+    /// The bundle the node API's TLS listener verifies node SVIDs with, as it changes (kept
+    /// equal to the registry's by the ticker, whichever replica rotated the CA).
+    pub fn trust_bundle(&self) -> SharedBundle {
+        self.bundle.clone()
+    }
+
     /// Serves until `shutdown` completes, each listener and the CA/SVID ticker as a supervised
     /// task. Fails, naming the task, if a listener fails; the ticker never stops on an error: it
     /// logs it, counts it (`meshauth_server_ticker_failures_total`), reports it on `/readyz` and
@@ -404,7 +410,8 @@ fn spawn_replica_tasks(tasks: &mut Supervisor, registry: &Arc<Registry>, shared:
 trait TickerBackend: Send + Sync + 'static {
     /// Reads the datastore.
     fn probe_store(&self) -> anyhow::Result<()>;
-    /// Advances CA rotation and persists it; the new bundle if it changed.
+    /// Advances CA rotation and persists it; the bundle the TLS listener should trust now
+    /// (`None`: keep the one it has).
     fn rotate(&self, now: SystemTime) -> anyhow::Result<Option<X509Bundle>>;
     /// Issues a fresh SVID for the server.
     fn issue_own_svid(&self, id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid>;
@@ -417,7 +424,10 @@ impl TickerBackend for Registry {
     }
 
     fn rotate(&self, now: SystemTime) -> anyhow::Result<Option<X509Bundle>> {
-        Ok(self.tick(now)?.then(|| self.bundle(now)))
+        // Always the registry's bundle, not only when this tick rotated: on a replica, the
+        // store's change feed may have loaded another replica's rotation before this tick.
+        self.tick(now)?;
+        Ok(Some(self.bundle(now)))
     }
 
     fn issue_own_svid(&self, id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid> {
@@ -516,7 +526,13 @@ impl<B: TickerBackend + ?Sized> Ticker<B> {
             Ok(changed) => {
                 self.ca.succeeded();
                 self.ca.ready.set_ready();
-                if let Some(bundle) = changed {
+                if let Some(bundle) = changed
+                    && *self.state.bundle.get() != bundle
+                {
+                    tracing::info!(
+                        sequence = bundle.sequence,
+                        "the TLS listener trusts a new bundle"
+                    );
                     self.state.bundle.set(bundle);
                 }
             }
@@ -784,6 +800,8 @@ mod tests {
         store: Mutex<Option<&'static str>>,
         rotate: Mutex<Option<&'static str>>,
         renew: Mutex<Option<&'static str>>,
+        /// What `rotate` returns.
+        bundle: Mutex<Option<X509Bundle>>,
     }
 
     fn fail(slot: &Mutex<Option<&'static str>>) -> anyhow::Result<()> {
@@ -809,7 +827,7 @@ mod tests {
         }
 
         fn rotate(&self, _now: SystemTime) -> anyhow::Result<Option<X509Bundle>> {
-            fail(&self.rotate).map(|()| None)
+            fail(&self.rotate).map(|()| self.bundle.lock().unwrap().clone())
         }
 
         fn issue_own_svid(&self, _id: &SpiffeId, now: SystemTime) -> anyhow::Result<OwnSvid> {
@@ -847,6 +865,21 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix(&needle))
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[test]
+    fn the_tls_listener_trusts_the_registrys_bundle_whoever_rotated_it() {
+        let t0 = SystemTime::now();
+        let (mut ticker, fake, _metrics, _readiness) = ticker(t0);
+        ticker.tick(t0);
+        assert_eq!(ticker.state.bundle.get().sequence, 0);
+        // Another replica rotated; this one's change feed loaded the journal already, so this
+        // tick itself rotates nothing, yet the registry's bundle is newer than the listener's.
+        let mut newer = (*ticker.state.bundle.get()).clone();
+        newer.sequence = 5;
+        *fake.bundle.lock().unwrap() = Some(newer.clone());
+        ticker.tick(t0 + TICK);
+        assert_eq!(*ticker.state.bundle.get(), newer);
     }
 
     #[test]

@@ -211,6 +211,14 @@ async fn two_replicas_share_one_ca_one_leader_and_every_change() {
         a.registry.bundle(now).sequence,
         b.registry.bundle(now).sequence
     );
+    // Both TLS listeners trust it too, the follower's included (it loads the leader's
+    // journal through its change feed).
+    wait_for("both listeners to trust the rotated bundle", || {
+        let (na, nb) = (a.bundle(), b.bundle());
+        (a.trust.get().authorities == na.authorities && b.trust.get().authorities == nb.authorities)
+            .then_some(())
+    })
+    .await;
     drop(stream);
 
     // The leader stops (and resigns): the other leads.

@@ -25,6 +25,8 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub registry: Arc<Registry>,
+    /// The bundle the node API's TLS listener trusts.
+    pub trust: SharedBundle,
     pub admin_socket: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -54,6 +56,7 @@ impl TestServer {
         let addr = server.node_addr().unwrap();
         let metrics_addr = server.metrics_addr().unwrap();
         let registry = server.registry();
+        let trust = server.trust_bundle();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -62,6 +65,7 @@ impl TestServer {
             addr,
             metrics_addr,
             registry,
+            trust,
             admin_socket,
             stop: Some(tx),
             task: Some(task),
