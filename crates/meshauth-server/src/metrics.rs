@@ -40,7 +40,8 @@ struct SyncKindLabels {
 /// How a new cluster view was made.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ViewBuild {
-    /// From the whole store (the first view, another replica's change, a failed update).
+    /// From the whole store (the first view, a failed update, a change feed that could not
+    /// say what changed).
     Full,
     /// The previous view with the parts that changed read again.
     Incremental,

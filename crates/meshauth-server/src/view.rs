@@ -9,9 +9,11 @@
 //! - each stream sends its node the shared parts that changed (identities, endpoints, nodes,
 //!   policies, the bundle) and only its own node's entries.
 //!
-//! The whole store is read only for the first view, for changes other replicas made (the
-//! store reports that something changed, not what), and after an update failed. A stream that
-//! fell further behind than the deltas kept sends the whole state again.
+//! Other replicas' changes arrive the same way: the etcd change feed maps the keys another
+//! replica wrote to the parts they touched. The whole store is read only for the first view,
+//! after an update failed, and when the feed cannot say what changed (etcd compacted the
+//! changes it missed, or a key it does not know). A stream that fell further behind than the
+//! deltas kept sends the whole state again.
 //!
 //! - [`Change`]: what one registry change touched.
 //! - [`ClusterView`]: a snapshot, in wire form, keyed as agents key it.
