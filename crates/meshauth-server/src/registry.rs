@@ -958,6 +958,13 @@ impl Registry {
     /// The spec bound to `node`, completing it: a pod range allocated from the pod CIDR if
     /// none was bound, and `peer` as its address if none was bound yet.
     fn bind_node(&self, node: &NodeName, peer: Option<std::net::IpAddr>) -> Result<NodeSpec> {
+        // Bound already, with an address or none to add (every sync stream and pod report):
+        // its own row is enough, not every node's.
+        if let Some(spec) = self.store.node_spec(node)?
+            && (spec.address.is_some() || peer.is_none())
+        {
+            return Ok(spec);
+        }
         let specs = self.store.node_specs()?;
         let mut spec = match specs.iter().find(|s| s.name == *node) {
             Some(s) => s.clone(),
@@ -1633,7 +1640,7 @@ impl Registry {
         })
     }
 
-    /// Creates an entry, after [`Registry::check_entry`].
+    /// Creates an entry, after `check_entry`.
     pub fn create_entry(&self, new: NewEntry) -> Result<RegistrationEntry> {
         self.check_entry(&new).inspect_err(|e| {
             tracing::info!(spiffe_id = %new.spiffe_id, error = %e, "entry refused");
