@@ -246,24 +246,13 @@ pub struct Registry {
     journal_seen: Mutex<Option<String>>,
     allocator: Mutex<IdentityAllocator>,
     changes: watch::Sender<u64>,
-    /// What changed since the cluster view last took it (recorded before `changes` counts it).
-    pending: Mutex<Pending>,
+    /// What changed since the cluster view last took it (recorded before `changes` counts it;
+    /// everything at the start, after a failed view or a change of unknown extent).
+    pending: Mutex<Changed>,
     /// Whether this replica rotates the CA (always, with one server).
     leader: std::sync::atomic::AtomicBool,
     metrics: Metrics,
 }
-
-/// The changes the cluster view has not taken yet.
-#[derive(Debug)]
-struct Pending {
-    /// Anything may have changed (the start, another replica's change the store could not
-    /// describe, a failed view, too many changes at once).
-    everything: bool,
-    parts: std::collections::BTreeSet<Change>,
-}
-
-/// More changes than this pending at once are taken as "everything changed".
-const PENDING_LIMIT: usize = 100_000;
 
 /// Reads what changed for the cluster view, from the registry's store.
 #[derive(Debug)]
@@ -358,10 +347,7 @@ impl Registry {
             journal_seen: Mutex::new(stored),
             allocator: Mutex::new(allocator),
             changes: watch::Sender::new(0),
-            pending: Mutex::new(Pending {
-                everything: true,
-                parts: std::collections::BTreeSet::new(),
-            }),
+            pending: Mutex::new(Changed::Everything),
             leader: std::sync::atomic::AtomicBool::new(leader),
             metrics,
         };
@@ -542,15 +528,7 @@ impl Registry {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for change in changes {
                 any = true;
-                if p.everything {
-                    continue;
-                }
-                if p.parts.len() >= PENDING_LIMIT {
-                    p.everything = true;
-                    p.parts.clear();
-                } else {
-                    p.parts.insert(change);
-                }
+                p.record(change);
             }
         }
         if any {
@@ -560,30 +538,19 @@ impl Registry {
 
     /// Counts a change of unknown extent: the next view reads the whole store.
     fn changed_everything(&self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .everything = true;
+        self.view_failed();
         self.changes.send_modify(|v| *v += 1);
     }
 
     /// What changed since the last call (the cluster view's builder takes it).
     pub fn take_changes(&self) -> Changed {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let parts = std::mem::take(&mut p.parts);
-        if std::mem::replace(&mut p.everything, false) {
-            Changed::Everything
-        } else {
-            Changed::Parts(parts)
-        }
+        std::mem::replace(&mut *p, Changed::nothing())
     }
 
     /// The builder could not apply what it took: the next view reads the whole store.
     pub fn view_failed(&self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .everything = true;
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Changed::Everything;
     }
 
     /// Where the cluster view reads what changed, at `now` (for the bundle).

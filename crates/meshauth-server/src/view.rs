@@ -84,6 +84,28 @@ pub enum Changed {
     Parts(BTreeSet<Change>),
 }
 
+/// More parts than this at once are taken as [`Changed::Everything`] (reading the whole store
+/// is then cheaper, and memory stays bounded).
+pub const CHANGED_LIMIT: usize = 100_000;
+
+impl Changed {
+    /// Nothing changed yet.
+    pub fn nothing() -> Changed {
+        Changed::Parts(BTreeSet::new())
+    }
+
+    /// Adds `change`; past [`CHANGED_LIMIT`] parts, everything changed.
+    pub fn record(&mut self, change: Change) {
+        if let Changed::Parts(parts) = self {
+            if parts.len() >= CHANGED_LIMIT {
+                *self = Changed::Everything;
+            } else {
+                parts.insert(change);
+            }
+        }
+    }
+}
+
 /// Where the builder reads again what changed. The registry answers from its store.
 pub trait ViewSource {
     /// The whole state (for a full build).
@@ -1066,6 +1088,22 @@ mod tests {
         assert_eq!(endpoints, v.endpoints.values().cloned().collect::<Vec<_>>());
         // Then the stream goes on with deltas against that revision.
         assert_eq!(c.next(&p).expect("usable"), Next::Nothing);
+    }
+
+    #[test]
+    fn too_many_changes_at_once_are_everything() {
+        let mut c = Changed::nothing();
+        for i in 0..CHANGED_LIMIT {
+            c.record(Change::Pod {
+                namespace: "default".into(),
+                name: i.to_string(),
+            });
+        }
+        assert!(matches!(&c, Changed::Parts(p) if p.len() == CHANGED_LIMIT));
+        c.record(Change::Policies);
+        assert_eq!(c, Changed::Everything);
+        c.record(Change::Bundle);
+        assert_eq!(c, Changed::Everything, "everything stays everything");
     }
 
     #[test]
