@@ -515,7 +515,7 @@ impl Node for NodeApi {
                 return;
             };
             let mut next = Some(first);
-            loop {
+            'stream: loop {
                 // The view is let go before the message is sent: a stream whose agent reads
                 // slowly must not keep old views alive.
                 let published = next
@@ -540,15 +540,10 @@ impl Node for NodeApi {
                         break;
                     }
                 };
-                let mut gone = false;
                 for msg in msgs {
                     if tx.send(Ok(msg)).await.is_err() {
-                        gone = true;
-                        break;
+                        break 'stream;
                     }
-                }
-                if gone {
-                    break;
                 }
                 let stopping = tokio::select! {
                     changed = views.changed() => {
