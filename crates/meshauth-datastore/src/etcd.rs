@@ -1185,6 +1185,27 @@ struct PodRow {
     identity: u32,
 }
 
+impl PodRow {
+    /// The pod stored at etcd key `key`, with what its node reported.
+    fn record(self, key: &str, runtime: Option<PodRuntime>) -> Result<PodRecord> {
+        let corrupt = |detail: String| StoreError::CorruptKey {
+            key: key.to_owned(),
+            detail,
+        };
+        Ok(PodRecord {
+            labels: Labels::from_pairs(self.labels).map_err(|e| corrupt(e.to_string()))?,
+            node: self
+                .node
+                .parse::<NodeName>()
+                .map_err(|e| corrupt(e.to_string()))?,
+            identity: IdentityId::new(self.identity),
+            namespace: self.namespace,
+            name: self.name,
+            runtime,
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 struct RuntimeRow {
     namespace: String,
@@ -1192,6 +1213,16 @@ struct RuntimeRow {
     node: String,
     ipv4: Ipv4Addr,
     interface: String,
+}
+
+impl RuntimeRow {
+    /// What the node reported.
+    fn facts(self) -> PodRuntime {
+        PodRuntime {
+            ipv4: self.ipv4,
+            interface: self.interface,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1919,21 +1950,7 @@ impl Inner {
             return Ok(None);
         };
         let key = self.pod_key(&namespace, &name);
-        let bad = |detail: String| StoreError::CorruptKey {
-            key: key.clone(),
-            detail,
-        };
-        Ok(Some(PodRecord {
-            labels: Labels::from_pairs(row.labels).map_err(|e| bad(e.to_string()))?,
-            node: row.node.parse().map_err(|e| bad(format!("{e}")))?,
-            identity: IdentityId::new(row.identity),
-            namespace: row.namespace,
-            name: row.name,
-            runtime: runtime.map(|r| PodRuntime {
-                ipv4: r.ipv4,
-                interface: r.interface,
-            }),
-        }))
+        Ok(Some(row.record(&key, runtime.map(RuntimeRow::facts))?))
     }
 
     async fn pods_on_node(&self, node: NodeName) -> Result<Vec<PodRecord>> {
@@ -1954,11 +1971,8 @@ impl Inner {
         for kv in &runtimes {
             let r: RuntimeRow = decode(kv)?;
             by_pod.insert(
-                (r.node, r.namespace, r.name),
-                PodRuntime {
-                    ipv4: r.ipv4,
-                    interface: r.interface,
-                },
+                (r.node.clone(), r.namespace.clone(), r.name.clone()),
+                r.facts(),
             );
         }
         let mut out = Vec::with_capacity(pods.len());
@@ -1966,14 +1980,7 @@ impl Inner {
             let row: PodRow = decode(kv)?;
             let runtime =
                 by_pod.remove(&(row.node.clone(), row.namespace.clone(), row.name.clone()));
-            out.push(PodRecord {
-                labels: labels_of(kv, row.labels)?,
-                node: row.node.parse().map_err(|e| corrupt(kv, e))?,
-                identity: IdentityId::new(row.identity),
-                namespace: row.namespace,
-                name: row.name,
-                runtime,
-            });
+            out.push(row.record(&key_text(kv), runtime)?);
         }
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(out)
