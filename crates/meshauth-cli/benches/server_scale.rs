@@ -1586,18 +1586,15 @@ async fn run(args: Args) -> anyhow::Result<Vec<String>> {
         .filter_map(|s| s.first.get().map(|f| f.1))
         .collect();
     first_sizes.sort();
-    let full_endpoints = shared
-        .streams
-        .iter()
-        .filter_map(|s| s.first.get().map(|f| f.2))
-        .max()
-        .unwrap_or(0);
-    let full_pages = shared
-        .streams
-        .iter()
-        .filter_map(|s| s.first.get().map(|f| f.3))
-        .max()
-        .unwrap_or(0);
+    let most = |of: fn(&(Duration, usize, usize, usize)) -> usize| {
+        shared
+            .streams
+            .iter()
+            .filter_map(|s| s.first.get().map(of))
+            .max()
+            .unwrap_or(0)
+    };
+    let (full_endpoints, full_pages) = (most(|f| f.2), most(|f| f.3));
     let largest = shared
         .streams
         .iter()

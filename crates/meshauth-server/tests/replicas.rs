@@ -49,6 +49,17 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// An entry for uid 1000's workload on `node`.
+fn workload_of(node: &str) -> meshauth_datastore::NewEntry {
+    meshauth_datastore::NewEntry {
+        spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
+        parent_id: format!("spiffe://{TD}/node/{node}").parse().unwrap(),
+        selectors: vec!["unix:uid:1000".parse().unwrap()],
+        x509_svid_ttl: None,
+        dns_names: vec![],
+    }
+}
+
 /// Writes a fresh key-encryption key file into `dir`.
 fn kek_file(dir: &std::path::Path) -> std::path::PathBuf {
     let kek = dir.join("kek");
@@ -139,15 +150,7 @@ async fn two_replicas_share_one_ca_one_leader_and_every_change() {
     assert!(first.entries.is_empty());
 
     // An entry and a policy registered at a reach the stream at b.
-    a.registry
-        .create_entry(meshauth_datastore::NewEntry {
-            spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
-            parent_id: format!("spiffe://{TD}/node/n1").parse().unwrap(),
-            selectors: vec!["unix:uid:1000".parse().unwrap()],
-            x509_svid_ttl: None,
-            dns_names: vec![],
-        })
-        .unwrap();
+    a.registry.create_entry(workload_of("n1")).unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let m = stream.message().await.unwrap().unwrap();
@@ -282,15 +285,7 @@ async fn another_replicas_changes_update_the_view_without_a_full_rebuild() {
             None,
         )
         .unwrap();
-    a.registry
-        .create_entry(meshauth_datastore::NewEntry {
-            spiffe_id: format!("spiffe://{TD}/w").parse().unwrap(),
-            parent_id: format!("spiffe://{TD}/node/n1").parse().unwrap(),
-            selectors: vec!["unix:uid:1000".parse().unwrap()],
-            x509_svid_ttl: None,
-            dns_names: vec![],
-        })
-        .unwrap();
+    a.registry.create_entry(workload_of("n1")).unwrap();
     // All of them reach the stream at b.
     let (mut identity, mut endpoint, mut policy, mut entry) = (false, false, false, false);
     tokio::time::timeout(Duration::from_secs(10), async {
